@@ -1,0 +1,132 @@
+"""Admin listener (worker 0): health, readiness, metrics and reload, bearer-token guarded."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import msgspec
+from aiohttp import web
+
+from edge.config import ConfigError, load_config, parse_address
+from edge.metrics import render_metrics
+from edge.worker_context import WorkerContext
+from edge.worker_stats import StatsSnapshot, read_snapshots
+
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+STALE_AFTER = 5.0
+
+
+class Readiness(msgspec.Struct):
+    ready: bool
+    reason: str
+    workers_expected: int
+    workers_reporting: int
+
+
+class AdminState:
+    """What the admin handlers read: this worker's context and the shared stats folder."""
+
+    def __init__(
+        self,
+        ctx: WorkerContext,
+        stats_dir: Path,
+        workers: int,
+        config_path: str,
+        supervised: bool,
+    ) -> None:
+        self.ctx = ctx
+        self.stats_dir = stats_dir
+        self.workers = workers
+        self.config_path = config_path
+        self.supervised = supervised
+        self.serving = False
+
+    def snapshots(self) -> list[StatsSnapshot]:
+        """Other workers' files plus this worker's live counters."""
+        now = time.time()
+        own = self.ctx.stats.snapshot()
+        others = [
+            s
+            for s in read_snapshots(self.stats_dir)
+            if s.index != own.index and now - s.written_at < STALE_AFTER
+        ]
+        return [own, *others]
+
+    def readiness(self) -> Readiness:
+        reporting = len(self.snapshots())
+        if not self.serving:
+            reason = "not serving yet"
+        elif self.ctx.draining:
+            reason = "shutting down"
+        elif reporting < self.workers:
+            reason = f"{reporting} of {self.workers} workers reporting"
+        else:
+            reason = "ok"
+        return Readiness(reason == "ok", reason, self.workers, reporting)
+
+
+def _auth_middleware(token: str) -> Callable:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Callable[..., Awaitable]) -> web.StreamResponse:
+        if request.path not in PUBLIC_PATHS:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return web.Response(
+                    status=401,
+                    text="admin: bearer token required\n",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await handler(request)
+
+    return check
+
+
+def build_admin_app(state: AdminState, token: str) -> web.Application:
+    app = web.Application(middlewares=[_auth_middleware(token)] if token else [])
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        ready = state.readiness()
+        return web.Response(
+            status=200 if ready.ready else 503,
+            body=msgspec.json.encode(ready),
+            content_type="application/json",
+        )
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = render_metrics(state.snapshots)
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    async def reload(_: web.Request) -> web.Response:
+        try:
+            load_config(state.config_path)
+        except ConfigError as exc:
+            return web.json_response({"reloaded": False, "error": str(exc)}, status=400)
+        if state.supervised:
+            os.kill(os.getppid(), signal.SIGHUP)
+        else:
+            os.kill(os.getpid(), signal.SIGHUP)
+        return web.json_response({"reloaded": True})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/admin/reload", reload)
+    return app
+
+
+async def start_admin(state: AdminState, listen: str, token: str) -> web.AppRunner:
+    runner = web.AppRunner(build_admin_app(state, token), access_log=None)
+    await runner.setup()
+    host, port = parse_address(listen)
+    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    return runner

@@ -1,0 +1,746 @@
+"""The client-facing HTTP/1.1 connection: parse, route, forward, stream back.
+
+Theory of operation. One `FrontConnection` per client socket, parsed by
+httptools. Each request becomes an `Exchange`; exchanges run one at a time in
+arrival order (pipelined ones wait in `pipeline` with reading paused). On
+headers-complete the exchange takes an idle pooled upstream connection and
+writes the request head at once; only when no idle connection exists is a task
+spawned to connect. Body bytes flow from `on_body` straight to the upstream
+transport and response bytes from the upstream parser straight to the client
+transport, so nothing is buffered beyond a transport's own high-water mark:
+each side pauses the other's reading when its write buffer is full.
+
+Timeouts are deadlines stored on the connection and enforced by the worker's
+sweeper, so the hot path never arms or cancels a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections import deque
+from typing import TYPE_CHECKING
+
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserUpgrade,
+    HttpRequestParser,
+)
+
+from edge.forward_headers import (
+    build_request_head,
+    build_response_head,
+    error_response,
+)
+from edge.host_pattern import host_from_header
+from edge.upstream_pool import UpstreamConnection, UpstreamPeer
+
+if TYPE_CHECKING:
+    from edge.worker_context import WorkerContext
+
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_NO_BODY_STATUS = frozenset({204, 304})
+
+# Deadline kinds, checked by the sweeper.
+IDLE = 0  # no request in progress: keep-alive timeout
+HEADERS = 1  # reading a request head: header timeout (slowloris)
+EXCHANGE = 2  # forwarding: upstream response-header or idle timeout
+DRAINING = 3  # nothing to enforce
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, reason: str, kind: str) -> None:
+        self.status = status
+        self.reason = reason
+        self.kind = kind
+
+
+class Exchange:
+    """One request/response through the edge."""
+
+    __slots__ = (
+        "app",
+        "body_buffer",
+        "body_buffered",
+        "body_chunked",
+        "body_done",
+        "body_seen",
+        "early_tunnel",
+        "head",
+        "http10",
+        "keep_alive",
+        "method",
+        "path",
+        "peer",
+        "request_id",
+        "response_chunked",
+        "response_eof",
+        "response_started",
+        "started_at",
+        "status",
+        "upgrade",
+        "upstream",
+        "waiting_head",
+    )
+
+    def __init__(self, method: bytes, started_at: float) -> None:
+        self.method = method
+        self.path = b""
+        self.started_at = started_at
+        self.app = ""
+        self.head = b""
+        self.request_id = b""
+        self.http10 = False
+        self.keep_alive = True
+        self.upgrade = False
+        self.body_chunked = False
+        self.body_seen = 0
+        self.body_done = False
+        self.body_buffer: list[bytes] | None = None
+        self.body_buffered = 0
+        self.early_tunnel = b""
+        self.peer: UpstreamPeer | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.status = 0
+        self.response_started = False
+        self.response_chunked = False
+        self.response_eof = False
+        self.waiting_head = False
+
+
+class FrontConnection(asyncio.Protocol):
+    """One client connection; also the owner of whichever upstream serves it."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self.loop = ctx.loop
+        self.limits = ctx.limits
+        self.parser = HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.client_ip = ""
+        self.trusted = False
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0
+        self.in_head = False
+        self.parsing: Exchange | None = None
+        self.current: Exchange | None = None
+        self.pipeline: deque[Exchange] = deque()
+        self.out: list[bytes] = []
+        self.reading_paused = False
+        self.writing_paused = False
+        self.closed = False
+        self.tunnel: UpstreamConnection | None = None
+        self.deadline = 0.0
+        self.deadline_kind = IDLE
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        ctx = self.ctx
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else "unix"
+        self.trusted = self.client_ip in ctx.trusted_proxies
+        ctx.connections.add(self)
+        ctx.stats.open_connections += 1
+        if len(ctx.connections) > self.limits.max_connections or ctx.draining:
+            transport.write(error_response(503, "too many connections", close=True, kind="busy"))
+            self._close()
+            return
+        self._set_deadline(IDLE, self.limits.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        ctx = self.ctx
+        if self in ctx.connections:
+            ctx.connections.discard(self)
+            ctx.stats.open_connections -= 1
+        tunnel, self.tunnel = self.tunnel, None
+        if tunnel is not None and tunnel.transport is not None:
+            tunnel.owner = None
+            tunnel.transport.close()
+        ex = self.current
+        if ex is not None:
+            self.current = None
+            conn = ex.upstream
+            if conn is not None:
+                # The client is gone: cancel the upstream request, never reuse mid-exchange.
+                ex.upstream = None
+                conn.abort()
+                self._release_peer(ex)
+            if not ex.response_started or ex.status == 0:
+                ex.status = 499
+            self._record(ex)
+        self.pipeline.clear()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        ex = self.current
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.pause_reading()
+        elif self.tunnel is not None:
+            self.tunnel.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        ex = self.current
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.resume_reading()
+        elif self.tunnel is not None:
+            self.tunnel.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        if self.closed:
+            return
+        if self.parsing is None:
+            self.head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            ex = self.current or (self.pipeline[-1] if self.pipeline else None)
+            if ex is not None and ex.upgrade:
+                rest = data[exc.args[0] :]
+                if ex.upstream is not None:
+                    ex.upstream.write(rest)
+                else:
+                    ex.early_tunnel += rest
+            return
+        except HttpParserCallbackError as exc:
+            reject = exc.__context__
+            if isinstance(reject, _Reject):
+                self._reject(reject)
+            else:
+                raise
+        except HttpParserError as exc:
+            self._reject(_Reject(_parse_error_status(exc), f"bad request: {exc}", "malformed"))
+            return
+        if self.in_head and self.head_bytes > self.limits.max_head_bytes:
+            self._reject(_Reject(431, "request header fields too large", "headers"))
+
+    def eof_received(self) -> bool:
+        # Half-closed clients still get their response; close once it is written.
+        if self.current is None and not self.pipeline:
+            return False
+        if self.current is not None:
+            self.current.keep_alive = False
+        return True
+
+    # ------------------------------------------------------------------ parsing
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.parsing = None
+        self.in_head = True
+        if self.deadline_kind == IDLE:
+            self._set_deadline(HEADERS, self.limits.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.limits.max_request_line:
+            raise _Reject(414, "request target too long", "url")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.parsing is not None:
+            return  # trailers of a chunked request body are dropped
+        headers = self.headers
+        headers.append((name, value))
+        if len(headers) > self.limits.max_headers:
+            raise _Reject(431, "too many request header fields", "headers")
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        now = self.loop.time()
+        ex = Exchange(parser.get_method(), now)
+        ex.path = self.url
+        self.parsing = ex
+        self.in_head = False
+        ex.http10 = parser.get_http_version() == "1.0"
+        ex.keep_alive = parser.should_keep_alive() and not self.ctx.draining
+        self.head_bytes = 0
+        if self.deadline_kind == HEADERS:
+            self._set_deadline(EXCHANGE, self.ctx.upstream_idle_timeout)
+        if self.current is None:
+            self._prepare(ex)
+            self._start(ex)
+            return
+        try:
+            self._prepare(ex)
+        except _Reject as reject:
+            # Answered in order, after the responses ahead of it.
+            ex.status = reject.status
+            ex.keep_alive = False
+            ex.head = error_response(reject.status, reject.reason, close=True, kind=reject.kind)
+        self.pipeline.append(ex)
+        self._pause_reading()
+
+    def on_body(self, data: bytes) -> None:
+        ex = self.parsing
+        if ex is None or ex.status:
+            return
+        ex.body_seen += len(data)
+        if ex.body_seen > self.limits.max_body:
+            raise _Reject(413, "request body too large", "body")
+        conn = ex.upstream
+        if conn is not None and ex is self.current:
+            if ex.body_chunked:
+                conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+            else:
+                conn.write(data)
+            self.deadline = self.loop.time() + self.ctx.upstream_idle_timeout
+        else:
+            if ex.body_buffer is None:
+                ex.body_buffer = []
+            ex.body_buffer.append(data)
+            ex.body_buffered += len(data)
+            if ex.body_buffered > 65536:
+                self._pause_reading()
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        if ex is None:
+            return
+        ex.body_done = True
+        if ex.upstream is not None and ex is self.current and ex.body_chunked:
+            ex.upstream.write(b"0\r\n\r\n")
+        self.parsing = None
+
+    # ----------------------------------------------------------------- routing
+
+    def _prepare(self, ex: Exchange) -> None:
+        """Route and build the upstream head; raises _Reject for requests the edge refuses."""
+        ctx = self.ctx
+        method = ex.method
+        if method == b"CONNECT":
+            raise _Reject(400, "CONNECT is not supported: this is not a forward proxy", "connect")
+        target = self.url
+        host_value = None
+        content_length = None
+        chunked = False
+        expect_continue = False
+        for name, value in self.headers:
+            lower = name.lower()
+            if lower == b"host":
+                if host_value is not None:
+                    raise _Reject(400, "more than one Host header", "host")
+                host_value = value
+            elif lower == b"content-length":
+                content_length = value
+            elif lower == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    raise _Reject(501, "only chunked transfer-coding is supported", "te")
+                chunked = True
+            elif lower == b"expect":
+                if value.strip().lower() != b"100-continue":
+                    raise _Reject(417, "unsupported expectation", "expect")
+                expect_continue = True
+            elif lower == b"upgrade":
+                ex.upgrade = self.parser.should_upgrade()
+            elif lower == b"x-request-id" and 0 < len(value) <= 200:
+                ex.request_id = value
+        if target[:1] != b"/":
+            target, host_value = _absolute_form(target, host_value)
+            if ctx.routes.lookup(host_from_header(host_value) or "") is None:
+                raise _Reject(
+                    400, "absolute-form target names a host this edge does not serve", "host"
+                )
+        if host_value is None:
+            raise _Reject(400, "missing Host header", "host")
+        host = host_from_header(host_value)
+        if host is None:
+            raise _Reject(400, "malformed Host header", "host")
+        app = ctx.routes.lookup(host)
+        if app is None:
+            raise _Reject(404, f"no app serves host {host}", "no_route")
+        ex.app = app.name
+        if content_length is not None:
+            length = int(content_length)
+            if length > self.limits.max_body:
+                raise _Reject(413, "request body too large", "body")
+            framing = b"Content-Length: " + content_length if length else b""
+            if not length:
+                ex.body_done = True
+        elif chunked:
+            ex.body_chunked = True
+            framing = b"Transfer-Encoding: chunked"
+        else:
+            framing = b""
+            ex.body_done = True
+        if expect_continue and not ex.http10 and not ex.body_done:
+            # The edge reads the body itself, so it answers the expectation itself.
+            self.out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if not ex.request_id:
+            ex.request_id = ctx.next_request_id()
+        ex.peer = app.pick()
+        ex.head = build_request_head(
+            method,
+            target,
+            self.headers,
+            host=host_value,
+            client_ip=self.client_ip,
+            scheme=ctx.scheme,
+            trusted=self.trusted,
+            request_id=ex.request_id,
+            body=framing,
+            upgrade=ex.upgrade,
+        )
+
+    # -------------------------------------------------------------- forwarding
+
+    def _start(self, ex: Exchange) -> None:
+        self.current = ex
+        if ex.status:  # refused while queued behind a pipelined request
+            self.out.append(ex.head)
+            self._complete(ex)
+            return
+        peer = ex.peer
+        peer.in_flight += 1  # type: ignore[union-attr]
+        conn = None if ex.upgrade else peer.take_idle()  # type: ignore[union-attr]
+        if conn is None:
+            self.loop.create_task(self._connect_then_send(ex))
+        else:
+            self._send(ex, conn)
+        if self.out:
+            self.upstream_flush()
+
+    async def _connect_then_send(self, ex: Exchange) -> None:
+        try:
+            conn = await self.ctx.pool.connect(ex.peer)  # type: ignore[arg-type]
+        except TimeoutError:
+            self._upstream_failed(ex, 504, "upstream connect timeout", "connect_timeout")
+            return
+        except OSError as exc:
+            reason = f"upstream connect failed: {exc.strerror or exc}"
+            self._upstream_failed(ex, 502, reason, "connect_failed")
+            return
+        if self.current is not ex or self.closed:
+            conn.abort()
+            return
+        self._send(ex, conn)
+        if self.out:
+            self.upstream_flush()
+
+    def _send(self, ex: Exchange, conn: UpstreamConnection) -> None:
+        ex.upstream = conn
+        conn.owner = self
+        conn.head_only = ex.method == b"HEAD"
+        buffered = ex.body_buffer
+        if buffered and not ex.body_chunked:
+            conn.write(ex.head + b"".join(buffered))
+        elif buffered:
+            conn.write(ex.head + b"".join(b"%x\r\n%b\r\n" % (len(c), c) for c in buffered))
+        else:
+            conn.write(ex.head)
+        if buffered:
+            ex.body_buffer = None
+            ex.body_buffered = 0
+            self._resume_reading()
+        if ex.body_done and ex.body_chunked:
+            conn.write(b"0\r\n\r\n")
+        if ex.early_tunnel:
+            conn.write(ex.early_tunnel)
+            ex.early_tunnel = b""
+        ex.waiting_head = True
+        self._set_deadline(EXCHANGE, self.ctx.upstream_header_timeout)
+        if self.writing_paused:
+            conn.pause_reading()
+
+    # UpstreamOwner callbacks
+
+    def upstream_head(
+        self, conn: UpstreamConnection, status: int, reason: bytes, headers: list
+    ) -> None:
+        ex = self.current
+        if ex is None or ex.upstream is not conn:
+            return
+        ex.status = status
+        ex.waiting_head = False
+        self.deadline = self.loop.time() + self.ctx.upstream_idle_timeout
+        upgrade = status == 101 and ex.upgrade
+        if ex.method == b"HEAD" or status in _NO_BODY_STATUS or upgrade:
+            framing = _passthrough_length(headers) if ex.method == b"HEAD" else b""
+        else:
+            framing = _passthrough_length(headers)
+            if not framing:
+                if ex.http10:
+                    ex.keep_alive = False
+                    ex.response_eof = True
+                else:
+                    ex.response_chunked = True
+                    framing = b"Transfer-Encoding: chunked"
+        if ex.upgrade and not upgrade:
+            ex.keep_alive = False  # the parser is past the head; the connection can't continue
+        ex.response_started = True
+        self.out.append(
+            build_response_head(
+                status,
+                reason,
+                headers,
+                framing=framing,
+                keep_alive=ex.keep_alive,
+                http10_client=ex.http10,
+                upgrade=upgrade,
+            )
+        )
+
+    def upstream_body(self, data: bytes) -> None:
+        ex = self.current
+        if ex is None:
+            return
+        if ex.response_chunked:
+            self.out.append(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self.out.append(data)
+
+    def upstream_end(self, conn: UpstreamConnection) -> None:
+        ex = self.current
+        if ex is None or ex.upstream is not conn:
+            return
+        if ex.response_chunked:
+            self.out.append(b"0\r\n\r\n")
+        ex.upstream = None
+        if ex.body_done and conn.keep_alive():
+            ex.peer.give_back(conn, self.loop.time())  # type: ignore[union-attr]
+        else:
+            conn.abort()
+        self._complete(ex)
+
+    def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
+        ex = self.current
+        if ex is None or ex.upstream is not conn:
+            conn.abort()
+            return
+        ex.upstream = None
+        self._release_peer(ex)
+        self._record(ex)
+        self.current = None
+        self.tunnel = conn
+        self.deadline_kind = DRAINING
+        if rest:
+            self.out.append(rest)
+
+    def upstream_tunnel_data(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def upstream_lost(self, conn: UpstreamConnection, error: str) -> None:
+        if self.tunnel is conn:
+            self.tunnel = None
+            self._close()
+            return
+        ex = self.current
+        if ex is None or ex.upstream is not conn:
+            return
+        ex.upstream = None
+        if ex.response_eof and ex.response_started:
+            self._complete(ex)  # close-delimited body ended
+            return
+        if ex.response_started:
+            self.ctx.stats.upstream_error(ex.app, "reset_mid_response")
+            self._release_peer(ex)
+            self._record(ex)
+            self.current = None
+            self.upstream_flush()
+            self._close(abort=True)
+            return
+        if conn.reused and not conn.got_bytes and ex.method in _IDEMPOTENT and _replayable(ex):
+            # A pooled connection the upstream had already closed: safe to try once more.
+            self.loop.create_task(self._connect_then_send(ex))
+            return
+        self._upstream_failed(ex, 502, f"upstream connection {error}", error)
+
+    def upstream_flush(self) -> None:
+        out = self.out
+        if out and not self.closed:
+            if len(out) == 1:
+                self.transport.write(out[0])  # type: ignore[union-attr]
+            else:
+                self.transport.write(b"".join(out))  # type: ignore[union-attr]
+            out.clear()
+        elif out:
+            out.clear()
+
+    def pause_client_reading(self) -> None:
+        self._pause_reading()
+
+    def resume_client_reading(self) -> None:
+        self._resume_reading()
+
+    # ---------------------------------------------------------------- endings
+
+    def _complete(self, ex: Exchange) -> None:
+        self._release_peer(ex)
+        self._record(ex)
+        self.current = None
+        self.upstream_flush()
+        if not ex.keep_alive or not ex.body_done:
+            self._close()
+            return
+        self._set_deadline(IDLE, self.limits.keepalive_timeout)
+        if self.pipeline:
+            self.loop.call_soon(self._next)
+        else:
+            self._resume_reading()
+
+    def _next(self) -> None:
+        if self.closed or self.current is not None or not self.pipeline:
+            return
+        ex = self.pipeline.popleft()
+        if not self.pipeline:
+            self._resume_reading()
+        self._set_deadline(EXCHANGE, self.ctx.upstream_idle_timeout)
+        self._start(ex)
+
+    def _upstream_failed(self, ex: Exchange, status: int, reason: str, kind: str) -> None:
+        if self.current is not ex or self.closed:
+            return
+        self.ctx.stats.upstream_error(ex.app, kind)
+        ex.upstream = None
+        ex.status = status
+        ex.keep_alive = ex.keep_alive and ex.body_done
+        self.out.append(error_response(status, reason, close=not ex.keep_alive, kind=kind))
+        self._complete(ex)
+
+    def _release_peer(self, ex: Exchange) -> None:
+        peer = ex.peer
+        if peer is not None:
+            peer.in_flight -= 1
+            ex.peer = None
+
+    def _record(self, ex: Exchange) -> None:
+        ctx = self.ctx
+        elapsed = self.loop.time() - ex.started_at
+        ctx.stats.record(ex.app or "-", ex.status, elapsed)
+        if ctx.access_log is not None and (
+            ctx.access_log_sample >= 1.0 or random.random() < ctx.access_log_sample
+        ):
+            ctx.access_log.write(ex, self.client_ip, elapsed)
+
+    def _reject(self, reject: _Reject) -> None:
+        """Answer a request the edge refuses; the connection closes unless it is still framed."""
+        ex = self.parsing
+        if ex is None:
+            ex = Exchange(b"", self.loop.time())
+        elif ex is not self.current and self.current is not None:
+            self._close(abort=True)  # a pipelined request went bad mid-stream
+            return
+        ex.status = reject.status
+        ex.keep_alive = False
+        self.parsing = None
+        if ex is self.current and ex.response_started:
+            self._close(abort=True)
+            return
+        if ex is self.current:
+            conn, ex.upstream = ex.upstream, None
+            if conn is not None:
+                conn.abort()
+        self.ctx.stats.record(ex.app or "-", reject.status, self.loop.time() - ex.started_at)
+        self.out.append(error_response(reject.status, reject.reason, close=True, kind=reject.kind))
+        self.upstream_flush()
+        if self.current is ex:
+            self.current = None
+            self._release_peer(ex)
+        self._close()
+
+    def _close(self, abort: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.deadline_kind = DRAINING
+        if self.transport is not None:
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def _resume_reading(self) -> None:
+        if self.reading_paused and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    # --------------------------------------------------------------- deadlines
+
+    def _set_deadline(self, kind: int, seconds: float) -> None:
+        self.deadline_kind = kind
+        self.deadline = self.loop.time() + seconds
+
+    def on_deadline(self, now: float) -> None:
+        """Called by the sweeper once `deadline` has passed."""
+        kind = self.deadline_kind
+        if kind == IDLE:
+            if self.parsing is None and self.current is None:
+                self._close()
+        elif kind == HEADERS:
+            self._reject(_Reject(408, "timed out reading the request head", "header_timeout"))
+        elif kind == EXCHANGE:
+            ex = self.current
+            if ex is None:
+                self._close()
+            elif ex.response_started:
+                self.ctx.stats.upstream_error(ex.app, "idle_timeout")
+                self._close(abort=True)
+            else:
+                conn, ex.upstream = ex.upstream, None
+                if conn is not None:
+                    conn.abort()
+                kind_name = "response_header_timeout" if ex.waiting_head else "idle_timeout"
+                self._upstream_failed(ex, 504, f"upstream {kind_name.replace('_', ' ')}", kind_name)
+
+    def drain(self) -> None:
+        """Shutdown: close when idle, otherwise after the response in progress."""
+        if self.current is None and self.parsing is None and not self.pipeline:
+            self._close()
+        elif self.current is not None:
+            self.current.keep_alive = False
+
+
+def _passthrough_length(headers: list[tuple[bytes, bytes]]) -> bytes:
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            return b"Content-Length: " + value
+    return b""
+
+
+def _replayable(ex: Exchange) -> bool:
+    return ex.body_done and ex.body_seen == 0
+
+
+def _absolute_form(target: bytes, host_value: bytes | None) -> tuple[bytes, bytes]:
+    """'http://host/path?q' -> (b'/path?q', b'host'); the authority overrides Host."""
+    lower = target[:8].lower()
+    if lower.startswith(b"http://"):
+        rest = target[7:]
+    elif lower.startswith(b"https://"):
+        rest = target[8:]
+    elif target == b"*":
+        return target, host_value  # type: ignore[return-value]
+    else:
+        raise _Reject(400, "request target must be origin-form or absolute-form", "target")
+    slash = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+    authority, path = rest[:slash], rest[slash:]
+    if b"@" in authority or not authority:
+        raise _Reject(400, "absolute-form target with bad authority", "target")
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return path, authority
+
+
+def _parse_error_status(exc: HttpParserError) -> int:
+    text = str(exc)
+    if "header" in text.lower() and "overflow" in text.lower():
+        return 431
+    return 400
+
+
+def new_request_id_prefix() -> str:
+    return os.urandom(6).hex()

@@ -1,0 +1,265 @@
+"""Pooled keep-alive HTTP/1.1 connections to upstreams, on asyncio protocols and httptools.
+
+A connection carries one exchange at a time for one owner (a front connection).
+Parser events go straight to the owner's callbacks, so response bytes are
+written to the client without queues or tasks; back-pressure is passed both
+ways by pausing the other side's transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+from typing import Protocol
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+
+class UpstreamOwner(Protocol):
+    """What a connection reports to the exchange that is using it."""
+
+    def upstream_head(
+        self, conn: UpstreamConnection, status: int, reason: bytes, headers: list
+    ) -> None: ...
+    def upstream_body(self, data: bytes) -> None: ...
+    def upstream_end(self, conn: UpstreamConnection) -> None: ...
+    def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None: ...
+    def upstream_tunnel_data(self, data: bytes) -> None: ...
+    def upstream_lost(self, conn: UpstreamConnection, error: str) -> None: ...
+    def upstream_flush(self) -> None: ...
+    def pause_client_reading(self) -> None: ...
+    def resume_client_reading(self) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One TCP connection to one upstream peer."""
+
+    __slots__ = (
+        "closed",
+        "got_bytes",
+        "head_only",
+        "headers",
+        "idle_since",
+        "interim",
+        "owner",
+        "parser",
+        "peer",
+        "reason",
+        "reusable",
+        "reused",
+        "transport",
+        "upgraded",
+    )
+
+    def __init__(self, peer: UpstreamPeer) -> None:
+        self.peer = peer
+        self.transport: asyncio.Transport | None = None
+        self.parser = HttpResponseParser(self)
+        self.owner: UpstreamOwner | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
+        self.interim = False
+        self.head_only = False
+        self.got_bytes = False
+        self.reused = False
+        self.reusable = False
+        self.upgraded = False
+        self.closed = False
+        self.idle_since = 0.0
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        owner = self.owner
+        if owner is None:
+            # Bytes on an idle connection: the upstream broke framing; never reuse it.
+            self.abort()
+            return
+        if self.upgraded:
+            owner.upstream_tunnel_data(data)
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self.upgraded = True
+            owner.upstream_upgraded(self, data[exc.args[0] :])
+        except HttpParserError:
+            self.abort()
+            owner.upstream_lost(self, "bad_response")
+            return
+        owner.upstream_flush()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        owner = self.owner
+        if owner is not None:
+            self.owner = None
+            owner.upstream_lost(self, "reset" if exc is not None else "closed")
+        else:
+            self.peer.forget(self)
+
+    def pause_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.pause_client_reading()
+
+    def resume_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.resume_client_reading()
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        status = parser.get_status_code()
+        if status < 200 and status != 101:
+            self.interim = True
+            return
+        self.reusable = parser.should_keep_alive()
+        owner = self.owner
+        if owner is None:
+            return
+        owner.upstream_head(self, status, self.reason, self.headers)
+        if self.head_only and status != 101 and self.owner is owner:
+            # A HEAD response announces a body it never sends; llhttp cannot be told,
+            # so the exchange ends here and the next response gets a fresh parser.
+            self.parser = HttpResponseParser(self)
+            owner.upstream_end(self)
+
+    def on_body(self, data: bytes) -> None:
+        if self.owner is not None:
+            self.owner.upstream_body(data)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        owner = self.owner
+        if owner is not None and not self.head_only:
+            owner.upstream_end(self)
+
+    # used by owners
+
+    def keep_alive(self) -> bool:
+        return self.reusable and not self.closed and not self.upgraded
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def pause_reading(self) -> None:
+        if not self.closed:
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume_reading(self) -> None:
+        if not self.closed:
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def abort(self) -> None:
+        """Drop the connection now; the owner (if any) is detached first."""
+        self.owner = None
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class UpstreamPeer:
+    """One upstream address: its idle keep-alive connections and in-flight count."""
+
+    __slots__ = ("address", "host", "idle", "in_flight", "max_idle", "port")
+
+    def __init__(self, host: str, port: int, max_idle: int) -> None:
+        self.host = host
+        self.port = port
+        self.address = f"{host}:{port}"
+        self.max_idle = max_idle
+        self.idle: list[UpstreamConnection] = []
+        self.in_flight = 0
+
+    def take_idle(self) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                conn.reused = True
+                return conn
+        return None
+
+    def give_back(self, conn: UpstreamConnection, now: float) -> None:
+        conn.owner = None
+        if conn.closed or len(self.idle) >= self.max_idle:
+            conn.abort()
+            return
+        conn.idle_since = now
+        conn.head_only = False
+        conn.got_bytes = False
+        self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+
+    def close_idle_before(self, cutoff: float) -> None:
+        """Close connections idle since before `cutoff` (oldest sit at the front)."""
+        while self.idle and self.idle[0].idle_since < cutoff:
+            self.idle.pop(0).abort()
+
+    def close_all(self) -> None:
+        while self.idle:
+            self.idle.pop().abort()
+
+
+class UpstreamPool:
+    """Every upstream peer this worker talks to, keyed by address."""
+
+    __slots__ = ("_peers", "connect_timeout", "keepalive_idle", "max_idle")
+
+    def __init__(self, *, connect_timeout: float, keepalive_idle: float, max_idle: int) -> None:
+        self._peers: dict[str, UpstreamPeer] = {}
+        self.connect_timeout = connect_timeout
+        self.keepalive_idle = keepalive_idle
+        self.max_idle = max_idle
+
+    def peer(self, address: str) -> UpstreamPeer:
+        peer = self._peers.get(address)
+        if peer is None:
+            host, _, port = address.rpartition(":")
+            peer = self._peers[address] = UpstreamPeer(host.strip("[]"), int(port), self.max_idle)
+        return peer
+
+    def peers(self) -> Iterable[UpstreamPeer]:
+        return self._peers.values()
+
+    async def connect(self, peer: UpstreamPeer) -> UpstreamConnection:
+        """Open a new connection; raises TimeoutError or OSError."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self.connect_timeout):
+            _, conn = await loop.create_connection(
+                lambda: UpstreamConnection(peer), peer.host, peer.port
+            )
+        return conn
+
+    def sweep(self, now: float) -> None:
+        cutoff = now - self.keepalive_idle
+        for peer in self._peers.values():
+            peer.close_idle_before(cutoff)
+
+    def close(self) -> None:
+        for peer in self._peers.values():
+            peer.close_all()

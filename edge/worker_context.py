@@ -1,0 +1,122 @@
+"""Everything one worker's connections share: routes, pool, limits, stats, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from typing import TYPE_CHECKING
+
+from edge.config import Config
+from edge.forward_headers import TrustedProxies
+from edge.host_pattern import HostTable
+from edge.upstream_pool import UpstreamPeer, UpstreamPool
+from edge.worker_stats import WorkerStats
+
+if TYPE_CHECKING:
+    from edge.access_log import AccessLog
+    from edge.front_protocol import FrontConnection
+
+
+class FrontLimits:
+    """Client-side limits, copied out of config for attribute-speed access."""
+
+    __slots__ = (
+        "header_timeout",
+        "keepalive_timeout",
+        "max_body",
+        "max_connections",
+        "max_head_bytes",
+        "max_headers",
+        "max_request_line",
+    )
+
+    def __init__(self, config: Config) -> None:
+        limits = config.limits
+        self.max_request_line = int(limits.max_request_line)
+        self.max_headers = limits.max_headers
+        self.max_body = int(limits.max_body)
+        self.header_timeout = float(limits.header_timeout)
+        self.keepalive_timeout = float(limits.keepalive_timeout)
+        self.max_connections = limits.max_connections
+        # The request line counts toward the head too.
+        self.max_head_bytes = int(limits.max_request_line) + int(limits.max_header_bytes)
+
+
+class AppRoute:
+    """An app's upstream peers; `pick` prefers the one with fewest requests in flight."""
+
+    __slots__ = ("name", "peers")
+
+    def __init__(self, name: str, peers: list[UpstreamPeer]) -> None:
+        self.name = name
+        self.peers = peers
+
+    def pick(self) -> UpstreamPeer:
+        peers = self.peers
+        if len(peers) == 1:
+            return peers[0]
+        return min(peers, key=_in_flight)
+
+
+def _in_flight(peer: UpstreamPeer) -> int:
+    return peer.in_flight
+
+
+def build_routes(config: Config, pool: UpstreamPool) -> HostTable[AppRoute]:
+    entries: dict[str, AppRoute] = {}
+    for app in config.apps:
+        route = AppRoute(app.name, [pool.peer(address) for address in app.upstreams])
+        for host in app.hosts:
+            entries[host] = route
+    return HostTable(entries)
+
+
+class WorkerContext:
+    """Shared by every FrontConnection of one worker process."""
+
+    def __init__(
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop,
+        index: int,
+        access_log: AccessLog | None = None,
+    ) -> None:
+        self.loop = loop
+        self.index = index
+        self.stats = WorkerStats(index)
+        self.connections: set[FrontConnection] = set()
+        self.draining = False
+        self.access_log = access_log
+        self._ids = itertools.count(1)
+        self._id_prefix = os.urandom(5).hex()
+        self.pool = UpstreamPool(
+            connect_timeout=config.upstream.connect_timeout,
+            keepalive_idle=config.upstream.keepalive_idle,
+            max_idle=config.upstream.max_idle_per_upstream,
+        )
+        self.apply(config)
+
+    def apply(self, config: Config) -> None:
+        """Adopt a (re)loaded config; connections see it on their next request."""
+        self.config = config
+        self.limits = FrontLimits(config)
+        self.trusted_proxies = TrustedProxies(config.edge.trusted_proxies)
+        self.scheme = b"https" if config.edge.tls is not None else b"http"
+        self.upstream_header_timeout = float(config.upstream.response_header_timeout)
+        self.upstream_idle_timeout = float(config.upstream.idle_timeout)
+        self.access_log_sample = config.edge.access_log_sample
+        self.pool.connect_timeout = config.upstream.connect_timeout
+        self.pool.keepalive_idle = config.upstream.keepalive_idle
+        self.routes = build_routes(config, self.pool)
+
+    def next_request_id(self) -> bytes:
+        return f"{self._id_prefix}-{next(self._ids):x}".encode()
+
+    def sweep(self) -> None:
+        """Enforce connection deadlines and expire idle upstream connections."""
+        now = self.loop.time()
+        for conn in list(self.connections):
+            if conn.deadline <= now and conn.deadline_kind != 3:
+                conn.on_deadline(now)
+        self.pool.sweep(now)

@@ -1,0 +1,109 @@
+"""Per-worker request statistics: plain counters on the hot path, snapshots off it.
+
+Each worker bumps dict counters per request (no locks, no prometheus calls) and
+periodically writes a `StatsSnapshot` file; the admin listener sums every
+worker's latest snapshot when scraped, so `/metrics` covers all workers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from bisect import bisect_left
+from pathlib import Path
+
+import msgspec
+
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+class LatencyHistogram(msgspec.Struct):
+    counts: list[int]  # one per bucket plus +Inf
+    total: float = 0.0
+
+    @classmethod
+    def empty(cls) -> LatencyHistogram:
+        return cls(counts=[0] * (len(LATENCY_BUCKETS) + 1))
+
+
+class StatsSnapshot(msgspec.Struct):
+    pid: int
+    index: int
+    written_at: float
+    open_connections: int
+    requests: dict[str, int]  # "app\x00status" -> count
+    upstream_errors: dict[str, int]  # "app\x00kind" -> count
+    latency: dict[str, LatencyHistogram]  # app -> histogram
+
+
+class WorkerStats:
+    """Mutable counters owned by one worker's event loop."""
+
+    __slots__ = ("index", "latency", "open_connections", "requests", "upstream_errors")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.open_connections = 0
+        self.requests: dict[tuple[str, int], int] = {}
+        self.upstream_errors: dict[tuple[str, str], int] = {}
+        self.latency: dict[str, LatencyHistogram] = {}
+
+    def record(self, app: str, status: int, seconds: float) -> None:
+        key = (app, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        hist = self.latency.get(app)
+        if hist is None:
+            hist = self.latency[app] = LatencyHistogram.empty()
+        hist.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        hist.total += seconds
+
+    def upstream_error(self, app: str, kind: str) -> None:
+        key = (app, kind)
+        self.upstream_errors[key] = self.upstream_errors.get(key, 0) + 1
+
+    def snapshot(self) -> StatsSnapshot:
+        return StatsSnapshot(
+            pid=os.getpid(),
+            index=self.index,
+            written_at=time.time(),
+            open_connections=self.open_connections,
+            requests={f"{a}\x00{s}": n for (a, s), n in self.requests.items()},
+            upstream_errors={f"{a}\x00{k}": n for (a, k), n in self.upstream_errors.items()},
+            latency=dict(self.latency),
+        )
+
+
+def write_snapshot(directory: Path, snapshot: StatsSnapshot) -> None:
+    """Atomically replace this worker's snapshot file."""
+    final = directory / f"worker-{snapshot.index}.json"
+    temp = directory / f".worker-{snapshot.index}.{snapshot.pid}.tmp"
+    temp.write_bytes(msgspec.json.encode(snapshot))
+    os.replace(temp, final)
+
+
+def read_snapshots(directory: Path) -> list[StatsSnapshot]:
+    """Every worker's latest snapshot; unreadable files are skipped."""
+    decoder = msgspec.json.Decoder(StatsSnapshot)
+    snapshots = []
+    for path in sorted(directory.glob("worker-*.json")):
+        try:
+            snapshots.append(decoder.decode(path.read_bytes()))
+        except (OSError, msgspec.DecodeError):
+            continue
+    return snapshots
