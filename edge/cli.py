@@ -23,8 +23,6 @@ def _check(path: str) -> int:
 
 
 def _reload(path: str) -> int:
-    from edge.worker import admin_token
-
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -32,7 +30,7 @@ def _reload(path: str) -> int:
         return 2
     url = f"http://{config.edge.admin_listen}/admin/reload"
     request = urllib.request.Request(url, method="POST", data=b"")
-    token = admin_token(config)
+    token = config.edge.admin_bearer_token()
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:

@@ -7,6 +7,7 @@ what is wrong, so `edge check` and `edge run` fail the same way (exit status 2).
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 import msgspec
 
 from edge.host_pattern import HostPatternError, normalize_host_pattern
+
+ADMIN_TOKEN_ENV = "EDGE_ADMIN_TOKEN"
 
 
 class ConfigError(Exception):
@@ -93,7 +96,24 @@ def _dec_hook(kind: type, value: Any) -> Any:
     raise NotImplementedError
 
 
+def format_duration(seconds: float) -> str:
+    if seconds != int(seconds):
+        return f"{round(seconds * 1000)}ms"
+    return f"{int(seconds)}s"
+
+
+def format_size(size: int) -> str:
+    for unit in ("GiB", "MiB", "KiB"):
+        if size and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return str(size)
+
+
 def _enc_hook(value: Any) -> Any:
+    if isinstance(value, Duration):
+        return format_duration(value)
+    if isinstance(value, ByteSize):
+        return format_size(value)
     raise NotImplementedError(type(value))
 
 
@@ -111,6 +131,10 @@ class EdgeSection(_Section):
     admin_listen: str = "127.0.0.1:9090"
     # Required when admin_listen is not loopback; may also come from EDGE_ADMIN_TOKEN.
     admin_token: str = ""
+
+    def admin_bearer_token(self) -> str:
+        return self.admin_token or os.environ.get(ADMIN_TOKEN_ENV, "")
+
     workers: int = 1
     store: str = "memory://"
     # Peers whose X-Forwarded-*/Forwarded headers are kept; everyone else's are replaced.
@@ -195,6 +219,13 @@ def _check(config: Config, file: str) -> None:
             parse_address(getattr(edge, key))
         except ValueError as exc:
             fail(f"edge.{key}", str(exc))
+    admin_host, _ = parse_address(edge.admin_listen)
+    if not is_loopback(admin_host) and not edge.admin_bearer_token():
+        fail(
+            "edge.admin_token",
+            f"admin_listen {edge.admin_listen} is not loopback: set admin_token "
+            f"(or the {ADMIN_TOKEN_ENV} environment variable) so the admin API is not open",
+        )
     if edge.workers < 1:
         fail("edge.workers", f"must be at least 1, got {edge.workers}")
     if not edge.store.startswith(("memory://", "redis://", "rediss://", "unix://")):
@@ -281,8 +312,11 @@ def load_config(path: str | Path) -> Config:
 
 
 def effective_config(config: Config) -> dict[str, Any]:
-    """The config with every default filled in, as plain data for printing."""
-    return msgspec.to_builtins(config, enc_hook=_enc_hook)
+    """The config with every default filled in, as plain data for printing (secrets masked)."""
+    data = msgspec.to_builtins(config, enc_hook=_enc_hook)
+    if data["edge"]["admin_token"]:
+        data["edge"]["admin_token"] = "********"
+    return data
 
 
 def render_toml(data: dict[str, Any]) -> str:

@@ -152,7 +152,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.interim = False
             return
         owner = self.owner
-        if owner is not None and not self.head_only:
+        # 101 ends the HTTP message but not the exchange: the tunnel follows.
+        if owner is not None and not self.head_only and self.parser.get_status_code() != 101:
             owner.upstream_end(self)
 
     # used by owners

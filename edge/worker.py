@@ -46,12 +46,6 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
-def admin_token(config: Config) -> str:
-    import os
-
-    return config.edge.admin_token or os.environ.get("EDGE_ADMIN_TOKEN", "")
-
-
 def log(index: int, message: str) -> None:
     print(f"edge worker {index}: {message}", file=sys.stderr, flush=True)
 
@@ -75,7 +69,7 @@ async def serve(
     if index == 0:
         try:
             admin_runner = await start_admin(
-                admin_state, config.edge.admin_listen, admin_token(config)
+                admin_state, config.edge.admin_listen, config.edge.admin_bearer_token()
             )
         except OSError as exc:
             log(index, f"cannot listen on admin {config.edge.admin_listen}: {exc.strerror}")
