@@ -1,0 +1,91 @@
+# Set-up is two commands: `make run` (demo: edge in front of a sample app), `make test`.
+# Everything installs into ./.venv; nothing global except Debian's redis-server
+# (scripts/ensure-redis, only when running as root).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Extra arguments for `edge run` in `make run`, e.g. make run ARGS="--workers 2"
+ARGS   ?=
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help venv install install-test install-bench redis lint fmt test run bench clean
+
+help:
+	@echo "make run     start a demo app on :9001 and the edge on :8080 (configs/local.toml)"
+	@echo "make test    ruff check, ruff format --check, pytest (needs redis-server)"
+	@echo "make bench   throughput comparison -> bench/results/throughput.json"
+	@echo "make lint    ruff check + ruff format --check"
+	@echo "make fmt     ruff format + ruff check --fix"
+	@echo "make venv    create .venv only"
+	@echo "make clean   remove .venv and caches"
+
+# --- virtualenv and installs -------------------------------------------------
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required, found " + sys.version.split()[0] + " (set PYTHON=...)")'
+	@if ! $(PYTHON) -m venv $(VENV); then \
+	    rm -rf $(VENV); \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	        echo "python3 -m venv failed; installing Debian's python3-venv"; \
+	        DEBIAN_FRONTEND=noninteractive apt-get update -qq; \
+	        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv </dev/null; \
+	        $(PYTHON) -m venv $(VENV); \
+	    else \
+	        echo "python3 -m venv failed: install the venv module (Debian: sudo apt-get install python3-venv)" >&2; \
+	        exit 1; \
+	    fi; \
+	fi
+
+venv: $(BIN)/python
+
+# Each stamp is redone when pyproject.toml is newer than it (or the venv is new).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	@touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $@
+
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	@touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+install-bench: $(VENV)/.installed-bench
+
+redis:
+	@bash scripts/ensure-redis
+
+# --- everyday targets ----------------------------------------------------------
+
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: install-test
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: install-test redis
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest -q
+
+run: install
+	bash scripts/run-local $(ARGS)
+
+bench: install-bench
+	@mkdir -p bench/results
+	$(BIN)/python bench/throughput.py --json bench/results/throughput.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	find . -path ./.git -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
