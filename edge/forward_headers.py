@@ -2,47 +2,85 @@
 
 Hop-by-hop fields (RFC 9110 §7.6.1) and every field named in `Connection` are
 dropped; framing is decided by the edge, never copied. Client-supplied
-forwarding fields survive only from trusted proxies.
+forwarding fields survive only from trusted proxies. Each head is scanned once:
+field names are classified through a small cache, so the common case costs one
+dict lookup per field.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from http import HTTPStatus
 
 Header = tuple[bytes, bytes]
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    }
+# Field classes.
+KEEP = 0
+DROP = 1  # hop-by-hop, or written by the edge itself
+CONNECTION = 2
+FORWARDING = 3  # X-Forwarded-Proto/-Host, Forwarded
+XFF = 4
+REQUEST_ID = 5
+HOST = 6
+CONTENT_LENGTH = 7
+TRANSFER_ENCODING = 8
+EXPECT = 9
+UPGRADE = 10
+
+_CLASS_BY_NAME = {
+    b"connection": CONNECTION,
+    b"keep-alive": DROP,
+    b"proxy-connection": DROP,
+    b"te": DROP,
+    b"trailer": DROP,
+    b"transfer-encoding": TRANSFER_ENCODING,
+    b"upgrade": UPGRADE,
+    b"proxy-authenticate": DROP,
+    b"proxy-authorization": DROP,
+    b"x-forwarded-for": XFF,
+    b"x-forwarded-proto": FORWARDING,
+    b"x-forwarded-host": FORWARDING,
+    b"forwarded": FORWARDING,
+    b"x-request-id": REQUEST_ID,
+    b"host": HOST,
+    b"content-length": CONTENT_LENGTH,
+    b"expect": EXPECT,
+}
+# Request-only meanings don't apply to responses: those fields pass through there.
+_KEPT_IN_RESPONSE = tuple(
+    kind in (KEEP, FORWARDING, XFF, REQUEST_ID, HOST, EXPECT) for kind in range(UPGRADE + 1)
 )
-# Framing and routing fields the edge always writes itself.
-_REQUEST_OWNED = frozenset({b"host", b"content-length", b"expect"})
-_FORWARDING = frozenset(
-    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
-)
-_RESPONSE_OWNED = frozenset({b"content-length"})
+_class_cache: dict[bytes, int] = {}
+_CACHE_LIMIT = 4096
+# Tokens in `Connection` that name no other field worth stripping.
+_PLAIN_CONNECTION_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade"})
 
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
-def connection_tokens(headers: Iterable[Header]) -> frozenset[bytes]:
-    """Lower-cased field names listed in every `Connection` header."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return frozenset(tokens)
+def header_class(name: bytes) -> int:
+    """The class of a field name, case-insensitively."""
+    kind = _class_cache.get(name)
+    if kind is None:
+        kind = _CLASS_BY_NAME.get(name.lower(), KEEP)
+        if len(_class_cache) < _CACHE_LIMIT:
+            _class_cache[name] = kind
+    return kind
+
+
+def connection_tokens(value: bytes) -> frozenset[bytes]:
+    """Lower-cased field names listed in a `Connection` value."""
+    return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+
+
+def _drop_named(lines: list[bytes], named: frozenset[bytes]) -> list[bytes]:
+    """Remove the fields a `Connection` header named from serialized lines (rare path)."""
+    kept: list[bytes] = []
+    for i in range(0, len(lines), 4):
+        if lines[i].lower() not in named:
+            kept += lines[i : i + 4]
+    return kept
 
 
 class TrustedProxies:
@@ -64,20 +102,90 @@ class TrustedProxies:
             except ValueError:
                 return False
             hit = any(address in net for net in self._networks)
-            if len(self._cache) < 4096:
+            if len(self._cache) < _CACHE_LIMIT:
                 self._cache[ip] = hit
         return hit
+
+
+class RequestFields:
+    """One scan of a request head: what routing needs plus the fields to forward."""
+
+    __slots__ = (
+        "chunked",
+        "content_length",
+        "expect",
+        "forwarded_host",
+        "forwarded_proto",
+        "host",
+        "host_count",
+        "lines",
+        "request_id",
+        "transfer_encoding",
+        "upgrade",
+        "xff",
+    )
+
+    def __init__(self, headers: Sequence[Header], trusted: bool) -> None:
+        lines: list[bytes] = []
+        self.host: bytes | None = None
+        self.host_count = 0
+        self.content_length: bytes | None = None
+        self.transfer_encoding: bytes | None = None
+        self.chunked = False
+        self.expect: bytes | None = None
+        self.upgrade = b""
+        self.request_id = b""
+        self.xff = b""
+        self.forwarded_proto = False
+        self.forwarded_host = False
+        named: frozenset[bytes] = frozenset()
+        cache = _class_cache
+        for name, value in headers:
+            kind = cache.get(name)
+            if kind is None:
+                kind = header_class(name)
+            if kind == KEEP:
+                lines += (name, b": ", value, b"\r\n")
+            elif kind == HOST:
+                self.host = value
+                self.host_count += 1
+            elif kind == CONTENT_LENGTH:
+                self.content_length = value
+            elif kind == TRANSFER_ENCODING:
+                self.transfer_encoding = value
+                self.chunked = value.strip().lower() == b"chunked"
+            elif kind == CONNECTION:
+                if value.lower() not in _PLAIN_CONNECTION_TOKENS:
+                    named = named | (connection_tokens(value) - _PLAIN_CONNECTION_TOKENS)
+            elif kind == REQUEST_ID:
+                if 0 < len(value) <= 200:
+                    self.request_id = value
+            elif kind == XFF:
+                if trusted:
+                    self.xff = self.xff + b", " + value if self.xff else value
+            elif kind == FORWARDING:
+                if trusted:
+                    lines += (name, b": ", value, b"\r\n")
+                    lower = name.lower()
+                    if lower == b"x-forwarded-proto":
+                        self.forwarded_proto = True
+                    elif lower == b"x-forwarded-host":
+                        self.forwarded_host = True
+            elif kind == EXPECT:
+                self.expect = value
+            elif kind == UPGRADE:
+                self.upgrade = value
+        self.lines = _drop_named(lines, named) if named else lines
 
 
 def build_request_head(
     method: bytes,
     target: bytes,
-    headers: Sequence[Header],
+    fields: RequestFields,
     *,
     host: bytes,
-    client_ip: str,
+    client_ip: bytes,
     scheme: bytes,
-    trusted: bool,
     request_id: bytes,
     body: bytes,
     upgrade: bool = False,
@@ -87,42 +195,27 @@ def build_request_head(
     `body` is the framing line to add: b"" (no body), b"Content-Length: N" or
     b"Transfer-Encoding: chunked". `upgrade` keeps Upgrade/Connection for tunnels.
     """
-    named = connection_tokens(headers)
-    out = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
-    prior_xff = b""
-    upgrade_value = b""
-    for name, value in headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower in _REQUEST_OWNED or lower in named:
-            if upgrade and lower == b"upgrade":
-                upgrade_value = value
-            continue
-        if lower in _FORWARDING:
-            if not trusted:
-                continue
-            if lower == b"x-forwarded-for":
-                prior_xff = prior_xff + b", " + value if prior_xff else value
-                continue
-        elif lower == b"x-request-id":
-            continue
-        out += (name, b": ", value, b"\r\n")
-    client = client_ip.encode()
-    out += (b"X-Forwarded-For: ", prior_xff + b", " + client if prior_xff else client, b"\r\n")
-    if not trusted or not _has(headers, b"x-forwarded-proto"):
+    xff = fields.xff + b", " + client_ip if fields.xff else client_ip
+    out = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n", *fields.lines]
+    out += (b"X-Forwarded-For: ", xff, b"\r\n")
+    if not fields.forwarded_proto:
         out += (b"X-Forwarded-Proto: ", scheme, b"\r\n")
-    if not trusted or not _has(headers, b"x-forwarded-host"):
+    if not fields.forwarded_host:
         out += (b"X-Forwarded-Host: ", host, b"\r\n")
     out += (b"X-Request-Id: ", request_id, b"\r\n")
     if upgrade:
-        out += (b"Connection: upgrade\r\nUpgrade: ", upgrade_value, b"\r\n")
+        out += (b"Connection: upgrade\r\nUpgrade: ", fields.upgrade, b"\r\n")
     if body:
         out += (body, b"\r\n")
     out.append(b"\r\n")
     return b"".join(out)
 
 
-def _has(headers: Sequence[Header], lower_name: bytes) -> bool:
-    return any(name.lower() == lower_name for name, _ in headers)
+# How a response body reaches the client.
+BODY_NONE = 0  # HEAD, 204, 304, 101
+BODY_LENGTH = 1  # upstream's Content-Length passes through
+BODY_CHUNKED = 2  # re-chunked for an HTTP/1.1 client
+BODY_EOF = 3  # HTTP/1.0 client without length: ends when the edge closes
 
 
 def build_response_head(
@@ -130,35 +223,62 @@ def build_response_head(
     reason: bytes,
     headers: Sequence[Header],
     *,
-    framing: bytes,
+    head_request: bool,
     keep_alive: bool,
     http10_client: bool,
     upgrade: bool = False,
-) -> bytes:
-    """Serialize the client response head; `framing` as in `build_request_head`."""
-    named = connection_tokens(headers)
-    out = [b"HTTP/1.1 ", str(status).encode(), b" ", reason or _REASONS.get(status, b""), b"\r\n"]
+) -> tuple[bytes, int]:
+    """Serialize the client response head and say how its body is framed."""
+    out = [b"HTTP/1.1 ", b"%d" % status, b" ", reason or _REASONS.get(status, b""), b"\r\n"]
+    start = len(out)
+    length: bytes | None = None
     upgrade_value = b""
+    named: frozenset[bytes] = frozenset()
+    cache = _class_cache
     for name, value in headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower in _RESPONSE_OWNED or lower in named:
-            if upgrade and lower == b"upgrade":
-                upgrade_value = value
-            continue
-        out += (name, b": ", value, b"\r\n")
-    if framing:
-        out += (framing, b"\r\n")
+        kind = cache.get(name)
+        if kind is None:
+            kind = header_class(name)
+        if _KEPT_IN_RESPONSE[kind]:
+            out += (name, b": ", value, b"\r\n")
+        elif kind == CONTENT_LENGTH:
+            length = value
+        elif kind == CONNECTION:
+            if value.lower() not in _PLAIN_CONNECTION_TOKENS:
+                named = named | (connection_tokens(value) - _PLAIN_CONNECTION_TOKENS)
+        elif kind == UPGRADE:
+            upgrade_value = value
+    if named:
+        out[start:] = _drop_named(out[start:], named)
+
     if upgrade:
+        mode = BODY_NONE
         out += (b"Connection: upgrade\r\nUpgrade: ", upgrade_value, b"\r\n")
-    elif not keep_alive:
-        out.append(b"Connection: close\r\n")
-    elif http10_client:
-        out.append(b"Connection: keep-alive\r\n")
+    else:
+        if status == 204 or status == 304:
+            mode = BODY_NONE
+        elif length is not None:
+            mode = BODY_NONE if head_request else BODY_LENGTH
+            out += (b"Content-Length: ", length, b"\r\n")
+        elif head_request:
+            mode = BODY_NONE
+        elif http10_client:
+            mode = BODY_EOF
+            keep_alive = False
+        else:
+            mode = BODY_CHUNKED
+            out.append(b"Transfer-Encoding: chunked\r\n")
+        if not keep_alive:
+            out.append(b"Connection: close\r\n")
+        elif http10_client:
+            out.append(b"Connection: keep-alive\r\n")
     out.append(b"\r\n")
-    return b"".join(out)
+    return b"".join(out), mode
 
 
-def error_response(status: int, reason_text: str, *, close: bool, kind: str = "") -> bytes:
+def error_response(
+    status: int, reason_text: str, *, close: bool, kind: str = "", head: bool = False
+) -> bytes:
     """A complete short plain-text response the edge answers on its own."""
     body = f"edge: {reason_text}\n".encode()
     lines = [
@@ -172,4 +292,4 @@ def error_response(status: int, reason_text: str, *, close: bool, kind: str = ""
         lines.append("Retry-After: 1")
     if close:
         lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if head else body)

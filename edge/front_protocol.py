@@ -30,6 +30,9 @@ from httptools import (
 )
 
 from edge.forward_headers import (
+    BODY_CHUNKED,
+    BODY_EOF,
+    RequestFields,
     build_request_head,
     build_response_head,
     error_response,
@@ -41,7 +44,6 @@ if TYPE_CHECKING:
     from edge.worker_context import WorkerContext
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-_NO_BODY_STATUS = frozenset({204, 304})
 
 # Deadline kinds, checked by the sweeper.
 IDLE = 0  # no request in progress: keep-alive timeout
@@ -120,6 +122,7 @@ class FrontConnection(asyncio.Protocol):
         self.parser = HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
+        self.client_ip_bytes = b""
         self.trusted = False
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -143,6 +146,7 @@ class FrontConnection(asyncio.Protocol):
         ctx = self.ctx
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else "unix"
+        self.client_ip_bytes = self.client_ip.encode()
         self.trusted = self.client_ip in ctx.trusted_proxies
         ctx.connections.add(self)
         ctx.stats.open_connections += 1
@@ -319,73 +323,53 @@ class FrontConnection(asyncio.Protocol):
         method = ex.method
         if method == b"CONNECT":
             raise _Reject(400, "CONNECT is not supported: this is not a forward proxy", "connect")
+        fields = RequestFields(self.headers, self.trusted)
+        if fields.host_count > 1:
+            raise _Reject(400, "more than one Host header", "host")
+        if fields.transfer_encoding is not None and not fields.chunked:
+            raise _Reject(501, "only chunked transfer-coding is supported", "te")
         target = self.url
-        host_value = None
-        content_length = None
-        chunked = False
-        expect_continue = False
-        for name, value in self.headers:
-            lower = name.lower()
-            if lower == b"host":
-                if host_value is not None:
-                    raise _Reject(400, "more than one Host header", "host")
-                host_value = value
-            elif lower == b"content-length":
-                content_length = value
-            elif lower == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    raise _Reject(501, "only chunked transfer-coding is supported", "te")
-                chunked = True
-            elif lower == b"expect":
-                if value.strip().lower() != b"100-continue":
-                    raise _Reject(417, "unsupported expectation", "expect")
-                expect_continue = True
-            elif lower == b"upgrade":
-                ex.upgrade = self.parser.should_upgrade()
-            elif lower == b"x-request-id" and 0 < len(value) <= 200:
-                ex.request_id = value
+        host_value = fields.host
         if target[:1] != b"/":
             target, host_value = _absolute_form(target, host_value)
-            if ctx.routes.lookup(host_from_header(host_value) or "") is None:
-                raise _Reject(
-                    400, "absolute-form target names a host this edge does not serve", "host"
-                )
+            if ctx.route_for(host_value) is None:
+                raise _Reject(400, "absolute-form target names a host not served here", "host")
         if host_value is None:
             raise _Reject(400, "missing Host header", "host")
-        host = host_from_header(host_value)
-        if host is None:
-            raise _Reject(400, "malformed Host header", "host")
-        app = ctx.routes.lookup(host)
+        app = ctx.route_for(host_value)
         if app is None:
-            raise _Reject(404, f"no app serves host {host}", "no_route")
+            if host_from_header(host_value) is None:
+                raise _Reject(400, "malformed Host header", "host")
+            raise _Reject(404, "no app serves this host", "no_route")
         ex.app = app.name
-        if content_length is not None:
-            length = int(content_length)
+        if fields.content_length is not None:
+            length = int(fields.content_length)
             if length > self.limits.max_body:
                 raise _Reject(413, "request body too large", "body")
-            framing = b"Content-Length: " + content_length if length else b""
-            if not length:
-                ex.body_done = True
-        elif chunked:
+            framing = b"Content-Length: " + fields.content_length if length else b""
+            ex.body_done = not length
+        elif fields.chunked:
             ex.body_chunked = True
             framing = b"Transfer-Encoding: chunked"
         else:
             framing = b""
             ex.body_done = True
-        if expect_continue and not ex.http10 and not ex.body_done:
-            # The edge reads the body itself, so it answers the expectation itself.
-            self.out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if not ex.request_id:
-            ex.request_id = ctx.next_request_id()
+        if fields.expect is not None:
+            if fields.expect.strip().lower() != b"100-continue":
+                raise _Reject(417, "unsupported expectation", "expect")
+            if not ex.http10 and not ex.body_done:
+                # The edge reads the body itself, so it answers the expectation itself.
+                self.out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
+        ex.upgrade = bool(fields.upgrade) and self.parser.should_upgrade()
+        ex.request_id = fields.request_id or ctx.next_request_id()
         ex.peer = app.pick()
         ex.head = build_request_head(
             method,
             target,
-            self.headers,
+            fields,
             host=host_value,
-            client_ip=self.client_ip,
+            client_ip=self.client_ip_bytes,
             scheme=ctx.scheme,
-            trusted=self.trusted,
             request_id=ex.request_id,
             body=framing,
             upgrade=ex.upgrade,
@@ -463,31 +447,24 @@ class FrontConnection(asyncio.Protocol):
         ex.waiting_head = False
         self.deadline = self.loop.time() + self.ctx.upstream_idle_timeout
         upgrade = status == 101 and ex.upgrade
-        if ex.method == b"HEAD" or status in _NO_BODY_STATUS or upgrade:
-            framing = _passthrough_length(headers) if ex.method == b"HEAD" else b""
-        else:
-            framing = _passthrough_length(headers)
-            if not framing:
-                if ex.http10:
-                    ex.keep_alive = False
-                    ex.response_eof = True
-                else:
-                    ex.response_chunked = True
-                    framing = b"Transfer-Encoding: chunked"
         if ex.upgrade and not upgrade:
             ex.keep_alive = False  # the parser is past the head; the connection can't continue
         ex.response_started = True
-        self.out.append(
-            build_response_head(
-                status,
-                reason,
-                headers,
-                framing=framing,
-                keep_alive=ex.keep_alive,
-                http10_client=ex.http10,
-                upgrade=upgrade,
-            )
+        head, mode = build_response_head(
+            status,
+            reason,
+            headers,
+            head_request=ex.method == b"HEAD",
+            keep_alive=ex.keep_alive,
+            http10_client=ex.http10,
+            upgrade=upgrade,
         )
+        self.out.append(head)
+        if mode == BODY_CHUNKED:
+            ex.response_chunked = True
+        elif mode == BODY_EOF:
+            ex.keep_alive = False
+            ex.response_eof = True
 
     def upstream_body(self, data: bytes) -> None:
         ex = self.current
@@ -702,13 +679,6 @@ class FrontConnection(asyncio.Protocol):
             self._close()
         elif self.current is not None:
             self.current.keep_alive = False
-
-
-def _passthrough_length(headers: list[tuple[bytes, bytes]]) -> bytes:
-    for name, value in headers:
-        if name.lower() == b"content-length":
-            return b"Content-Length: " + value
-    return b""
 
 
 def _replayable(ex: Exchange) -> bool:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from edge.config import Config
 from edge.forward_headers import TrustedProxies
-from edge.host_pattern import HostTable
+from edge.host_pattern import HostTable, host_from_header
 from edge.upstream_pool import UpstreamPeer, UpstreamPool
 from edge.worker_stats import WorkerStats
 
@@ -89,7 +89,7 @@ class WorkerContext:
         self.draining = False
         self.access_log = access_log
         self._ids = itertools.count(1)
-        self._id_prefix = os.urandom(5).hex()
+        self._id_prefix = os.urandom(5).hex().encode() + b"-"
         self.pool = UpstreamPool(
             connect_timeout=config.upstream.connect_timeout,
             keepalive_idle=config.upstream.keepalive_idle,
@@ -109,9 +109,22 @@ class WorkerContext:
         self.pool.connect_timeout = config.upstream.connect_timeout
         self.pool.keepalive_idle = config.upstream.keepalive_idle
         self.routes = build_routes(config, self.pool)
+        self._route_cache: dict[bytes, AppRoute] = {}
+
+    def route_for(self, host_value: bytes) -> AppRoute | None:
+        """Route by a raw Host value; parsed hosts are cached per raw value."""
+        route = self._route_cache.get(host_value)
+        if route is None:
+            host = host_from_header(host_value)
+            route = self.routes.lookup(host) if host is not None else None
+            if route is None:
+                return None
+            if len(self._route_cache) < 4096:
+                self._route_cache[host_value] = route
+        return route
 
     def next_request_id(self) -> bytes:
-        return f"{self._id_prefix}-{next(self._ids):x}".encode()
+        return self._id_prefix + b"%x" % next(self._ids)
 
     def sweep(self) -> None:
         """Enforce connection deadlines and expire idle upstream connections."""
