@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from edge.host_pattern import HostPatternError, normalize_host_pattern
+from edge.host_pattern import HostPatternError, host_from_header, normalize_host_pattern
 
 ADMIN_TOKEN_ENV = "EDGE_ADMIN_TOKEN"
 
@@ -196,7 +196,15 @@ def parse_address(text: str) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise ValueError(f"port out of range in {text!r}")
     if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
+        try:
+            return str(ipaddress.IPv6Address(host[1:-1])), port
+        except ValueError:
+            raise ValueError(f"bad IPv6 address in {text!r}") from None
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        if host != "localhost" and host_from_header(host) != host.lower().rstrip("."):
+            raise ValueError(f"bad host in {text!r}: use an IP address or a host name") from None
     return host, port
 
 
@@ -207,6 +215,16 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def check_store_for_workers(store: str, workers: int) -> str | None:
+    """memory:// lives in one process; several workers would each see a different store."""
+    if store.startswith("memory://") and workers > 1:
+        return (
+            f"store memory:// cannot be shared by {workers} workers (wake coalescing, budgets "
+            "and queues would split per process): use redis://host:port/db or workers = 1"
+        )
+    return None
 
 
 def _check(config: Config, file: str) -> None:
@@ -228,6 +246,9 @@ def _check(config: Config, file: str) -> None:
         )
     if edge.workers < 1:
         fail("edge.workers", f"must be at least 1, got {edge.workers}")
+    memory_store_problem = check_store_for_workers(edge.store, edge.workers)
+    if memory_store_problem:
+        fail("edge.store", memory_store_problem)
     if not edge.store.startswith(("memory://", "redis://", "rediss://", "unix://")):
         fail("edge.store", f"expected memory:// or redis://host:port/db, got {edge.store!r}")
     for i, cidr in enumerate(edge.trusted_proxies):

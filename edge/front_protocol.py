@@ -127,6 +127,7 @@ class FrontConnection(asyncio.Protocol):
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_bytes = 0
+        self.header_bytes = 0
         self.in_head = False
         self.parsing: Exchange | None = None
         self.current: Exchange | None = None
@@ -240,6 +241,7 @@ class FrontConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.url = b""
         self.headers = []
+        self.header_bytes = 0
         self.parsing = None
         self.in_head = True
         if self.deadline_kind == IDLE:
@@ -255,6 +257,9 @@ class FrontConnection(asyncio.Protocol):
             return  # trailers of a chunked request body are dropped
         headers = self.headers
         headers.append((name, value))
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_bytes > self.limits.max_header_bytes:
+            raise _Reject(431, "request header fields too large", "headers")
         if len(headers) > self.limits.max_headers:
             raise _Reject(431, "too many request header fields", "headers")
 

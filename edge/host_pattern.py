@@ -49,7 +49,7 @@ def host_from_header(value: bytes | str) -> str | None:
     if rest and (rest[0] != ":" or not rest[1:].isdigit()):
         return None
     host = host.rstrip(".")
-    if not host or any(c in host for c in "/@ \t?#"):
+    if not host or host[0] == "." or ".." in host or any(c in host for c in "/@ \t?#\\"):
         return None
     return host
 

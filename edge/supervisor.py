@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 
-from edge.config import ConfigError, load_config
+from edge.config import ConfigError, check_store_for_workers, load_config
 from edge.worker import listen_socket
 
 RESTART_BACKOFF = 1.0
@@ -140,6 +140,10 @@ def run(config_path: str, workers: int | None) -> int:
     count = workers or config.edge.workers
     if count < 1:
         print(f"{config_path}: --workers must be at least 1", file=sys.stderr)
+        return 2
+    problem = check_store_for_workers(config.edge.store, count)
+    if problem:
+        print(f"{config_path}: edge.store (with --workers {count}): {problem}", file=sys.stderr)
         return 2
     problem = check_listen_free(config.edge.listen)
     if problem:

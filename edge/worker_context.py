@@ -27,6 +27,7 @@ class FrontLimits:
         "max_body",
         "max_connections",
         "max_head_bytes",
+        "max_header_bytes",
         "max_headers",
         "max_request_line",
     )
@@ -35,6 +36,7 @@ class FrontLimits:
         limits = config.limits
         self.max_request_line = int(limits.max_request_line)
         self.max_headers = limits.max_headers
+        self.max_header_bytes = int(limits.max_header_bytes)
         self.max_body = int(limits.max_body)
         self.header_timeout = float(limits.header_timeout)
         self.keepalive_timeout = float(limits.keepalive_timeout)

@@ -1,0 +1,315 @@
+"""Small test helpers: a raw HTTP/1.1 client for hostile input, metrics parsing, polling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+IO_TIMEOUT = 10.0
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+def free_port() -> int:
+    """A port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _toml_table(header: str, body: dict[str, Any], out: list[str]) -> None:
+    out.append(f"[{header}]" if not header.startswith("[") else header)
+    nested = {}
+    for key, value in body.items():
+        if isinstance(value, dict):
+            nested[key] = value
+        elif value is not None:
+            out.append(f"{key} = {_toml_value(value)}")
+    out.append("")
+    for key, value in nested.items():
+        _toml_table(f"{header}.{key}", value, out)
+
+
+def to_toml(config: dict[str, Any]) -> str:
+    """Enough TOML for the edge schema: tables, one nested level, arrays of tables."""
+    out: list[str] = []
+    for section, body in config.items():
+        if isinstance(body, dict):
+            _toml_table(section, body, out)
+        elif isinstance(body, list):
+            for item in body:
+                out.append(f"[[{section}]]")
+                out.extend(f"{k} = {_toml_value(v)}" for k, v in item.items())
+                out.append("")
+        else:
+            raise TypeError(f"top-level {section!r} must be a table or an array of tables")
+    return "\n".join(out)
+
+
+def app_entry(name: str, hosts: list[str], *upstreams: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "hosts": hosts,
+        "upstreams": [u if isinstance(u, str) else u.address for u in upstreams],  # Upstream
+    }
+
+
+def run_edge_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30.0
+) -> subprocess.CompletedProcess:
+    """`python -m edge ARGS...`, output captured, bounded in time."""
+    full_env = {k: v for k, v in os.environ.items() if k != "EDGE_ADMIN_TOKEN"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "edge", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=full_env,
+        timeout=timeout,
+        check=False,
+    )
+
+
+class Closed(Exception):
+    """The peer closed (or reset) the connection before a complete response."""
+
+
+@dataclass
+class RawResponse:
+    version: str
+    status: int
+    reason: str
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+
+    def header(self, name: str) -> str | None:
+        values = self.header_all(name)
+        return values[0] if values else None
+
+    def header_all(self, name: str) -> list[str]:
+        name = name.lower()
+        return [v for k, v in self.headers if k.lower() == name]
+
+    def has_header(self, name: str) -> bool:
+        return bool(self.header_all(name))
+
+
+async def _readline(reader: asyncio.StreamReader) -> bytes:
+    try:
+        line = await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError as exc:
+        raise Closed(f"closed mid-line after {exc.partial!r}") from None
+    except ConnectionError as exc:
+        raise Closed(f"connection error: {exc!r}") from None
+    return line
+
+
+async def _read_response(reader: asyncio.StreamReader, method: str) -> RawResponse:
+    while True:
+        line = await _readline(reader)
+        if not line.strip():
+            continue  # tolerate a stray blank line between responses
+        try:
+            version, status_text, *reason = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
+            status = int(status_text)
+        except ValueError:
+            raise AssertionError(f"not an HTTP status line: {line!r}") from None
+        headers: list[tuple[str, str]] = []
+        while True:
+            hline = await _readline(reader)
+            if hline in (b"\r\n", b"\n"):
+                break
+            name, _, value = hline.decode("latin-1").partition(":")
+            headers.append((name.strip(), value.strip()))
+        resp = RawResponse(version, status, reason[0] if reason else "", headers)
+        if 100 <= status < 200 and status != 101:
+            continue  # interim response; the final one follows
+        break
+    if method == "HEAD" or status in (101, 204, 304):
+        return resp
+    te = ",".join(resp.header_all("transfer-encoding")).lower()
+    try:
+        if "chunked" in te:
+            parts = []
+            while True:
+                size_line = await _readline(reader)
+                size = int(size_line.split(b";")[0].strip(), 16)
+                if size == 0:
+                    while (await _readline(reader)) not in (b"\r\n", b"\n"):
+                        pass  # trailer fields
+                    break
+                parts.append(await reader.readexactly(size))
+                await reader.readexactly(2)
+            resp.body = b"".join(parts)
+        elif resp.has_header("content-length"):
+            resp.body = await reader.readexactly(int(resp.header("content-length")))
+        else:
+            resp.body = await reader.read()
+    except asyncio.IncompleteReadError as exc:
+        raise Closed(f"closed mid-body after {len(exc.partial)} bytes") from None
+    except ConnectionError as exc:
+        raise Closed(f"connection error mid-body: {exc!r}") from None
+    return resp
+
+
+async def read_response(
+    reader: asyncio.StreamReader, method: str = "GET", timeout: float = IO_TIMEOUT
+) -> RawResponse:
+    """One complete response; raises Closed if the peer hangs up first."""
+    return await asyncio.wait_for(_read_response(reader, method), timeout)
+
+
+async def read_for(reader: asyncio.StreamReader, seconds: float) -> tuple[bytes, bool]:
+    """Whatever arrives within `seconds`; (data, eof_seen)."""
+    chunks = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while (left := deadline - loop.time()) > 0:
+        try:
+            data = await asyncio.wait_for(reader.read(65536), left)
+        except TimeoutError:
+            return b"".join(chunks), False
+        except ConnectionError:
+            return b"".join(chunks), True
+        if not data:
+            return b"".join(chunks), True
+        chunks.append(data)
+    return b"".join(chunks), False
+
+
+async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), IO_TIMEOUT)
+
+
+async def close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.wait_closed(), 2)
+
+
+async def send(writer: asyncio.StreamWriter, data: bytes) -> bool:
+    """Write and drain; False if the peer has already gone away."""
+    try:
+        writer.write(data)
+        await asyncio.wait_for(writer.drain(), IO_TIMEOUT)
+    except (ConnectionError, TimeoutError):
+        return False
+    return True
+
+
+async def exchange(
+    port: int, data: bytes, method: str = "GET", timeout: float = IO_TIMEOUT
+) -> RawResponse | None:
+    """Send raw bytes on a fresh connection; the response, or None if closed without one."""
+    reader, writer = await connect(port)
+    try:
+        await send(writer, data)
+        try:
+            return await read_response(reader, method, timeout)
+        except Closed:
+            return None
+    finally:
+        await close(writer)
+
+
+def request_bytes(
+    method: str,
+    target: str,
+    host: str | None = "app.localhost",
+    headers: list[tuple[str, str]] | None = None,
+    body: bytes = b"",
+) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1"]
+    if host is not None:
+        lines.append(f"Host: {host}")
+    lines.extend(f"{k}: {v}" for k, v in headers or [])
+    if body and not any(
+        k.lower() in ("content-length", "transfer-encoding") for k, _ in headers or []
+    ):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def assert_edge_error(resp: RawResponse | None, status: int) -> None:
+    """An error generated by the edge: the status, and a short one-line plain body."""
+    assert resp is not None, f"expected {status}, the connection closed without a response"
+    assert resp.status == status, f"expected {status}, got {resp.status} {resp.body[:200]!r}"
+    assert_one_line_body(resp.body, resp.header("content-type"))
+
+
+def assert_one_line_body(body: bytes, content_type: str | None) -> None:
+    text = body.strip()
+    assert text, "edge error body is empty"
+    assert b"\n" not in text, f"edge error body is not one line: {body[:300]!r}"
+    assert len(text) < 512, f"edge error body is not short: {len(text)} bytes"
+    if content_type is not None:
+        assert content_type.startswith("text/plain"), content_type
+
+
+def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """All samples named `name` in a Prometheus text exposition."""
+    out = []
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                out.append((dict(sample.labels), sample.value))
+    return out
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    return sum(
+        value
+        for sample_labels, value in metric_samples(text, name)
+        if all(sample_labels.get(k) == v for k, v in labels.items())
+    )
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool] | bool],
+    timeout: float = 10.0,
+    interval: float = 0.1,
+    what: str = "condition",
+) -> None:
+    """Poll `check` (sync or async) until true; bounded in time and count."""
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / interval) + 2):
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def header_values(headers: list[list[str]], name: str) -> list[str]:
+    """Values of `name` in an upstream-recorded [[name, value], ...] list."""
+    name = name.lower()
+    return [v for k, v in headers if k.lower() == name]

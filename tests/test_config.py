@@ -1,0 +1,438 @@
+"""edge.config: strict TOML decoding, one clear error per problem, and `edge check`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import run_edge_cli
+
+from edge.config import (
+    ConfigError,
+    effective_config,
+    load_config,
+    load_config_text,
+    parse_duration,
+    parse_size,
+    render_toml,
+)
+
+FILE = "edge-test.toml"
+
+APP = """
+[[apps]]
+name = "hello"
+hosts = ["hello.localhost"]
+upstreams = ["127.0.0.1:9001"]
+"""
+
+
+def app(name: str = "a", hosts: str = '["a.localhost"]', upstreams: str = '["127.0.0.1:1"]') -> str:
+    return f'[[apps]]\nname = "{name}"\nhosts = {hosts}\nupstreams = {upstreams}\n'
+
+
+def config_error(text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, FILE)
+    err = info.value
+    message = str(err)
+    assert message.startswith(f"{FILE}: "), message
+    assert err.problem and err.problem in message
+    if err.path:
+        assert f"{FILE}: {err.path}: " in message
+    return err
+
+
+def test_minimal_config_fills_defaults() -> None:
+    config = load_config_text(APP, FILE)
+    assert config.edge.listen == "127.0.0.1:8080"
+    assert config.edge.admin_listen == "127.0.0.1:9090"
+    assert config.edge.workers == 1
+    assert config.edge.store == "memory://"
+    assert config.limits.max_body == 100 * 1024 * 1024
+    assert config.limits.header_timeout == 10.0
+    assert [app.name for app in config.apps] == ["hello"]
+    assert config.apps[0].upstreams == ["127.0.0.1:9001"]
+
+
+def test_full_config_with_units() -> None:
+    config = load_config_text(
+        """
+[edge]
+listen = "127.0.0.1:18080"
+admin_listen = "[::1]:19090"
+workers = 4
+store = "redis://127.0.0.1:6379/0"
+trusted_proxies = ["10.0.0.0/8", "fd00::/8"]
+access_log = "/tmp/access.log"
+access_log_sample = 0.25
+shutdown_timeout = "1m30s"
+
+[limits]
+max_request_line = "4KiB"
+max_header_bytes = "1MB"
+max_headers = 50
+max_body = "2GiB"
+header_timeout = "250ms"
+keepalive_timeout = "2h"
+max_connections = 5
+
+[upstream]
+connect_timeout = "1.5s"
+response_header_timeout = "30s"
+idle_timeout = "1m"
+keepalive_idle = "10s"
+max_idle_per_upstream = 8
+
+[[apps]]
+name = "shop"
+hosts = ["shop.example.com", "*.shop.example.com"]
+upstreams = ["127.0.0.1:9001", "[::1]:9002"]
+""",
+        FILE,
+    )
+    assert config.edge.workers == 4
+    assert config.edge.shutdown_timeout == 90.0
+    assert config.limits.max_request_line == 4096
+    assert config.limits.max_header_bytes == 1_000_000
+    assert config.limits.max_body == 2 * 1024**3
+    assert config.limits.header_timeout == 0.25
+    assert config.limits.keepalive_timeout == 7200.0
+    assert config.upstream.connect_timeout == 1.5
+    assert config.upstream.idle_timeout == 60.0
+    assert config.apps[0].hosts == ["shop.example.com", "*.shop.example.com"]
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("250ms", 0.25), ("5s", 5.0), ("1.5s", 1.5), ("1m30s", 90.0), ("2h", 7200.0), ("0s", 0.0)],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["5x", "", "5", "s", "-1s", "5 s", "1m 30s", "5S", "five"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("512", 512),
+        (512, 512),
+        ("0", 0),
+        ("10B", 10),
+        ("64KiB", 65536),
+        ("64KB", 64000),
+        ("1MiB", 1048576),
+        ("2GB", 2_000_000_000),
+        ("1GiB", 1024**3),
+    ],
+)
+def test_parse_size(text: str | int, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["1QB", "1.5MiB", "-1", "MiB", "", "1 M", -5, True, 1.5])
+def test_parse_size_rejects(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "key"),
+    [
+        ("bogus = 1\n" + APP, "", "bogus"),
+        ("[edge]\nlisten_port = 8080\n" + APP, "edge", "listen_port"),
+        ("[limits]\nmax_body_size = '1MiB'\n" + APP, "limits", "max_body_size"),
+        ("[upstream]\ntimeout = '5s'\n" + APP, "upstream", "timeout"),
+        (APP + "weight = 3\n", "apps[0]", "weight"),
+        ("[edge.tls]\ncert_file = 'a'\nkey_file = 'b'\nca = 'c'\n" + APP, "edge.tls", "ca"),
+        ("[route]\nx = 1\n" + APP, "", "route"),
+    ],
+)
+def test_unknown_keys(text: str, path: str, key: str) -> None:
+    err = config_error(text)
+    assert err.path == path
+    assert key in err.problem
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        ('[edge]\nworkers = "2"\n' + APP, "edge.workers"),
+        ("[edge]\nlisten = 8080\n" + APP, "edge.listen"),
+        ("[edge]\ntrusted_proxies = '10.0.0.0/8'\n" + APP, "edge.trusted_proxies"),
+        ("[limits]\nmax_headers = 'many'\n" + APP, "limits.max_headers"),
+        ("[limits]\nheader_timeout = 5\n" + APP, "limits.header_timeout"),
+        ("[limits]\nmax_body = 1.5\n" + APP, "limits.max_body"),
+        (
+            '[[apps]]\nname = "a"\nhosts = "a.localhost"\nupstreams = ["127.0.0.1:1"]\n',
+            "apps[0].hosts",
+        ),
+        ("edge = 1\n" + APP, "edge"),
+        ("apps = 'hello'\n", "apps"),
+    ],
+)
+def test_wrong_types(text: str, path: str) -> None:
+    assert config_error(text).path == path
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "bad"),
+    [
+        ('[limits]\nheader_timeout = "5x"\n' + APP, "limits.header_timeout", "5x"),
+        ('[upstream]\nconnect_timeout = "fast"\n' + APP, "upstream.connect_timeout", "fast"),
+        ('[limits]\nmax_body = "1QB"\n' + APP, "limits.max_body", "1QB"),
+        ('[limits]\nmax_header_bytes = "lots"\n' + APP, "limits.max_header_bytes", "lots"),
+    ],
+)
+def test_bad_durations_and_sizes(text: str, path: str, bad: str) -> None:
+    err = config_error(text)
+    assert err.path == path
+    assert bad in err.problem
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        ('[limits]\nheader_timeout = "0s"\n' + APP, "limits.header_timeout"),
+        ('[upstream]\nresponse_header_timeout = "0ms"\n' + APP, "upstream.response_header_timeout"),
+        ("[limits]\nmax_connections = 0\n" + APP, "limits.max_connections"),
+        ("[limits]\nmax_headers = 0\n" + APP, "limits.max_headers"),
+        ("[edge]\nworkers = 0\n" + APP, "edge.workers"),
+        ("[edge]\naccess_log_sample = 1.5\n" + APP, "edge.access_log_sample"),
+        ("[edge]\ntrusted_proxies = ['10.0.0.0/33']\n" + APP, "edge.trusted_proxies[0]"),
+        ("[edge]\ntrusted_proxies = ['not-a-cidr']\n" + APP, "edge.trusted_proxies[0]"),
+        ('[edge]\nstore = "mysql://db"\n' + APP, "edge.store"),
+        ("[upstream]\nmax_idle_per_upstream = -1\n" + APP, "upstream.max_idle_per_upstream"),
+    ],
+)
+def test_out_of_range_values(text: str, path: str) -> None:
+    assert config_error(text).path == path
+
+
+@pytest.mark.parametrize(
+    "hosts",
+    [
+        ('["a.localhost"]', '["A.LOCALHOST"]'),
+        ('["a.localhost"]', '["a.localhost."]'),
+        ('["*.example.com"]', '["*.Example.COM"]'),
+    ],
+)
+def test_duplicate_hosts_across_apps_case_insensitive(hosts: tuple[str, str]) -> None:
+    text = "".join(
+        f'[[apps]]\nname = "app{i}"\nhosts = {h}\nupstreams = ["127.0.0.1:900{i}"]\n'
+        for i, h in enumerate(hosts)
+    )
+    err = config_error(text)
+    assert err.path == "apps[1].hosts[0]"
+    assert "duplicate" in err.problem
+    assert "app0" in err.problem
+
+
+def test_duplicate_host_within_one_app() -> None:
+    err = config_error(app(hosts='["x.localhost", "X.localhost"]'))
+    assert err.path == "apps[0].hosts[1]"
+    assert "duplicate" in err.problem
+
+
+def test_exact_and_wildcard_for_same_domain_are_not_duplicates() -> None:
+    config = load_config_text(
+        '[[apps]]\nname = "a"\nhosts = ["example.com"]\nupstreams = ["127.0.0.1:1"]\n'
+        '[[apps]]\nname = "b"\nhosts = ["*.example.com"]\nupstreams = ["127.0.0.1:2"]\n',
+        FILE,
+    )
+    assert [app.name for app in config.apps] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "app",
+    [
+        '[[apps]]\nname = "lonely"\nhosts = ["lonely.localhost"]\nupstreams = []\n',
+        '[[apps]]\nname = "lonely"\nhosts = ["lonely.localhost"]\n',
+    ],
+)
+def test_app_without_upstream(app: str) -> None:
+    err = config_error(app)
+    assert err.path == "apps[0].upstreams"
+    assert "lonely" in err.problem
+    assert "upstream" in err.problem
+
+
+def test_app_without_hosts() -> None:
+    err = config_error('[[apps]]\nname = "a"\nhosts = []\nupstreams = ["127.0.0.1:1"]\n')
+    assert err.path == "apps[0].hosts"
+
+
+def test_app_missing_required_name() -> None:
+    err = config_error('[[apps]]\nhosts = ["a.localhost"]\nupstreams = ["127.0.0.1:1"]\n')
+    assert err.path == "apps[0]"
+    assert "name" in err.problem
+
+
+def test_duplicate_app_names() -> None:
+    err = config_error(
+        APP + '[[apps]]\nname = "hello"\nhosts = ["other.localhost"]\nupstreams = ["127.0.0.1:2"]\n'
+    )
+    assert err.path == "apps[1].name"
+    assert "hello" in err.problem
+
+
+@pytest.mark.parametrize("name", ["Hello", "has space", "-lead", "", "x" * 64])
+def test_bad_app_name(name: str) -> None:
+    err = config_error(
+        f'[[apps]]\nname = "{name}"\nhosts = ["a.localhost"]\nupstreams = ["127.0.0.1:1"]\n'
+    )
+    assert err.path == "apps[0].name"
+
+
+@pytest.mark.parametrize("pattern", ["foo.*.com", "*", "a b.localhost", "host:8080"])
+def test_bad_host_pattern(pattern: str) -> None:
+    err = config_error(
+        f'[[apps]]\nname = "a"\nhosts = ["{pattern}"]\nupstreams = ["127.0.0.1:1"]\n'
+    )
+    assert err.path == "apps[0].hosts[0]"
+
+
+@pytest.mark.parametrize("key", ["listen", "admin_listen"])
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1", "127.0.0.1:", ":8080", "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:http"],
+)
+def test_bad_listen_address(key: str, address: str) -> None:
+    err = config_error(f'[edge]\n{key} = "{address}"\n' + APP)
+    assert err.path == f"edge.{key}"
+
+
+@pytest.mark.parametrize("address", ["not an address:8080", "exa mple.com:80", "[::1:8080"])
+def test_listen_host_must_be_an_address_or_name(address: str) -> None:
+    # A host part that can never be bound is a config error, not a crash at bind time.
+    err = config_error(f'[edge]\nlisten = "{address}"\n' + APP)
+    assert err.path == "edge.listen"
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.1:99999", "host:port"])
+def test_bad_upstream_address(address: str) -> None:
+    err = config_error(
+        f'[[apps]]\nname = "a"\nhosts = ["a.localhost"]\nupstreams = ["{address}"]\n'
+    )
+    assert err.path == "apps[0].upstreams[0]"
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:9090", "10.1.2.3:9090", "[::]:9090"])
+def test_admin_off_loopback_requires_token(monkeypatch: pytest.MonkeyPatch, address: str) -> None:
+    monkeypatch.delenv("EDGE_ADMIN_TOKEN", raising=False)
+    err = config_error(f'[edge]\nadmin_listen = "{address}"\n' + APP)
+    assert "token" in err.problem
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:9090", "[::1]:9090", "localhost:9090"])
+def test_admin_on_loopback_needs_no_token(monkeypatch: pytest.MonkeyPatch, address: str) -> None:
+    monkeypatch.delenv("EDGE_ADMIN_TOKEN", raising=False)
+    config = load_config_text(f'[edge]\nadmin_listen = "{address}"\n' + APP, FILE)
+    assert config.edge.admin_listen == address
+
+
+def test_admin_token_from_config_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EDGE_ADMIN_TOKEN", raising=False)
+    text = '[edge]\nadmin_listen = "0.0.0.0:9090"\n'
+    assert load_config_text(text + 'admin_token = "s3cret"\n' + APP, FILE)
+    monkeypatch.setenv("EDGE_ADMIN_TOKEN", "from-env")
+    assert load_config_text(text + APP, FILE)
+
+
+def test_tls_files_must_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pem"
+    err = config_error(f'[edge.tls]\ncert_file = "{missing}"\nkey_file = "{missing}"\n' + APP)
+    assert err.path == "edge.tls.cert_file"
+    assert str(missing) in err.problem
+
+
+def test_invalid_toml_names_the_file() -> None:
+    err = config_error("[edge\nlisten = ")
+    assert "TOML" in err.problem
+
+
+def test_load_config_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(missing)
+    assert str(missing) in str(info.value)
+
+
+def test_load_config_reads_file(tmp_path: Path) -> None:
+    path = tmp_path / "edge.toml"
+    path.write_text(APP)
+    assert load_config(path).apps[0].name == "hello"
+
+
+def test_load_config_error_names_the_real_file(tmp_path: Path) -> None:
+    path = tmp_path / "edge.toml"
+    path.write_text('[limits]\nmax_body = "1QB"\n' + APP)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: limits.max_body: ")
+
+
+def test_effective_config_has_every_default_and_round_trips() -> None:
+    config = load_config_text(APP, FILE)
+    data = effective_config(config)
+    assert data["limits"]["max_connections"] == 10_000
+    assert data["edge"]["admin_listen"] == "127.0.0.1:9090"
+    text = render_toml(data)
+    for line in ("[edge]", "[limits]", "[upstream]", "[[apps]]", "max_connections = 10000"):
+        assert line in text
+    # What `edge check` prints is itself a valid config meaning the same thing.
+    assert load_config_text(text, "<effective>") == config
+
+
+# --------------------------------------------------------------------------- edge check (CLI)
+
+
+def write(tmp_path: Path, text: str, name: str = "edge.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_check_prints_effective_config(tmp_path: Path) -> None:
+    path = write(tmp_path, APP)
+    result = run_edge_cli("check", str(path))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for needle in ("hello.localhost", "127.0.0.1:9001", "max_connections", "header_timeout"):
+        assert needle in out, f"{needle!r} missing from `edge check` output:\n{out}"
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "problem"),
+    [
+        ("[edge]\nbogus = 1\n" + APP, "edge", "bogus"),
+        ('[limits]\nheader_timeout = "5x"\n' + APP, "limits.header_timeout", "5x"),
+        ('[limits]\nmax_body = "1QB"\n' + APP, "limits.max_body", "1QB"),
+        ('[edge]\nworkers = "two"\n' + APP, "edge.workers", "int"),
+        (APP + APP.replace('"hello"', '"other"'), "apps[1].hosts[0]", "duplicate"),
+        ('[[apps]]\nname = "a"\nhosts = ["a.localhost"]\n', "apps[0].upstreams", "upstream"),
+        ('[edge]\nlisten = "127.0.0.1"\n' + APP, "edge.listen", "127.0.0.1"),
+    ],
+)
+def test_check_rejects_with_exit_2(tmp_path: Path, text: str, path: str, problem: str) -> None:
+    config_path = write(tmp_path, text)
+    result = run_edge_cli("check", str(config_path))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    message = result.stderr + result.stdout
+    assert str(config_path) in message
+    assert path in message
+    assert problem in message
+    assert "Traceback" not in message
+
+
+def test_check_missing_file_exit_2(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.toml"
+    result = run_edge_cli("check", str(missing))
+    assert result.returncode == 2
+    assert str(missing) in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
