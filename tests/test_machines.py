@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from scheduler_client.machine_spec import IllegalTransition, MachineSpec
@@ -105,7 +107,7 @@ def test_happy_paths_walk_in_order() -> None:
             ["requested", "provisioning", "binding_services", "replicating_artifacts", "eligible"],
         ),
     ):
-        for current, target in zip(path, path[1:], strict=False):
+        for current, target in itertools.pairwise(path):
             spec.check(current, target)
 
 
