@@ -12,10 +12,11 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
-from edge.config import ConfigError, load_config, parse_address
+from edge.config import ConfigError, load_config
 from edge.metrics import render_metrics
 from edge.worker_context import WorkerContext
 from edge.worker_stats import StatsSnapshot, read_snapshots
+from scheduler_client.config_file import parse_address
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 STALE_AFTER = 5.0

@@ -8,7 +8,8 @@ import sys
 import urllib.error
 import urllib.request
 
-from edge.config import ConfigError, effective_config, load_config, render_toml
+from edge.config import ConfigError, effective_config, load_config
+from scheduler_client.config_file import render_toml
 
 
 def _check(path: str) -> int:

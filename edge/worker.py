@@ -15,10 +15,11 @@ import uvloop
 
 from edge.access_log import open_access_log
 from edge.admin import AdminState, start_admin
-from edge.config import Config, ConfigError, load_config, parse_address
+from edge.config import Config, ConfigError, load_config
 from edge.front_protocol import FrontConnection
 from edge.worker_context import WorkerContext
 from edge.worker_stats import write_snapshot
+from scheduler_client.config_file import parse_address
 
 SWEEP_INTERVAL = 0.25
 SNAPSHOT_EVERY = 2  # sweeps

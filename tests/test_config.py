@@ -7,15 +7,8 @@ from pathlib import Path
 import pytest
 from helpers import run_edge_cli
 
-from edge.config import (
-    ConfigError,
-    effective_config,
-    load_config,
-    load_config_text,
-    parse_duration,
-    parse_size,
-    render_toml,
-)
+from edge.config import ConfigError, effective_config, load_config, load_config_text
+from scheduler_client.config_file import parse_duration, parse_size, render_toml
 
 FILE = "edge-test.toml"
 

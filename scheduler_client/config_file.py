@@ -1,0 +1,213 @@
+"""Config files shared by the edge and the local control plane: TOML via msgspec, one error shape.
+
+Durations ('250ms', '5s', '1m30s') and sizes ('64KiB', '1MiB') are typed, and every
+problem becomes one `ConfigError` naming the file, the key path and what is wrong.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+T = TypeVar("T")
+
+_LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOSTNAME = re.compile(rf"(?i){_LABEL}(\.{_LABEL})*\.?")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; the message names file, key path and problem."""
+
+    def __init__(self, file: str, path: str, problem: str) -> None:
+        self.file = file
+        self.path = path
+        self.problem = problem
+        where = f"{file}: {path}" if path else file
+        super().__init__(f"{where}: {problem}")
+
+
+class Duration(float):
+    """Seconds, written in config as '250ms', '5s', '1m30s', '2h'."""
+
+
+class ByteSize(int):
+    """Bytes, written in config as '512', '64KiB', '1MiB', '2GB'."""
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE = re.compile(r"(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?")
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "KB": 1000,
+    "KiB": 1024,
+    "MB": 1000**2,
+    "MiB": 1024**2,
+    "GB": 1000**3,
+    "GiB": 1024**3,
+}
+
+
+def parse_duration(text: str) -> Duration:
+    """'1m30s' -> 90.0; raises ValueError with the accepted forms."""
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"expected a duration string like '5s' or '250ms', got {text!r}")
+    pos = 0
+    total = 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(text):
+        raise ValueError(
+            f"invalid duration {text!r}: use a number with a unit ms, s, m or h, e.g. '5s'"
+        )
+    return Duration(total)
+
+
+def parse_size(text: str | int) -> ByteSize:
+    """'64KiB' -> 65536; a bare integer is bytes."""
+    if isinstance(text, bool):
+        raise ValueError(f"expected a size like '64KiB', got {text!r}")
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"size must not be negative, got {text}")
+        return ByteSize(text)
+    match = _SIZE.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(
+            f"invalid size {text!r}: use bytes or a unit B, KB, KiB, MB, MiB, GB, GiB, e.g. '1MiB'"
+        )
+    return ByteSize(int(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+def _dec_hook(kind: type, value: Any) -> Any:
+    if kind is Duration:
+        return parse_duration(value)
+    if kind is ByteSize:
+        return parse_size(value)
+    raise NotImplementedError
+
+
+def format_duration(seconds: float) -> str:
+    if seconds != int(seconds):
+        return f"{round(seconds * 1000)}ms"
+    return f"{int(seconds)}s"
+
+
+def format_size(size: int) -> str:
+    for unit in ("GiB", "MiB", "KiB"):
+        if size and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return str(size)
+
+
+def _enc_hook(value: Any) -> Any:
+    if isinstance(value, Duration):
+        return format_duration(value)
+    if isinstance(value, ByteSize):
+        return format_size(value)
+    raise NotImplementedError(type(value))
+
+
+_PATH_IN_MESSAGE = re.compile(r"^(.*) - at `\$(.*)`$", re.DOTALL)
+
+
+def _split_validation_error(error: msgspec.ValidationError) -> tuple[str, str]:
+    match = _PATH_IN_MESSAGE.match(str(error))
+    if match is None:
+        return "", str(error)
+    return match.group(2).lstrip("."), match.group(1)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """'127.0.0.1:8080' or '[::1]:8080' -> (host, port); raises ValueError."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"expected 'host:port', got {text!r}")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range in {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return str(ipaddress.IPv6Address(host[1:-1])), port
+        except ValueError:
+            raise ValueError(f"bad IPv6 address in {text!r}") from None
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(host):
+            raise ValueError(f"bad host in {text!r}: use an IP address or a host name") from None
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def decode_toml(text: str, file: str, kind: type[T]) -> T:
+    """TOML text -> `kind`; raises ConfigError naming file, key path and problem."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "", f"invalid TOML: {exc}") from None
+    try:
+        return msgspec.convert(raw, kind, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        path, problem = _split_validation_error(exc)
+        raise ConfigError(file, path, problem) from None
+
+
+def read_config_file(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), "", f"cannot read: {exc.strerror}") from None
+
+
+def to_builtins(config: Any) -> dict[str, Any]:
+    """A config Struct as plain data, durations and sizes written back with units."""
+    return msgspec.to_builtins(config, enc_hook=_enc_hook)
+
+
+def render_toml(data: dict[str, Any]) -> str:
+    """Render effective config back as TOML (flat enough for our schema)."""
+    lines: list[str] = []
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return msgspec.json.encode(v).decode()
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    def table(prefix: str, body: dict[str, Any], header: str) -> None:
+        scalars = {k: v for k, v in body.items() if not isinstance(v, dict) and v is not None}
+        nested = {k: v for k, v in body.items() if isinstance(v, dict)}
+        lines.append(header)
+        lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
+        lines.append("")
+        for k, v in nested.items():
+            table(f"{prefix}.{k}", v, f"[{prefix}.{k}]")
+
+    for key, body in data.items():
+        if isinstance(body, dict):
+            table(key, body, f"[{key}]")
+        elif isinstance(body, list):
+            for item in body:
+                table(key, item, f"[[{key}]]")
+    return "\n".join(lines)
