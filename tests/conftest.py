@@ -433,3 +433,126 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
     timeout = aiohttp.ClientTimeout(total=60, sock_connect=10)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         yield session
+
+
+# ------------------------------------------------------------------ control plane
+
+CONTROL_PLANE_TOKEN = "test-control-plane-token"
+SAMPLE_APP = ROOT / "bench" / "apps" / "sample_app.py"
+
+
+@dataclass
+class ControlPlaneProcess:
+    """`python -m edge controlplane` as a subprocess; restartable on the same state file."""
+
+    config_path: Path
+    log_path: Path
+    port: int
+    token: str
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def start(self, wait: bool = True) -> None:
+        env = {**os.environ, "CONTROL_PLANE_TOKEN": self.token}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edge", "controlplane", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=env,
+                start_new_session=True,
+            )
+        if not wait:
+            return
+        deadline = time.monotonic() + START_TIMEOUT
+        while _http_get(self.url + "/healthz", 0.5)[0] != 200:
+            if self.proc.poll() is not None:
+                pytest.fail(f"control plane exited {self.proc.returncode}:\n{self.output()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"control plane not healthy in {START_TIMEOUT}s:\n{self.output()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM the control plane (its app processes live on in their own sessions)."""
+        if self.proc is not None and self.proc.poll() is None:
+            _stop_process(self.proc, group=False)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def output(self) -> str:
+        return _tail(self.log_path)
+
+
+def control_plane_config(
+    port: int, state_file: Path, apps: list[dict[str, Any]], **section: Any
+) -> dict[str, Any]:
+    return {
+        "controlplane": {
+            "listen": f"127.0.0.1:{port}",
+            "state_file": str(state_file),
+            **section,
+        },
+        "apps": apps,
+    }
+
+
+def sample_app_spec(name: str = "hello", **overrides: Any) -> dict[str, Any]:
+    """An [[apps]] entry running bench/apps/sample_app.py."""
+    spec = {
+        "name": name,
+        "command": ["{python}", str(SAMPLE_APP), "--port", "{port}", "--name", "{allocation}"],
+        "artifact": str(SAMPLE_APP),
+        "readiness_path": "/healthz",
+        "start_timeout": "15s",
+        "drain_grace": "2s",
+    }
+    spec.update(overrides)
+    return spec
+
+
+def _kill_leftover_apps(state_file: Path) -> None:
+    """App processes outlive the control plane by design; reap the ones a test left."""
+    import sqlite3
+
+    if not state_file.exists():
+        return
+    with contextlib.suppress(sqlite3.Error), sqlite3.connect(state_file) as db:
+        for (pid,) in db.execute("SELECT pid FROM allocations WHERE pid IS NOT NULL"):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def start_control_plane(tmp_path: Path) -> Iterator[Any]:
+    """Factory: start_control_plane(apps=[...], **controlplane_section) -> ControlPlaneProcess."""
+    started: list[ControlPlaneProcess] = []
+
+    def start(apps: list[dict[str, Any]] | None = None, **section: Any) -> ControlPlaneProcess:
+        index = len(started)
+        port = free_port()
+        config = control_plane_config(
+            port, tmp_path / f"cp-{index}.sqlite", apps if apps is not None else [], **section
+        )
+        config_path = tmp_path / f"cp-{index}.toml"
+        config_path.write_text(to_toml(config))
+        cp = ControlPlaneProcess(
+            config_path, tmp_path / f"cp-{index}.log", port, CONTROL_PLANE_TOKEN
+        )
+        started.append(cp)
+        cp.start()
+        return cp
+
+    yield start
+    for cp in started:
+        cp.stop()
+        _kill_leftover_apps(Path(cp.config_path.parent / f"{cp.config_path.stem}.sqlite"))
