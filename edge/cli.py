@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("file")
     reload = commands.add_parser("reload", help="apply a changed config without a restart")
     reload.add_argument("--config", required=True)
+    controlplane = commands.add_parser(
+        "controlplane", help="run the local control plane (apps as subprocesses)"
+    )
+    controlplane.add_argument("--config", required=True)
     worker = commands.add_parser("worker", help=argparse.SUPPRESS)
     worker.add_argument("--config", required=True)
     worker.add_argument("--index", type=int, default=0)
@@ -72,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         from edge.supervisor import run as run_edge
 
         return run_edge(args.config, args.workers)
+    if args.command == "controlplane":
+        from scheduler_client.controlplane_server import run as run_controlplane
+
+        return run_controlplane(args.config)
     from edge.worker import run_worker
 
     return run_worker(args.config, args.index, args.workers, args.stats_dir, args.supervised)

@@ -43,7 +43,7 @@ class ControlPlaneSection(_Section):
     long_poll_max: Duration = Duration(30.0)
 
 
-class AppSpec(_Section):
+class AppSpec(_Section, kw_only=True):
     name: str
     # argv template; {port}, {python}, {allocation} and {app} are substituted.
     command: list[str]

@@ -1,0 +1,798 @@
+"""The local control plane: allocation lifecycle, routes, promotions, host drain, region.
+
+Theory of operation. Every operation validates the move against its machine's
+table (`machines.py`), persists the new state in SQLite (`controlplane_store`),
+and only then performs the side effect (spawn, signal, route change). One asyncio
+task drives each allocation, drain, promotion and host drain; a monitor loop
+watches every running process for exits and memory. After a restart, live
+processes are adopted and vanished ones are failed, so the file is the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from scheduler_client.app_process import (
+    AppProcess,
+    free_port,
+    missing_secrets,
+    verify_artifact,
+)
+from scheduler_client.controlplane_config import AppSpec, ControlPlaneConfig
+from scheduler_client.controlplane_store import ControlPlaneStore
+from scheduler_client.machines import ALLOCATION, HOST_DRAIN, PROMOTION, REGION
+from scheduler_client.models import (
+    Allocation,
+    AppRoute,
+    BadRequest,
+    Conflict,
+    CreateAllocation,
+    CreatePromotion,
+    EdgeInfo,
+    GateStatus,
+    Gone,
+    Host,
+    NotFound,
+    Promotion,
+    Region,
+    RouteChanges,
+    RouteSnapshot,
+    RouteTarget,
+    Unavailable,
+)
+
+MONITOR_INTERVAL = 0.2
+APPROVAL_TIMEOUT = 3600.0
+PROMOTION_DRAIN_DEADLINE = 10.0
+EVACUATION_SLACK = 10.0
+_LIVE_TARGET_STATES = ("ready", "draining")
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{os.urandom(5).hex()}"
+
+
+class Broadcast:
+    """Wakes every waiter on each change; waits are always bounded by the caller."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), max(0.0, timeout))
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        config: ControlPlaneConfig,
+        store: ControlPlaneStore,
+        environ: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> None:
+        self.config = config
+        self.section = config.controlplane
+        self.store = store
+        self.environ = dict(os.environ if environ is None else environ)
+        self.cwd = cwd or os.getcwd()
+        self.log_dir = Path(self.section.state_file).parent / "app-logs"
+        self.processes: dict[str, AppProcess] = {}
+        self.changed = Broadcast()
+        self._tasks: set[asyncio.Task] = set()
+
+    # ---------------------------------------------------------------- running
+
+    async def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._init_region()
+        self._init_host()
+        self._recover()
+        self._spawn(self._monitor())
+
+    async def close(self) -> None:
+        """Stop driving; app processes keep running and are adopted on the next start."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _app(self, name: str) -> AppSpec:
+        spec = self.config.app(name)
+        if spec is None:
+            raise NotFound(f"unknown app {name!r}")
+        return spec
+
+    # ------------------------------------------------------------ allocations
+
+    def _move(self, alloc: Allocation, target: str, **changes: object) -> Allocation:
+        """Check, persist and announce one allocation transition."""
+        ALLOCATION.check(alloc.state, target)
+        new = msgspec.structs.replace(
+            alloc,
+            state=target,
+            version=alloc.version + 1,
+            updated_at=time.time(),
+            **changes,
+        )
+        self.store.save_allocation(new, alloc.state)
+        self.changed.notify()
+        return new
+
+    def _update(self, alloc: Allocation, **changes: object) -> Allocation:
+        new = msgspec.structs.replace(
+            alloc, version=alloc.version + 1, updated_at=time.time(), **changes
+        )
+        self.store.save_allocation(new)
+        self.changed.notify()
+        return new
+
+    def get_allocation(self, allocation_id: str) -> Allocation:
+        alloc = self.store.allocation(allocation_id)
+        if alloc is None:
+            raise NotFound(f"no allocation {allocation_id!r}")
+        return alloc
+
+    def _admission_problem(self) -> str | None:
+        region = self.get_region()
+        if region.state != "eligible":
+            why = f": {region.reason}" if region.reason else ""
+            return f"region {region.name} is {region.state}{why}; no new allocations"
+        host = self.get_host(self.section.host)
+        if host.state != "uncordoned":
+            return f"host {host.name} is {host.state}: no new allocations"
+        live = len(self.store.live_allocations())
+        if live >= self.section.max_allocations:
+            return f"no headroom: {live} of {self.section.max_allocations} allocations running"
+        return None
+
+    def create_allocation(self, request: CreateAllocation) -> tuple[Allocation, bool]:
+        """(allocation, created); the same idempotency key returns the first allocation."""
+        self._app(request.app)
+        if request.idempotency_key:
+            existing = self.store.allocation_by_key(request.app, request.idempotency_key)
+            if existing is not None:
+                return existing, False
+        problem = self._admission_problem()
+        if problem:
+            raise Unavailable(problem)
+        route = self.store.route(request.app)
+        now = time.time()
+        alloc = Allocation(
+            id=_new_id("a"),
+            app=request.app,
+            state=ALLOCATION.initial,
+            host=self.section.host,
+            route_epoch=route[0].epoch if route else 0,
+            version=1,
+            created_at=now,
+            updated_at=now,
+            idempotency_key=request.idempotency_key,
+        )
+        self.store.insert_allocation(alloc)
+        self.changed.notify()
+        self._spawn(self._run_allocation(alloc.id))
+        return alloc, True
+
+    async def _run_allocation(self, allocation_id: str) -> None:
+        alloc = self.get_allocation(allocation_id)
+        spec = self._app(alloc.app)
+        if alloc.state == "planned":
+            alloc = self._move(alloc, "pulling")
+        if alloc.state != "pulling":
+            return
+        ok, actual = await verify_artifact(spec)
+        alloc = self.get_allocation(allocation_id)
+        if alloc.state != "pulling":
+            return
+        if not ok:
+            self._fail(alloc, f"build digest mismatch: expected {spec.digest}, got {actual}")
+            return
+        missing = missing_secrets(spec, self.environ)
+        if missing:
+            self._fail(alloc, f"secret missing: {', '.join(missing)}")
+            return
+        port = free_port()
+        # Persisted before the spawn: a restart then knows a process may exist.
+        alloc = self._move(alloc, "starting", address=f"127.0.0.1:{port}", artifact_digest=actual)
+        proc = AppProcess.spawn(
+            spec,
+            port=port,
+            allocation_id=alloc.id,
+            cwd=self.cwd,
+            environ=self.environ,
+            log_path=str(self.log_dir / f"{alloc.id}.log"),
+        )
+        self.processes[alloc.id] = proc
+        alloc = self._update(alloc, pid=proc.pid)
+        await self._await_ready(alloc.id, proc, spec)
+
+    async def _await_ready(self, allocation_id: str, proc: AppProcess, spec: AppSpec) -> None:
+        problem = await proc.wait_ready(spec.readiness_path, spec.start_timeout)
+        alloc = self.get_allocation(allocation_id)
+        if alloc.state != "starting":
+            return  # drained or failed meanwhile; that path owns the process
+        if problem is not None:
+            mode = "runner crash" if problem.startswith("exited") else "readiness timeout"
+            self._fail(alloc, f"{mode}: {problem}")
+            return
+        alloc = self._move(alloc, "ready")
+        self._route_ready(alloc)
+
+    def _fail(self, alloc: Allocation, reason: str) -> Allocation:
+        proc = self.processes.pop(alloc.id, None)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        alloc = self._move(alloc, "failed", reason=reason)
+        self._route_remove(alloc)
+        return alloc
+
+    def drain_allocation(self, allocation_id: str, deadline_s: float) -> Allocation:
+        alloc = self.get_allocation(allocation_id)
+        if alloc.state in ALLOCATION.terminal or alloc.state == "draining":
+            return alloc
+        if deadline_s < 0 or deadline_s > 86400:
+            raise BadRequest("deadline_s must be between 0 and 86400")
+        alloc = self._move(alloc, "draining", drain_deadline=time.time() + deadline_s)
+        self._route_set_state(alloc, "draining")
+        self._spawn(self._finish_drain(alloc.id))
+        return alloc
+
+    async def _finish_drain(self, allocation_id: str) -> None:
+        alloc = self.get_allocation(allocation_id)
+        spec = self._app(alloc.app)
+        proc = self.processes.get(allocation_id)
+        deadline = alloc.drain_deadline or time.time()
+        while time.time() < deadline and (proc is None or proc.poll() is None):
+            await asyncio.sleep(min(MONITOR_INTERVAL, max(0.0, deadline - time.time())))
+        active = 0
+        if proc is not None and proc.poll() is None:
+            active = await proc.active_sessions()
+            await proc.terminate(spec.drain_grace)
+        self.processes.pop(allocation_id, None)
+        alloc = self.get_allocation(allocation_id)
+        if alloc.state != "draining":
+            return
+        reason = "drained"
+        if active:
+            reason = f"session still active at drain deadline: {active} cut"
+        alloc = self._move(alloc, "stopped", reason=reason, active_sessions_at_deadline=active)
+        self._route_remove(alloc)
+
+    async def watch_allocation(
+        self, allocation_id: str, version: int, timeout: float
+    ) -> Allocation:
+        deadline = time.monotonic() + min(timeout, self.section.long_poll_max)
+        alloc = self.get_allocation(allocation_id)
+        while alloc.version <= version and time.monotonic() < deadline:
+            await self.changed.wait(deadline - time.monotonic())
+            alloc = self.get_allocation(allocation_id)
+        return alloc
+
+    async def _monitor(self) -> None:
+        """Exits and memory of running processes, checked every MONITOR_INTERVAL."""
+        while True:
+            await asyncio.sleep(MONITOR_INTERVAL)
+            for allocation_id, proc in list(self.processes.items()):
+                alloc = self.store.allocation(allocation_id)
+                if alloc is None or alloc.state not in ("starting", "ready"):
+                    continue
+                spec = self.config.app(alloc.app)
+                code = proc.poll()
+                if code is not None:
+                    self._fail(alloc, f"runner crash: exited with code {code}")
+                    continue
+                rss = proc.rss_bytes()
+                if spec is not None and rss is not None and rss > spec.memory_limit:
+                    self._fail(
+                        alloc, f"OOM: resident memory {rss} bytes over limit {spec.memory_limit}"
+                    )
+
+    def _recover(self) -> None:
+        """Adopt live processes, fail vanished ones, resume unfinished stages."""
+        for alloc in self.store.live_allocations():
+            spec = self.config.app(alloc.app)
+            if spec is None:
+                self._fail(alloc, "runner crash: app no longer configured")
+                continue
+            if alloc.state in ("planned", "pulling"):
+                self._spawn(self._run_allocation(alloc.id))
+                continue
+            port = int(alloc.address.rpartition(":")[2]) if alloc.address else 0
+            proc = AppProcess.adopt(alloc.pid, port) if alloc.pid else None
+            if proc is None:
+                if alloc.state == "draining":
+                    self._spawn(self._finish_drain(alloc.id))
+                else:
+                    self._fail(alloc, "runner crash: process gone across a control-plane restart")
+                continue
+            self.processes[alloc.id] = proc
+            if alloc.state == "starting":
+                self._spawn(self._await_ready(alloc.id, proc, spec))
+            elif alloc.state == "draining":
+                self._spawn(self._finish_drain(alloc.id))
+        for promotion in self.store.promotions():
+            if promotion.state == "edge_propagating":
+                self._spawn(self._propagate(promotion.id))
+            elif promotion.state not in PROMOTION.terminal:
+                self._move_promotion(
+                    promotion, "failed", reason="interrupted by a control-plane restart"
+                )
+
+    # ------------------------------------------------------------------ routes
+
+    def _target(self, alloc: Allocation, state: str | None = None) -> RouteTarget:
+        host = self.store.host(alloc.host)
+        return RouteTarget(
+            allocation_id=alloc.id,
+            address=alloc.address,
+            state=state or alloc.state,
+            host=alloc.host,
+            host_state=host.state if host else "uncordoned",
+        )
+
+    def _change_route(
+        self, app: str, edit: Callable[[list[RouteTarget]], list[RouteTarget] | None]
+    ) -> None:
+        current = self.store.route(app)
+        targets = list(current[0].targets) if current else []
+        new = edit(targets)
+        if new is None:
+            return
+        self.store.commit_route(
+            AppRoute(app=app, epoch=0, targets=new), cas=False, history=self.section.route_history
+        )
+        self.changed.notify()
+
+    def _route_ready(self, alloc: Allocation) -> None:
+        current = self.store.route(alloc.app)
+        if current is not None and alloc.route_epoch < current[1]:
+            # Granted before a promotion replaced the route: never routed to.
+            self.store.journal(
+                "allocation",
+                alloc.id,
+                alloc.state,
+                alloc.state,
+                f"old route epoch: granted under {alloc.route_epoch}, route replaced at "
+                f"{current[1]}; not routed",
+            )
+            return
+        self._change_route(alloc.app, lambda targets: [*targets, self._target(alloc)])
+
+    def _route_set_state(self, alloc: Allocation, state: str) -> None:
+        def edit(targets: list[RouteTarget]) -> list[RouteTarget] | None:
+            if not any(t.allocation_id == alloc.id for t in targets):
+                return None
+            return [
+                msgspec.structs.replace(t, state=state) if t.allocation_id == alloc.id else t
+                for t in targets
+            ]
+
+        self._change_route(alloc.app, edit)
+
+    def _route_remove(self, alloc: Allocation) -> None:
+        def edit(targets: list[RouteTarget]) -> list[RouteTarget] | None:
+            kept = [t for t in targets if t.allocation_id != alloc.id]
+            return kept if len(kept) != len(targets) else None
+
+        self._change_route(alloc.app, edit)
+
+    def route_snapshot(self) -> RouteSnapshot:
+        return RouteSnapshot(
+            epoch=self.store.route_epoch(), apps=self.store.routes(), region=self.get_region()
+        )
+
+    async def route_changes(
+        self, after: int, timeout: float, edge_id: str | None = None
+    ) -> RouteChanges:
+        if edge_id:
+            self._touch_edge(edge_id)
+        deadline = time.monotonic() + min(timeout, self.section.long_poll_max)
+        while True:
+            current = self.store.route_epoch()
+            if after > current:
+                raise Gone(f"epoch {after} is ahead of the control plane ({current}): resync")
+            oldest = self.store.oldest_retained_epoch()
+            if after < current and (oldest is None or after + 1 < oldest):
+                raise Gone(
+                    f"epoch {after} is older than the retained history (oldest {oldest}): "
+                    "resync from the snapshot"
+                )
+            if after < current or time.monotonic() >= deadline:
+                return RouteChanges(epoch=current, changes=self.store.route_changes_after(after))
+            await self.changed.wait(deadline - time.monotonic())
+
+    def route_cas(self, app: str, expected_epoch: int, allocation_ids: list[str]) -> AppRoute:
+        self._app(app)
+        current = self.store.route(app)
+        current_epoch = current[0].epoch if current else 0
+        if expected_epoch != current_epoch:
+            raise Conflict(
+                f"route epoch conflict: expected {expected_epoch}, current {current_epoch}"
+            )
+        targets = []
+        for allocation_id in allocation_ids:
+            alloc = self.get_allocation(allocation_id)
+            if alloc.app != app:
+                raise BadRequest(f"allocation {allocation_id} belongs to app {alloc.app!r}")
+            if alloc.state != "ready":
+                raise BadRequest(f"allocation {allocation_id} is {alloc.state}, not ready")
+            targets.append(self._target(alloc))
+        change = self.store.commit_route(
+            AppRoute(app=app, epoch=0, targets=targets),
+            cas=True,
+            history=self.section.route_history,
+        )
+        self.changed.notify()
+        return change.route
+
+    # ------------------------------------------------------------------- edges
+
+    def _touch_edge(self, edge_id: str) -> EdgeInfo:
+        edge = self.store.edge(edge_id)
+        if edge is None:
+            raise NotFound(f"edge {edge_id!r} is not registered")
+        edge = msgspec.structs.replace(edge, last_seen=time.time(), live=True)
+        self.store.save_edge(edge)
+        return edge
+
+    def register_edge(self, edge_id: str) -> EdgeInfo:
+        if not edge_id or len(edge_id) > 200:
+            raise BadRequest("edge_id must be 1-200 characters")
+        edge = self.store.edge(edge_id) or EdgeInfo(edge_id=edge_id)
+        edge = msgspec.structs.replace(edge, last_seen=time.time(), live=True)
+        self.store.save_edge(edge)
+        self.changed.notify()
+        return edge
+
+    def ack_epoch(self, edge_id: str, epoch: int) -> EdgeInfo:
+        edge = self._touch_edge(edge_id)
+        if epoch > edge.acked_epoch:
+            edge = msgspec.structs.replace(edge, acked_epoch=epoch)
+            self.store.save_edge(edge)
+        for promotion in self.store.promotions():
+            late = (
+                promotion.state in PROMOTION.terminal
+                and edge_id in promotion.waiting_for
+                and edge_id not in promotion.acked_by
+                and epoch >= promotion.to_epoch > 0
+            )
+            if late:
+                promotion = msgspec.structs.replace(
+                    promotion, late_reports=promotion.late_reports + 1, updated_at=time.time()
+                )
+                self.store.save_promotion(promotion, promotion.state)
+                self.store.journal(
+                    "promotion",
+                    promotion.id,
+                    promotion.state,
+                    promotion.state,
+                    f"late worker report: edge {edge_id} acked epoch {epoch} after the end",
+                )
+        self.changed.notify()
+        return edge
+
+    def edges(self) -> list[EdgeInfo]:
+        now = time.time()
+        limit = self.section.edge_live_timeout
+        return [
+            msgspec.structs.replace(e, live=now - e.last_seen < limit) for e in self.store.edges()
+        ]
+
+    # -------------------------------------------------------------- promotions
+
+    def _move_promotion(self, promotion: Promotion, target: str, **changes: object) -> Promotion:
+        PROMOTION.check(promotion.state, target)
+        new = msgspec.structs.replace(promotion, state=target, updated_at=time.time(), **changes)
+        self.store.save_promotion(new, promotion.state)
+        self.changed.notify()
+        return new
+
+    def get_promotion(self, promotion_id: str) -> Promotion:
+        promotion = self.store.promotion(promotion_id)
+        if promotion is None:
+            raise NotFound(f"no promotion {promotion_id!r}")
+        return promotion
+
+    def create_promotion(self, request: CreatePromotion) -> Promotion:
+        spec = self._app(request.app)
+        alloc = self.get_allocation(request.allocation_id)
+        if alloc.app != request.app:
+            raise BadRequest(f"allocation {alloc.id} belongs to app {alloc.app!r}")
+        if not 0 < request.propagation_timeout_s <= 3600:
+            raise BadRequest("propagation_timeout_s must be in (0, 3600]")
+        now = time.time()
+        promotion = Promotion(
+            id=_new_id("p"),
+            app=request.app,
+            allocation_id=alloc.id,
+            state=PROMOTION.initial,
+            approval_required=spec.approval_required,
+            created_at=now,
+            updated_at=now,
+        )
+        self.store.save_promotion(promotion, None)
+        self._spawn(
+            self._run_promotion(promotion.id, request.expected_epoch, request.propagation_timeout_s)
+        )
+        return promotion
+
+    def approve_promotion(self, promotion_id: str) -> Promotion:
+        promotion = self.get_promotion(promotion_id)
+        if not promotion.approved:
+            promotion = msgspec.structs.replace(promotion, approved=True, updated_at=time.time())
+            self.store.save_promotion(promotion, promotion.state)
+            self.changed.notify()
+        return promotion
+
+    async def _run_promotion(
+        self, promotion_id: str, expected_epoch: int | None, timeout: float
+    ) -> None:
+        promotion = self._move_promotion(self.get_promotion(promotion_id), "policy_check")
+        if promotion.approval_required:
+            deadline = time.monotonic() + APPROVAL_TIMEOUT
+            while not self.get_promotion(promotion_id).approved:
+                if time.monotonic() >= deadline:
+                    self._move_promotion(promotion, "failed", reason="approval not given in time")
+                    return
+                await self.changed.wait(deadline - time.monotonic())
+            promotion = self.get_promotion(promotion_id)
+        alloc = self.get_allocation(promotion.allocation_id)
+        if alloc.state != "ready":
+            self._move_promotion(
+                promotion, "failed", reason=f"runtime services ready: allocation is {alloc.state}"
+            )
+            return
+        spec = self._app(promotion.app)
+        ok, actual = await verify_artifact(spec)
+        if not ok or (alloc.artifact_digest and alloc.artifact_digest != actual):
+            self._move_promotion(
+                promotion,
+                "failed",
+                reason=f"preview artifact mismatch: allocation runs {alloc.artifact_digest}, "
+                f"artifact is {actual}",
+            )
+            return
+        promotion = self._move_promotion(promotion, "route_cas")
+        current = self.store.route(promotion.app)
+        current_epoch = current[0].epoch if current else 0
+        expected = current_epoch if expected_epoch is None else expected_epoch
+        previous = [t.allocation_id for t in current[0].targets] if current else []
+        try:
+            route = self.route_cas(promotion.app, expected, [alloc.id])
+        except (Conflict, BadRequest) as exc:
+            self._move_promotion(promotion, "failed", reason=exc.message)
+            return
+        waiting = [e.edge_id for e in self.edges() if e.live]
+        self._move_promotion(
+            promotion,
+            "edge_propagating",
+            from_epoch=current_epoch,
+            to_epoch=route.epoch,
+            previous_allocations=previous,
+            waiting_for=waiting,
+            deadline=time.time() + timeout,
+        )
+        await self._propagate(promotion_id)
+
+    async def _propagate(self, promotion_id: str) -> None:
+        promotion = self.get_promotion(promotion_id)
+        while True:
+            acked = [
+                edge_id
+                for edge_id in promotion.waiting_for
+                if (edge := self.store.edge(edge_id)) and edge.acked_epoch >= promotion.to_epoch
+            ]
+            if acked != promotion.acked_by:
+                promotion = msgspec.structs.replace(promotion, acked_by=acked)
+                self.store.save_promotion(promotion, promotion.state)
+            if len(acked) == len(promotion.waiting_for):
+                self._move_promotion(promotion, "healthy", reason="every live edge acked")
+                for allocation_id in promotion.previous_allocations:
+                    if allocation_id != promotion.allocation_id:
+                        with contextlib.suppress(NotFound):
+                            self.drain_allocation(allocation_id, PROMOTION_DRAIN_DEADLINE)
+                return
+            remaining = (promotion.deadline or 0) - time.time()
+            if remaining <= 0:
+                self._roll_back(promotion, acked)
+                return
+            await self.changed.wait(remaining)
+
+    def _roll_back(self, promotion: Promotion, acked: list[str]) -> None:
+        missing = [e for e in promotion.waiting_for if e not in acked]
+        targets = []
+        for allocation_id in promotion.previous_allocations:
+            alloc = self.store.allocation(allocation_id)
+            if alloc is not None and alloc.state == "ready":
+                targets.append(self._target(alloc))
+        change = self.store.commit_route(
+            AppRoute(app=promotion.app, epoch=0, targets=targets),
+            cas=True,
+            history=self.section.route_history,
+        )
+        self._move_promotion(
+            promotion,
+            "rolled_back",
+            reason=f"edge replay gap: {', '.join(missing)} did not ack epoch "
+            f"{promotion.to_epoch} in time; previous route restored at epoch {change.epoch}",
+        )
+
+    # -------------------------------------------------------------- host drain
+
+    def _init_host(self) -> None:
+        if self.store.host(self.section.host) is None:
+            host = Host(name=self.section.host, state=HOST_DRAIN.initial, updated_at=time.time())
+            self.store.save_host(host, None)
+
+    def get_host(self, name: str) -> Host:
+        host = self.store.host(name)
+        if host is None:
+            raise NotFound(f"no host {name!r}")
+        allocations = sum(1 for a in self.store.live_allocations() if a.host == name)
+        return msgspec.structs.replace(host, allocations=allocations)
+
+    def hosts(self) -> list[Host]:
+        return [self.get_host(h.name) for h in self.store.hosts()]
+
+    def _move_host(self, host: Host, target: str, **changes: object) -> Host:
+        HOST_DRAIN.check(host.state, target)
+        new = msgspec.structs.replace(
+            host, state=target, version=host.version + 1, updated_at=time.time(), **changes
+        )
+        self.store.save_host(new, host.state)
+        self._route_host_state(new)
+        self.changed.notify()
+        return new
+
+    def _route_host_state(self, host: Host) -> None:
+        for route in self.store.routes():
+            if any(t.host == host.name and t.host_state != host.state for t in route.targets):
+                self._change_route(
+                    route.app,
+                    lambda targets: [
+                        msgspec.structs.replace(t, host_state=host.state)
+                        if t.host == host.name
+                        else t
+                        for t in targets
+                    ],
+                )
+
+    def cordon_host(self, name: str) -> Host:
+        host = self.get_host(name)
+        if host.state != "uncordoned":
+            return host
+        return self._move_host(host, "cordoned", reason="cordoned: no new allocations")
+
+    def uncordon_host(self, name: str) -> Host:
+        host = self.get_host(name)
+        if host.state == "uncordoned":
+            return host
+        if not HOST_DRAIN.can(host.state, "uncordoned"):
+            raise Conflict(f"host {name} is {host.state}; it cannot be uncordoned now")
+        return self._move_host(host, "uncordoned", reason="uncordoned", gates=[])
+
+    def drain_host(self, name: str, deadline_s: float, replace: bool) -> Host:
+        host = self.get_host(name)
+        if host.state != "cordoned":
+            raise Conflict(f"host {name} is {host.state}; cordon it before draining")
+        host = self._move_host(host, "evacuating", reason="evacuating allocations")
+        self._spawn(self._evacuate(name, deadline_s, replace))
+        return host
+
+    async def _evacuate(self, name: str, deadline_s: float, replace: bool) -> None:
+        evacuated = [a.id for a in self.store.live_allocations() if a.host == name]
+        for allocation_id in evacuated:
+            self.drain_allocation(allocation_id, deadline_s)
+        limit = time.monotonic() + deadline_s + EVACUATION_SLACK + self._max_grace()
+        while time.monotonic() < limit:
+            left = [i for i in evacuated if self.get_allocation(i).state not in ALLOCATION.terminal]
+            if not left:
+                break
+            await self.changed.wait(min(1.0, limit - time.monotonic()))
+        host = self.get_host(name)
+        if host.state != "evacuating":
+            return  # uncordoned meanwhile
+        pinned = [i for i in evacuated if self.get_allocation(i).active_sessions_at_deadline > 0]
+        # One host only: every replacement would need another host's room.
+        needs_room = len(evacuated) if replace else 0
+        gates = [
+            GateStatus(
+                name="runner headroom exists",
+                passed=needs_room == 0,
+                detail=f"{needs_room} replacement(s) and no other host" if needs_room else "",
+            ),
+            GateStatus(
+                name="active sessions can drain",
+                passed=not pinned,
+                detail=f"sessions active at the deadline on {', '.join(pinned)}" if pinned else "",
+            ),
+        ]
+        failed = [g for g in gates if not g.passed]
+        if failed:
+            reasons = {
+                "runner headroom exists": "no headroom",
+                "active sessions can drain": "active sessions pinned",
+            }
+            text = "; ".join(f"{reasons[g.name]}: {g.detail}" for g in failed)
+            host = msgspec.structs.replace(host, reason=text, gates=gates, version=host.version + 1)
+            self.store.save_host(host, host.state)
+            self.store.journal("host_drain", name, host.state, host.state, text)
+            self.changed.notify()
+            return
+        host = self._move_host(host, "replacement_ready", reason="evacuated", gates=gates)
+        host = self._move_host(host, "upgrading", reason="local runner: nothing to upgrade")
+        drift = [
+            spec.name
+            for spec in self.config.apps
+            if spec.digest and not (await verify_artifact(spec))[0]
+        ]
+        host = self._move_host(host, "postcheck", reason="drift checks")
+        if drift:
+            host = msgspec.structs.replace(
+                host,
+                reason=f"drift checks failed: artifacts changed for {', '.join(drift)}",
+                gates=[*gates, GateStatus(name="drift checks pass", passed=False)],
+            )
+            self.store.save_host(host, host.state)
+            return
+        self._move_host(host, "uncordoned", reason="drained and checked")
+
+    def _max_grace(self) -> float:
+        return max((spec.drain_grace for spec in self.config.apps), default=0.0)
+
+    # ------------------------------------------------------------------ region
+
+    def _init_region(self) -> None:
+        name = self.section.region
+        region = self.store.region(name)
+        if region is not None:
+            return
+        region = Region(name=name, state=REGION.initial, updated_at=time.time())
+        self.store.save_region(region, None)
+        absent = [spec.name for spec in self.config.apps if not Path(spec.artifact).is_file()]
+        for state in ("provisioning", "binding_services", "replicating_artifacts"):
+            region = self._move_region(region, state)
+        if absent:
+            self._move_region(region, "disabled", reason=f"artifact absent: {', '.join(absent)}")
+        else:
+            self._move_region(region, "eligible", reason="local region ready")
+
+    def _move_region(self, region: Region, target: str, reason: str = "") -> Region:
+        REGION.check(region.state, target)
+        new = msgspec.structs.replace(
+            region, state=target, reason=reason, version=region.version + 1, updated_at=time.time()
+        )
+        self.store.save_region(new, region.state)
+        self.changed.notify()
+        return new
+
+    def get_region(self) -> Region:
+        region = self.store.region(self.section.region)
+        assert region is not None, "region is initialised at start"
+        return region
+
+    def set_region(self, state: str, reason: str) -> Region:
+        region = self.get_region()
+        if region.state == state:
+            return region
+        if not REGION.can(region.state, state):
+            raise Conflict(f"region is {region.state}; cannot become {state}")
+        return self._move_region(region, state, reason=reason)

@@ -1,0 +1,295 @@
+"""Durable state of the local control plane: one SQLite file, every transition journalled.
+
+Resources are stored as msgspec-encoded JSON documents keyed by id, with the few
+columns queries need. A state change and its journal row commit in one
+transaction, and callers commit before they act on the new state.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+
+from scheduler_client.models import (
+    Allocation,
+    AppRoute,
+    EdgeInfo,
+    Host,
+    Promotion,
+    Region,
+    RouteChange,
+)
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS allocations (
+    id TEXT PRIMARY KEY,
+    app TEXT NOT NULL,
+    idempotency_key TEXT,
+    state TEXT NOT NULL,
+    pid INTEGER,
+    doc BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS allocations_key ON allocations(app, idempotency_key);
+CREATE TABLE IF NOT EXISTS promotions (id TEXT PRIMARY KEY, app TEXT, doc BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS hosts (name TEXT PRIMARY KEY, doc BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS regions (name TEXT PRIMARY KEY, doc BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS edges (edge_id TEXT PRIMARY KEY, doc BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS routes (app TEXT PRIMARY KEY, cas_epoch INTEGER, doc BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS route_changes (epoch INTEGER PRIMARY KEY, app TEXT, doc BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS journal (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    machine TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    from_state TEXT NOT NULL,
+    to_state TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+"""
+
+
+class JournalEntry(msgspec.Struct):
+    seq: int
+    at: float
+    machine: str
+    subject: str
+    from_state: str
+    to_state: str
+    reason: str
+
+
+class ControlPlaneStore:
+    """Synchronous SQLite access; the file is local and every statement is short."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(_SCHEMA)
+        self._encoder = msgspec.json.Encoder()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -------------------------------------------------------------- generic
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self.db)
+
+    def _load(self, table: str, key: str, value: str, kind: type[T]) -> T | None:
+        row = self.db.execute(f"SELECT doc FROM {table} WHERE {key} = ?", (value,)).fetchone()
+        return None if row is None else msgspec.json.decode(row[0], type=kind)
+
+    def _all(self, sql: str, args: tuple, kind: type[T]) -> list[T]:
+        decoder = msgspec.json.Decoder(kind)
+        return [decoder.decode(row[0]) for row in self.db.execute(sql, args)]
+
+    def journal(
+        self, machine: str, subject: str, from_state: str, to_state: str, reason: str = ""
+    ) -> None:
+        self.db.execute(
+            "INSERT INTO journal (at, machine, subject, from_state, to_state, reason)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (time.time(), machine, subject, from_state, to_state, reason),
+        )
+
+    def journal_entries(self, subject: str | None = None) -> list[JournalEntry]:
+        sql = "SELECT seq, at, machine, subject, from_state, to_state, reason FROM journal"
+        args: tuple = ()
+        if subject is not None:
+            sql += " WHERE subject = ?"
+            args = (subject,)
+        return [JournalEntry(*row) for row in self.db.execute(sql + " ORDER BY seq", args)]
+
+    def meta(self, key: str, default: int = 0) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else int(row[0])
+
+    # ---------------------------------------------------------- allocations
+
+    def allocation(self, allocation_id: str) -> Allocation | None:
+        return self._load("allocations", "id", allocation_id, Allocation)
+
+    def allocation_by_key(self, app: str, key: str) -> Allocation | None:
+        row = self.db.execute(
+            "SELECT doc FROM allocations WHERE app = ? AND idempotency_key = ?", (app, key)
+        ).fetchone()
+        return None if row is None else msgspec.json.decode(row[0], type=Allocation)
+
+    def allocations(self, app: str | None = None) -> list[Allocation]:
+        if app is None:
+            return self._all("SELECT doc FROM allocations ORDER BY rowid", (), Allocation)
+        return self._all(
+            "SELECT doc FROM allocations WHERE app = ? ORDER BY rowid", (app,), Allocation
+        )
+
+    def live_allocations(self) -> list[Allocation]:
+        return self._all(
+            "SELECT doc FROM allocations WHERE state NOT IN ('stopped', 'failed') ORDER BY rowid",
+            (),
+            Allocation,
+        )
+
+    def insert_allocation(self, alloc: Allocation) -> None:
+        """Insert a new allocation; raises sqlite3.IntegrityError on a duplicate key."""
+        with self._transaction():
+            self.db.execute(
+                "INSERT INTO allocations (id, app, idempotency_key, state, pid, doc)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    alloc.id,
+                    alloc.app,
+                    alloc.idempotency_key,
+                    alloc.state,
+                    alloc.pid,
+                    self._encoder.encode(alloc),
+                ),
+            )
+            self.journal("allocation", alloc.id, "", alloc.state, "created")
+
+    def save_allocation(self, alloc: Allocation, from_state: str | None = None) -> None:
+        """Persist; when `from_state` differs from the new state, journal the transition."""
+        with self._transaction():
+            self.db.execute(
+                "UPDATE allocations SET state = ?, pid = ?, doc = ? WHERE id = ?",
+                (alloc.state, alloc.pid, self._encoder.encode(alloc), alloc.id),
+            )
+            if from_state is not None and from_state != alloc.state:
+                self.journal("allocation", alloc.id, from_state, alloc.state, alloc.reason)
+
+    # ------------------------------------------------------------ documents
+
+    def promotion(self, promotion_id: str) -> Promotion | None:
+        return self._load("promotions", "id", promotion_id, Promotion)
+
+    def promotions(self) -> list[Promotion]:
+        return self._all("SELECT doc FROM promotions ORDER BY rowid", (), Promotion)
+
+    def save_promotion(self, promotion: Promotion, from_state: str | None = None) -> None:
+        with self._transaction():
+            self.db.execute(
+                "INSERT INTO promotions (id, app, doc) VALUES (?, ?, ?)"
+                " ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
+                (promotion.id, promotion.app, self._encoder.encode(promotion)),
+            )
+            if from_state != promotion.state:
+                self.journal(
+                    "promotion", promotion.id, from_state or "", promotion.state, promotion.reason
+                )
+
+    def host(self, name: str) -> Host | None:
+        return self._load("hosts", "name", name, Host)
+
+    def hosts(self) -> list[Host]:
+        return self._all("SELECT doc FROM hosts ORDER BY name", (), Host)
+
+    def save_host(self, host: Host, from_state: str | None = None) -> None:
+        with self._transaction():
+            self.db.execute(
+                "INSERT INTO hosts (name, doc) VALUES (?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET doc = excluded.doc",
+                (host.name, self._encoder.encode(host)),
+            )
+            if from_state != host.state:
+                self.journal("host_drain", host.name, from_state or "", host.state, host.reason)
+
+    def region(self, name: str) -> Region | None:
+        return self._load("regions", "name", name, Region)
+
+    def save_region(self, region: Region, from_state: str | None = None) -> None:
+        with self._transaction():
+            self.db.execute(
+                "INSERT INTO regions (name, doc) VALUES (?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET doc = excluded.doc",
+                (region.name, self._encoder.encode(region)),
+            )
+            if from_state != region.state:
+                self.journal("region", region.name, from_state or "", region.state, region.reason)
+
+    def edge(self, edge_id: str) -> EdgeInfo | None:
+        return self._load("edges", "edge_id", edge_id, EdgeInfo)
+
+    def edges(self) -> list[EdgeInfo]:
+        return self._all("SELECT doc FROM edges ORDER BY edge_id", (), EdgeInfo)
+
+    def save_edge(self, edge: EdgeInfo) -> None:
+        self.db.execute(
+            "INSERT INTO edges (edge_id, doc) VALUES (?, ?)"
+            " ON CONFLICT(edge_id) DO UPDATE SET doc = excluded.doc",
+            (edge.edge_id, self._encoder.encode(edge)),
+        )
+
+    # --------------------------------------------------------------- routes
+
+    def route_epoch(self) -> int:
+        return self.meta("route_epoch")
+
+    def route(self, app: str) -> tuple[AppRoute, int] | None:
+        """(route, epoch of its last compare-and-set)."""
+        row = self.db.execute("SELECT doc, cas_epoch FROM routes WHERE app = ?", (app,)).fetchone()
+        return None if row is None else (msgspec.json.decode(row[0], type=AppRoute), row[1])
+
+    def routes(self) -> list[AppRoute]:
+        return self._all("SELECT doc FROM routes ORDER BY app", (), AppRoute)
+
+    def commit_route(self, route: AppRoute, cas: bool, history: int) -> RouteChange:
+        """Give `route` the next epoch, store it and its change, trim old changes."""
+        with self._transaction():
+            epoch = self.route_epoch() + 1
+            route = msgspec.structs.replace(route, epoch=epoch)
+            previous = self.route(route.app)
+            cas_epoch = epoch if cas or previous is None else previous[1]
+            self.db.execute(
+                "INSERT INTO routes (app, cas_epoch, doc) VALUES (?, ?, ?)"
+                " ON CONFLICT(app) DO UPDATE SET cas_epoch = excluded.cas_epoch,"
+                " doc = excluded.doc",
+                (route.app, cas_epoch, self._encoder.encode(route)),
+            )
+            change = RouteChange(epoch=epoch, app=route.app, route=route)
+            self.db.execute(
+                "INSERT INTO route_changes (epoch, app, doc) VALUES (?, ?, ?)",
+                (epoch, route.app, self._encoder.encode(change)),
+            )
+            self.db.execute(
+                "INSERT INTO meta (key, value) VALUES ('route_epoch', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (epoch,),
+            )
+            self.db.execute("DELETE FROM route_changes WHERE epoch <= ?", (epoch - history,))
+        return change
+
+    def oldest_retained_epoch(self) -> int | None:
+        row = self.db.execute("SELECT MIN(epoch) FROM route_changes").fetchone()
+        return row[0]
+
+    def route_changes_after(self, epoch: int) -> list[RouteChange]:
+        return self._all(
+            "SELECT doc FROM route_changes WHERE epoch > ? ORDER BY epoch", (epoch,), RouteChange
+        )
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on error; re-entrant within one store."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.outer = False
+
+    def __enter__(self) -> None:
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.outer = True
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        if not self.outer:
+            return
+        self.db.execute("ROLLBACK" if kind is not None else "COMMIT")
