@@ -76,6 +76,17 @@ class UpstreamSection(_Section):
     max_idle_per_upstream: int = 64
 
 
+class ControlPlaneClientSection(_Section):
+    # Empty: no control plane; only static upstreams are served.
+    url: str = ""
+    # The bearer token never sits in this file: an environment variable, or a file.
+    token_env: str = "CONTROL_PLANE_TOKEN"
+    token_file: str = ""
+    token: str = ""  # refused when set, with a message saying where the token goes
+    timeout: Duration = Duration(5.0)
+    retries: int = 3
+
+
 class AppConfig(_Section):
     name: str
     hosts: list[str]
@@ -86,6 +97,7 @@ class Config(_Section):
     edge: EdgeSection = EdgeSection()
     limits: LimitsSection = LimitsSection()
     upstream: UpstreamSection = UpstreamSection()
+    control_plane: ControlPlaneClientSection = ControlPlaneClientSection()
     apps: list[AppConfig] = []
 
 
@@ -148,6 +160,20 @@ def _check(config: Config, file: str) -> None:
             fail(f"upstream.{key}", "must be greater than zero")
     if upstream.max_idle_per_upstream < 0:
         fail("upstream.max_idle_per_upstream", "must not be negative")
+
+    control_plane = config.control_plane
+    if control_plane.token:
+        fail(
+            "control_plane.token",
+            "never write the token in the config: name an environment variable with "
+            "token_env, or a file with token_file",
+        )
+    if control_plane.url and not re.fullmatch(r"https?://[^/\s]+/?", control_plane.url):
+        fail("control_plane.url", f"expected http://host:port, got {control_plane.url!r}")
+    if control_plane.timeout <= 0:
+        fail("control_plane.timeout", "must be greater than zero")
+    if not 0 <= control_plane.retries <= 10:
+        fail("control_plane.retries", "must be between 0 and 10")
 
     names: set[str] = set()
     owner_of_host: dict[str, str] = {}

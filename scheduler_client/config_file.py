@@ -177,6 +177,23 @@ def read_config_file(path: str | Path) -> str:
         raise ConfigError(str(path), "", f"cannot read: {exc.strerror}") from None
 
 
+def read_secret(env_name: str, file_name: str, file: str, key: str) -> str:
+    """A secret from a file (when named) or an environment variable; ConfigError when absent."""
+    import os
+
+    if file_name:
+        try:
+            secret = Path(file_name).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(file, f"{key}_file", f"cannot read: {exc.strerror}") from None
+    else:
+        secret = os.environ.get(env_name, "").strip()
+    if not secret:
+        where = file_name or f"the environment variable {env_name}"
+        raise ConfigError(file, key, f"no {key}: set {where}")
+    return secret
+
+
 def to_builtins(config: Any) -> dict[str, Any]:
     """A config Struct as plain data, durations and sizes written back with units."""
     return msgspec.to_builtins(config, enc_hook=_enc_hook)

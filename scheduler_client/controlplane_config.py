@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from scheduler_client.config_file import (
     decode_toml,
     parse_address,
     read_config_file,
+    read_secret,
 )
 
 _NAME = re.compile(r"[a-z0-9]([a-z0-9_-]{0,62})")
@@ -123,14 +123,4 @@ def load_controlplane_config(path: str | Path) -> ControlPlaneConfig:
 
 def read_token(section: ControlPlaneSection, file: str = "<config>") -> str:
     """The bearer token from token_file or the environment; ConfigError when absent."""
-    if section.token_file:
-        try:
-            token = Path(section.token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(file, "controlplane.token_file", f"cannot read: {exc}") from None
-    else:
-        token = os.environ.get(section.token_env, "").strip()
-    if not token:
-        where = section.token_file or f"the environment variable {section.token_env}"
-        raise ConfigError(file, "controlplane", f"no bearer token: set {where}")
-    return token
+    return read_secret(section.token_env, section.token_file, file, "controlplane.token")
