@@ -57,6 +57,7 @@ from scheduler_client.models import (
     EdgeRegistration,
     ErrorBody,
     Host,
+    HostDrainRequest,
     Promotion,
     Region,
     RouteCas,
@@ -425,6 +426,11 @@ class ControlPlaneClient:
     async def cordon_host(self, name: str) -> Host:
         path = f"/v1/hosts/{_segment(name, 'host name')}/cordon"
         return await self._call("POST", path, _decode_host, retry=True)
+
+    async def drain_host(self, name: str, deadline_s: float, replace: bool = True) -> Host:
+        path = f"/v1/hosts/{_segment(name, 'host name')}/drain"
+        body = HostDrainRequest(deadline_s=deadline_s, replace=replace)
+        return await self._call("POST", path, _decode_host, body=body)
 
     async def uncordon_host(self, name: str) -> Host:
         path = f"/v1/hosts/{_segment(name, 'host name')}/uncordon"

@@ -31,6 +31,7 @@ from scheduler_client.models import (
     EdgeAck,
     EdgeRegistration,
     ErrorBody,
+    HostDrainRequest,
     RouteCas,
     SetRegion,
     TooLarge,
@@ -39,11 +40,6 @@ from scheduler_client.models import (
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _encoder = msgspec.json.Encoder()
-
-
-class HostDrainRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    deadline_s: float = 30.0
-    replace: bool = True
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

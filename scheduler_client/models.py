@@ -130,6 +130,12 @@ class DrainRequest(_Wire):
     deadline_s: float = 30.0
 
 
+class HostDrainRequest(_Wire):
+    deadline_s: float = 30.0
+    # Evacuated allocations need replacements elsewhere (the "no headroom" gate).
+    replace: bool = True
+
+
 class RouteCas(_Wire):
     app: str
     expected_epoch: int
