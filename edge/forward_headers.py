@@ -152,6 +152,9 @@ class RequestFields:
             elif kind == CONTENT_LENGTH:
                 self.content_length = value
             elif kind == TRANSFER_ENCODING:
+                # Several fields form one list (RFC 9110 §5.3): chunked must be the only coding.
+                if self.transfer_encoding is not None:
+                    value = self.transfer_encoding + b", " + value
                 self.transfer_encoding = value
                 self.chunked = value.strip().lower() == b"chunked"
             elif kind == CONNECTION:
@@ -216,6 +219,7 @@ BODY_NONE = 0  # HEAD, 204, 304, 101
 BODY_LENGTH = 1  # upstream's Content-Length passes through
 BODY_CHUNKED = 2  # re-chunked for an HTTP/1.1 client
 BODY_EOF = 3  # HTTP/1.0 client without length: ends when the edge closes
+BODY_RECHUNKED_EOF = 4  # upstream body ends at its close; chunked to the client
 
 
 def build_response_head(
@@ -233,6 +237,7 @@ def build_response_head(
     start = len(out)
     length: bytes | None = None
     upgrade_value = b""
+    upstream_chunked = False
     named: frozenset[bytes] = frozenset()
     cache = _class_cache
     for name, value in headers:
@@ -243,6 +248,8 @@ def build_response_head(
             out += (name, b": ", value, b"\r\n")
         elif kind == CONTENT_LENGTH:
             length = value
+        elif kind == TRANSFER_ENCODING:
+            upstream_chunked = True
         elif kind == CONNECTION:
             if value.lower() not in _PLAIN_CONNECTION_TOKENS:
                 named = named | (connection_tokens(value) - _PLAIN_CONNECTION_TOKENS)
@@ -266,7 +273,7 @@ def build_response_head(
             mode = BODY_EOF
             keep_alive = False
         else:
-            mode = BODY_CHUNKED
+            mode = BODY_CHUNKED if upstream_chunked else BODY_RECHUNKED_EOF
             out.append(b"Transfer-Encoding: chunked\r\n")
         if not keep_alive:
             out.append(b"Connection: close\r\n")

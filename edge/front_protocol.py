@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import sys
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ from httptools import (
 from edge.forward_headers import (
     BODY_CHUNKED,
     BODY_EOF,
+    BODY_RECHUNKED_EOF,
     RequestFields,
     build_request_head,
     build_response_head,
@@ -80,6 +82,7 @@ class Exchange:
         "response_chunked",
         "response_eof",
         "response_started",
+        "send_continue",
         "started_at",
         "status",
         "upgrade",
@@ -110,6 +113,7 @@ class Exchange:
         self.response_chunked = False
         self.response_eof = False
         self.waiting_head = False
+        self.send_continue = False
 
 
 class FrontConnection(asyncio.Protocol):
@@ -129,6 +133,9 @@ class FrontConnection(asyncio.Protocol):
         self.head_bytes = 0
         self.header_bytes = 0
         self.in_head = False
+        self.input_closed = False
+        self.body_progress = False
+        self.bytes_without_body = 0
         self.parsing: Exchange | None = None
         self.current: Exchange | None = None
         self.pipeline: deque[Exchange] = deque()
@@ -175,7 +182,7 @@ class FrontConnection(asyncio.Protocol):
                 # The client is gone: cancel the upstream request, never reuse mid-exchange.
                 ex.upstream = None
                 conn.abort()
-                self._release_peer(ex)
+            self._release_peer(ex)
             if not ex.response_started or ex.status == 0:
                 ex.status = 499
             self._record(ex)
@@ -201,32 +208,48 @@ class FrontConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.write(data)
             return
-        if self.closed:
+        if self.closed or self.input_closed:
             return
-        if self.parsing is None:
+        parsing = self.parsing
+        if parsing is None:
             self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
-            ex = self.current or (self.pipeline[-1] if self.pipeline else None)
-            if ex is not None and ex.upgrade:
-                rest = data[exc.args[0] :]
-                if ex.upstream is not None:
-                    ex.upstream.write(rest)
-                else:
-                    ex.early_tunnel += rest
+            self._hold_tunnel_bytes(data[exc.args[0] :])
             return
         except HttpParserCallbackError as exc:
             reject = exc.__context__
-            if isinstance(reject, _Reject):
-                self._reject(reject)
-            else:
-                raise
+            if not isinstance(reject, _Reject):
+                print(f"edge: internal error in a request callback: {reject!r}", file=sys.stderr)
+                reject = _Reject(500, "internal error", "internal")
+            self._reject(reject)
+            return
         except HttpParserError as exc:
             self._reject(_Reject(_parse_error_status(exc), f"bad request: {exc}", "malformed"))
             return
-        if self.in_head and self.head_bytes > self.limits.max_head_bytes:
-            self._reject(_Reject(431, "request header fields too large", "headers"))
+        if self.in_head:
+            if self.head_bytes > self.limits.max_head_bytes:
+                self._reject(_Reject(431, "request header fields too large", "headers"))
+        elif parsing is not None and self.parsing is parsing:
+            # Mid-body bytes that carried no body (chunk lines, trailers) are bounded
+            # like a head, since httptools buffers a trailer field whole.
+            if self.body_progress:
+                self.body_progress = False
+                self.bytes_without_body = 0
+            else:
+                self.bytes_without_body += len(data)
+                if self.bytes_without_body > self.limits.max_head_bytes:
+                    self._reject(_Reject(431, "request trailer section too large", "headers"))
+
+    def _hold_tunnel_bytes(self, rest: bytes) -> None:
+        """Bytes after an Upgrade request wait until the upstream agrees to switch."""
+        ex = self.current or (self.pipeline[-1] if self.pipeline else None)
+        if ex is None or not ex.upgrade or not rest:
+            return
+        ex.early_tunnel += rest
+        if len(ex.early_tunnel) > 65536:
+            self._pause_reading()
 
     def eof_received(self) -> bool:
         # Half-closed clients still get their response; close once it is written.
@@ -270,6 +293,7 @@ class FrontConnection(asyncio.Protocol):
         ex.path = self.url
         self.parsing = ex
         self.in_head = False
+        self.bytes_without_body = 0
         ex.http10 = parser.get_http_version() == "1.0"
         ex.keep_alive = parser.should_keep_alive() and not self.ctx.draining
         self.head_bytes = 0
@@ -294,6 +318,7 @@ class FrontConnection(asyncio.Protocol):
         if ex is None or ex.status:
             return
         ex.body_seen += len(data)
+        self.body_progress = True
         if ex.body_seen > self.limits.max_body:
             raise _Reject(413, "request body too large", "body")
         conn = ex.upstream
@@ -337,7 +362,7 @@ class FrontConnection(asyncio.Protocol):
         host_value = fields.host
         if target[:1] != b"/":
             target, host_value = _absolute_form(target, host_value)
-            if ctx.route_for(host_value) is None:
+            if host_value is not None and ctx.route_for(host_value) is None:
                 raise _Reject(400, "absolute-form target names a host not served here", "host")
         if host_value is None:
             raise _Reject(400, "missing Host header", "host")
@@ -351,7 +376,7 @@ class FrontConnection(asyncio.Protocol):
             length = int(fields.content_length)
             if length > self.limits.max_body:
                 raise _Reject(413, "request body too large", "body")
-            framing = b"Content-Length: " + fields.content_length if length else b""
+            framing = b"Content-Length: " + fields.content_length
             ex.body_done = not length
         elif fields.chunked:
             ex.body_chunked = True
@@ -362,9 +387,9 @@ class FrontConnection(asyncio.Protocol):
         if fields.expect is not None:
             if fields.expect.strip().lower() != b"100-continue":
                 raise _Reject(417, "unsupported expectation", "expect")
-            if not ex.http10 and not ex.body_done:
-                # The edge reads the body itself, so it answers the expectation itself.
-                self.out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
+            # The edge reads the body itself, so it answers the expectation itself,
+            # in order: when this exchange starts.
+            ex.send_continue = not ex.http10 and not ex.body_done
         ex.upgrade = bool(fields.upgrade) and self.parser.should_upgrade()
         ex.request_id = fields.request_id or ctx.next_request_id()
         ex.peer = app.pick()
@@ -388,6 +413,8 @@ class FrontConnection(asyncio.Protocol):
             self.out.append(ex.head)
             self._complete(ex)
             return
+        if ex.send_continue:
+            self.out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
         peer = ex.peer
         peer.in_flight += 1  # type: ignore[union-attr]
         conn = None if ex.upgrade else peer.take_idle()  # type: ignore[union-attr]
@@ -432,9 +459,6 @@ class FrontConnection(asyncio.Protocol):
             self._resume_reading()
         if ex.body_done and ex.body_chunked:
             conn.write(b"0\r\n\r\n")
-        if ex.early_tunnel:
-            conn.write(ex.early_tunnel)
-            ex.early_tunnel = b""
         ex.waiting_head = True
         self._set_deadline(EXCHANGE, self.ctx.upstream_header_timeout)
         if self.writing_paused:
@@ -448,10 +472,14 @@ class FrontConnection(asyncio.Protocol):
         ex = self.current
         if ex is None or ex.upstream is not conn:
             return
+        if status == 101 and not ex.upgrade:
+            conn.abort()
+            self._upstream_failed(ex, 502, "upstream switched protocols unasked", "bad_response")
+            return
         ex.status = status
         ex.waiting_head = False
         self.deadline = self.loop.time() + self.ctx.upstream_idle_timeout
-        upgrade = status == 101 and ex.upgrade
+        upgrade = status == 101
         if ex.upgrade and not upgrade:
             ex.keep_alive = False  # the parser is past the head; the connection can't continue
         ex.response_started = True
@@ -467,6 +495,9 @@ class FrontConnection(asyncio.Protocol):
         self.out.append(head)
         if mode == BODY_CHUNKED:
             ex.response_chunked = True
+        elif mode == BODY_RECHUNKED_EOF:
+            ex.response_chunked = True
+            ex.response_eof = True
         elif mode == BODY_EOF:
             ex.keep_alive = False
             ex.response_eof = True
@@ -487,7 +518,8 @@ class FrontConnection(asyncio.Protocol):
         if ex.response_chunked:
             self.out.append(b"0\r\n\r\n")
         ex.upstream = None
-        if ex.body_done and conn.keep_alive():
+        # After an Upgrade request the connection's framing is unknown: never reuse it.
+        if ex.body_done and not ex.upgrade and conn.keep_alive():
             ex.peer.give_back(conn, self.loop.time())  # type: ignore[union-attr]
         else:
             conn.abort()
@@ -499,6 +531,10 @@ class FrontConnection(asyncio.Protocol):
             conn.abort()
             return
         ex.upstream = None
+        if ex.early_tunnel:
+            conn.write(ex.early_tunnel)
+            ex.early_tunnel = b""
+            self._resume_reading()
         self._release_peer(ex)
         self._record(ex)
         self.current = None
@@ -520,6 +556,8 @@ class FrontConnection(asyncio.Protocol):
             return
         ex.upstream = None
         if ex.response_eof and ex.response_started:
+            if ex.response_chunked:
+                self.out.append(b"0\r\n\r\n")
             self._complete(ex)  # close-delimited body ended
             return
         if ex.response_started:
@@ -537,6 +575,9 @@ class FrontConnection(asyncio.Protocol):
         self._upstream_failed(ex, 502, f"upstream connection {error}", error)
 
     def upstream_flush(self) -> None:
+        ex = self.current
+        if ex is not None and ex.response_started:
+            self.deadline = self.loop.time() + self.ctx.upstream_idle_timeout
         out = self.out
         if out and not self.closed:
             if len(out) == 1:
@@ -563,7 +604,10 @@ class FrontConnection(asyncio.Protocol):
         if not ex.keep_alive or not ex.body_done:
             self._close()
             return
-        self._set_deadline(IDLE, self.limits.keepalive_timeout)
+        if self.in_head:
+            self._set_deadline(HEADERS, self.limits.header_timeout)
+        else:
+            self._set_deadline(IDLE, self.limits.keepalive_timeout)
         if self.pipeline:
             self.loop.call_soon(self._next)
         else:
@@ -604,30 +648,43 @@ class FrontConnection(asyncio.Protocol):
             ctx.access_log.write(ex, self.client_ip, elapsed)
 
     def _reject(self, reject: _Reject) -> None:
-        """Answer a request the edge refuses; the connection closes unless it is still framed."""
+        """Refuse the request being parsed; input stops and the connection closes after it.
+
+        With a response already in progress, the refusal waits its turn in the
+        pipeline so every earlier request still gets its own answer, in order.
+        """
         ex = self.parsing
-        if ex is None:
-            ex = Exchange(b"", self.loop.time())
-        elif ex is not self.current and self.current is not None:
-            self._close(abort=True)  # a pipelined request went bad mid-stream
-            return
-        ex.status = reject.status
-        ex.keep_alive = False
         self.parsing = None
-        if ex is self.current and ex.response_started:
-            self._close(abort=True)
-            return
-        if ex is self.current:
-            conn, ex.upstream = ex.upstream, None
+        self.in_head = False
+        self.input_closed = True
+        refusal = error_response(reject.status, reject.reason, close=True, kind=reject.kind)
+        current = self.current
+        if current is not None and ex is current:
+            if current.response_started:
+                self._close(abort=True)
+                return
+            conn, current.upstream = current.upstream, None
             if conn is not None:
                 conn.abort()
-        self.ctx.stats.record(ex.app or "-", reject.status, self.loop.time() - ex.started_at)
-        self.out.append(error_response(reject.status, reject.reason, close=True, kind=reject.kind))
-        self.upstream_flush()
-        if self.current is ex:
-            self.current = None
-            self._release_peer(ex)
-        self._close()
+            current.status = reject.status
+            current.keep_alive = False
+            self.out.append(refusal)
+            self._complete(current)
+            return
+        if ex is None:
+            ex = Exchange(b"", self.loop.time())
+        ex.status = reject.status
+        ex.keep_alive = False
+        ex.head = refusal
+        if current is None:
+            self._record(ex)
+            self.out.append(refusal)
+            self.upstream_flush()
+            self._close()
+            return
+        if ex not in self.pipeline:
+            self.pipeline.append(ex)
+        self._pause_reading()
 
     def _close(self, abort: bool = False) -> None:
         if self.closed:

@@ -117,6 +117,10 @@ class UpstreamConnection(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
+        if self.owner is None and not self.closed:
+            # A response past the end of the exchange: the upstream broke framing.
+            self.abort()
+            return
         self.headers = []
         self.reason = b""
 

@@ -9,6 +9,7 @@ from edge.forward_headers import (
     BODY_EOF,
     BODY_LENGTH,
     BODY_NONE,
+    BODY_RECHUNKED_EOF,
     DROP,
     KEEP,
     RequestFields,
@@ -181,7 +182,7 @@ def test_upgrade_request_keeps_upgrade_headers() -> None:
     ("status", "headers", "head_request", "http10", "mode", "framing"),
     [
         (200, [(b"Content-Length", b"3")], False, False, BODY_LENGTH, b"Content-Length: 3"),
-        (200, [], False, False, BODY_CHUNKED, b"Transfer-Encoding: chunked"),
+        (200, [], False, False, BODY_RECHUNKED_EOF, b"Transfer-Encoding: chunked"),
         (200, [(b"Transfer-Encoding", b"chunked")], False, False, BODY_CHUNKED, b"chunked"),
         (200, [], False, True, BODY_EOF, b"Connection: close"),
         (200, [(b"Content-Length", b"3")], True, False, BODY_NONE, b"Content-Length: 3"),
