@@ -464,15 +464,22 @@ class ControlPlane:
 
     def ack_epoch(self, edge_id: str, epoch: int) -> EdgeInfo:
         edge = self._touch_edge(edge_id)
+        current = self.store.route_epoch()
+        if epoch > current:
+            # Acking an epoch that does not exist yet would count for future promotions.
+            raise BadRequest(f"epoch {epoch} is ahead of the control plane ({current})")
+        previous = edge.acked_epoch
         if epoch > edge.acked_epoch:
             edge = msgspec.structs.replace(edge, acked_epoch=epoch)
             self.store.save_edge(edge)
         for promotion in self.store.promotions():
+            # Late once: the ack that first reaches the promotion's epoch, not every
+            # later ack (or retry) from the same edge.
             late = (
                 promotion.state in PROMOTION.terminal
                 and edge_id in promotion.waiting_for
                 and edge_id not in promotion.acked_by
-                and epoch >= promotion.to_epoch > 0
+                and previous < promotion.to_epoch <= epoch
             )
             if late:
                 promotion = msgspec.structs.replace(

@@ -51,10 +51,14 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 
 async def _body(request: web.Request, kind: type[T]) -> T:
+    limit = request.client_max_size
+    # A declared length over the limit is refused before reading (or waiting for) it.
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"body larger than {limit} bytes")
     try:
         raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise TooLarge(f"body larger than {exc.max_size} bytes") from None
+    except web.HTTPRequestEntityTooLarge:
+        raise TooLarge(f"body larger than {limit} bytes") from None
     try:
         return msgspec.json.decode(raw or b"{}", type=kind)
     except msgspec.ValidationError as exc:
@@ -99,8 +103,12 @@ def _middlewares(token: str) -> list:
             return _error(exc.status, exc.code, exc.message)
         except IllegalTransition as exc:
             return _error(409, "conflict", str(exc))
-        except web.HTTPRequestEntityTooLarge as exc:
-            return _error(413, "too_large", f"body larger than {exc.max_size} bytes")
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, "too_large", f"body larger than {request.client_max_size} bytes")
+        except ConnectionResetError:
+            # The client went away mid-request (e.g. while sending the body): nobody
+            # will read this answer, and it is not a server bug.
+            return _error(400, "bad_request", "connection lost before the request was read")
         except web.HTTPException as exc:
             code = {404: "not_found", 405: "bad_request"}.get(exc.status, "bad_request")
             return _error(exc.status, code, exc.reason)
@@ -111,7 +119,8 @@ def _middlewares(token: str) -> list:
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path != "/healthz":
-            given = request.headers.get("Authorization", "").encode()
+            # Header bytes that are not UTF-8 arrive as surrogates: compare them as bytes.
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(given, expected):
                 return _error(401, "unauthorized", "a valid bearer token is required")
         return await handler(request)

@@ -58,7 +58,6 @@ HOST_DRAIN = MachineSpec(
         ("evacuating", "replacement_ready"),
         ("evacuating", "uncordoned"),
         ("replacement_ready", "upgrading"),
-        ("replacement_ready", "uncordoned"),
         ("upgrading", "postcheck"),
         ("postcheck", "uncordoned"),
     ),
