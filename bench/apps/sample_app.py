@@ -1,36 +1,79 @@
-"""A small demo upstream app: the thing the edge proxies to in `make run` and tests.
+"""A small demo upstream app: what the edge proxies to in `make run`, tests and benchmarks.
 
-    python bench/sample_app.py --port 9001 --name hello
+    python bench/apps/sample_app.py --port 9001 --name hello [--start-delay 2]
 
-Binds 127.0.0.1 only. Routes:
+The local control plane runs one of these per allocation (`--name` is then the
+allocation id; the environment variable ALLOCATION_ID overrides it). Binds
+127.0.0.1 only. Routes:
 
-    GET  /          "hello from <name>"
-    GET  /healthz   200 "ok" (readiness probe)
-    *    /echo      the request body streamed back, same Content-Type
-    GET  /ws        WebSocket echo (text and binary)
+    GET  /                 "hello from <name>"
+    GET  <readiness path>  200 "ok" once started (default /healthz)
+    *    /echo             the request body streamed back, same Content-Type
+    GET  /ws               WebSocket echo (text and binary)
+    GET  /sessions         {"active": <open websockets>, "in_flight": <other requests>}
+    GET  /leak?mb=N        allocate N MiB and keep it (provokes a memory limit)
+    GET  /crash?code=N     answer, then exit the process with code N
+    GET  /slow?seconds=S   sleep S seconds, then answer
 
-Every response carries `X-App-Instance: <name>-<pid>` and echoes the request's
-`X-Request-Id` when it has one. SIGTERM/SIGINT stop it cleanly (exit 0), so the
-local control plane can run it as a subprocess.
+Start delay (`--start-delay`, or START_DELAY): the port is bound at once (so a
+port handed out by the control plane is claimed early), but every route answers
+503 "starting" until the delay has passed: the readiness probe sees "not ready".
+
+Every response carries `X-Allocation-Id: <name>` and `X-App-Instance: <name>-<pid>`,
+and echoes the request's `X-Request-Id` when it has one.
+
+SIGTERM/SIGINT: stop accepting connections, let in-flight requests finish (up to
+--shutdown-timeout), close open WebSockets with 1001 (going away), exit 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import os
+import signal
 import sys
+import weakref
+from dataclasses import dataclass, field
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
-NAME_KEY = web.AppKey("name", str)
-INSTANCE_KEY = web.AppKey("instance", str)
+MIB = 1024 * 1024
+# Upper bounds on query parameters, so a typo cannot wedge the demo app.
+MAX_LEAK_MB = 16 * 1024
+MAX_SLOW_SECONDS = 3600.0
+
+
+@dataclass
+class AppState:
+    """What the handlers share: identity, start state, sessions, leaked memory."""
+
+    name: str
+    readiness_path: str
+    instance: str = ""
+    started: bool = False
+    in_flight: int = 0
+    websockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
+    leaked: list[bytes] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.instance = f"{self.name}-{os.getpid()}"
+
+
+STATE_KEY = web.AppKey("state", AppState)
+
+
+def _state(request: web.Request) -> AppState:
+    return request.app[STATE_KEY]
 
 
 async def index(request: web.Request) -> web.Response:
-    return web.Response(text=f"hello from {request.app[NAME_KEY]}\n")
+    return web.Response(text=f"hello from {_state(request).name}\n")
 
 
-async def healthz(request: web.Request) -> web.Response:
+async def ready(request: web.Request) -> web.Response:
+    # Reaching a handler at all means the start delay is over (see the middleware).
     return web.Response(text="ok\n")
 
 
@@ -49,55 +92,191 @@ async def echo(request: web.Request) -> web.StreamResponse:
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse()
     await ws.prepare(request)
-    async for message in ws:
-        if message.type is WSMsgType.TEXT:
-            await ws.send_str(message.data)
-        elif message.type is WSMsgType.BINARY:
-            await ws.send_bytes(message.data)
+    sockets = _state(request).websockets
+    sockets.add(ws)
+    try:
+        async for message in ws:
+            if message.type is WSMsgType.TEXT:
+                await ws.send_str(message.data)
+            elif message.type is WSMsgType.BINARY:
+                await ws.send_bytes(message.data)
+    finally:
+        sockets.discard(ws)
     return ws
 
 
+async def sessions(request: web.Request) -> web.Response:
+    state = _state(request)
+    # Open WebSockets are in-flight handlers too; report plain requests separately,
+    # not counting this one.
+    active = sum(1 for ws in state.websockets if not ws.closed)
+    return web.json_response({"active": active, "in_flight": state.in_flight - active - 1})
+
+
+def _number(request: web.Request, key: str, default: float, limit: float) -> float:
+    raw = request.query.get(key, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"{key} must be a number\n") from None
+    if not 0 <= value <= limit:
+        raise web.HTTPBadRequest(text=f"{key} must be between 0 and {limit:g}\n")
+    return value
+
+
+async def leak(request: web.Request) -> web.Response:
+    state = _state(request)
+    mb = int(_number(request, "mb", 1, MAX_LEAK_MB))
+    # b"\x01" * n writes every byte, so the pages are really resident (a zeroed
+    # bytearray could stay untouched and never show up in RSS).
+    state.leaked.append(b"\x01" * (mb * MIB))
+    total = sum(len(chunk) for chunk in state.leaked) // MIB
+    return web.json_response({"leaked_mb": mb, "total_mb": total})
+
+
+async def crash(request: web.Request) -> web.Response:
+    code = int(_number(request, "code", 1, 255))
+    # Exit a moment after the answer is written; os._exit skips clean-up on purpose:
+    # this is a crash, not a shutdown.
+    asyncio.get_running_loop().call_later(0.1, os._exit, code)
+    return web.Response(text=f"exiting with {code}\n")
+
+
+async def slow(request: web.Request) -> web.Response:
+    seconds = _number(request, "seconds", 1.0, MAX_SLOW_SECONDS)
+    await asyncio.sleep(seconds)
+    return web.Response(text=f"slept {seconds:g}s\n")
+
+
+@web.middleware
+async def lifecycle(request: web.Request, handler) -> web.StreamResponse:
+    """Count in-flight requests; answer 503 on every route until the start delay is over."""
+    state = _state(request)
+    if not state.started:
+        return web.Response(status=503, text="starting\n", headers={"Retry-After": "1"})
+    state.in_flight += 1
+    try:
+        return await handler(request)
+    finally:
+        state.in_flight -= 1
+
+
 async def _stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["X-App-Instance"] = request.app[INSTANCE_KEY]
+    state = _state(request)
+    response.headers["X-Allocation-Id"] = state.name
+    response.headers["X-App-Instance"] = state.instance
     request_id = request.headers.get("X-Request-Id")
     if request_id is not None:
         response.headers["X-Request-Id"] = request_id
 
 
-def make_app(name: str) -> web.Application:
-    app = web.Application()
-    app[NAME_KEY] = name
-    app[INSTANCE_KEY] = f"{name}-{os.getpid()}"
+async def _close_websockets(app: web.Application) -> None:
+    # on_shutdown runs after the listener is closed and before in-flight handlers
+    # are awaited: WebSocket handlers only end once their socket is closed.
+    for ws in list(app[STATE_KEY].websockets):
+        with contextlib.suppress(Exception):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
+
+def make_app(name: str, readiness_path: str = "/healthz", started: bool = True) -> web.Application:
+    """The aiohttp application; `started=False` answers 503 until state.started is set."""
+    app = web.Application(middlewares=[lifecycle])
+    app[STATE_KEY] = AppState(name=name, readiness_path=readiness_path, started=started)
     app.on_response_prepare.append(_stamp_headers)
-    app.router.add_get("/", index)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_route("*", "/echo", echo)
-    app.router.add_get("/ws", websocket)
+    app.on_shutdown.append(_close_websockets)
+    routes = {
+        "/": index,
+        "/ws": websocket,
+        "/sessions": sessions,
+        "/leak": leak,
+        "/crash": crash,
+        "/slow": slow,
+    }
+    # The readiness path wins over a route of the same path (e.g. --readiness-path /).
+    routes[readiness_path] = ready
+    for path, handler in routes.items():
+        app.router.add_get(path, handler)
+    if readiness_path != "/echo":
+        app.router.add_route("*", "/echo", echo)
     return app
+
+
+async def serve(
+    port: int, name: str, readiness_path: str, start_delay: float, shutdown_timeout: float
+) -> int:
+    """Bind, wait out the start delay, serve until SIGTERM/SIGINT; the exit status."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    app = make_app(name, readiness_path, started=start_delay <= 0)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+    except OSError as exc:
+        print(f"sample app: cannot listen on 127.0.0.1:{port}: {exc}", file=sys.stderr)
+        await runner.cleanup()
+        return 1
+    print(
+        f"sample app {name!r} listening on http://127.0.0.1:{port}/ (pid {os.getpid()}, "
+        f"ready after {max(start_delay, 0):g}s on {readiness_path})",
+        flush=True,
+    )
+    if start_delay > 0:
+        # A SIGTERM during the delay ends the wait early and shuts down as usual.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), start_delay)
+        app[STATE_KEY].started = True
+    await stop.wait()
+    # Closes the listener, closes idle keep-alive connections, runs on_shutdown
+    # (WebSockets get 1001), then waits up to shutdown_timeout for in-flight handlers.
+    await runner.cleanup()
+    return 0
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SystemExit(f"sample app: {name}={raw!r} is not a number") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Demo upstream app for the edge proxy.")
     parser.add_argument("--port", type=int, default=9001, help="port on 127.0.0.1 (default 9001)")
-    parser.add_argument("--name", default="hello", help="app name shown in responses")
-    args = parser.parse_args(argv)
-    print(
-        f"sample app {args.name!r} listening on http://127.0.0.1:{args.port}/ (pid {os.getpid()})",
-        flush=True,
+    parser.add_argument(
+        "--name",
+        default="hello",
+        help="name / allocation id shown in responses (env ALLOCATION_ID overrides)",
     )
-    try:
-        web.run_app(
-            make_app(args.name),
-            host="127.0.0.1",
-            port=args.port,
-            access_log=None,
-            print=None,
-            shutdown_timeout=5.0,
-        )
-    except OSError as exc:
-        print(f"sample app: cannot listen on 127.0.0.1:{args.port}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    parser.add_argument(
+        "--start-delay",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="answer 503 for this long after binding (default: env START_DELAY or 0)",
+    )
+    parser.add_argument(
+        "--readiness-path", default="/healthz", help="readiness probe path (default /healthz)"
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM, wait this long for in-flight requests (default 10)",
+    )
+    args = parser.parse_args(argv)
+    if not args.readiness_path.startswith("/"):
+        parser.error("--readiness-path must start with '/'")
+    name = os.environ.get("ALLOCATION_ID") or args.name
+    delay = args.start_delay if args.start_delay is not None else _env_float("START_DELAY", 0.0)
+    return asyncio.run(serve(args.port, name, args.readiness_path, delay, args.shutdown_timeout))
 
 
 if __name__ == "__main__":
