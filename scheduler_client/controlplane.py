@@ -203,7 +203,8 @@ class ControlPlane:
         if alloc.state != "pulling":
             return
         if not ok:
-            self._fail(alloc, f"build digest mismatch: expected {spec.digest}, got {actual}")
+            got = actual or "an unreadable artifact"
+            self._fail(alloc, f"build digest mismatch: expected {spec.digest}, got {got}")
             return
         missing = missing_secrets(spec, self.environ)
         if missing:
@@ -212,16 +213,20 @@ class ControlPlane:
         port = free_port()
         # Persisted before the spawn: a restart then knows a process may exist.
         alloc = self._move(alloc, "starting", address=f"127.0.0.1:{port}", artifact_digest=actual)
-        proc = AppProcess.spawn(
-            spec,
-            port=port,
-            allocation_id=alloc.id,
-            cwd=self.cwd,
-            environ=self.environ,
-            log_path=str(self.log_dir / f"{alloc.id}.log"),
-        )
+        try:
+            proc = AppProcess.spawn(
+                spec,
+                port=port,
+                allocation_id=alloc.id,
+                cwd=self.cwd,
+                environ=self.environ,
+                log_path=str(self.log_dir / f"{alloc.id}.log"),
+            )
+        except OSError as exc:
+            self._fail(alloc, f"runner crash: cannot start the command: {exc}")
+            return
         self.processes[alloc.id] = proc
-        alloc = self._update(alloc, pid=proc.pid)
+        alloc = self._update(alloc, pid=proc.pid, pid_start_ticks=proc.start_ticks)
         await self._await_ready(alloc.id, proc, spec)
 
     async def _await_ready(self, allocation_id: str, proc: AppProcess, spec: AppSpec) -> None:
@@ -316,7 +321,11 @@ class ControlPlane:
                 self._spawn(self._run_allocation(alloc.id))
                 continue
             port = int(alloc.address.rpartition(":")[2]) if alloc.address else 0
-            proc = AppProcess.adopt(alloc.pid, port) if alloc.pid else None
+            proc = (
+                AppProcess.adopt(alloc.pid, port, start_ticks=alloc.pid_start_ticks)
+                if alloc.pid
+                else None
+            )
             if proc is None:
                 if alloc.state == "draining":
                     self._spawn(self._finish_drain(alloc.id))

@@ -34,6 +34,9 @@ class Allocation(_Wire):
     drain_deadline: float | None = None
     idempotency_key: str | None = None
     pid: int | None = None
+    # The process's start time in clock ticks: adoption after a restart must match it,
+    # so a reused pid is never mistaken for the app.
+    pid_start_ticks: int | None = None
     active_sessions_at_deadline: int = 0
 
 
