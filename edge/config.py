@@ -87,10 +87,37 @@ class ControlPlaneClientSection(_Section):
     retries: int = 3
 
 
+class BudgetSection(_Section):
+    """Region-wide wake budget; applies live on reload."""
+
+    max_concurrent_wakes: int = 20
+    max_wakes_per_second: float = 10.0
+    tenant_max_concurrent_wakes: int = 5
+
+
+class HoldSection(_Section):
+    """Caps on requests held while apps wake, across all apps of a worker."""
+
+    max_held: int = 10_000
+    max_held_body_bytes: ByteSize = ByteSize(64 * 1024 * 1024)
+
+
 class AppConfig(_Section):
     name: str
     hosts: list[str]
     upstreams: list[str] = []
+    tenant: str = "default"
+    # Woken through the control plane on demand; no static upstreams.
+    scale_to_zero: bool = False
+    idle_timeout: Duration = Duration(300.0)
+    hold_timeout: Duration = Duration(30.0)
+    max_held: int = 1000
+    # Bytes of request bodies held for this app at once (requests with an Idempotency-Key).
+    max_held_body_bytes: ByteSize = ByteSize(8 * 1024 * 1024)
+    readiness_path: str = "/healthz"
+    readiness_timeout: Duration = Duration(20.0)
+    # A browser (Accept: text/html) held longer than this gets an auto-refreshing page; 0: off.
+    starting_page_after: Duration = Duration(0.0)
 
 
 class Config(_Section):
@@ -98,6 +125,8 @@ class Config(_Section):
     limits: LimitsSection = LimitsSection()
     upstream: UpstreamSection = UpstreamSection()
     control_plane: ControlPlaneClientSection = ControlPlaneClientSection()
+    budget: BudgetSection = BudgetSection()
+    hold: HoldSection = HoldSection()
     apps: list[AppConfig] = []
 
 
@@ -175,6 +204,15 @@ def _check(config: Config, file: str) -> None:
     if not 0 <= control_plane.retries <= 10:
         fail("control_plane.retries", "must be between 0 and 10")
 
+    budget = config.budget
+    for key in ("max_concurrent_wakes", "tenant_max_concurrent_wakes"):
+        if getattr(budget, key) < 1:
+            fail(f"budget.{key}", "must be at least 1")
+    if budget.max_wakes_per_second <= 0:
+        fail("budget.max_wakes_per_second", "must be greater than zero")
+    if config.hold.max_held < 0:
+        fail("hold.max_held", "must not be negative")
+
     names: set[str] = set()
     owner_of_host: dict[str, str] = {}
     for i, app in enumerate(config.apps):
@@ -197,8 +235,27 @@ def _check(config: Config, file: str) -> None:
                     f"duplicate host {pattern!r}, already used by app {owner_of_host[host]!r}",
                 )
             owner_of_host[host] = app.name
-        if not app.upstreams:
+        if app.scale_to_zero:
+            if app.upstreams:
+                fail(
+                    f"{where}.upstreams",
+                    f"app {app.name!r} scales to zero: its instances come from the control "
+                    "plane, remove the static upstreams",
+                )
+            if not config.control_plane.url:
+                fail(
+                    f"{where}.scale_to_zero",
+                    f"app {app.name!r} scales to zero but [control_plane] url is not set",
+                )
+        elif not app.upstreams:
             fail(f"{where}.upstreams", f"app {app.name!r} has no upstream")
+        for key in ("hold_timeout", "readiness_timeout", "idle_timeout"):
+            if getattr(app, key) <= 0:
+                fail(f"{where}.{key}", "must be greater than zero")
+        if app.max_held < 0:
+            fail(f"{where}.max_held", "must not be negative")
+        if not app.readiness_path.startswith("/"):
+            fail(f"{where}.readiness_path", "must start with '/'")
         for j, address in enumerate(app.upstreams):
             try:
                 parse_address(address)

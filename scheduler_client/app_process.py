@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import IO
 
 from scheduler_client.controlplane_config import AppSpec
+from scheduler_client.http_probe import http_get
 
 HOST = "127.0.0.1"
 _CHUNK = 1024 * 1024
@@ -48,7 +49,6 @@ _POLL_MAX = 0.25
 _PROBE_TIMEOUT = 1.0
 _SESSIONS_TIMEOUT = 1.0
 _KILL_WAIT = 5.0
-_MAX_RESPONSE = 64 * 1024
 
 
 def free_port() -> int:
@@ -165,54 +165,6 @@ def _signal_group(pgid: int, signum: int) -> None:
 
 
 # ----------------------------------------------------------------------- HTTP
-
-
-async def _http_get(port: int, path: str, timeout: float, body: bool = True) -> tuple[int, bytes]:
-    """(status, body) of one GET to 127.0.0.1:port; raises OSError, TimeoutError or ValueError.
-
-    With body=False it returns as soon as the head has arrived, so a server that
-    keeps the connection open regardless of `Connection: close` still counts.
-    """
-
-    async def exchange() -> tuple[int, bytes]:
-        reader, writer = await asyncio.open_connection(HOST, port, limit=_MAX_RESPONSE)
-        try:
-            writer.write(
-                f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
-                "Connection: close\r\nUser-Agent: edge-controlplane\r\n\r\n".encode("latin-1")
-            )
-            await writer.drain()
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
-                raise ValueError(f"no complete HTTP response head: {exc}") from None
-            lines = head.decode("latin-1").split("\r\n")
-            status_line = lines[0].split()
-            if len(status_line) < 2 or not status_line[0].startswith("HTTP/"):
-                raise ValueError(f"not an HTTP response: {lines[0][:80]!r}")
-            status = int(status_line[1])
-            if not body:
-                return status, b""
-            length = None
-            for line in lines[1:]:
-                name, _, value = line.partition(":")
-                if name.strip().lower() == "content-length":
-                    length = int(value.strip())
-            # Without Content-Length the body ends at EOF (we asked for Connection: close).
-            want = _MAX_RESPONSE if length is None else min(length, _MAX_RESPONSE)
-            data = b""
-            while len(data) < want:
-                more = await reader.read(want - len(data))
-                if not more:
-                    break
-                data += more
-            return status, data
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
-    return await asyncio.wait_for(exchange(), timeout)
 
 
 # ----------------------------------------------------------------- the process
@@ -340,7 +292,7 @@ class AppProcess:
                 return "readiness timeout"
             try:
                 probe_timeout = min(_PROBE_TIMEOUT, remaining)
-                status, _ = await _http_get(self.port, path, probe_timeout, body=False)
+                status, _ = await http_get(HOST, self.port, path, probe_timeout, body=False)
             except (OSError, TimeoutError, ValueError):
                 status = 0  # not listening yet, or not speaking HTTP yet
             if 200 <= status < 300:
@@ -354,7 +306,7 @@ class AppProcess:
     async def active_sessions(self) -> int:
         """Open long-lived sessions the app reports on GET /sessions; 0 on any error."""
         try:
-            status, body = await _http_get(self.port, "/sessions", _SESSIONS_TIMEOUT)
+            status, body = await http_get(HOST, self.port, "/sessions", _SESSIONS_TIMEOUT)
             if status != 200:
                 return 0
             active = json.loads(body).get("active", 0)

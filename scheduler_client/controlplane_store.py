@@ -245,9 +245,9 @@ class ControlPlaneStore:
         """Give `route` the next epoch, store it and its change, trim old changes."""
         with self._transaction():
             epoch = self.route_epoch() + 1
-            route = msgspec.structs.replace(route, epoch=epoch)
             previous = self.route(route.app)
             cas_epoch = epoch if cas or previous is None else previous[1]
+            route = msgspec.structs.replace(route, epoch=epoch, promoted_epoch=cas_epoch)
             self.db.execute(
                 "INSERT INTO routes (app, cas_epoch, doc) VALUES (?, ?, ?)"
                 " ON CONFLICT(app) DO UPDATE SET cas_epoch = excluded.cas_epoch,"

@@ -95,6 +95,8 @@ class AppRoute(_Wire):
     app: str
     epoch: int
     targets: list[RouteTarget] = []
+    # Epoch of the last compare-and-set (promotion): allocations granted before it are stale.
+    promoted_epoch: int = 0
 
 
 class RouteSnapshot(_Wire):
