@@ -118,6 +118,46 @@ def build_admin_app(state: AdminState, token: str) -> web.Application:
             os.kill(os.getpid(), signal.SIGHUP)
         return web.json_response({"reloaded": True})
 
+    async def apps(_: web.Request) -> web.Response:
+        ctx = state.ctx
+        wake = ctx.wake
+        rows = []
+        for name, route in ctx.apps.items():
+            row: dict = {
+                "name": name,
+                "scale_to_zero": route.spec.scale_to_zero,
+                "held": ctx.held_by_app.get(name, 0),
+                "upstreams": [peer.address for peer in route.peers],
+            }
+            if route.wake is not None and wake is not None:
+                wake_state = await wake.store.read_state(name)
+                target = wake.hot_target(name)
+                row.update(
+                    state=wake_state.state,
+                    reason=wake_state.reason,
+                    allocation_id=wake_state.allocation_id,
+                    address=wake_state.address,
+                    expected_wake_s=wake_state.expected_wake_s,
+                    failures=wake_state.failures,
+                    hot_here=target is not None,
+                    transitions=msgspec.to_builtins(await wake.store.transitions(name, 10)),
+                )
+            else:
+                row["state"] = "hot"
+            rows.append(row)
+        return web.json_response({"apps": rows})
+
+    async def budget(_: web.Request) -> web.Response:
+        wake = state.ctx.wake
+        if wake is None:
+            return web.json_response({"budget": None, "reason": "no app scales to zero"})
+        usage = await wake.store.budget_usage(wake.budget)
+        return web.json_response(
+            {"limits": msgspec.to_builtins(wake.budget), "usage": msgspec.to_builtins(usage)}
+        )
+
+    app.router.add_get("/admin/apps", apps)
+    app.router.add_get("/admin/budget", budget)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -27,6 +27,7 @@ CONTENT_LENGTH = 7
 TRANSFER_ENCODING = 8
 EXPECT = 9
 UPGRADE = 10
+IDEMPOTENCY_KEY = 11  # forwarded as is; makes a request safe to hold
 
 _CLASS_BY_NAME = {
     b"connection": CONNECTION,
@@ -46,10 +47,12 @@ _CLASS_BY_NAME = {
     b"host": HOST,
     b"content-length": CONTENT_LENGTH,
     b"expect": EXPECT,
+    b"idempotency-key": IDEMPOTENCY_KEY,
 }
 # Request-only meanings don't apply to responses: those fields pass through there.
 _KEPT_IN_RESPONSE = tuple(
-    kind in (KEEP, FORWARDING, XFF, REQUEST_ID, HOST, EXPECT) for kind in range(UPGRADE + 1)
+    kind in (KEEP, FORWARDING, XFF, REQUEST_ID, HOST, EXPECT, IDEMPOTENCY_KEY)
+    for kind in range(IDEMPOTENCY_KEY + 1)
 )
 _class_cache: dict[bytes, int] = {}
 _CACHE_LIMIT = 4096
@@ -118,6 +121,7 @@ class RequestFields:
         "forwarded_proto",
         "host",
         "host_count",
+        "idempotency_key",
         "lines",
         "request_id",
         "transfer_encoding",
@@ -138,6 +142,7 @@ class RequestFields:
         self.xff = b""
         self.forwarded_proto = False
         self.forwarded_host = False
+        self.idempotency_key = b""
         named: frozenset[bytes] = frozenset()
         cache = _class_cache
         for name, value in headers:
@@ -178,6 +183,9 @@ class RequestFields:
                 self.expect = value
             elif kind == UPGRADE:
                 self.upgrade = value
+            elif kind == IDEMPOTENCY_KEY:
+                self.idempotency_key = value
+                lines += (name, b": ", value, b"\r\n")
         self.lines = _drop_named(lines, named) if named else lines
 
 
@@ -284,7 +292,13 @@ def build_response_head(
 
 
 def error_response(
-    status: int, reason_text: str, *, close: bool, kind: str = "", head: bool = False
+    status: int,
+    reason_text: str,
+    *,
+    close: bool,
+    kind: str = "",
+    head: bool = False,
+    retry_after: float = 1.0,
 ) -> bytes:
     """A complete short plain-text response the edge answers on its own."""
     body = f"edge: {reason_text}\n".encode()
@@ -296,7 +310,7 @@ def error_response(
     if kind:
         lines.append(f"X-Edge-Error: {kind}")
     if status == 503:
-        lines.append("Retry-After: 1")
+        lines.append(f"Retry-After: {max(1, round(retry_after))}")
     if close:
         lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if head else body)

@@ -41,11 +41,13 @@ from edge.forward_headers import (
 )
 from edge.host_pattern import host_from_header
 from edge.upstream_pool import UpstreamConnection, UpstreamPeer
+from wake.controller import WakeRefused
 
 if TYPE_CHECKING:
-    from edge.worker_context import WorkerContext
+    from edge.worker_context import AppRoute, WorkerContext
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_SAFE_TO_HOLD = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 
 # Deadline kinds, checked by the sweeper.
 IDLE = 0  # no request in progress: keep-alive timeout
@@ -55,10 +57,11 @@ DRAINING = 3  # nothing to enforce
 
 
 class _Reject(Exception):
-    def __init__(self, status: int, reason: str, kind: str) -> None:
+    def __init__(self, status: int, reason: str, kind: str, retry_after: float = 1.0) -> None:
         self.status = status
         self.reason = reason
         self.kind = kind
+        self.retry_after = retry_after
 
 
 class Exchange:
@@ -73,6 +76,7 @@ class Exchange:
         "body_seen",
         "early_tunnel",
         "head",
+        "held",
         "http10",
         "keep_alive",
         "method",
@@ -87,6 +91,7 @@ class Exchange:
         "status",
         "upgrade",
         "upstream",
+        "waited_ms",
         "waiting_head",
     )
 
@@ -114,6 +119,8 @@ class Exchange:
         self.response_eof = False
         self.waiting_head = False
         self.send_continue = False
+        self.held = 0  # body bytes reserved while held; -1 when not held
+        self.waited_ms = -1.0
 
 
 class FrontConnection(asyncio.Protocol):
@@ -183,9 +190,12 @@ class FrontConnection(asyncio.Protocol):
                 ex.upstream = None
                 conn.abort()
             self._release_peer(ex)
+            self._unhold(ex)
             if not ex.response_started or ex.status == 0:
                 ex.status = 499
             self._record(ex)
+        for queued in self.pipeline:
+            self._unhold(queued)
         self.pipeline.clear()
 
     def pause_writing(self) -> None:
@@ -309,7 +319,13 @@ class FrontConnection(asyncio.Protocol):
             # Answered in order, after the responses ahead of it.
             ex.status = reject.status
             ex.keep_alive = False
-            ex.head = error_response(reject.status, reject.reason, close=True, kind=reject.kind)
+            ex.head = error_response(
+                reject.status,
+                reject.reason,
+                close=True,
+                kind=reject.kind,
+                retry_after=reject.retry_after,
+            )
         self.pipeline.append(ex)
         self._pause_reading()
 
@@ -393,6 +409,10 @@ class FrontConnection(asyncio.Protocol):
         ex.upgrade = bool(fields.upgrade) and self.parser.should_upgrade()
         ex.request_id = fields.request_id or ctx.next_request_id()
         ex.peer = app.pick()
+        if app.wake is not None:
+            app.wake.seen(app.name)
+            if ex.peer is None:
+                self._admit_cold(ex, app, fields)
         ex.head = build_request_head(
             method,
             target,
@@ -415,6 +435,14 @@ class FrontConnection(asyncio.Protocol):
             return
         if ex.send_continue:
             self.out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if ex.peer is None:
+            self.loop.create_task(self._hold_then_send(ex))
+            if self.out:
+                self.upstream_flush()
+            return
+        self._forward(ex)
+
+    def _forward(self, ex: Exchange) -> None:
         peer = ex.peer
         peer.in_flight += 1  # type: ignore[union-attr]
         conn = None if ex.upgrade else peer.take_idle()  # type: ignore[union-attr]
@@ -424,6 +452,99 @@ class FrontConnection(asyncio.Protocol):
             self._send(ex, conn)
         if self.out:
             self.upstream_flush()
+
+    def _admit_cold(self, ex: Exchange, app: AppRoute, fields: RequestFields) -> None:
+        """A request for an app that is not hot: hold it, or refuse it at once (503)."""
+        ctx = self.ctx
+        wake = app.wake
+        spec = app.spec
+        safe = ex.method in _SAFE_TO_HOLD or bool(fields.idempotency_key)
+        expected = wake.expected_wake(app.name)  # type: ignore[union-attr]
+        if not safe:
+            # Never held where a crash loses it; the wake still starts for the retry.
+            wake.start_wake(app.name)  # type: ignore[union-attr]
+            raise _Reject(
+                503,
+                f"app {app.name} is starting; retry (this request is not safe to hold)",
+                "not_safe_to_hold",
+                retry_after=expected or 5.0,
+            )
+        if expected > spec.hold_timeout:
+            wake.start_wake(app.name)  # type: ignore[union-attr]
+            raise _Reject(
+                503,
+                f"app {app.name} is starting and takes about {expected:.0f}s",
+                "wake_slower_than_hold",
+                retry_after=expected,
+            )
+        length = int(fields.content_length or 0) if not fields.chunked else 65536
+        reserve = min(length, 65536)
+        held = ctx.held_by_app.get(app.name, 0)
+        if (
+            held >= spec.max_held
+            or ctx.held_total >= ctx.config.hold.max_held
+            or ctx.held_bytes_by_app.get(app.name, 0) + reserve > spec.max_held_body_bytes
+            or ctx.held_bytes + reserve > ctx.config.hold.max_held_body_bytes
+        ):
+            wake.start_wake(app.name)  # type: ignore[union-attr]
+            raise _Reject(503, f"too many requests held for app {app.name}", "hold_cap", 1.0)
+        ctx.held_by_app[app.name] = held + 1
+        ctx.held_total += 1
+        ctx.held_bytes_by_app[app.name] = ctx.held_bytes_by_app.get(app.name, 0) + reserve
+        ctx.held_bytes += reserve
+        ex.held = reserve
+        # The hold starts now, even if pipelined requests are ahead of it.
+        wake.start_wake(app.name)  # type: ignore[union-attr]
+
+    def _unhold(self, ex: Exchange) -> None:
+        if ex.held < 0:
+            return
+        ctx = self.ctx
+        ctx.held_by_app[ex.app] = ctx.held_by_app.get(ex.app, 1) - 1
+        ctx.held_total -= 1
+        ctx.held_bytes_by_app[ex.app] = ctx.held_bytes_by_app.get(ex.app, ex.held) - ex.held
+        ctx.held_bytes -= ex.held
+        ex.held = -1
+
+    async def _hold_then_send(self, ex: Exchange) -> None:
+        """Wait for the app to be hot (bounded by its hold timeout), then forward."""
+        ctx = self.ctx
+        app = ctx.apps[ex.app]
+        wait_for = app.spec.hold_timeout - (self.loop.time() - ex.started_at)
+        try:
+            target = await app.wake.ensure_hot(ex.app, max(0.0, wait_for))  # type: ignore[union-attr]
+        except WakeRefused as refused:
+            self._unhold(ex)
+            self._refuse_held(ex, refused.reason, refused.kind, refused.retry_after)
+            return
+        except TimeoutError:
+            self._unhold(ex)
+            expected = app.wake.expected_wake(ex.app) or app.spec.hold_timeout  # type: ignore[union-attr]
+            self._refuse_held(
+                ex, f"app {ex.app} did not start within the hold timeout", "hold_timeout", expected
+            )
+            return
+        except Exception as exc:  # the store or control plane failed: answer, never hang
+            self._unhold(ex)
+            self._refuse_held(ex, f"wake failed: {type(exc).__name__}", "wake_error", 5.0)
+            return
+        self._unhold(ex)
+        if self.current is not ex or self.closed:
+            return
+        ex.waited_ms = (self.loop.time() - ex.started_at) * 1000
+        ex.peer = ctx.pool.peer(target.address)
+        self._forward(ex)
+
+    def _refuse_held(self, ex: Exchange, reason: str, kind: str, retry_after: float) -> None:
+        if self.current is not ex or self.closed:
+            return
+        ex.status = 503
+        ex.keep_alive = ex.keep_alive and ex.body_done
+        self.ctx.stats.rejection(ex.app, kind)
+        self.out.append(
+            error_response(503, reason, close=not ex.keep_alive, kind=kind, retry_after=retry_after)
+        )
+        self._complete(ex)
 
     async def _connect_then_send(self, ex: Exchange) -> None:
         try:
@@ -492,6 +613,8 @@ class FrontConnection(asyncio.Protocol):
             http10_client=ex.http10,
             upgrade=upgrade,
         )
+        if ex.waited_ms >= 0:
+            head = head[:-2] + b"Server-Timing: wake;dur=%.1f\r\n\r\n" % ex.waited_ms
         self.out.append(head)
         if mode == BODY_CHUNKED:
             ex.response_chunked = True
@@ -657,7 +780,13 @@ class FrontConnection(asyncio.Protocol):
         self.parsing = None
         self.in_head = False
         self.input_closed = True
-        refusal = error_response(reject.status, reject.reason, close=True, kind=reject.kind)
+        refusal = error_response(
+            reject.status,
+            reject.reason,
+            close=True,
+            kind=reject.kind,
+            retry_after=reject.retry_after,
+        )
         current = self.current
         if current is not None and ex is current:
             if current.response_started:

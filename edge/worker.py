@@ -12,17 +12,21 @@ import tempfile
 from pathlib import Path
 
 import uvloop
+from wake.store_url import open_store
 
 from edge.access_log import open_access_log
 from edge.admin import AdminState, start_admin
 from edge.config import Config, ConfigError, load_config
 from edge.front_protocol import FrontConnection
-from edge.worker_context import WorkerContext
+from edge.worker_context import WorkerContext, budget_limits, wake_specs
 from edge.worker_stats import write_snapshot
-from scheduler_client.config_file import parse_address
+from scheduler_client.client import ControlPlaneClient
+from scheduler_client.config_file import parse_address, read_secret
+from wake.controller import WakeController
 
 SWEEP_INTERVAL = 0.25
 SNAPSHOT_EVERY = 2  # sweeps
+WAKE_UPKEEP_EVERY = 4  # sweeps: last-seen flush, hot refresh, idle-to-sleep once a second
 
 
 def listen_socket(address: str) -> socket.socket:
@@ -47,6 +51,37 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
+def build_wake_controller(config: Config, config_path: str, index: int) -> WakeController | None:
+    """The wake controller when any app scales to zero; raises ConfigError without a token."""
+    if not any(app.scale_to_zero for app in config.apps):
+        return None
+    section = config.control_plane
+    token = read_secret(section.token_env, section.token_file, config_path, "control_plane.token")
+    client = ControlPlaneClient(
+        section.url, token, timeout=float(section.timeout), retries=section.retries
+    )
+    return WakeController(
+        open_store(config.edge.store),
+        client,
+        edge_id=f"{socket.gethostname()}/{config.edge.listen}/w{index}",
+        budget=budget_limits(config),
+        apps=wake_specs(config),
+    )
+
+
+def _app_in_flight(ctx: WorkerContext, app: str) -> int:
+    route = ctx.apps.get(app)
+    peer = route.pick() if route is not None else None
+    return peer.in_flight if peer is not None else 0
+
+
+async def _wake_upkeep(wake: WakeController, index: int) -> None:
+    try:
+        await wake.upkeep()
+    except Exception as exc:  # the store or control plane is down: try again next second
+        log(index, f"wake upkeep failed: {exc!r}")
+
+
 def log(index: int, message: str) -> None:
     print(f"edge worker {index}: {message}", file=sys.stderr, flush=True)
 
@@ -56,7 +91,10 @@ async def serve(
 ) -> int:
     config = load_config(config_path)
     loop = asyncio.get_running_loop()
-    ctx = WorkerContext(config, loop, index, open_access_log(config.edge.access_log, index))
+    wake = build_wake_controller(config, config_path, index)
+    ctx = WorkerContext(config, loop, index, open_access_log(config.edge.access_log, index), wake)
+    if wake is not None:
+        wake.in_flight = lambda app: _app_in_flight(ctx, app)
     try:
         sock = listen_socket(config.edge.listen)
     except OSError as exc:
@@ -93,16 +131,23 @@ async def serve(
 
     loop.add_signal_handler(signal.SIGHUP, reload)
 
+    wake_upkeep: asyncio.Task | None = None
+
     async def upkeep() -> None:
+        nonlocal wake_upkeep
         tick = 0
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             ctx.sweep()
             tick += 1
             if tick % SNAPSHOT_EVERY == 0:
+                ctx.stats.held = ctx.held_total
                 write_snapshot(stats_dir, ctx.stats.snapshot())
                 if ctx.access_log is not None:
                     ctx.access_log.flush()
+            due = wake is not None and tick % WAKE_UPKEEP_EVERY == 0
+            if due and (wake_upkeep is None or wake_upkeep.done()):
+                wake_upkeep = loop.create_task(_wake_upkeep(wake, index))  # type: ignore[arg-type]
 
     write_snapshot(stats_dir, ctx.stats.snapshot())
     upkeep_task = loop.create_task(upkeep())
@@ -122,6 +167,8 @@ async def serve(
     with contextlib.suppress(asyncio.CancelledError):
         await upkeep_task
     ctx.pool.close()
+    if wake is not None:
+        await wake.close()
     write_snapshot(stats_dir, ctx.stats.snapshot())
     if ctx.access_log is not None:
         ctx.access_log.close()

@@ -7,11 +7,13 @@ import itertools
 import os
 from typing import TYPE_CHECKING
 
-from edge.config import Config
+from edge.config import AppConfig, Config
 from edge.forward_headers import TrustedProxies
 from edge.host_pattern import HostTable, host_from_header
 from edge.upstream_pool import UpstreamPeer, UpstreamPool
 from edge.worker_stats import WorkerStats
+from wake.budget import BudgetLimits
+from wake.controller import WakeAppSpec, WakeController
 
 if TYPE_CHECKING:
     from edge.access_log import AccessLog
@@ -46,15 +48,29 @@ class FrontLimits:
 
 
 class AppRoute:
-    """An app's upstream peers; `pick` prefers the one with fewest requests in flight."""
+    """An app's upstreams: static peers, or (scale to zero) whatever its wake made hot.
 
-    __slots__ = ("name", "peers")
+    `pick` prefers the peer with fewest requests in flight; None means not hot.
+    """
 
-    def __init__(self, name: str, peers: list[UpstreamPeer]) -> None:
-        self.name = name
-        self.peers = peers
+    __slots__ = ("name", "peers", "pool", "spec", "wake")
 
-    def pick(self) -> UpstreamPeer:
+    def __init__(
+        self,
+        spec: AppConfig,
+        pool: UpstreamPool,
+        wake: WakeController | None,
+    ) -> None:
+        self.name = spec.name
+        self.spec = spec
+        self.pool = pool
+        self.wake = wake if spec.scale_to_zero else None
+        self.peers = [pool.peer(address) for address in spec.upstreams]
+
+    def pick(self) -> UpstreamPeer | None:
+        if self.wake is not None:
+            target = self.wake.hot_target(self.name)
+            return None if target is None else self.pool.peer(target.address)
         peers = self.peers
         if len(peers) == 1:
             return peers[0]
@@ -65,13 +81,28 @@ def _in_flight(peer: UpstreamPeer) -> int:
     return peer.in_flight
 
 
-def build_routes(config: Config, pool: UpstreamPool) -> HostTable[AppRoute]:
-    entries: dict[str, AppRoute] = {}
-    for app in config.apps:
-        route = AppRoute(app.name, [pool.peer(address) for address in app.upstreams])
-        for host in app.hosts:
-            entries[host] = route
-    return HostTable(entries)
+def wake_specs(config: Config) -> dict[str, WakeAppSpec]:
+    return {
+        app.name: WakeAppSpec(
+            name=app.name,
+            tenant=app.tenant,
+            hold_timeout=float(app.hold_timeout),
+            readiness_path=app.readiness_path,
+            readiness_timeout=float(app.readiness_timeout),
+            idle_timeout=float(app.idle_timeout),
+        )
+        for app in config.apps
+        if app.scale_to_zero
+    }
+
+
+def budget_limits(config: Config) -> BudgetLimits:
+    budget = config.budget
+    return BudgetLimits(
+        max_concurrent_wakes=budget.max_concurrent_wakes,
+        max_wakes_per_second=budget.max_wakes_per_second,
+        tenant_max_concurrent_wakes=budget.tenant_max_concurrent_wakes,
+    )
 
 
 class WorkerContext:
@@ -83,6 +114,7 @@ class WorkerContext:
         loop: asyncio.AbstractEventLoop,
         index: int,
         access_log: AccessLog | None = None,
+        wake: WakeController | None = None,
     ) -> None:
         self.loop = loop
         self.index = index
@@ -97,6 +129,11 @@ class WorkerContext:
             keepalive_idle=config.upstream.keepalive_idle,
             max_idle=config.upstream.max_idle_per_upstream,
         )
+        self.held_total = 0
+        self.held_bytes = 0
+        self.held_by_app: dict[str, int] = {}
+        self.held_bytes_by_app: dict[str, int] = {}
+        self.wake = wake
         self.apply(config)
 
     def apply(self, config: Config) -> None:
@@ -110,8 +147,13 @@ class WorkerContext:
         self.access_log_sample = config.edge.access_log_sample
         self.pool.connect_timeout = config.upstream.connect_timeout
         self.pool.keepalive_idle = config.upstream.keepalive_idle
-        self.routes = build_routes(config, self.pool)
+        self.apps = {app.name: AppRoute(app, self.pool, self.wake) for app in config.apps}
+        self.routes = HostTable(
+            {host: self.apps[app.name] for app in config.apps for host in app.hosts}
+        )
         self._route_cache: dict[bytes, AppRoute] = {}
+        if self.wake is not None:
+            self.wake.apply(budget_limits(config), wake_specs(config))
 
     def route_for(self, host_value: bytes) -> AppRoute | None:
         """Route by a raw Host value; parsed hosts are cached per raw value."""

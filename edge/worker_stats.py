@@ -50,12 +50,22 @@ class StatsSnapshot(msgspec.Struct):
     requests: dict[str, int]  # "app\x00status" -> count
     upstream_errors: dict[str, int]  # "app\x00kind" -> count
     latency: dict[str, LatencyHistogram]  # app -> histogram
+    rejections: dict[str, int] = {}  # "app\x00reason" -> count
+    held: int = 0
 
 
 class WorkerStats:
     """Mutable counters owned by one worker's event loop."""
 
-    __slots__ = ("index", "latency", "open_connections", "requests", "upstream_errors")
+    __slots__ = (
+        "held",
+        "index",
+        "latency",
+        "open_connections",
+        "rejections",
+        "requests",
+        "upstream_errors",
+    )
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -63,6 +73,8 @@ class WorkerStats:
         self.requests: dict[tuple[str, int], int] = {}
         self.upstream_errors: dict[tuple[str, str], int] = {}
         self.latency: dict[str, LatencyHistogram] = {}
+        self.rejections: dict[tuple[str, str], int] = {}
+        self.held = 0
 
     def record(self, app: str, status: int, seconds: float) -> None:
         key = (app, status)
@@ -77,6 +89,10 @@ class WorkerStats:
         key = (app, kind)
         self.upstream_errors[key] = self.upstream_errors.get(key, 0) + 1
 
+    def rejection(self, app: str, reason: str) -> None:
+        key = (app, reason)
+        self.rejections[key] = self.rejections.get(key, 0) + 1
+
     def snapshot(self) -> StatsSnapshot:
         return StatsSnapshot(
             pid=os.getpid(),
@@ -86,6 +102,8 @@ class WorkerStats:
             requests={f"{a}\x00{s}": n for (a, s), n in self.requests.items()},
             upstream_errors={f"{a}\x00{k}": n for (a, k), n in self.upstream_errors.items()},
             latency=dict(self.latency),
+            rejections={f"{a}\x00{r}": n for (a, r), n in self.rejections.items()},
+            held=self.held,
         )
 
 

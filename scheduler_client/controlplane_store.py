@@ -246,7 +246,8 @@ class ControlPlaneStore:
         with self._transaction():
             epoch = self.route_epoch() + 1
             previous = self.route(route.app)
-            cas_epoch = epoch if cas or previous is None else previous[1]
+            # Only a compare-and-set (promotion) replaces a route; plain changes keep its epoch.
+            cas_epoch = epoch if cas else (previous[1] if previous else 0)
             route = msgspec.structs.replace(route, epoch=epoch, promoted_epoch=cas_epoch)
             self.db.execute(
                 "INSERT INTO routes (app, cas_epoch, doc) VALUES (?, ?, ?)"

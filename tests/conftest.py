@@ -319,6 +319,7 @@ class EdgeLauncher:
         edge: dict[str, Any] | None = None,
         limits: dict[str, Any] | None = None,
         upstream: dict[str, Any] | None = None,
+        sections: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         base_edge = {
             "listen": f"127.0.0.1:{free_port()}",
@@ -331,6 +332,7 @@ class EdgeLauncher:
             "edge": _merge(base_edge, edge),
             "limits": dict(limits or {}),
             "upstream": dict(upstream or {}),
+            **(sections or {}),
             "apps": self.default_apps if apps is None else apps,
         }
 
@@ -341,12 +343,15 @@ class EdgeLauncher:
         edge: dict[str, Any] | None = None,
         limits: dict[str, Any] | None = None,
         upstream: dict[str, Any] | None = None,
+        sections: dict[str, Any] | None = None,
         workers: int | None = None,
         args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         wait_ready: bool = True,
     ) -> EdgeProcess:
-        config = self.build_config(apps=apps, edge=edge, limits=limits, upstream=upstream)
+        config = self.build_config(
+            apps=apps, edge=edge, limits=limits, upstream=upstream, sections=sections
+        )
         self.count += 1
         config_path = self.tmp_dir / f"edge-{self.count}.toml"
         config_path.write_text(to_toml(config))

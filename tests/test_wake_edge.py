@@ -1,0 +1,199 @@
+"""Scale-to-zero through the edge: holding, coalescing, refusing, failing, sleeping.
+
+Real local control plane running the sample app as processes, a real edge
+process (memory:// store, one worker) in front of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import CONTROL_PLANE_TOKEN, sample_app_spec
+from helpers import eventually
+
+HOST = "shop.localhost"
+
+
+def scale_to_zero_app(name: str = "shop", **overrides: Any) -> dict[str, Any]:
+    app = {
+        "name": name,
+        "hosts": [f"{name}.localhost"],
+        "scale_to_zero": True,
+        "hold_timeout": "15s",
+        "readiness_timeout": "10s",
+        "idle_timeout": "5m",
+    }
+    app.update(overrides)
+    return app
+
+
+def edge_for(start_edge, cp, apps: list[dict[str, Any]], **sections: Any):
+    return start_edge(
+        apps=apps,
+        sections={"control_plane": {"url": cp.url}, **sections},
+        env={"CONTROL_PLANE_TOKEN": CONTROL_PLANE_TOKEN},
+    )
+
+
+async def allocations(cp, app: str = "shop") -> list[dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession(headers=cp.headers()) as session,
+        session.get(f"{cp.url}/v1/allocations", params={"app": app}) as resp,
+    ):
+        return (await resp.json())["allocations"]
+
+
+async def get(session: aiohttp.ClientSession, edge, host: str = HOST, path: str = "/", **kw):
+    async with session.get(edge.url + path, headers={"Host": host, **kw}) as resp:
+        return resp.status, dict(resp.headers), await resp.read()
+
+
+@pytest.fixture
+async def session():
+    timeout = aiohttp.ClientTimeout(total=60)
+    connector = aiohttp.TCPConnector(limit=500)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as s:
+        yield s
+
+
+async def test_cold_get_is_held_woken_and_served(start_control_plane, start_edge, session) -> None:
+    cp = start_control_plane(apps=[sample_app_spec("shop")])
+    edge = edge_for(start_edge, cp, [scale_to_zero_app()])
+    status, headers, body = await get(session, edge)
+    assert status == 200, body
+    assert headers["Server-Timing"].startswith("wake;dur=")
+    allocated = await allocations(cp)
+    assert len(allocated) == 1 and allocated[0]["state"] == "ready"
+    assert headers["X-Allocation-Id"] == allocated[0]["id"]
+    # Hot now: no wait, same allocation.
+    status, headers, _ = await get(session, edge)
+    assert status == 200 and "Server-Timing" not in headers
+    assert headers["X-Allocation-Id"] == allocated[0]["id"]
+
+
+async def test_stampede_in_one_process_is_one_wake(
+    start_control_plane, start_edge, session
+) -> None:
+    cp = start_control_plane(apps=[sample_app_spec("shop")])
+    edge = edge_for(start_edge, cp, [scale_to_zero_app()])
+    results = await asyncio.gather(*(get(session, edge) for _ in range(300)))
+    assert [status for status, _, _ in results] == [200] * 300
+    assert len({headers["X-Allocation-Id"] for _, headers, _ in results}) == 1
+    assert len(await allocations(cp)) == 1
+
+
+async def test_unsafe_request_is_refused_but_starts_the_wake(
+    start_control_plane, start_edge, session
+) -> None:
+    cp = start_control_plane(apps=[sample_app_spec("shop")])
+    edge = edge_for(start_edge, cp, [scale_to_zero_app()])
+    async with session.post(
+        edge.url + "/echo", data=b"payload", headers={"Host": HOST, "Stripe-Signature": "t=1"}
+    ) as resp:
+        assert resp.status == 503
+        assert int(resp.headers["Retry-After"]) >= 1
+        assert resp.headers["X-Edge-Error"] == "not_safe_to_hold"
+
+    async def woke() -> bool:
+        return any(a["state"] == "ready" for a in await allocations(cp))
+
+    await eventually(woke, timeout=20, what="the wake started by the refused POST")
+    async with session.post(edge.url + "/echo", data=b"payload", headers={"Host": HOST}) as resp:
+        assert resp.status == 200  # the sender's retry finds the app hot
+        assert await resp.read() == b"payload"
+    assert len(await allocations(cp)) == 1
+
+
+async def test_request_with_idempotency_key_is_held(
+    start_control_plane, start_edge, session
+) -> None:
+    cp = start_control_plane(apps=[sample_app_spec("shop")])
+    edge = edge_for(start_edge, cp, [scale_to_zero_app()])
+    async with session.post(
+        edge.url + "/echo",
+        data=b"order-42",
+        headers={"Host": HOST, "Idempotency-Key": "k-42"},
+    ) as resp:
+        assert resp.status == 200
+        assert await resp.read() == b"order-42"
+        assert "Server-Timing" in resp.headers
+
+
+async def test_readiness_timeout_fails_and_backs_off(
+    start_control_plane, start_edge, session
+) -> None:
+    slow = sample_app_spec(
+        "shop",
+        command=sample_app_spec("shop")["command"] + ["--start-delay", "30"],
+        start_timeout="60s",
+    )
+    cp = start_control_plane(apps=[slow])
+    edge = edge_for(start_edge, cp, [scale_to_zero_app(readiness_timeout="1s")])
+    status, headers, body = await get(session, edge)
+    assert status == 503, body
+    assert headers["X-Edge-Error"] == "readiness_timeout"
+    assert int(headers["Retry-After"]) >= 1
+    # Inside the back-off the next request is refused at once, and no new wake starts.
+    status, headers, _ = await get(session, edge)
+    assert status == 503 and headers["X-Edge-Error"] == "wake_backoff"
+    allocated = await allocations(cp)
+    assert len(allocated) == 1
+
+    async def drained() -> bool:
+        return (await allocations(cp))[0]["state"] in ("draining", "stopped")
+
+    await eventually(drained, timeout=20, what="the timed-out allocation drained")
+
+
+async def test_hold_timeout_answers_503_and_the_wake_completes(
+    start_control_plane, start_edge, session
+) -> None:
+    slow = sample_app_spec(
+        "shop", command=sample_app_spec("shop")["command"] + ["--start-delay", "2"]
+    )
+    cp = start_control_plane(apps=[slow])
+    edge = edge_for(start_edge, cp, [scale_to_zero_app(hold_timeout="500ms")])
+    status, headers, _ = await get(session, edge)
+    assert status == 503 and headers["X-Edge-Error"] == "hold_timeout"
+    assert int(headers["Retry-After"]) >= 1
+
+    async def hot() -> bool:
+        status, _, _ = await get(session, edge)
+        return status == 200
+
+    await eventually(hot, timeout=30, interval=0.5, what="the app hot after the hold timeout")
+    assert len(await allocations(cp)) == 1
+
+
+async def test_idle_app_sleeps_and_wakes_again(start_control_plane, start_edge, session) -> None:
+    cp = start_control_plane(apps=[sample_app_spec("shop", drain_grace="1s")])
+    edge = edge_for(start_edge, cp, [scale_to_zero_app(idle_timeout="1s")])
+    status, headers, _ = await get(session, edge)
+    assert status == 200
+    first = headers["X-Allocation-Id"]
+
+    async def stopped() -> bool:
+        return (await allocations(cp))[0]["state"] == "stopped"
+
+    await eventually(stopped, timeout=30, interval=0.3, what="the idle app drained")
+
+    async def cold() -> bool:
+        status, body = edge.admin_get("/admin/apps")
+        apps = {a["name"]: a for a in __import__("json").loads(body)["apps"]}
+        return status == 200 and apps["shop"]["state"] == "cold"
+
+    await eventually(cold, timeout=10, what="wake state cold")
+    status, headers, _ = await get(session, edge)
+    assert status == 200 and headers["X-Allocation-Id"] != first
+    assert "Server-Timing" in headers
+    assert len(await allocations(cp)) == 2
+
+
+async def test_unknown_path_for_static_apps_unchanged(start_edge, upstream, session) -> None:
+    """Static apps never touch the wake machinery (no control plane configured)."""
+    edge = start_edge()
+    status, headers, _ = await get(session, edge, host="app.localhost", path="/echo")
+    assert status == 200 and "Server-Timing" not in headers

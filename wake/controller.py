@@ -1,0 +1,470 @@
+"""The wake controller of one edge process: coalesced wakes, budget, readiness, idle-to-sleep.
+
+Theory of operation. The hot path asks `hot_target(app)`, a dict lookup. A
+request for an app that is not hot awaits `ensure_hot(app, wait_for)`: every
+caller in this process shares one flight per app (single-flight), and every
+process shares one wake per app through the store's lease (SET NX PX + a
+fencing token). The lease holder drives the Wake machine — wake_requested,
+budget, starting (allocation), readiness_wait (probe), hot — writing each state
+fenced by its token before acting; others wait on the store's change
+notifications (with polling). Failures leave the app `failed` with a back-off,
+so a broken app is not woken in a loop. A periodic `upkeep` flushes last-seen
+times, refreshes what this process believes is hot, and puts idle apps to sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from scheduler_client.client import ControlPlaneClient
+from scheduler_client.http_probe import http_get
+from scheduler_client.models import Allocation, ControlPlaneError
+from wake.budget import BudgetLimits
+from wake.machine import WAKE
+from wake.state_store import AppWakeState, Lease, Transition, WakeStore
+
+PROBE_FIRST = 0.005
+PROBE_MAX = 0.25
+PROBE_TIMEOUT = 1.0
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 60.0
+WAKE_EWMA = 0.3
+OLD_EPOCH_RETRIES = 3
+SLEEP_DRAIN_DEADLINE = 5.0
+
+
+class WakeAppSpec(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    tenant: str = "default"
+    hold_timeout: float = 30.0
+    readiness_path: str = "/healthz"
+    readiness_timeout: float = 20.0
+    idle_timeout: float = 300.0
+
+
+class HotTarget(msgspec.Struct, frozen=True):
+    address: str
+    allocation_id: str
+
+
+class WakeRefused(Exception):
+    """The app cannot be made hot for this request; answer 503 with Retry-After."""
+
+    def __init__(self, reason: str, retry_after: float, kind: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = max(1.0, retry_after)
+        self.kind = kind
+
+
+class _LeaseLost(Exception):
+    """A newer wake took over (our fencing token is stale)."""
+
+
+def backoff_after(failures: int) -> float:
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, failures - 1))
+
+
+class WakeController:
+    def __init__(
+        self,
+        store: WakeStore,
+        client: ControlPlaneClient,
+        *,
+        edge_id: str,
+        budget: BudgetLimits,
+        apps: dict[str, WakeAppSpec],
+        lease_ttl: float = 10.0,
+        poll_interval: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+        in_flight: Callable[[str], int] = lambda app: 0,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.edge_id = edge_id
+        self.budget = budget
+        self.apps = apps
+        self.lease_ttl = lease_ttl
+        self.poll_interval = poll_interval
+        self.clock = clock
+        self._hot: dict[str, HotTarget] = {}
+        self._flights: dict[str, asyncio.Task[HotTarget]] = {}
+        self._seen: set[str] = set()  # apps with requests since the last flush
+        self.in_flight = in_flight
+        self._expected: dict[str, float] = {}
+        self.counters: dict[str, int] = {}
+
+    # ---------------------------------------------------------------- hot path
+
+    def hot_target(self, app: str) -> HotTarget | None:
+        """What this process believes: the app's address when hot (no I/O)."""
+        return self._hot.get(app)
+
+    def seen(self, app: str) -> None:
+        self._seen.add(app)
+
+    def forget_hot(self, app: str, address: str) -> None:
+        """The address stopped answering: the next request re-reads the store."""
+        target = self._hot.get(app)
+        if target is not None and target.address == address:
+            del self._hot[app]
+
+    def apply(self, budget: BudgetLimits, apps: dict[str, WakeAppSpec]) -> None:
+        """Adopt reloaded budgets and app settings; flights in progress keep their own."""
+        self.budget = budget
+        self.apps = apps
+
+    # ------------------------------------------------------------- wake entry
+
+    def start_wake(self, app: str) -> asyncio.Task[HotTarget]:
+        """The app's flight in this process, started if none is running."""
+        flight = self._flights.get(app)
+        if flight is None or flight.done():
+            flight = asyncio.get_running_loop().create_task(self._wake(app))
+            self._flights[app] = flight
+            flight.add_done_callback(lambda task, app=app: self._flight_done(app, task))
+        return flight
+
+    def _flight_done(self, app: str, task: asyncio.Task[HotTarget]) -> None:
+        if self._flights.get(app) is task:
+            del self._flights[app]
+        if not task.cancelled() and task.exception() is not None:
+            self._count(f"wake_error:{type(task.exception()).__name__}")
+
+    async def ensure_hot(self, app: str, wait_for: float) -> HotTarget:
+        """Wait (at most `wait_for`) until the app is hot; raises WakeRefused or TimeoutError."""
+        target = self._hot.get(app)
+        if target is not None:
+            return target
+        flight = self.start_wake(app)
+        async with asyncio.timeout(wait_for):
+            return await asyncio.shield(flight)
+
+    def expected_wake(self, app: str) -> float:
+        """The moving average of this app's wakes as last read (0 when unknown)."""
+        return self._expected.get(app, 0.0)
+
+    # ------------------------------------------------------------ the wake
+
+    async def _wake(self, app: str) -> HotTarget:
+        spec = self.apps[app]
+        give_up = self.clock() + spec.hold_timeout + spec.readiness_timeout + 30.0
+        while self.clock() < give_up:
+            state = await self.store.read_state(app)
+            self._expected[app] = state.expected_wake_s
+            if state.state == "hot" and state.address:
+                return self._adopt(app, state)
+            if state.state == "failed" and time.time() < state.next_wake_at:
+                raise WakeRefused(
+                    f"app {app} failed to wake ({state.reason}); next try after a back-off",
+                    state.next_wake_at - time.time(),
+                    "wake_backoff",
+                )
+            owner = f"{self.edge_id}:{os.getpid()}"
+            lease = await self.store.acquire_lease(app, owner, self.lease_ttl)
+            if lease is None:
+                # Another process is waking (or sleeping) the app: wait for its outcome.
+                self._count("coalesced")
+                await self.store.wait_change(
+                    app, state.version, min(self.poll_interval * 4, give_up - self.clock())
+                )
+                continue
+            try:
+                return await self._wake_holding(app, spec, lease)
+            except _LeaseLost:
+                continue
+            finally:
+                await self.store.release_lease(app, owner)
+        raise WakeRefused(f"app {app} did not wake in time", spec.hold_timeout, "wake_timeout")
+
+    def _adopt(self, app: str, state: AppWakeState) -> HotTarget:
+        target = HotTarget(state.address, state.allocation_id)
+        self._hot[app] = target
+        return target
+
+    async def _move(
+        self, state: AppWakeState, target: str, lease: Lease, reason: str = "", **changes: object
+    ) -> AppWakeState:
+        """Check, write (fenced) and announce one Wake transition."""
+        WAKE.check(state.state, target)
+        new = msgspec.structs.replace(
+            state, state=target, reason=reason, updated_at=time.time(), **changes
+        )
+        if not await self.store.write_state(new, lease.token):
+            raise _LeaseLost()
+        await self.store.append_transition(
+            Transition(
+                app=state.app,
+                from_state=state.state,
+                to_state=target,
+                reason=reason,
+                edge_id=self.edge_id,
+                token=lease.token,
+                at=new.updated_at,
+            )
+        )
+        await self.store.publish(state.app)
+        self._count(f"transition:{state.state}->{target}")
+        return await self.store.read_state(state.app)
+
+    async def _wake_holding(self, app: str, spec: WakeAppSpec, lease: Lease) -> HotTarget:
+        state = await self.store.read_state(app)
+        if state.state == "hot" and state.address:
+            return self._adopt(app, state)
+        if state.state in ("sleeping", "hot"):
+            # A sleeper died mid-drain, or the allocation vanished: start over from cold.
+            state = await self._move(state, "cold", lease, "taken over by a new wake")
+        if state.state in ("starting", "readiness_wait"):
+            # The previous holder died mid-wake; its lease expired.
+            state = await self._move(state, "wake_requested", lease, "previous wake abandoned")
+        if state.state in ("cold", "failed"):
+            state = await self._move(state, "wake_requested", lease, "request while not hot")
+        holder = f"{app}#{lease.token}"
+        renewer = asyncio.get_running_loop().create_task(self._renew(app, lease, holder))
+        try:
+            await self._take_budget(app, spec, holder)
+            for _ in range(OLD_EPOCH_RETRIES):
+                state, target = await self._start_allocation(app, spec, lease, state)
+                if target is not None:
+                    return target
+            raise WakeRefused(
+                f"app {app}: route epoch kept moving during the wake", spec.hold_timeout, "epoch"
+            )
+        except WakeRefused as refused:
+            await self._fail(app, lease, refused.reason)
+            raise
+        except ControlPlaneError as exc:
+            await self._fail(app, lease, f"control plane: {exc.message}")
+            raise WakeRefused(f"app {app}: control plane error", 5.0, "control_plane") from exc
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            await self.store.release_budget(holder)
+
+    async def _renew(self, app: str, lease: Lease, holder: str) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ttl / 3)
+            await self.store.renew_lease(app, lease.owner, self.lease_ttl)
+            await self.store.renew_budget(holder, self.budget)
+
+    async def _take_budget(self, app: str, spec: WakeAppSpec, holder: str) -> None:
+        deadline = self.clock() + spec.hold_timeout
+        while True:
+            remaining = deadline - self.clock()
+            decision = await self.store.acquire_budget(
+                holder, spec.tenant, self.budget, max(0.001, remaining)
+            )
+            if decision.granted:
+                return
+            if remaining <= 0:
+                raise WakeRefused(
+                    f"wake budget exhausted ({decision.reason})", spec.hold_timeout, "budget"
+                )
+            self._count(f"budget_wait:{decision.reason}")
+            pause = decision.retry_after or 0.02
+            await asyncio.sleep(min(max(pause, 0.005), 0.25, max(0.0, remaining)))
+
+    async def _start_allocation(
+        self, app: str, spec: WakeAppSpec, lease: Lease, state: AppWakeState
+    ) -> tuple[AppWakeState, HotTarget | None]:
+        """One allocation attempt: (new state, target) or (state, None) on an old epoch."""
+        started = self.clock()
+        state = await self._move(
+            state, "starting", lease, "budget granted", wake_started_at=time.time()
+        )
+        key = f"wake-{app}-{lease.token}-{state.version}"
+        alloc = await self.client.create_allocation(app, idempotency_key=key)
+        deadline = self.clock() + spec.readiness_timeout
+        alloc = await self._until_started(alloc, deadline)
+        state = await self._move(
+            state,
+            "readiness_wait",
+            lease,
+            f"allocation {alloc.id} at {alloc.address}",
+            allocation_id=alloc.id,
+            address=alloc.address,
+            route_epoch=alloc.route_epoch,
+        )
+        if not await self._probe(alloc, spec, deadline):
+            await self._drain_quietly(alloc.id)
+            raise WakeRefused(
+                f"readiness timeout: {alloc.id} not ready within {spec.readiness_timeout:g}s",
+                spec.readiness_timeout,
+                "readiness_timeout",
+            )
+        if await self._epoch_replaced(app, alloc):
+            await self._drain_quietly(alloc.id)
+            state = await self._move(
+                state,
+                "wake_requested",
+                lease,
+                f"old route epoch: {alloc.id} granted under {alloc.route_epoch}, replaced since",
+            )
+            self._count("old_route_epoch")
+            return state, None
+        took = self.clock() - started
+        expected = state.expected_wake_s
+        expected = took if expected <= 0 else expected + WAKE_EWMA * (took - expected)
+        state = await self._move(
+            state,
+            "hot",
+            lease,
+            f"ready after {took * 1000:.0f} ms",
+            failures=0,
+            next_wake_at=0.0,
+            expected_wake_s=expected,
+        )
+        self._expected[app] = expected
+        return state, self._adopt(app, state)
+
+    async def _until_started(self, alloc: Allocation, deadline: float) -> Allocation:
+        """Watch the allocation until it has an address (starting or later)."""
+        while not alloc.address or alloc.state in ("planned", "pulling"):
+            if alloc.state in ("failed", "stopped", "draining"):
+                raise WakeRefused(
+                    f"allocation {alloc.id} {alloc.state}: {alloc.reason}", 5.0, "allocation"
+                )
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                await self._drain_quietly(alloc.id)
+                raise WakeRefused(
+                    f"readiness timeout: {alloc.id} never started", 5.0, "readiness_timeout"
+                )
+            alloc = await self.client.watch_allocation(
+                alloc.id, alloc.version, timeout=min(remaining, 5.0)
+            )
+        return alloc
+
+    async def _probe(self, alloc: Allocation, spec: WakeAppSpec, deadline: float) -> bool:
+        """Readiness: GET the path from 5 ms backing off to 250 ms; the control plane's
+        own `ready` (seen by a concurrent watch) counts at once."""
+        host, _, port = alloc.address.rpartition(":")
+        ready = asyncio.Event()
+
+        async def watch() -> None:
+            current = alloc
+            while current.state != "ready" and self.clock() < deadline:
+                if current.state in ("failed", "stopped"):
+                    return
+                current = await self.client.watch_allocation(
+                    current.id, current.version, timeout=min(5.0, deadline - self.clock())
+                )
+            if current.state == "ready":
+                ready.set()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        pause = PROBE_FIRST
+        try:
+            while self.clock() < deadline and not ready.is_set():
+                try:
+                    status, _ = await http_get(
+                        host,
+                        int(port),
+                        spec.readiness_path,
+                        min(PROBE_TIMEOUT, max(0.01, deadline - self.clock())),
+                        body=False,
+                    )
+                    if 200 <= status < 300:
+                        return True
+                except (OSError, TimeoutError, ValueError):
+                    pass
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(pause, max(0.0, deadline - self.clock()))):
+                        await ready.wait()
+                pause = min(pause * 2, PROBE_MAX)
+            return ready.is_set()
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ControlPlaneError):
+                await watcher
+
+    async def _epoch_replaced(self, app: str, alloc: Allocation) -> bool:
+        """True when a promotion replaced the app's route after this allocation was granted."""
+        snapshot = await self.client.route_snapshot()
+        for route in snapshot.apps:
+            if route.app == app:
+                return alloc.route_epoch < route.promoted_epoch
+        return False
+
+    async def _fail(self, app: str, lease: Lease, reason: str) -> None:
+        with contextlib.suppress(_LeaseLost, Exception):
+            state = await self.store.read_state(app)
+            failures = state.failures + 1
+            await self._move(
+                state,
+                "failed",
+                lease,
+                reason,
+                failures=failures,
+                next_wake_at=time.time() + backoff_after(failures),
+            )
+
+    async def _drain_quietly(self, allocation_id: str, deadline: float = 0.0) -> None:
+        with contextlib.suppress(ControlPlaneError):
+            await self.client.drain_allocation(allocation_id, deadline)
+
+    # ------------------------------------------------------------------ upkeep
+
+    async def upkeep(self) -> None:
+        """Once a second: publish last-seen, refresh hot views, sleep idle apps."""
+        seen, self._seen = self._seen, set()
+        for app in seen:
+            await self.store.touch(app)
+        for app in list(self._hot):
+            state = await self.store.read_state(app)
+            if state.state != "hot" or not state.address:
+                self._hot.pop(app, None)
+                continue
+            self._hot[app] = HotTarget(state.address, state.allocation_id)
+            spec = self.apps.get(app)
+            if spec is None or self.in_flight(app) > 0 or app in seen:
+                continue
+            idle = await self.store.idle_for(app)
+            if idle is not None and idle >= spec.idle_timeout:
+                await self._sleep(app, spec)
+
+    async def _sleep(self, app: str, spec: WakeAppSpec) -> None:
+        owner = f"{self.edge_id}:{os.getpid()}:sleep"
+        lease = await self.store.acquire_lease(app, owner, self.lease_ttl)
+        if lease is None:
+            return
+        try:
+            state = await self.store.read_state(app)
+            idle = await self.store.idle_for(app)
+            if state.state != "hot" or idle is None or idle < spec.idle_timeout:
+                return
+            self._hot.pop(app, None)
+            state = await self._move(state, "sleeping", lease, f"idle for {idle:.0f}s")
+            allocation_id = state.allocation_id
+            with contextlib.suppress(ControlPlaneError):
+                alloc = await self.client.drain_allocation(allocation_id, SLEEP_DRAIN_DEADLINE)
+                deadline = self.clock() + SLEEP_DRAIN_DEADLINE + 30.0
+                while alloc.state not in ("stopped", "failed") and self.clock() < deadline:
+                    await self.store.renew_lease(app, owner, self.lease_ttl)
+                    alloc = await self.client.watch_allocation(alloc.id, alloc.version, 5.0)
+            await self._move(
+                state, "cold", lease, "drained", allocation_id="", address="", route_epoch=0
+            )
+        except _LeaseLost:
+            return
+        finally:
+            await self.store.release_lease(app, owner)
+
+    async def close(self) -> None:
+        for flight in list(self._flights.values()):
+            flight.cancel()
+        for flight in list(self._flights.values()):
+            with contextlib.suppress(BaseException):
+                await flight
+        await self.client.close()
+        await self.store.close()
+
+    def _count(self, key: str) -> None:
+        self.counters[key] = self.counters.get(key, 0) + 1
