@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import os
 import signal
@@ -104,7 +105,12 @@ def build_admin_app(state: AdminState, token: str) -> web.Application:
         )
 
     async def metrics(_: web.Request) -> web.Response:
-        body = render_metrics(state.snapshots)
+        wake = state.ctx.wake
+        in_use = None
+        if wake is not None:
+            with contextlib.suppress(Exception):  # a down store must not break /metrics
+                in_use = (await wake.store.budget_usage(wake.budget)).in_use
+        body = render_metrics(state.snapshots, in_use)
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
     async def reload(_: web.Request) -> web.Response:

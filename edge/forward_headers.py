@@ -28,6 +28,7 @@ TRANSFER_ENCODING = 8
 EXPECT = 9
 UPGRADE = 10
 IDEMPOTENCY_KEY = 11  # forwarded as is; makes a request safe to hold
+ACCEPT = 12  # forwarded as is; a browser may get a "starting up" page while held
 
 _CLASS_BY_NAME = {
     b"connection": CONNECTION,
@@ -48,11 +49,12 @@ _CLASS_BY_NAME = {
     b"content-length": CONTENT_LENGTH,
     b"expect": EXPECT,
     b"idempotency-key": IDEMPOTENCY_KEY,
+    b"accept": ACCEPT,
 }
 # Request-only meanings don't apply to responses: those fields pass through there.
 _KEPT_IN_RESPONSE = tuple(
-    kind in (KEEP, FORWARDING, XFF, REQUEST_ID, HOST, EXPECT, IDEMPOTENCY_KEY)
-    for kind in range(IDEMPOTENCY_KEY + 1)
+    kind in (KEEP, FORWARDING, XFF, REQUEST_ID, HOST, EXPECT, IDEMPOTENCY_KEY, ACCEPT)
+    for kind in range(ACCEPT + 1)
 )
 _class_cache: dict[bytes, int] = {}
 _CACHE_LIMIT = 4096
@@ -114,6 +116,7 @@ class RequestFields:
     """One scan of a request head: what routing needs plus the fields to forward."""
 
     __slots__ = (
+        "accepts_html",
         "chunked",
         "content_length",
         "expect",
@@ -143,6 +146,7 @@ class RequestFields:
         self.forwarded_proto = False
         self.forwarded_host = False
         self.idempotency_key = b""
+        self.accepts_html = False
         named: frozenset[bytes] = frozenset()
         cache = _class_cache
         for name, value in headers:
@@ -185,6 +189,9 @@ class RequestFields:
                 self.upgrade = value
             elif kind == IDEMPOTENCY_KEY:
                 self.idempotency_key = value
+                lines += (name, b": ", value, b"\r\n")
+            elif kind == ACCEPT:
+                self.accepts_html = b"text/html" in value
                 lines += (name, b": ", value, b"\r\n")
         self.lines = _drop_named(lines, named) if named else lines
 
@@ -289,6 +296,22 @@ def build_response_head(
             out.append(b"Connection: keep-alive\r\n")
     out.append(b"\r\n")
     return b"".join(out), mode
+
+
+def starting_page(app: str, retry_after: float) -> bytes:
+    """A small self-refreshing page for a browser whose app is still waking."""
+    body = (
+        "<!doctype html><html><head><meta charset=utf-8>"
+        f'<meta http-equiv="refresh" content="{max(1, round(retry_after))}">'
+        f"<title>Starting {app}</title></head><body><p>{app} is starting up; this page "
+        "reloads by itself.</p></body></html>\n"
+    ).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/html; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nRetry-After: {max(1, round(retry_after))}\r\n"
+        "Cache-Control: no-store\r\nX-Edge-Error: starting_page\r\n\r\n"
+    ).encode()
+    return head + body
 
 
 def error_response(

@@ -38,6 +38,7 @@ from edge.forward_headers import (
     build_request_head,
     build_response_head,
     error_response,
+    starting_page,
 )
 from edge.host_pattern import host_from_header
 from edge.upstream_pool import UpstreamConnection, UpstreamPeer
@@ -77,6 +78,7 @@ class Exchange:
         "early_tunnel",
         "head",
         "held",
+        "html",
         "http10",
         "keep_alive",
         "method",
@@ -121,6 +123,7 @@ class Exchange:
         self.send_continue = False
         self.held = 0  # body bytes reserved while held; -1 when not held
         self.waited_ms = -1.0
+        self.html = False
 
 
 class FrontConnection(asyncio.Protocol):
@@ -463,6 +466,7 @@ class FrontConnection(asyncio.Protocol):
         if not safe:
             # Never held where a crash loses it; the wake still starts for the retry.
             wake.start_wake(app.name)  # type: ignore[union-attr]
+            ctx.stats.rejection(app.name, "not_safe_to_hold")
             raise _Reject(
                 503,
                 f"app {app.name} is starting; retry (this request is not safe to hold)",
@@ -471,6 +475,7 @@ class FrontConnection(asyncio.Protocol):
             )
         if expected > spec.hold_timeout:
             wake.start_wake(app.name)  # type: ignore[union-attr]
+            ctx.stats.rejection(app.name, "wake_slower_than_hold")
             raise _Reject(
                 503,
                 f"app {app.name} is starting and takes about {expected:.0f}s",
@@ -487,12 +492,14 @@ class FrontConnection(asyncio.Protocol):
             or ctx.held_bytes + reserve > ctx.config.hold.max_held_body_bytes
         ):
             wake.start_wake(app.name)  # type: ignore[union-attr]
+            ctx.stats.rejection(app.name, "hold_cap")
             raise _Reject(503, f"too many requests held for app {app.name}", "hold_cap", 1.0)
         ctx.held_by_app[app.name] = held + 1
         ctx.held_total += 1
         ctx.held_bytes_by_app[app.name] = ctx.held_bytes_by_app.get(app.name, 0) + reserve
         ctx.held_bytes += reserve
         ex.held = reserve
+        ex.html = fields.accepts_html and spec.starting_page_after > 0
         # The hold starts now, even if pipelined requests are ahead of it.
         wake.start_wake(app.name)  # type: ignore[union-attr]
 
@@ -511,6 +518,8 @@ class FrontConnection(asyncio.Protocol):
         ctx = self.ctx
         app = ctx.apps[ex.app]
         wait_for = app.spec.hold_timeout - (self.loop.time() - ex.started_at)
+        if ex.html:
+            wait_for = min(wait_for, app.spec.starting_page_after)
         try:
             target = await app.wake.ensure_hot(ex.app, max(0.0, wait_for))  # type: ignore[union-attr]
         except WakeRefused as refused:
@@ -519,6 +528,13 @@ class FrontConnection(asyncio.Protocol):
             return
         except TimeoutError:
             self._unhold(ex)
+            if ex.html and self.current is ex and not self.closed:
+                ex.status = 503
+                ex.keep_alive = ex.keep_alive and ex.body_done
+                self.ctx.stats.rejection(ex.app, "starting_page")
+                self.out.append(starting_page(ex.app, 2.0))
+                self._complete(ex)
+                return
             expected = app.wake.expected_wake(ex.app) or app.spec.hold_timeout  # type: ignore[union-attr]
             self._refuse_held(
                 ex, f"app {ex.app} did not start within the hold timeout", "hold_timeout", expected

@@ -10,6 +10,7 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
+    SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
 
@@ -19,8 +20,11 @@ from edge.worker_stats import LATENCY_BUCKETS, StatsSnapshot
 class SnapshotCollector(Collector):
     """Turns worker snapshots into metric families at scrape time."""
 
-    def __init__(self, snapshots: Callable[[], list[StatsSnapshot]]) -> None:
+    def __init__(
+        self, snapshots: Callable[[], list[StatsSnapshot]], budget_in_use: int | None = None
+    ) -> None:
         self._snapshots = snapshots
+        self._budget_in_use = budget_in_use
 
     def collect(self) -> Iterator[Metric]:
         snapshots = self._snapshots()
@@ -77,9 +81,73 @@ class SnapshotCollector(Collector):
         yield GaugeMetricFamily(
             "edge_workers_reporting", "Workers whose stats are included.", len(snapshots)
         )
+        yield from _wake_families(snapshots, self._budget_in_use)
 
 
-def render_metrics(snapshots: Callable[[], list[StatsSnapshot]]) -> bytes:
+def _sum_by(snapshots: list[StatsSnapshot], field: str) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for snap in snapshots:
+        for key, n in getattr(snap, field).items():
+            totals[key] = totals.get(key, 0) + n
+    return totals
+
+
+def _wake_families(snapshots: list[StatsSnapshot], budget_in_use: int | None) -> Iterator[Metric]:
+    rejections = CounterMetricFamily(
+        "edge_rejections",
+        "Requests answered 503 while their app was not hot, by reason.",
+        labels=["app", "reason"],
+    )
+    for key, n in sorted(_sum_by(snapshots, "rejections").items()):
+        rejections.add_metric(key.split("\x00"), n)
+    yield rejections
+
+    transitions = CounterMetricFamily(
+        "edge_wake_transitions", "Wake machine transitions written here.", labels=["from", "to"]
+    )
+    events = CounterMetricFamily(
+        "edge_wake_events",
+        "Wake controller events (coalesced waits, budget waits, ...).",
+        labels=["event"],
+    )
+    for key, n in sorted(_sum_by(snapshots, "wake_events").items()):
+        kind, _, detail = key.partition(":")
+        if kind == "transition":
+            transitions.add_metric(detail.split("->"), n)
+        else:
+            events.add_metric([key], n)
+    yield transitions
+    yield events
+
+    phases = SummaryMetricFamily(
+        "edge_wake_phase_seconds",
+        "Time spent per wake phase: budget wait, allocation start, readiness.",
+        labels=["phase"],
+    )
+    merged: dict[str, list[float]] = {}
+    for snap in snapshots:
+        for phase, (seconds, count) in snap.wake_phases.items():
+            totals = merged.setdefault(phase, [0.0, 0])
+            totals[0] += seconds
+            totals[1] += count
+    for phase, (seconds, count) in sorted(merged.items()):
+        phases.add_metric([phase], count_value=count, sum_value=seconds)
+    yield phases
+
+    yield GaugeMetricFamily(
+        "edge_held_requests",
+        "Requests held while their app wakes.",
+        sum(s.held for s in snapshots),
+    )
+    if budget_in_use is not None:
+        yield GaugeMetricFamily(
+            "edge_wake_budget_in_use", "Region-wide wake slots in use.", budget_in_use
+        )
+
+
+def render_metrics(
+    snapshots: Callable[[], list[StatsSnapshot]], budget_in_use: int | None = None
+) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(snapshots))
+    registry.register(SnapshotCollector(snapshots, budget_in_use))
     return generate_latest(registry)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import signal
 import socket
 import ssl
@@ -12,7 +13,6 @@ import tempfile
 from pathlib import Path
 
 import uvloop
-from wake.store_url import open_store
 
 from edge.access_log import open_access_log
 from edge.admin import AdminState, start_admin
@@ -23,6 +23,7 @@ from edge.worker_stats import write_snapshot
 from scheduler_client.client import ControlPlaneClient
 from scheduler_client.config_file import parse_address, read_secret
 from wake.controller import WakeController
+from wake.store_url import open_store
 
 SWEEP_INTERVAL = 0.25
 SNAPSHOT_EVERY = 2  # sweeps
@@ -49,6 +50,13 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(tls.cert_file, tls.key_file)
     return context
+
+
+def raise_open_file_limit() -> None:
+    """An ingress holds a socket per client and per upstream: use the whole hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def build_wake_controller(config: Config, config_path: str, index: int) -> WakeController | None:
@@ -90,11 +98,14 @@ async def serve(
     config_path: str, index: int, workers: int, stats_dir: Path, supervised: bool
 ) -> int:
     config = load_config(config_path)
+    raise_open_file_limit()
     loop = asyncio.get_running_loop()
     wake = build_wake_controller(config, config_path, index)
     ctx = WorkerContext(config, loop, index, open_access_log(config.edge.access_log, index), wake)
     if wake is not None:
         wake.in_flight = lambda app: _app_in_flight(ctx, app)
+        ctx.stats.wake_events = wake.counters
+        ctx.stats.wake_phases = wake.phases
     try:
         sock = listen_socket(config.edge.listen)
     except OSError as exc:

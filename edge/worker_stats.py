@@ -52,6 +52,8 @@ class StatsSnapshot(msgspec.Struct):
     latency: dict[str, LatencyHistogram]  # app -> histogram
     rejections: dict[str, int] = {}  # "app\x00reason" -> count
     held: int = 0
+    wake_events: dict[str, int] = {}  # "transition:a->b", "coalesced", ...
+    wake_phases: dict[str, list[float]] = {}  # phase -> [seconds, count]
 
 
 class WorkerStats:
@@ -65,6 +67,8 @@ class WorkerStats:
         "rejections",
         "requests",
         "upstream_errors",
+        "wake_events",
+        "wake_phases",
     )
 
     def __init__(self, index: int) -> None:
@@ -75,6 +79,9 @@ class WorkerStats:
         self.latency: dict[str, LatencyHistogram] = {}
         self.rejections: dict[tuple[str, str], int] = {}
         self.held = 0
+        # The wake controller's own counters, shared by reference.
+        self.wake_events: dict[str, int] = {}
+        self.wake_phases: dict[str, list[float]] = {}
 
     def record(self, app: str, status: int, seconds: float) -> None:
         key = (app, status)
@@ -104,6 +111,8 @@ class WorkerStats:
             latency=dict(self.latency),
             rejections={f"{a}\x00{r}": n for (a, r), n in self.rejections.items()},
             held=self.held,
+            wake_events=dict(self.wake_events),
+            wake_phases={k: list(v) for k, v in self.wake_phases.items()},
         )
 
 

@@ -197,3 +197,82 @@ async def test_unknown_path_for_static_apps_unchanged(start_edge, upstream, sess
     edge = start_edge()
     status, headers, _ = await get(session, edge, host="app.localhost", path="/echo")
     assert status == 200 and "Server-Timing" not in headers
+
+
+async def test_browser_gets_a_starting_page(start_control_plane, start_edge, session) -> None:
+    slow = sample_app_spec(
+        "shop", command=sample_app_spec("shop")["command"] + ["--start-delay", "2"]
+    )
+    cp = start_control_plane(apps=[slow])
+    edge = edge_for(start_edge, cp, [scale_to_zero_app(starting_page_after="200ms")])
+    status, headers, body = await get(session, edge, Accept="text/html,application/xhtml+xml")
+    assert status == 503
+    assert headers["Content-Type"].startswith("text/html")
+    assert b'http-equiv="refresh"' in body and b"shop is starting" in body
+    # A non-browser client keeps waiting instead.
+    status, headers, _ = await get(session, edge, Accept="application/json")
+    assert status == 200 and "Server-Timing" in headers
+
+
+async def test_old_route_epoch_is_never_routed_and_the_wake_retries(
+    start_control_plane, start_edge, session
+) -> None:
+    slow = sample_app_spec(
+        "shop", command=sample_app_spec("shop")["command"] + ["--start-delay", "2"]
+    )
+    cp = start_control_plane(apps=[slow])
+    async with aiohttp.ClientSession(headers=cp.headers()) as api:
+        async with api.post(f"{cp.url}/v1/allocations", json={"app": "shop"}) as resp:
+            promoted = (await resp.json())["id"]
+
+        async def ready(alloc_id: str) -> bool:
+            return any(a["id"] == alloc_id and a["state"] == "ready" for a in await allocations(cp))
+
+        await eventually(lambda: ready(promoted), timeout=20, what="allocation to promote")
+        edge = edge_for(start_edge, cp, [scale_to_zero_app()])
+        held = asyncio.ensure_future(get(session, edge))
+
+        async def wake_starting() -> bool:
+            return any(a["id"] != promoted for a in await allocations(cp))
+
+        await eventually(wake_starting, timeout=20, interval=0.05, what="the wake's allocation")
+        stale = next(a["id"] for a in await allocations(cp) if a["id"] != promoted)
+        async with api.post(
+            f"{cp.url}/v1/promotions", json={"app": "shop", "allocation_id": promoted}
+        ) as resp:
+            assert resp.status == 201
+        status, headers, _ = await held
+    assert status == 200
+    assert headers["X-Allocation-Id"] != stale
+
+    async def stale_drained() -> bool:
+        return any(
+            a["id"] == stale and a["state"] in ("draining", "stopped")
+            for a in await allocations(cp)
+        )
+
+    await eventually(stale_drained, timeout=20, what="the stale allocation drained")
+    status, body = edge.admin_get("/admin/apps")
+    shop = next(a for a in __import__("json").loads(body)["apps"] if a["name"] == "shop")
+    assert any("old route epoch" in t["reason"] for t in shop["transitions"])
+
+
+async def test_wake_metrics_count_transitions_and_rejections(
+    start_control_plane, start_edge, session
+) -> None:
+    cp = start_control_plane(apps=[sample_app_spec("shop")])
+    edge = edge_for(start_edge, cp, [scale_to_zero_app()])
+    async with session.delete(edge.url + "/x", headers={"Host": HOST}) as resp:
+        assert resp.status == 503
+    status, _, _ = await get(session, edge)
+    assert status == 200
+
+    def counted() -> bool:
+        text = edge.metrics()
+        return (
+            "edge_wake_transitions_total" in text
+            and 'from="readiness_wait",to="hot"' in text
+            and 'reason="not_safe_to_hold"' in text
+        )
+
+    await eventually(counted, timeout=10, what="wake metrics")

@@ -99,6 +99,8 @@ class WakeController:
         self.in_flight = in_flight
         self._expected: dict[str, float] = {}
         self.counters: dict[str, int] = {}
+        # phase -> [seconds, count]: budget wait, allocation start, readiness.
+        self.phases: dict[str, list[float]] = {}
 
     # ---------------------------------------------------------------- hot path
 
@@ -228,7 +230,9 @@ class WakeController:
         holder = f"{app}#{lease.token}"
         renewer = asyncio.get_running_loop().create_task(self._renew(app, lease, holder))
         try:
+            waited = self.clock()
             await self._take_budget(app, spec, holder)
+            self._phase("budget", self.clock() - waited)
             for _ in range(OLD_EPOCH_RETRIES):
                 state, target = await self._start_allocation(app, spec, lease, state)
                 if target is not None:
@@ -283,6 +287,8 @@ class WakeController:
         alloc = await self.client.create_allocation(app, idempotency_key=key)
         deadline = self.clock() + spec.readiness_timeout
         alloc = await self._until_started(alloc, deadline)
+        self._phase("allocation", self.clock() - started)
+        probing = self.clock()
         state = await self._move(
             state,
             "readiness_wait",
@@ -299,6 +305,7 @@ class WakeController:
                 spec.readiness_timeout,
                 "readiness_timeout",
             )
+        self._phase("readiness", self.clock() - probing)
         if await self._epoch_replaced(app, alloc):
             await self._drain_quietly(alloc.id)
             state = await self._move(
@@ -465,6 +472,11 @@ class WakeController:
                 await flight
         await self.client.close()
         await self.store.close()
+
+    def _phase(self, phase: str, seconds: float) -> None:
+        totals = self.phases.setdefault(phase, [0.0, 0])
+        totals[0] += seconds
+        totals[1] += 1
 
     def _count(self, key: str) -> None:
         self.counters[key] = self.counters.get(key, 0) + 1
