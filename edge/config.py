@@ -93,6 +93,8 @@ class BudgetSection(_Section):
     max_concurrent_wakes: int = 20
     max_wakes_per_second: float = 10.0
     tenant_max_concurrent_wakes: int = 5
+    # A wake's lease; a holder that dies is replaced this long after its last renewal.
+    wake_lease_ttl: Duration = Duration(10.0)
 
 
 class HoldSection(_Section):
@@ -210,6 +212,8 @@ def _check(config: Config, file: str) -> None:
             fail(f"budget.{key}", "must be at least 1")
     if budget.max_wakes_per_second <= 0:
         fail("budget.max_wakes_per_second", "must be greater than zero")
+    if budget.wake_lease_ttl < 0.5:
+        fail("budget.wake_lease_ttl", "must be at least 500ms")
     if config.hold.max_held < 0:
         fail("hold.max_held", "must not be negative")
 

@@ -74,6 +74,7 @@ def build_wake_controller(config: Config, config_path: str, index: int) -> WakeC
         edge_id=f"{socket.gethostname()}/{config.edge.listen}/w{index}",
         budget=budget_limits(config),
         apps=wake_specs(config),
+        lease_ttl=float(config.budget.wake_lease_ttl),
     )
 
 

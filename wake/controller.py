@@ -98,6 +98,7 @@ class WakeController:
         self._seen: set[str] = set()  # apps with requests since the last flush
         self.in_flight = in_flight
         self._expected: dict[str, float] = {}
+        self._background: set[asyncio.Task] = set()
         self.counters: dict[str, int] = {}
         # phase -> [seconds, count]: budget wait, allocation start, readiness.
         self.phases: dict[str, list[float]] = {}
@@ -236,6 +237,11 @@ class WakeController:
             for _ in range(OLD_EPOCH_RETRIES):
                 state, target = await self._start_allocation(app, spec, lease, state)
                 if target is not None:
+                    # The slot stays taken until the control plane itself sees the
+                    # allocation ready, so its count of starting allocations never
+                    # exceeds the budget; held requests are not kept waiting for that.
+                    self._spawn(self._release_when_ready(holder, target.allocation_id, spec))
+                    holder = ""
                     return target
             raise WakeRefused(
                 f"app {app}: route epoch kept moving during the wake", spec.hold_timeout, "epoch"
@@ -250,7 +256,27 @@ class WakeController:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
-            await self.store.release_budget(holder)
+            if holder:
+                await self.store.release_budget(holder)
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _release_when_ready(self, holder: str, allocation_id: str, spec: WakeAppSpec) -> None:
+        deadline = self.clock() + spec.readiness_timeout
+        try:
+            alloc = await self.client.get_allocation(allocation_id)
+            while alloc.state in ("planned", "pulling", "starting") and self.clock() < deadline:
+                alloc = await self.client.watch_allocation(
+                    alloc.id, alloc.version, timeout=min(5.0, deadline - self.clock())
+                )
+        except ControlPlaneError:
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                await self.store.release_budget(holder)
 
     async def _renew(self, app: str, lease: Lease, holder: str) -> None:
         while True:
@@ -465,11 +491,12 @@ class WakeController:
             await self.store.release_lease(app, owner)
 
     async def close(self) -> None:
-        for flight in list(self._flights.values()):
-            flight.cancel()
-        for flight in list(self._flights.values()):
+        tasks = [*self._flights.values(), *self._background]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(BaseException):
-                await flight
+                await task
         await self.client.close()
         await self.store.close()
 
