@@ -23,9 +23,13 @@ JOURNAL_LIMIT = 10_000
 
 class MemoryStore:
     def __init__(
-        self, journal_limit: int = JOURNAL_LIMIT, clock: Callable[[], float] = time.time
+        self,
+        journal_limit: int = JOURNAL_LIMIT,
+        clock: Callable[[], float] = time.time,
+        poll_interval: float = 0.25,
     ) -> None:
         self._clock = clock
+        self._poll_interval = poll_interval
         self._leases: dict[str, tuple[str, float]] = {}  # app -> (owner, expires_at)
         self._fences: dict[str, int] = {}
         self._states: dict[str, AppWakeState] = {}
@@ -96,9 +100,10 @@ class MemoryStore:
             remaining = deadline - time.monotonic()
             if state.version > version or remaining <= 0:
                 return state
+            # Polled as well, like redis://: a write nobody announced is still seen.
             event = self._changed.setdefault(app, asyncio.Event())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), remaining)
+                await asyncio.wait_for(event.wait(), min(remaining, self._poll_interval))
 
     async def acquire_budget(
         self, holder: str, tenant: str, limits: BudgetLimits, wait_for: float

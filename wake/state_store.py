@@ -15,6 +15,10 @@ import msgspec
 from wake.budget import BudgetDecision, BudgetLimits, BudgetUsage
 
 
+class StoreUnavailable(Exception):
+    """The shared store did not answer (down, timed out, or refused the command)."""
+
+
 class AppWakeState(msgspec.Struct, kw_only=True):
     app: str
     state: str = "cold"

@@ -1,0 +1,445 @@
+"""redis:// — the wake store shared by every worker and edge host of a region.
+
+Keys (prefix `edge` by default) carry a hash tag, so every script touches one
+Cluster slot:
+- per app: `edge:{app}:lease` (owner, PX ttl), `edge:{app}:fence` (INCR token),
+  `edge:{app}:state` (HASH data/token/version), `edge:{app}:seen` (server ms),
+  channel `edge:{app}:changed`;
+- region budget: `edge:{budget}:slots|slot_tenant|waiting|waiting_until|
+  waiting_tenant|seq|bucket` (see wake/redis_scripts.py);
+- journal: the capped stream `edge:{journal}`.
+
+Every call is bounded (socket timeouts plus an overall per-call deadline) and any
+Redis failure surfaces as `StoreUnavailable`, so callers can answer 503 instead of
+hanging. Waiters of one app share a single poller and the store shares a single
+pub/sub connection, so thousands of waiters cost a few hundred polls per interval
+and one extra Redis connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Iterable
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from wake import redis_scripts
+from wake.budget import BudgetDecision, BudgetLimits, BudgetUsage
+from wake.state_store import AppWakeState, Lease, StoreUnavailable, Transition
+
+log = logging.getLogger(__name__)
+
+JOURNAL_LIMIT = 10_000
+# Journal entries fetched per round trip when filtering by app.
+_JOURNAL_PAGE = 500
+_MAX_U64 = 2**64 - 1
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def _before(stream_id: str) -> str | None:
+    """The largest stream ID below `stream_id` (exclusive ranges without Redis 6.2's `(`)."""
+    ms, _, seq = stream_id.partition("-")
+    if int(seq) > 0:
+        return f"{ms}-{int(seq) - 1}"
+    if int(ms) > 0:
+        return f"{int(ms) - 1}-{_MAX_U64}"
+    return None
+
+
+class _Watch:
+    """One app's shared poller: its latest state, fanned out to every local waiter."""
+
+    __slots__ = ("changed", "error", "kick", "results", "state", "stopped", "task", "waiters")
+
+    def __init__(self) -> None:
+        self.waiters = 0
+        self.state: AppWakeState | None = None
+        self.error: StoreUnavailable | None = None
+        self.results = 0  # poll results so far; a waiter only heeds errors newer than its arrival
+        self.changed = asyncio.Event()  # replaced after each set, so waiters grab the current one
+        self.kick = asyncio.Event()  # a notification arrived: poll now
+        self.stopped = False
+        self.task: asyncio.Task[None] | None = None
+
+    def notify(self) -> None:
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+
+
+class RedisStore:
+    """WakeStore over Redis: Lua scripts for atomic steps, server time as the clock."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        journal_limit: int = JOURNAL_LIMIT,
+        key_prefix: str = "edge",
+        poll_interval: float = 0.25,
+        socket_timeout: float = 2.0,
+        connect_timeout: float = 2.0,
+        op_timeout: float = 5.0,
+        max_connections: int = 64,
+    ) -> None:
+        if "{" in key_prefix or "}" in key_prefix:
+            raise ValueError(f"key_prefix {key_prefix!r} must not contain braces (hash tags)")
+        self._prefix = key_prefix
+        self._journal_limit = journal_limit
+        self._poll_interval = poll_interval
+        self._op_timeout = op_timeout
+        # Bounded pool: a stampede of calls queues for a connection (up to the
+        # connect timeout) instead of opening thousands of sockets. One retry, on
+        # connection errors only, replaces a pooled socket that died with a Redis
+        # restart; timeouts are not retried, so a hung Redis costs one timeout.
+        self._pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=connect_timeout,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            decode_responses=True,
+        )
+        self._redis = aioredis.Redis(connection_pool=self._pool)
+        r = self._redis
+        self._acquire_lease = r.register_script(redis_scripts.ACQUIRE_LEASE)
+        self._renew_lease = r.register_script(redis_scripts.RENEW_LEASE)
+        self._release_lease = r.register_script(redis_scripts.RELEASE_LEASE)
+        self._write_state = r.register_script(redis_scripts.WRITE_STATE)
+        self._touch = r.register_script(redis_scripts.TOUCH)
+        self._idle_for = r.register_script(redis_scripts.IDLE_FOR)
+        self._acquire_budget = r.register_script(redis_scripts.ACQUIRE_BUDGET)
+        self._renew_budget = r.register_script(redis_scripts.RENEW_BUDGET)
+        self._release_budget = r.register_script(redis_scripts.RELEASE_BUDGET)
+        self._budget_usage = r.register_script(redis_scripts.BUDGET_USAGE)
+        self._budget_keys = [
+            self._budget_key(name)
+            for name in (
+                "slots",
+                "slot_tenant",
+                "waiting",
+                "waiting_until",
+                "waiting_tenant",
+                "seq",
+                "bucket",
+            )
+        ]
+        self._journal_key = f"{key_prefix}:{{journal}}"
+        self._channel_head = f"{key_prefix}:{{"
+        self._channel_tail = "}:changed"
+        self._pattern = f"{_glob_escape(key_prefix)}:{{*}}:changed"
+        self._state_decoder = msgspec.json.Decoder(AppWakeState)
+        self._transition_decoder = msgspec.json.Decoder(Transition)
+        self._watches: dict[str, _Watch] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ keys
+
+    def app_key(self, app: str, name: str) -> str:
+        """`prefix:{app}:name`; the `{app}` hash tag puts all of an app's keys in one slot."""
+        return f"{self._prefix}:{{{app}}}:{name}"
+
+    def _budget_key(self, name: str) -> str:
+        return f"{self._prefix}:{{budget}}:{name}"
+
+    def app_keys(self, app: str) -> list[str]:
+        """Every key and the channel used for `app` (for tests and operators)."""
+        names = ("lease", "fence", "state", "seen", "changed")
+        return [self.app_key(app, name) for name in names]
+
+    def budget_keys(self) -> list[str]:
+        return list(self._budget_keys)
+
+    # ------------------------------------------------------------------ plumbing
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, what: str) -> AsyncIterator[None]:
+        """Bound one operation in time and turn any Redis failure into StoreUnavailable."""
+        if self._closed:
+            raise StoreUnavailable(f"redis store closed ({what})")
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                yield
+        except StoreUnavailable:
+            raise
+        except TimeoutError as exc:  # our overall deadline, or redis-py's socket timeout
+            raise StoreUnavailable(f"redis {what}: timed out ({exc})") from exc
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis {what}: {exc}") from exc
+
+    # ------------------------------------------------------------------ lease
+
+    async def acquire_lease(self, app: str, owner: str, ttl: float) -> Lease | None:
+        keys = [self.app_key(app, "lease"), self.app_key(app, "fence")]
+        async with self._guard("acquire_lease"):
+            token = int(await self._acquire_lease(keys, [owner, _ms(ttl)]))
+        return Lease(owner, token) if token else None
+
+    async def renew_lease(self, app: str, owner: str, ttl: float) -> bool:
+        async with self._guard("renew_lease"):
+            return bool(await self._renew_lease([self.app_key(app, "lease")], [owner, _ms(ttl)]))
+
+    async def release_lease(self, app: str, owner: str) -> None:
+        async with self._guard("release_lease"):
+            await self._release_lease([self.app_key(app, "lease")], [owner])
+
+    async def lease_owner(self, app: str) -> str | None:
+        async with self._guard("lease_owner"):
+            return await self._redis.get(self.app_key(app, "lease"))
+
+    # ------------------------------------------------------------------ state
+
+    async def read_state(self, app: str) -> AppWakeState:
+        async with self._guard("read_state"):
+            data, token, version = await self._redis.hmget(
+                self.app_key(app, "state"), ["data", "token", "version"]
+            )
+        if data is None:
+            return AppWakeState(app=app)
+        state = self._state_decoder.decode(data)
+        # token and version live beside the JSON so the script bumps them without parsing it.
+        return msgspec.structs.replace(state, token=int(token or 0), version=int(version or 0))
+
+    async def write_state(self, state: AppWakeState, token: int) -> bool:
+        keys = [self.app_key(state.app, "fence"), self.app_key(state.app, "state")]
+        data = msgspec.json.encode(state)
+        async with self._guard("write_state"):
+            return bool(await self._write_state(keys, [data, token]))
+
+    # ------------------------------------------------------------------ journal
+
+    async def append_transition(self, transition: Transition) -> None:
+        fields = {"app": transition.app, "data": msgspec.json.encode(transition)}
+        async with self._guard("append_transition"):
+            # Approximate trimming is O(1) amortised; reads never look past the
+            # newest `journal_limit` entries, so the cap as seen by callers is exact.
+            await self._redis.xadd(
+                self._journal_key, fields, maxlen=self._journal_limit, approximate=True
+            )
+
+    async def transitions(self, app: str | None = None, limit: int = 100) -> list[Transition]:
+        limit = min(limit, self._journal_limit)
+        if limit <= 0:
+            return []
+        found: list[Transition] = []
+        scanned = 0
+        upper: str | None = "+"
+        async with self._guard("transitions"):
+            # Newest first, a page at a time, never past the journal's cap.
+            while upper is not None and len(found) < limit and scanned < self._journal_limit:
+                count = limit if app is None else _JOURNAL_PAGE
+                count = min(count, self._journal_limit - scanned)
+                rows = await self._redis.xrevrange(self._journal_key, upper, "-", count=count)
+                if not rows:
+                    break
+                scanned += len(rows)
+                for _, fields in rows:
+                    if (app is None or fields.get("app") == app) and len(found) < limit:
+                        found.append(self._transition_decoder.decode(fields["data"]))
+                upper = _before(rows[-1][0])
+        found.reverse()
+        return found
+
+    # ------------------------------------------------------------------ change notification
+
+    async def publish(self, app: str) -> None:
+        async with self._guard("publish"):
+            await self._redis.publish(self.app_key(app, "changed"), "1")
+
+    async def wait_change(self, app: str, version: int, timeout: float) -> AppWakeState:
+        if self._closed:
+            raise StoreUnavailable("redis store closed (wait_change)")
+        self._ensure_listener()
+        watch = self._watches.get(app)
+        if watch is None:
+            watch = self._watches[app] = _Watch()
+            watch.task = asyncio.create_task(self._poll(app, watch), name=f"wake-watch:{app}")
+        watch.waiters += 1
+        arrived = watch.results
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while True:
+                if watch.state is not None and watch.state.version > version:
+                    return watch.state
+                if watch.error is not None and watch.results > arrived:
+                    raise StoreUnavailable(str(watch.error)) from watch.error
+                if self._closed:
+                    raise StoreUnavailable("redis store closed (wait_change)")
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                changed = watch.changed
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await changed.wait()
+        finally:
+            watch.waiters -= 1
+            if watch.waiters == 0 and not watch.stopped:
+                watch.stopped = True
+                watch.kick.set()
+                if self._watches.get(app) is watch:
+                    del self._watches[app]
+        # At the timeout: the poller's latest view (at most one poll interval old).
+        return watch.state if watch.state is not None else await self.read_state(app)
+
+    async def _poll(self, app: str, watch: _Watch) -> None:
+        """Read the app's state now, on every notification, and every poll interval."""
+        while not watch.stopped:
+            watch.kick.clear()  # cleared before reading: a message during the read re-polls
+            try:
+                state = await self.read_state(app)
+            except Exception as exc:  # anything: a silent poller would strand its waiters
+                if not isinstance(exc, StoreUnavailable):
+                    log.warning("wake store: polling %s failed", app, exc_info=True)
+                    exc = StoreUnavailable(f"redis read_state: {exc!r}")
+                watch.error = exc
+                watch.results += 1
+                watch.notify()
+            else:
+                moved = watch.state is None or watch.state.version != state.version
+                watch.state, watch.error = state, None
+                watch.results += 1
+                if moved:
+                    watch.notify()
+            if watch.stopped:
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._poll_interval):
+                    await watch.kick.wait()
+
+    def _ensure_listener(self) -> None:
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.create_task(self._listen(), name="wake-store-pubsub")
+
+    def _kick(self, apps: Iterable[str]) -> None:
+        for app in apps:
+            watch = self._watches.get(app)
+            if watch is not None:
+                watch.kick.set()
+
+    async def _listen(self) -> None:
+        """One pattern subscription for the whole store; reconnects with back-off."""
+        backoff = 0.05
+        while not self._closed:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                async with asyncio.timeout(self._op_timeout):
+                    await pubsub.psubscribe(self._pattern)
+                backoff = 0.05
+                # Messages sent while we were not subscribed are gone: re-read everything.
+                self._kick(list(self._watches))
+                while not self._closed:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None and message.get("type") == "pmessage":
+                        channel: str = message["channel"]
+                        if channel.startswith(self._channel_head) and channel.endswith(
+                            self._channel_tail
+                        ):
+                            app = channel[len(self._channel_head) : -len(self._channel_tail)]
+                            self._kick((app,))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down or reset: polling covers us meanwhile
+                log.debug("wake store pub/sub: %s; reconnecting in %.2fs", exc, backoff)
+                # Poll now rather than at the next interval, so waiters learn of an
+                # outage (or of a change whose message was lost) at once.
+                self._kick(list(self._watches))
+            finally:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0):
+                        await pubsub.aclose()
+            if self._closed:
+                break
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    # ------------------------------------------------------------------ budget
+
+    async def acquire_budget(
+        self, holder: str, tenant: str, limits: BudgetLimits, wait_for: float
+    ) -> BudgetDecision:
+        args = [
+            holder,
+            tenant,
+            limits.max_concurrent_wakes,
+            repr(float(limits.max_wakes_per_second)),
+            limits.tenant_max_concurrent_wakes,
+            repr(limits.slot_ttl * 1000.0),
+            repr(wait_for * 1000.0),
+        ]
+        async with self._guard("acquire_budget"):
+            granted, reason, retry_after = await self._acquire_budget(self._budget_keys, args)
+        return BudgetDecision(bool(granted), reason, float(retry_after))
+
+    async def renew_budget(self, holder: str, limits: BudgetLimits) -> bool:
+        args = [holder, repr(limits.slot_ttl * 1000.0)]
+        async with self._guard("renew_budget"):
+            return bool(await self._renew_budget(self._budget_keys, args))
+
+    async def release_budget(self, holder: str) -> None:
+        async with self._guard("release_budget"):
+            await self._release_budget(self._budget_keys, [holder])
+
+    async def budget_usage(self, limits: BudgetLimits) -> BudgetUsage:
+        args = [repr(float(limits.max_wakes_per_second))]
+        async with self._guard("budget_usage"):
+            in_use, waiting, tokens, flat = await self._budget_usage(self._budget_keys, args)
+        by_tenant = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return BudgetUsage(int(in_use), int(waiting), float(tokens), by_tenant)
+
+    # ------------------------------------------------------------------ idle
+
+    async def touch(self, app: str) -> None:
+        async with self._guard("touch"):
+            await self._touch([self.app_key(app, "seen")])
+
+    async def idle_for(self, app: str) -> float | None:
+        async with self._guard("idle_for"):
+            idle_ms = await self._idle_for([self.app_key(app, "seen")])
+        return None if idle_ms is None else max(0.0, float(idle_ms) / 1000.0)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def ping(self) -> bool:
+        try:
+            async with self._guard("ping"):
+                return bool(await self._redis.ping())
+        except StoreUnavailable:
+            return False
+
+    async def close(self) -> None:
+        """Stop the pub/sub reader and pollers, wake every waiter, close the pool."""
+        if self._closed:
+            return
+        self._closed = True
+        tasks = [w.task for w in self._watches.values() if w.task is not None]
+        if self._listener is not None:
+            tasks.append(self._listener)
+        for watch in self._watches.values():
+            watch.stopped = True
+            watch.notify()  # waiters see _closed and raise instead of sitting out their timeout
+        self._watches.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self._redis.aclose()
+        with contextlib.suppress(Exception):
+            await self._pool.aclose()

@@ -1,0 +1,25 @@
+"""Open the wake store named by `edge.store`: memory:// or redis:// (rediss://, unix://)."""
+
+from __future__ import annotations
+
+from wake.memory_store import JOURNAL_LIMIT, MemoryStore
+from wake.state_store import WakeStore
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def open_store(
+    url: str, *, journal_limit: int = JOURNAL_LIMIT, key_prefix: str = "edge"
+) -> WakeStore:
+    """A store for `url`; connects lazily, so opening never blocks on the network.
+
+    Redis connection options (e.g. `?socket_timeout=5`) may be given in the URL's
+    query string and override the store's defaults.
+    """
+    if url.startswith("memory://"):
+        return MemoryStore(journal_limit=journal_limit)
+    if url.startswith(REDIS_SCHEMES):
+        from wake.redis_store import RedisStore  # redis-py only when it is used
+
+        return RedisStore(url, journal_limit=journal_limit, key_prefix=key_prefix)
+    raise ValueError(f"unknown store {url!r}: expected memory://, redis://, rediss:// or unix://")
