@@ -151,7 +151,16 @@ def build_admin_app(state: AdminState, token: str) -> web.Application:
             else:
                 row["state"] = "hot"
             rows.append(row)
-        return web.json_response({"apps": rows})
+        budget_use = None
+        if wake is not None:
+            usage = await wake.store.budget_usage(wake.budget)
+            budget_use = {
+                "in_use": usage.in_use,
+                "waiting": usage.waiting,
+                "limit": wake.budget.max_concurrent_wakes,
+                "by_tenant": usage.by_tenant,
+            }
+        return web.json_response({"apps": rows, "budget": budget_use})
 
     async def budget(_: web.Request) -> web.Response:
         wake = state.ctx.wake

@@ -276,3 +276,47 @@ async def test_wake_metrics_count_transitions_and_rejections(
         )
 
     await eventually(counted, timeout=10, what="wake metrics")
+
+
+async def test_held_request_cap_answers_503(start_control_plane, start_edge, session) -> None:
+    slow = sample_app_spec(
+        "shop", command=sample_app_spec("shop")["command"] + ["--start-delay", "1"]
+    )
+    cp = start_control_plane(apps=[slow])
+    edge = edge_for(start_edge, cp, [scale_to_zero_app(max_held=2)])
+    results = await asyncio.gather(*(get(session, edge) for _ in range(6)))
+    statuses = sorted(status for status, _, _ in results)
+    assert statuses == [200, 200, 503, 503, 503, 503]
+    for status, headers, _ in results:
+        if status == 503:
+            assert headers["X-Edge-Error"] == "hold_cap" and "Retry-After" in headers
+    assert len(await allocations(cp)) == 1
+
+
+async def test_wake_slower_than_hold_is_refused_at_once(
+    start_control_plane, start_edge, session
+) -> None:
+    slow = sample_app_spec(
+        "shop",
+        command=sample_app_spec("shop")["command"] + ["--start-delay", "2"],
+        drain_grace="1s",
+    )
+    cp = start_control_plane(apps=[slow])
+    edge = edge_for(start_edge, cp, [scale_to_zero_app(hold_timeout="1s", idle_timeout="1s")])
+    status, headers, _ = await get(session, edge)
+    assert status == 503 and headers["X-Edge-Error"] == "hold_timeout"
+
+    def state_is(wanted: str):
+        def check() -> bool:
+            status, body = edge.admin_get("/admin/apps")
+            apps = {a["name"]: a for a in __import__("json").loads(body)["apps"]}
+            return status == 200 and apps["shop"]["state"] == wanted
+
+        return check
+
+    await eventually(state_is("hot"), timeout=20, what="the first wake to finish")
+    await eventually(state_is("cold"), timeout=30, interval=0.3, what="the app asleep again")
+    # The app is known to take ~2 s to wake, more than the 1 s hold: no point holding.
+    status, headers, _ = await get(session, edge)
+    assert status == 503 and headers["X-Edge-Error"] == "wake_slower_than_hold"
+    assert int(headers["Retry-After"]) >= 2

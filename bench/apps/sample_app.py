@@ -20,7 +20,11 @@ port handed out by the control plane is claimed early), but every route answers
 503 "starting" until the delay has passed: the readiness probe sees "not ready".
 
 Every response carries `X-Allocation-Id: <name>` and `X-App-Instance: <name>-<pid>`,
-and echoes the request's `X-Request-Id` when it has one.
+and echoes the request's `X-Request-Id` when it has one. Once the start delay is
+over, every response also carries `X-Ready-At: <unix time, 6 decimals>`: the moment
+the app began answering 2xx, so a client on the same machine can tell how long a
+proxy in front took to deliver its first answer (bench/stampede.py). The 503
+"starting" answers before that moment do not carry it.
 
 SIGTERM/SIGINT: stop accepting connections, let in-flight requests finish (up to
 --shutdown-timeout), close open WebSockets with 1001 (going away), exit 0.
@@ -34,6 +38,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 import weakref
 from dataclasses import dataclass, field
 
@@ -53,12 +58,21 @@ class AppState:
     readiness_path: str
     instance: str = ""
     started: bool = False
+    # time.time() when the app began answering 2xx (end of the start delay); None before.
+    ready_at: float | None = None
     in_flight: int = 0
     websockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
     leaked: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.instance = f"{self.name}-{os.getpid()}"
+        if self.started and self.ready_at is None:
+            self.ready_at = time.time()
+
+    def mark_started(self) -> None:
+        """The start delay is over: answer 2xx from now on, and remember when that began."""
+        self.ready_at = time.time()
+        self.started = True
 
 
 STATE_KEY = web.AppKey("state", AppState)
@@ -165,6 +179,8 @@ async def _stamp_headers(request: web.Request, response: web.StreamResponse) -> 
     state = _state(request)
     response.headers["X-Allocation-Id"] = state.name
     response.headers["X-App-Instance"] = state.instance
+    if state.ready_at is not None:
+        response.headers["X-Ready-At"] = f"{state.ready_at:.6f}"
     request_id = request.headers.get("X-Request-Id")
     if request_id is not None:
         response.headers["X-Request-Id"] = request_id
@@ -228,7 +244,8 @@ async def serve(
         # A SIGTERM during the delay ends the wait early and shuts down as usual.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), start_delay)
-        app[STATE_KEY].started = True
+    # Answering 2xx from here on (with no delay: from the moment the port is bound).
+    app[STATE_KEY].mark_started()
     await stop.wait()
     # Closes the listener, closes idle keep-alive connections, runs on_shutdown
     # (WebSockets get 1001), then waits up to shutdown_timeout for in-flight handlers.
