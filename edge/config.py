@@ -74,6 +74,9 @@ class UpstreamSection(_Section):
     idle_timeout: Duration = Duration(60.0)
     keepalive_idle: Duration = Duration(30.0)
     max_idle_per_upstream: int = 64
+    # Connections per upstream address per worker (0: no cap); beyond it requests
+    # wait for a connection to come back instead of flooding the app's accept queue.
+    max_connections_per_upstream: int = 256
 
 
 class ControlPlaneClientSection(_Section):
@@ -189,6 +192,8 @@ def _check(config: Config, file: str) -> None:
     for key in ("connect_timeout", "response_header_timeout", "idle_timeout"):
         if getattr(upstream, key) <= 0:
             fail(f"upstream.{key}", "must be greater than zero")
+    if upstream.max_connections_per_upstream < 0:
+        fail("upstream.max_connections_per_upstream", "must not be negative")
     if upstream.max_idle_per_upstream < 0:
         fail("upstream.max_idle_per_upstream", "must not be negative")
 

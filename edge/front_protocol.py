@@ -446,15 +446,33 @@ class FrontConnection(asyncio.Protocol):
         self._forward(ex)
 
     def _forward(self, ex: Exchange) -> None:
+        ex.peer.in_flight += 1  # type: ignore[union-attr]
+        self._acquire_connection(ex)
+        if self.out:
+            self.upstream_flush()
+
+    def _acquire_connection(self, ex: Exchange) -> None:
+        """An idle pooled connection, a new one if the peer has room, else wait in line."""
         peer = ex.peer
-        peer.in_flight += 1  # type: ignore[union-attr]
         conn = None if ex.upgrade else peer.take_idle()  # type: ignore[union-attr]
+        if conn is not None:
+            self._send(ex, conn)
+        elif peer.reserve():  # type: ignore[union-attr]
+            self.loop.create_task(self._connect_then_send(ex))
+        else:
+            peer.wait(lambda conn: self._peer_ready(ex, conn))  # type: ignore[union-attr]
+
+    def _peer_ready(self, ex: Exchange, conn: UpstreamConnection | None) -> bool:
+        """A connection (or room for a new one) for `ex`; False when `ex` is gone."""
+        if self.current is not ex or self.closed or ex.status:
+            return False
         if conn is None:
             self.loop.create_task(self._connect_then_send(ex))
         else:
             self._send(ex, conn)
-        if self.out:
-            self.upstream_flush()
+            if self.out:
+                self.upstream_flush()
+        return True
 
     def _admit_cold(self, ex: Exchange, app: AppRoute, fields: RequestFields) -> None:
         """A request for an app that is not hot: hold it, or refuse it at once (503)."""
@@ -563,14 +581,20 @@ class FrontConnection(asyncio.Protocol):
         self._complete(ex)
 
     async def _connect_then_send(self, ex: Exchange) -> None:
+        peer = ex.peer
         try:
-            conn = await self.ctx.pool.connect(ex.peer)  # type: ignore[arg-type]
+            conn = await self.ctx.pool.connect(peer)  # type: ignore[arg-type]
         except TimeoutError:
+            peer.release()  # type: ignore[union-attr]
             self._upstream_failed(ex, 504, "upstream connect timeout", "connect_timeout")
             return
         except OSError as exc:
+            peer.release()  # type: ignore[union-attr]
             reason = f"upstream connect failed: {exc.strerror or exc}"
             self._upstream_failed(ex, 502, reason, "connect_failed")
+            if ex.app in self.ctx.apps and self.ctx.apps[ex.app].wake is not None:
+                # The allocation is gone: the next request re-reads the wake state.
+                self.ctx.apps[ex.app].wake.forget_hot(ex.app, peer.address)  # type: ignore[union-attr]
             return
         if self.current is not ex or self.closed:
             conn.abort()
@@ -709,7 +733,7 @@ class FrontConnection(asyncio.Protocol):
             return
         if conn.reused and not conn.got_bytes and ex.method in _IDEMPOTENT and _replayable(ex):
             # A pooled connection the upstream had already closed: safe to try once more.
-            self.loop.create_task(self._connect_then_send(ex))
+            self._acquire_connection(ex)
             return
         self._upstream_failed(ex, 502, f"upstream connection {error}", error)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -99,6 +100,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.peer.release()
         owner = self.owner
         if owner is not None:
             self.owner = None
@@ -185,17 +187,66 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class UpstreamPeer:
-    """One upstream address: its idle keep-alive connections and in-flight count."""
+    """One upstream address: its connections (capped), idle ones, and requests waiting.
 
-    __slots__ = ("address", "host", "idle", "in_flight", "max_idle", "port")
+    At most `max_conns` connections exist at once (connecting, busy or idle), so a
+    burst of released requests cannot overflow an app's accept queue; the rest
+    wait in arrival order for a connection to come back.
+    """
 
-    def __init__(self, host: str, port: int, max_idle: int) -> None:
+    __slots__ = (
+        "address",
+        "handoff_scheduled",
+        "host",
+        "idle",
+        "in_flight",
+        "max_conns",
+        "max_idle",
+        "open",
+        "port",
+        "waiters",
+    )
+
+    def __init__(self, host: str, port: int, max_idle: int, max_conns: int = 0) -> None:
         self.host = host
         self.port = port
         self.address = f"{host}:{port}"
         self.max_idle = max_idle
+        self.max_conns = max_conns  # 0: no cap
         self.idle: list[UpstreamConnection] = []
         self.in_flight = 0
+        self.open = 0
+        self.handoff_scheduled = False
+        self.waiters: deque[Callable[[UpstreamConnection | None], bool]] = deque()
+
+    def reserve(self) -> bool:
+        """Room for one more connection? Counts it as open when so."""
+        if self.max_conns and self.open >= self.max_conns:
+            return False
+        self.open += 1
+        return True
+
+    def release(self) -> None:
+        """A connection closed (or never opened): hand its room to a waiter."""
+        self.open -= 1
+        while self.waiters and (not self.max_conns or self.open < self.max_conns):
+            self.open += 1
+            if self.waiters.popleft()(None):
+                return
+            self.open -= 1
+
+    def wait(self, waiter: Callable[[UpstreamConnection | None], bool]) -> None:
+        self.waiters.append(waiter)
+
+    def _hand_off(self) -> None:
+        self.handoff_scheduled = False
+        while self.waiters:
+            conn = self.take_idle()
+            if conn is None:
+                return
+            if not self.waiters.popleft()(conn):
+                conn.reused = False
+                self.idle.append(conn)
 
     def take_idle(self) -> UpstreamConnection | None:
         idle = self.idle
@@ -208,7 +259,15 @@ class UpstreamPeer:
 
     def give_back(self, conn: UpstreamConnection, now: float) -> None:
         conn.owner = None
-        if conn.closed or len(self.idle) >= self.max_idle:
+        if conn.closed:
+            return
+        if self.waiters:
+            # Handed over on the next loop turn, once this response's bytes are parsed:
+            # stray bytes after it abort the connection first (see on_message_begin).
+            if not self.handoff_scheduled:
+                self.handoff_scheduled = True
+                asyncio.get_running_loop().call_soon(self._hand_off)
+        elif len(self.idle) >= self.max_idle:
             conn.abort()
             return
         conn.idle_since = now
@@ -233,19 +292,24 @@ class UpstreamPeer:
 class UpstreamPool:
     """Every upstream peer this worker talks to, keyed by address."""
 
-    __slots__ = ("_peers", "connect_timeout", "keepalive_idle", "max_idle")
+    __slots__ = ("_peers", "connect_timeout", "keepalive_idle", "max_conns", "max_idle")
 
-    def __init__(self, *, connect_timeout: float, keepalive_idle: float, max_idle: int) -> None:
+    def __init__(
+        self, *, connect_timeout: float, keepalive_idle: float, max_idle: int, max_conns: int = 0
+    ) -> None:
         self._peers: dict[str, UpstreamPeer] = {}
         self.connect_timeout = connect_timeout
         self.keepalive_idle = keepalive_idle
         self.max_idle = max_idle
+        self.max_conns = max_conns
 
     def peer(self, address: str) -> UpstreamPeer:
         peer = self._peers.get(address)
         if peer is None:
             host, _, port = address.rpartition(":")
-            peer = self._peers[address] = UpstreamPeer(host.strip("[]"), int(port), self.max_idle)
+            peer = self._peers[address] = UpstreamPeer(
+                host.strip("[]"), int(port), self.max_idle, self.max_conns
+            )
         return peer
 
     def peers(self) -> Iterable[UpstreamPeer]:

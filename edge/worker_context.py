@@ -128,6 +128,7 @@ class WorkerContext:
             connect_timeout=config.upstream.connect_timeout,
             keepalive_idle=config.upstream.keepalive_idle,
             max_idle=config.upstream.max_idle_per_upstream,
+            max_conns=config.upstream.max_connections_per_upstream,
         )
         self.held_total = 0
         self.held_bytes = 0

@@ -44,8 +44,10 @@ _CHUNK = 1024 * 1024
 _PLACEHOLDER = re.compile(r"{(port|python|allocation|app)}")
 # Polling intervals and bounds: short enough to notice a ready app or an exit
 # quickly, long enough not to spin.
-_POLL_MIN = 0.02
-_POLL_MAX = 0.25
+# Readiness is what every held request waits for, and a probe of a local process is
+# cheap: the control plane reports `ready` within 10 ms, and edges act on that at once.
+_POLL_MIN = 0.005
+_POLL_MAX = 0.01
 _PROBE_TIMEOUT = 1.0
 _SESSIONS_TIMEOUT = 1.0
 _KILL_WAIT = 5.0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import aiohttp
 import pytest
 from helpers import (
     Closed,
@@ -166,3 +168,24 @@ async def test_max_connections_counts_concurrent_not_total(start_edge, upstream)
         await eventually(served_now, timeout=5, interval=0.1, what=f"connection {i} served")
         served.add(f"/echo?seq={i}")
     assert set(upstream.paths()) == served
+
+
+async def test_connections_per_upstream_are_capped(start_edge, upstream) -> None:
+    """A burst waits for pooled connections instead of opening one per request."""
+    edge = start_edge(upstream={"max_connections_per_upstream": 3})
+    connector = aiohttp.TCPConnector(limit=100)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(i: int) -> int:
+            async with session.get(
+                edge.url + f"/echo?i={i}", headers={"Host": "app.localhost"}
+            ) as resp:
+                await resp.read()
+                return resp.status
+
+        statuses = await asyncio.gather(*(one(i) for i in range(100)))
+    assert statuses == [200] * 100
+    log = upstream.log()
+    assert len(log) == 100
+    ports = {tuple(entry["peer"]) for entry in log}
+    assert 1 <= len(ports) <= 3

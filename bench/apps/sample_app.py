@@ -230,7 +230,8 @@ async def serve(
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        # A deep accept queue: an edge releasing thousands of held requests connects at once.
+        await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
     except OSError as exc:
         print(f"sample app: cannot listen on 127.0.0.1:{port}: {exc}", file=sys.stderr)
         await runner.cleanup()
