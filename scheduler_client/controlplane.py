@@ -238,8 +238,22 @@ class ControlPlane:
             mode = "runner crash" if problem.startswith("exited") else "readiness timeout"
             self._fail(alloc, f"{mode}: {problem}")
             return
-        alloc = self._move(alloc, "ready")
-        self._route_ready(alloc)
+        current = self.store.route(alloc.app)
+        promoted = current[1] if current is not None else 0
+        routed = alloc.route_epoch >= promoted
+        alloc = self._move(alloc, "ready", routed=routed)
+        if routed:
+            self._change_route(alloc.app, lambda targets: [*targets, self._target(alloc)])
+        else:
+            # Granted before a promotion replaced the route: never routed to.
+            self.store.journal(
+                "allocation",
+                alloc.id,
+                alloc.state,
+                alloc.state,
+                f"old route epoch: granted under {alloc.route_epoch}, route replaced at "
+                f"{promoted}; not routed",
+            )
 
     def _fail(self, alloc: Allocation, reason: str) -> Allocation:
         proc = self.processes.pop(alloc.id, None)
@@ -369,21 +383,6 @@ class ControlPlane:
             AppRoute(app=app, epoch=0, targets=new), cas=False, history=self.section.route_history
         )
         self.changed.notify()
-
-    def _route_ready(self, alloc: Allocation) -> None:
-        current = self.store.route(alloc.app)
-        if current is not None and alloc.route_epoch < current[1]:
-            # Granted before a promotion replaced the route: never routed to.
-            self.store.journal(
-                "allocation",
-                alloc.id,
-                alloc.state,
-                alloc.state,
-                f"old route epoch: granted under {alloc.route_epoch}, route replaced at "
-                f"{current[1]}; not routed",
-            )
-            return
-        self._change_route(alloc.app, lambda targets: [*targets, self._target(alloc)])
 
     def _route_set_state(self, alloc: Allocation, state: str) -> None:
         def edit(targets: list[RouteTarget]) -> list[RouteTarget] | None:

@@ -27,6 +27,8 @@ class Allocation(_Wire):
     host: str = "local"
     artifact_digest: str = ""
     route_epoch: int = 0  # the app's route epoch when this allocation was granted
+    # Set when it becomes ready: False if a promotion replaced the route since the grant.
+    routed: bool | None = None
     reason: str = ""
     version: int = 0  # bumps on every change; watch long-polls on it
     created_at: float = 0.0

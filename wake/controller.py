@@ -94,7 +94,8 @@ class WakeController:
         self.poll_interval = poll_interval
         self.clock = clock
         self._hot: dict[str, HotTarget] = {}
-        self._flights: dict[str, asyncio.Task[HotTarget]] = {}
+        self._flights: dict[str, asyncio.Task[None]] = {}
+        self._outcomes: dict[str, asyncio.Future[HotTarget]] = {}
         self._seen: set[str] = set()  # apps with requests since the last flush
         self.in_flight = in_flight
         self._expected: dict[str, float] = {}
@@ -125,29 +126,50 @@ class WakeController:
 
     # ------------------------------------------------------------- wake entry
 
-    def start_wake(self, app: str) -> asyncio.Task[HotTarget]:
-        """The app's flight in this process, started if none is running."""
-        flight = self._flights.get(app)
-        if flight is None or flight.done():
-            flight = asyncio.get_running_loop().create_task(self._wake(app))
+    def start_wake(self, app: str) -> asyncio.Future[HotTarget]:
+        """The outcome of the app's flight in this process, started if none is running.
+
+        The outcome resolves the moment the app is known hot; the flight itself
+        then finishes its bookkeeping (journal, lease) without holding anyone up.
+        """
+        outcome = self._outcomes.get(app)
+        if outcome is None or outcome.done():
+            loop = asyncio.get_running_loop()
+            outcome = loop.create_future()
+            self._outcomes[app] = outcome
+            flight = loop.create_task(self._fly(app, outcome))
             self._flights[app] = flight
             flight.add_done_callback(lambda task, app=app: self._flight_done(app, task))
-        return flight
+        return outcome
 
-    def _flight_done(self, app: str, task: asyncio.Task[HotTarget]) -> None:
+    async def _fly(self, app: str, outcome: asyncio.Future[HotTarget]) -> None:
+        try:
+            target = await self._wake(app)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                outcome.cancel()
+            elif not outcome.done():
+                outcome.set_exception(exc)
+                outcome.exception()  # retrieved here; waiters may all have gone
+            if not isinstance(exc, Exception):
+                raise
+            self._count(f"wake_error:{type(exc).__name__}")
+        else:
+            if not outcome.done():
+                outcome.set_result(target)
+
+    def _flight_done(self, app: str, task: asyncio.Task[None]) -> None:
         if self._flights.get(app) is task:
             del self._flights[app]
-        if not task.cancelled() and task.exception() is not None:
-            self._count(f"wake_error:{type(task.exception()).__name__}")
 
     async def ensure_hot(self, app: str, wait_for: float) -> HotTarget:
         """Wait (at most `wait_for`) until the app is hot; raises WakeRefused or TimeoutError."""
         target = self._hot.get(app)
         if target is not None:
             return target
-        flight = self.start_wake(app)
+        outcome = self.start_wake(app)
         async with asyncio.timeout(wait_for):
-            return await asyncio.shield(flight)
+            return await asyncio.shield(outcome)
 
     def expected_wake(self, app: str) -> float:
         """The moving average of this app's wakes as last read (0 when unknown)."""
@@ -189,6 +211,9 @@ class WakeController:
     def _adopt(self, app: str, state: AppWakeState) -> HotTarget:
         target = HotTarget(state.address, state.allocation_id)
         self._hot[app] = target
+        outcome = self._outcomes.get(app)
+        if outcome is not None and not outcome.done():
+            outcome.set_result(target)
         return target
 
     async def _move(
@@ -201,6 +226,8 @@ class WakeController:
         )
         if not await self.store.write_state(new, lease.token):
             raise _LeaseLost()
+        if target == "hot":
+            self._adopt(state.app, new)  # release held requests before the bookkeeping
         await self.store.append_transition(
             Transition(
                 app=state.app,
@@ -324,7 +351,8 @@ class WakeController:
             address=alloc.address,
             route_epoch=alloc.route_epoch,
         )
-        if not await self._probe(alloc, spec, deadline):
+        seen_ready = await self._probe(alloc, spec, deadline)
+        if seen_ready is None:
             await self._drain_quietly(alloc.id)
             raise WakeRefused(
                 f"readiness timeout: {alloc.id} not ready within {spec.readiness_timeout:g}s",
@@ -332,7 +360,7 @@ class WakeController:
                 "readiness_timeout",
             )
         self._phase("readiness", self.clock() - probing)
-        if await self._epoch_replaced(app, alloc):
+        if await self._epoch_replaced(app, seen_ready):
             await self._drain_quietly(alloc.id)
             state = await self._move(
                 state,
@@ -375,11 +403,14 @@ class WakeController:
             )
         return alloc
 
-    async def _probe(self, alloc: Allocation, spec: WakeAppSpec, deadline: float) -> bool:
+    async def _probe(
+        self, alloc: Allocation, spec: WakeAppSpec, deadline: float
+    ) -> Allocation | None:
         """Readiness: GET the path from 5 ms backing off to 250 ms; the control plane's
-        own `ready` (seen by a concurrent watch) counts at once."""
+        own `ready` (seen by a concurrent watch) counts at once. None: not ready in time."""
         host, _, port = alloc.address.rpartition(":")
         ready = asyncio.Event()
+        latest = [alloc]
 
         async def watch() -> None:
             current = alloc
@@ -389,6 +420,7 @@ class WakeController:
                 current = await self.client.watch_allocation(
                     current.id, current.version, timeout=min(5.0, deadline - self.clock())
                 )
+                latest[0] = current
             if current.state == "ready":
                 ready.set()
 
@@ -405,14 +437,14 @@ class WakeController:
                         body=False,
                     )
                     if 200 <= status < 300:
-                        return True
+                        return latest[0]
                 except (OSError, TimeoutError, ValueError):
                     pass
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(pause, max(0.0, deadline - self.clock()))):
                         await ready.wait()
                 pause = min(pause * 2, PROBE_MAX)
-            return ready.is_set()
+            return latest[0] if ready.is_set() else None
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, ControlPlaneError):
@@ -420,6 +452,8 @@ class WakeController:
 
     async def _epoch_replaced(self, app: str, alloc: Allocation) -> bool:
         """True when a promotion replaced the app's route after this allocation was granted."""
+        if alloc.state == "ready" and alloc.routed is not None:
+            return not alloc.routed  # the control plane decided when it saw it ready
         snapshot = await self.client.route_snapshot()
         for route in snapshot.apps:
             if route.app == app:
