@@ -63,12 +63,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench_processes import Processes as BaseProcesses
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_APP = REPO / "bench" / "apps" / "sample_app.py"
 APP = "stampede"
 HOST_HEADER = "stampede.localhost"
 READY_TIMEOUT = 20.0
-STOP_GRACE = 5.0
 POLL_INTERVAL = 0.05
 STARTING_STATES = frozenset({"planned", "pulling", "starting"})
 TARGETS: dict[str, float] = {
@@ -158,47 +159,12 @@ def tail(path: Path, limit: int = 3000) -> str:
 # --------------------------------------------------------------------------
 
 
-class Processes:
+class Processes(BaseProcesses):
     def __init__(self, logdir: Path) -> None:
-        self.logdir = logdir
-        self.running: list[tuple[str, subprocess.Popen]] = []
+        super().__init__(logdir)
         # Pids of app processes the control plane started (leaders of their own groups).
         self.app_pids: set[int] = set()
         self.cp_state_file: Path | None = None
-
-    def start(
-        self, name: str, argv: list[str], env: dict[str, str] | None = None
-    ) -> tuple[subprocess.Popen, Path]:
-        log_path = self.logdir / f"{name}.log"
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                env=env,
-                # Own process group: edge workers are stopped with their supervisor.
-                start_new_session=True,
-            )
-        self.running.append((name, proc))
-        return proc, log_path
-
-    def stop(self, proc: subprocess.Popen) -> None:
-        self.running = [(n, p) for n, p in self.running if p is not proc]
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                proc.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(STOP_GRACE)
-        # Stragglers of the group this process led (e.g. workers of a dead supervisor).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
 
     def kill_apps(self) -> None:
         """App processes outlive the control plane by design: SIGKILL their groups."""

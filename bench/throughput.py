@@ -42,12 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench_processes import Processes
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 HOST_HEADER = "bench.localhost"
 BODY_SIZE = 1024
 READY_TIMEOUT = 15.0
-STOP_GRACE = 5.0
 TARGETS = {"edge_vs_nginx": 0.40, "edge_vs_naive": 3.0, "edge_p99_ms": 3.0}
 ROW_ORDER = ("direct", "nginx_proxy_1w", "naive_1w", "edge_1w", "nginx_proxy_2w", "edge_2w")
 # A row whose load run saw more non-2xx/3xx answers or socket errors than this
@@ -89,54 +90,6 @@ def tail(path: Path, limit: int = 1500) -> str:
     except OSError:
         return ""
     return data.decode("utf-8", "replace").strip()
-
-
-# --------------------------------------------------------------------------
-# Process management: everything we start goes through here and is stopped.
-# --------------------------------------------------------------------------
-
-
-class Processes:
-    def __init__(self, logdir: Path) -> None:
-        self.logdir = logdir
-        self.running: list[tuple[str, subprocess.Popen]] = []
-
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None):
-        log_path = self.logdir / f"{name}.log"
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                env=env,
-                # Own process group: worker processes are stopped with their parent.
-                start_new_session=True,
-            )
-        self.running.append((name, proc))
-        return proc, log_path
-
-    def stop(self, proc: subprocess.Popen) -> None:
-        self.running = [(n, p) for n, p in self.running if p is not proc]
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                proc.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(STOP_GRACE)
-        # Sweep stragglers (e.g. workers whose parent exited first) of the
-        # group this process led.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-    def stop_all(self) -> None:
-        for _name, proc in reversed(list(self.running)):
-            self.stop(proc)
 
 
 # --------------------------------------------------------------------------
