@@ -28,6 +28,10 @@ class Readiness(msgspec.Struct):
     reason: str
     workers_expected: int
     workers_reporting: int
+    route_epoch: int | None = None
+    # Seconds since the control plane last answered; grows while it is unreachable.
+    route_table_age_s: float | None = None
+    routes_stale: bool = False
 
 
 class AdminState:
@@ -67,9 +71,22 @@ class AdminState:
             reason = "shutting down"
         elif reporting < self.workers:
             reason = f"{reporting} of {self.workers} workers reporting"
+        elif self.ctx.follower is not None and self.ctx.route_table is None:
+            reason = "no route snapshot applied yet"
         else:
             reason = "ok"
-        return Readiness(reason == "ok", reason, self.workers, reporting)
+        follower = self.ctx.follower
+        table = self.ctx.route_table
+        age = follower.age() if follower is not None else None
+        return Readiness(
+            reason == "ok",
+            reason,
+            self.workers,
+            reporting,
+            route_epoch=table.epoch if table is not None else None,
+            route_table_age_s=round(age, 3) if age is not None else None,
+            routes_stale=bool(follower and follower.stale),
+        )
 
 
 def _auth_middleware(token: str) -> Callable:
@@ -171,6 +188,29 @@ def build_admin_app(state: AdminState, token: str) -> web.Application:
             {"limits": msgspec.to_builtins(wake.budget), "usage": msgspec.to_builtins(usage)}
         )
 
+    async def routes(_: web.Request) -> web.Response:
+        ctx = state.ctx
+        follower = ctx.follower
+        table = ctx.route_table
+        if follower is None:
+            return web.json_response({"routes": None, "reason": "no control plane configured"})
+        age = follower.age()
+        return web.json_response(
+            {
+                "applied_epoch": table.epoch if table is not None else None,
+                "table_age_s": round(age, 3) if age is not None else None,
+                "stale": follower.stale,
+                "refused_updates": follower.refused,
+                "resyncs": follower.resyncs,
+                "acks": follower.acks,
+                "apps": [
+                    msgspec.to_builtins(route)
+                    for route in (table.apps.values() if table is not None else [])
+                ],
+            }
+        )
+
+    app.router.add_get("/admin/routes", routes)
     app.router.add_get("/admin/apps", apps)
     app.router.add_get("/admin/budget", budget)
     app.router.add_get("/healthz", healthz)

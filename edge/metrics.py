@@ -143,6 +143,51 @@ def _wake_families(snapshots: list[StatsSnapshot], budget_in_use: int | None) ->
         yield GaugeMetricFamily(
             "edge_wake_budget_in_use", "Region-wide wake slots in use.", budget_in_use
         )
+    yield from _route_families(snapshots)
+
+
+def _route_families(snapshots: list[StatsSnapshot]) -> Iterator[Metric]:
+    following = [s for s in snapshots if s.route]
+    if not following:
+        return
+    epoch = GaugeMetricFamily(
+        "edge_route_epoch", "Route epoch applied, per worker.", labels=["worker"]
+    )
+    age = GaugeMetricFamily(
+        "edge_route_table_age_seconds",
+        "Seconds since the control plane last answered, per worker.",
+        labels=["worker"],
+    )
+    stale = GaugeMetricFamily(
+        "edge_route_stale",
+        "1 while serving a table the control plane cannot refresh.",
+        labels=["worker"],
+    )
+    for snap in following:
+        worker = str(snap.index)
+        epoch.add_metric([worker], snap.route.get("epoch", -1))
+        age.add_metric([worker], snap.route.get("table_age_s", -1))
+        stale.add_metric([worker], snap.route.get("stale", 0))
+    yield epoch
+    yield age
+    yield stale
+    yield CounterMetricFamily(
+        "edge_route_refused_updates",
+        "Route changes refused as not newer (old route epoch).",
+        sum(s.route.get("refused", 0) for s in following),
+    )
+    yield CounterMetricFamily(
+        "edge_route_resyncs",
+        "Snapshot resyncs after a gap or a 410 (edge replay gap).",
+        sum(s.route.get("resyncs", 0) for s in following),
+    )
+    acks = SummaryMetricFamily("edge_route_ack_seconds", "Latency of epoch acks.")
+    acks.add_metric(
+        [],
+        count_value=sum(s.route.get("acks", 0) for s in following),
+        sum_value=sum(s.route.get("ack_seconds", 0.0) for s in following),
+    )
+    yield acks
 
 
 def render_metrics(

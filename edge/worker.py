@@ -18,6 +18,8 @@ from edge.access_log import open_access_log
 from edge.admin import AdminState, start_admin
 from edge.config import Config, ConfigError, load_config
 from edge.front_protocol import FrontConnection
+from edge.route_follower import RouteFollower
+from edge.route_table import RouteTable
 from edge.worker_context import WorkerContext, budget_limits, wake_specs
 from edge.worker_stats import write_snapshot
 from scheduler_client.client import ControlPlaneClient
@@ -59,23 +61,49 @@ def raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def build_wake_controller(config: Config, config_path: str, index: int) -> WakeController | None:
-    """The wake controller when any app scales to zero; raises ConfigError without a token."""
-    if not any(app.scale_to_zero for app in config.apps):
-        return None
+def control_plane_client(config: Config, config_path: str) -> ControlPlaneClient | None:
+    """The client when a control plane is configured; raises ConfigError without a token."""
     section = config.control_plane
+    if not section.url:
+        return None
     token = read_secret(section.token_env, section.token_file, config_path, "control_plane.token")
-    client = ControlPlaneClient(
+    return ControlPlaneClient(
         section.url, token, timeout=float(section.timeout), retries=section.retries
     )
+
+
+def edge_id(config: Config, index: int) -> str:
+    """This worker's name at the control plane: each worker routes, registers and acks."""
+    return f"{socket.gethostname()}/{config.edge.listen}/w{index}"
+
+
+def build_wake_controller(
+    config: Config, client: ControlPlaneClient | None, index: int
+) -> WakeController | None:
+    """The wake controller when any app scales to zero."""
+    if client is None or not any(app.scale_to_zero for app in config.apps):
+        return None
     return WakeController(
         open_store(config.edge.store),
         client,
-        edge_id=f"{socket.gethostname()}/{config.edge.listen}/w{index}",
+        edge_id=edge_id(config, index),
         budget=budget_limits(config),
         apps=wake_specs(config),
         lease_ttl=float(config.budget.wake_lease_ttl),
     )
+
+
+def route_stats(follower: RouteFollower, table: RouteTable | None) -> dict[str, float]:
+    age = follower.age()
+    return {
+        "epoch": float(table.epoch) if table is not None else -1.0,
+        "table_age_s": age if age is not None else -1.0,
+        "stale": 1.0 if follower.stale else 0.0,
+        "refused": float(follower.refused),
+        "resyncs": float(follower.resyncs),
+        "acks": float(follower.acks),
+        "ack_seconds": follower.ack_seconds,
+    }
 
 
 def _app_in_flight(ctx: WorkerContext, app: str) -> int:
@@ -101,8 +129,18 @@ async def serve(
     config = load_config(config_path)
     raise_open_file_limit()
     loop = asyncio.get_running_loop()
-    wake = build_wake_controller(config, config_path, index)
+    client = control_plane_client(config, config_path)
+    wake = build_wake_controller(config, client, index)
     ctx = WorkerContext(config, loop, index, open_access_log(config.edge.access_log, index), wake)
+    follower = None
+    if client is not None:
+
+        def adopt_table(table: RouteTable) -> None:
+            ctx.route_table = table
+
+        follower = RouteFollower(client, edge_id(config, index), adopt_table)
+        ctx.follower = follower
+        follow_task = loop.create_task(follower.run())
     if wake is not None:
         wake.in_flight = lambda app: _app_in_flight(ctx, app)
         ctx.stats.wake_events = wake.counters
@@ -154,6 +192,8 @@ async def serve(
             tick += 1
             if tick % SNAPSHOT_EVERY == 0:
                 ctx.stats.held = ctx.held_total
+                if follower is not None:
+                    ctx.stats.route = route_stats(follower, ctx.route_table)
                 write_snapshot(stats_dir, ctx.stats.snapshot())
                 if ctx.access_log is not None:
                     ctx.access_log.flush()
@@ -179,8 +219,14 @@ async def serve(
     with contextlib.suppress(asyncio.CancelledError):
         await upkeep_task
     ctx.pool.close()
+    if follower is not None:
+        follow_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follow_task
     if wake is not None:
         await wake.close()
+    elif client is not None:
+        await client.close()
     write_snapshot(stats_dir, ctx.stats.snapshot())
     if ctx.access_log is not None:
         ctx.access_log.close()

@@ -18,6 +18,8 @@ from wake.controller import WakeAppSpec, WakeController
 if TYPE_CHECKING:
     from edge.access_log import AccessLog
     from edge.front_protocol import FrontConnection
+    from edge.route_follower import RouteFollower
+    from edge.route_table import RouteTable
 
 
 class FrontLimits:
@@ -53,28 +55,45 @@ class AppRoute:
     `pick` prefers the peer with fewest requests in flight; None means not hot.
     """
 
-    __slots__ = ("name", "peers", "pool", "spec", "wake")
+    __slots__ = ("ctx", "name", "peers", "pool", "spec", "wake")
 
     def __init__(
         self,
         spec: AppConfig,
         pool: UpstreamPool,
         wake: WakeController | None,
+        ctx: WorkerContext,
     ) -> None:
         self.name = spec.name
         self.spec = spec
         self.pool = pool
+        self.ctx = ctx
         self.wake = wake if spec.scale_to_zero else None
         self.peers = [pool.peer(address) for address in spec.upstreams]
 
     def pick(self) -> UpstreamPeer | None:
         if self.wake is not None:
-            target = self.wake.hot_target(self.name)
-            return None if target is None else self.pool.peer(target.address)
+            return self._pick_dynamic(self.wake)
         peers = self.peers
         if len(peers) == 1:
             return peers[0]
         return min(peers, key=_in_flight)
+
+    def _pick_dynamic(self, wake: WakeController) -> UpstreamPeer | None:
+        """Ready allocations from the route table, else what this process's wake made hot."""
+        table = self.ctx.route_table
+        if table is not None:
+            targets = table.targets(self.name)
+            if targets:
+                if len(targets) == 1:
+                    return self.pool.peer(targets[0].address)
+                return min((self.pool.peer(t.address) for t in targets), key=_in_flight)
+        target = wake.hot_target(self.name)
+        if target is None:
+            return None
+        if table is not None and table.blocked(self.name, target.allocation_id):
+            return None  # draining, or on a cordoned host: no new requests
+        return self.pool.peer(target.address)
 
 
 def _in_flight(peer: UpstreamPeer) -> int:
@@ -135,6 +154,8 @@ class WorkerContext:
         self.held_by_app: dict[str, int] = {}
         self.held_bytes_by_app: dict[str, int] = {}
         self.wake = wake
+        self.route_table: RouteTable | None = None
+        self.follower: RouteFollower | None = None
         self.apply(config)
 
     def apply(self, config: Config) -> None:
@@ -148,7 +169,7 @@ class WorkerContext:
         self.access_log_sample = config.edge.access_log_sample
         self.pool.connect_timeout = config.upstream.connect_timeout
         self.pool.keepalive_idle = config.upstream.keepalive_idle
-        self.apps = {app.name: AppRoute(app, self.pool, self.wake) for app in config.apps}
+        self.apps = {app.name: AppRoute(app, self.pool, self.wake, self) for app in config.apps}
         self.routes = HostTable(
             {host: self.apps[app.name] for app in config.apps for host in app.hosts}
         )

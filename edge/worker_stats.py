@@ -54,6 +54,8 @@ class StatsSnapshot(msgspec.Struct):
     held: int = 0
     wake_events: dict[str, int] = {}  # "transition:a->b", "coalesced", ...
     wake_phases: dict[str, list[float]] = {}  # phase -> [seconds, count]
+    # Route follower: epoch, table_age_s, refused, resyncs, acks, ack_seconds.
+    route: dict[str, float] = {}
 
 
 class WorkerStats:
@@ -66,6 +68,7 @@ class WorkerStats:
         "open_connections",
         "rejections",
         "requests",
+        "route",
         "upstream_errors",
         "wake_events",
         "wake_phases",
@@ -82,6 +85,7 @@ class WorkerStats:
         # The wake controller's own counters, shared by reference.
         self.wake_events: dict[str, int] = {}
         self.wake_phases: dict[str, list[float]] = {}
+        self.route: dict[str, float] = {}
 
     def record(self, app: str, status: int, seconds: float) -> None:
         key = (app, status)
@@ -113,6 +117,7 @@ class WorkerStats:
             held=self.held,
             wake_events=dict(self.wake_events),
             wake_phases={k: list(v) for k, v in self.wake_phases.items()},
+            route=dict(self.route),
         )
 
 

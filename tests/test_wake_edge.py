@@ -229,6 +229,14 @@ async def test_old_route_epoch_is_never_routed_and_the_wake_retries(
             return any(a["id"] == alloc_id and a["state"] == "ready" for a in await allocations(cp))
 
         await eventually(lambda: ready(promoted), timeout=20, what="allocation to promote")
+        # Take it out of the route, so the edge finds the app without a ready target.
+        async with api.get(f"{cp.url}/v1/routes") as resp:
+            epoch = (await resp.json())["apps"][0]["epoch"]
+        async with api.post(
+            f"{cp.url}/v1/routes/cas",
+            json={"app": "shop", "expected_epoch": epoch, "allocation_ids": []},
+        ) as resp:
+            assert resp.status == 200
         edge = edge_for(start_edge, cp, [scale_to_zero_app()])
         held = asyncio.ensure_future(get(session, edge))
 

@@ -1,0 +1,122 @@
+"""Follows the control plane's route table: snapshot, then the change feed; acks each epoch.
+
+One follower per worker (each worker is an edge to the control plane: it
+registers, long-polls, and acks what it has applied), so a promotion's
+`edge_propagating` waits for exactly the processes that route requests. When
+the control plane is unreachable the last table keeps serving and the follower
+reports its age; a gap or a 410 from the feed triggers a snapshot resync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Callable
+
+from edge.route_table import Outcome, RouteTable, apply_changes, from_snapshot
+from scheduler_client.client import ControlPlaneClient
+from scheduler_client.models import ControlPlaneError, Gone
+
+RETRY_MIN = 0.2
+RETRY_MAX = 5.0
+
+
+class RouteFollower:
+    def __init__(
+        self,
+        client: ControlPlaneClient,
+        edge_id: str,
+        on_table: Callable[[RouteTable], None],
+        *,
+        poll_timeout: float = 25.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.edge_id = edge_id
+        self.on_table = on_table
+        self.poll_timeout = poll_timeout
+        self.clock = clock
+        self.table: RouteTable | None = None
+        self.last_contact: float | None = None
+        self.stale = False
+        self.refused = 0
+        self.resyncs = 0
+        self.acks = 0
+        self.ack_seconds = 0.0
+        self.failures = 0
+        self.resync_needed = False
+
+    def age(self) -> float | None:
+        """Seconds since the control plane last answered (None before the first answer)."""
+        return None if self.last_contact is None else self.clock() - self.last_contact
+
+    async def run(self) -> None:
+        """Follow until cancelled; every failure is retried with back-off, never raised."""
+        pause = RETRY_MIN
+        registered = False
+        while True:
+            try:
+                if not registered:
+                    await self.client.register_edge(self.edge_id)
+                    registered = True
+                if self.table is None or self.resync_needed:
+                    await self._resync()
+                else:
+                    await self._follow()
+                self._contact()
+                pause = RETRY_MIN
+            except Gone:
+                # The feed no longer holds our epoch: resync; the current table keeps serving.
+                self.resyncs += 1
+                self.resync_needed = True
+                self._contact()
+            except (ControlPlaneError, OSError, TimeoutError) as exc:
+                self.failures += 1
+                if not self.stale:
+                    self.stale = True
+                    print(
+                        f"edge routes: control plane unreachable ({exc}); serving the last "
+                        f"table (epoch {self.table.epoch if self.table else 'none'})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, RETRY_MAX)
+
+    def _contact(self) -> None:
+        self.last_contact = self.clock()
+        if self.stale:
+            self.stale = False
+            print("edge routes: control plane reachable again", file=sys.stderr, flush=True)
+
+    async def _resync(self) -> None:
+        snapshot = await self.client.route_snapshot()
+        self.resync_needed = False
+        self._publish(from_snapshot(snapshot, self.clock()))
+        await self._ack()
+
+    async def _follow(self) -> None:
+        assert self.table is not None
+        feed = await self.client.route_changes(
+            self.table.epoch, timeout=self.poll_timeout, edge_id=self.edge_id
+        )
+        result = apply_changes(self.table, feed.changes, self.clock())
+        self.refused += result.refused
+        if result.outcome is Outcome.GAP:
+            self.resyncs += 1
+            await self._resync()
+        elif result.outcome is Outcome.APPLIED:
+            self._publish(result.table)
+            await self._ack()
+
+    def _publish(self, table: RouteTable) -> None:
+        self.table = table
+        self.on_table(table)
+
+    async def _ack(self) -> None:
+        assert self.table is not None
+        started = self.clock()
+        await self.client.ack_epoch(self.edge_id, self.table.epoch)
+        self.acks += 1
+        self.ack_seconds += self.clock() - started

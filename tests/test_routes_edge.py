@@ -1,0 +1,215 @@
+"""The edge following the control plane's route table: acks, promotions, resyncs, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import CONTROL_PLANE_TOKEN, sample_app_spec
+from helpers import eventually
+
+HOST = "shop.localhost"
+
+
+def app_entry() -> dict[str, Any]:
+    return {
+        "name": "shop",
+        "hosts": [HOST],
+        "scale_to_zero": True,
+        "hold_timeout": "15s",
+        "readiness_timeout": "10s",
+    }
+
+
+def start(start_edge, cp, **kw: Any):
+    return start_edge(
+        apps=[app_entry()],
+        sections={"control_plane": {"url": cp.url}},
+        env={"CONTROL_PLANE_TOKEN": CONTROL_PLANE_TOKEN},
+        **kw,
+    )
+
+
+async def api(cp, method: str, path: str, body: Any = None) -> Any:
+    async with (
+        aiohttp.ClientSession(headers=cp.headers()) as session,
+        session.request(method, cp.url + path, json=body) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def new_ready_allocation(cp) -> str:
+    _, alloc = await api(cp, "POST", "/v1/allocations", {"app": "shop"})
+
+    async def ready() -> bool:
+        _, current = await api(cp, "GET", f"/v1/allocations/{alloc['id']}")
+        return current["state"] == "ready"
+
+    await eventually(ready, timeout=20, what="allocation ready")
+    return alloc["id"]
+
+
+def admin_json(edge, path: str) -> dict[str, Any]:
+    status, body = edge.admin_get(path)
+    assert status in (200, 503), body
+    return json.loads(body)
+
+
+async def serving(edge, session) -> str:
+    async with session.get(edge.url + "/", headers={"Host": HOST}) as resp:
+        await resp.read()
+        assert resp.status == 200
+        return resp.headers["X-Allocation-Id"]
+
+
+@pytest.fixture
+async def session():
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+        yield s
+
+
+async def test_edges_apply_and_ack_and_a_promotion_goes_healthy(
+    start_control_plane, start_edge, session
+) -> None:
+    cp = start_control_plane(apps=[sample_app_spec("shop")])
+    first = await new_ready_allocation(cp)
+    edges = [start(start_edge, cp), start(start_edge, cp)]
+    for edge in edges:
+        ready = admin_json(edge, "/readyz")
+        assert ready["ready"] and ready["route_epoch"] >= 1
+        assert await serving(edge, session) == first
+    second = await new_ready_allocation(cp)
+    _, snapshot = await api(cp, "GET", "/v1/routes")
+    status, promotion = await api(
+        cp,
+        "POST",
+        "/v1/promotions",
+        {"app": "shop", "allocation_id": second, "expected_epoch": snapshot["apps"][0]["epoch"]},
+    )
+    assert status == 201
+
+    async def healthy() -> bool:
+        _, current = await api(cp, "GET", f"/v1/promotions/{promotion['id']}")
+        return current["state"] == "healthy"
+
+    await eventually(healthy, timeout=20, what="promotion healthy")
+    _, current = await api(cp, "GET", f"/v1/promotions/{promotion['id']}")
+    assert len(current["waiting_for"]) == 2 and sorted(current["acked_by"]) == sorted(
+        current["waiting_for"]
+    )
+    # After the ack no request is served by the old allocation.
+    for edge in edges:
+        for _ in range(10):
+            assert await serving(edge, session) == second
+    _, listed = await api(cp, "GET", "/v1/edges")
+    assert all(e["acked_epoch"] >= current["to_epoch"] for e in listed["edges"])
+
+
+async def test_promotion_rolls_back_when_an_edge_never_acks(
+    start_control_plane, start_edge, session
+) -> None:
+    cp = start_control_plane(apps=[sample_app_spec("shop")])
+    first = await new_ready_allocation(cp)
+    alive, frozen = start(start_edge, cp), start(start_edge, cp)
+    assert await serving(alive, session) == first
+    workers = [int(p) for p in os.popen(f"pgrep -P {frozen.proc.pid}").read().split()]
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)  # registered and live, but acks nothing
+    try:
+        second = await new_ready_allocation(cp)
+        _, promotion = await api(
+            cp,
+            "POST",
+            "/v1/promotions",
+            {"app": "shop", "allocation_id": second, "propagation_timeout_s": 2},
+        )
+
+        async def rolled_back() -> bool:
+            _, current = await api(cp, "GET", f"/v1/promotions/{promotion['id']}")
+            return current["state"] == "rolled_back"
+
+        await eventually(rolled_back, timeout=20, what="promotion rolled back")
+        # The previous route is restored: the live edge follows it back.
+
+        async def back_on_first() -> bool:
+            return await serving(alive, session) == first
+
+        await eventually(back_on_first, timeout=10, what="routes restored")
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+
+
+async def test_410_from_the_feed_triggers_a_resync(
+    start_control_plane, start_edge, session
+) -> None:
+    cp = start_control_plane(apps=[sample_app_spec("shop")], route_history=1)
+    await new_ready_allocation(cp)
+    edge = start(start_edge, cp)
+    workers = [int(p) for p in os.popen(f"pgrep -P {edge.proc.pid}").read().split()]
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(3):  # more changes than the feed keeps
+            await new_ready_allocation(cp)
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+    _, snapshot = await api(cp, "GET", "/v1/routes")
+
+    def resynced() -> bool:
+        routes = admin_json(edge, "/admin/routes")
+        return routes["resyncs"] >= 1 and routes["applied_epoch"] == snapshot["epoch"]
+
+    await eventually(resynced, timeout=20, what="a resync after 410")
+
+
+async def test_control_plane_outage_keeps_hot_apps_serving(
+    start_control_plane, start_edge, session
+) -> None:
+    cp = start_control_plane(apps=[sample_app_spec("shop")])
+    allocation = await new_ready_allocation(cp)
+    edge = start(start_edge, cp)
+    assert await serving(edge, session) == allocation
+    cp.kill()
+    try:
+        for _ in range(30):
+            assert await serving(edge, session) == allocation
+            await asyncio.sleep(0.1)
+
+        def stale() -> bool:
+            ready = admin_json(edge, "/readyz")
+            return ready["routes_stale"] and ready["route_table_age_s"] > 1
+
+        await eventually(stale, timeout=20, what="the table reported stale")
+        assert await serving(edge, session) == allocation
+    finally:
+        cp.start()
+
+    def fresh() -> bool:
+        ready = admin_json(edge, "/readyz")
+        return not ready["routes_stale"] and ready["route_table_age_s"] < 5
+
+    await eventually(fresh, timeout=30, what="resync after the control plane returns")
+
+
+async def test_draining_allocation_gets_no_new_requests(
+    start_control_plane, start_edge, session
+) -> None:
+    cp = start_control_plane(apps=[sample_app_spec("shop")])
+    first = await new_ready_allocation(cp)
+    second = await new_ready_allocation(cp)
+    edge = start(start_edge, cp)
+    seen = {await serving(edge, session) for _ in range(20)}
+    assert seen <= {first, second}
+    await api(cp, "POST", f"/v1/allocations/{first}/drain", {"deadline_s": 5})
+
+    async def only_second() -> bool:
+        return {await serving(edge, session) for _ in range(10)} == {second}
+
+    await eventually(only_second, timeout=10, what="draining allocation left out")
