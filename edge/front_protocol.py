@@ -88,6 +88,7 @@ class Exchange:
         "response_chunked",
         "response_eof",
         "response_started",
+        "retried",
         "send_continue",
         "started_at",
         "status",
@@ -121,6 +122,7 @@ class Exchange:
         self.response_eof = False
         self.waiting_head = False
         self.send_continue = False
+        self.retried = False
         self.held = 0  # body bytes reserved while held; -1 when not held
         self.waited_ms = -1.0
         self.html = False
@@ -180,6 +182,7 @@ class FrontConnection(asyncio.Protocol):
         if self in ctx.connections:
             ctx.connections.discard(self)
             ctx.stats.open_connections -= 1
+        ctx.tunnels.discard(self)
         tunnel, self.tunnel = self.tunnel, None
         if tunnel is not None and tunnel.transport is not None:
             tunnel.owner = None
@@ -569,6 +572,26 @@ class FrontConnection(asyncio.Protocol):
         ex.peer = ctx.pool.peer(target.address)
         self._forward(ex)
 
+    def _retry_elsewhere(self, ex: Exchange) -> bool:
+        """Once per request: an idempotent request whose response had not started moves to
+        another ready allocation of its app."""
+        if ex.retried or ex.method not in _IDEMPOTENT or not _replayable(ex):
+            return False
+        route = self.ctx.apps.get(ex.app)
+        failed = ex.peer
+        if route is None or failed is None or self.current is not ex or self.closed:
+            return False
+        other = route.pick_other(failed)
+        if other is None:
+            return False
+        ex.retried = True
+        failed.in_flight -= 1
+        ex.peer = other
+        other.in_flight += 1
+        self.ctx.stats.upstream_error(ex.app, "retried_elsewhere")
+        self._acquire_connection(ex)
+        return True
+
     def _refuse_held(self, ex: Exchange, reason: str, kind: str, retry_after: float) -> None:
         if self.current is not ex or self.closed:
             return
@@ -590,11 +613,14 @@ class FrontConnection(asyncio.Protocol):
             return
         except OSError as exc:
             peer.release()  # type: ignore[union-attr]
+            route = self.ctx.apps.get(ex.app)
+            if route is not None and route.wake is not None:
+                # The allocation is gone: the next request re-reads the wake state.
+                route.wake.forget_hot(ex.app, peer.address)  # type: ignore[union-attr]
+            if self._retry_elsewhere(ex):
+                return
             reason = f"upstream connect failed: {exc.strerror or exc}"
             self._upstream_failed(ex, 502, reason, "connect_failed")
-            if ex.app in self.ctx.apps and self.ctx.apps[ex.app].wake is not None:
-                # The allocation is gone: the next request re-reads the wake state.
-                self.ctx.apps[ex.app].wake.forget_hot(ex.app, peer.address)  # type: ignore[union-attr]
             return
         if self.current is not ex or self.closed:
             conn.abort()
@@ -702,6 +728,7 @@ class FrontConnection(asyncio.Protocol):
         self._record(ex)
         self.current = None
         self.tunnel = conn
+        self.ctx.tunnels.add(self)
         self.deadline_kind = DRAINING
         if rest:
             self.out.append(rest)
@@ -734,6 +761,8 @@ class FrontConnection(asyncio.Protocol):
         if conn.reused and not conn.got_bytes and ex.method in _IDEMPOTENT and _replayable(ex):
             # A pooled connection the upstream had already closed: safe to try once more.
             self._acquire_connection(ex)
+            return
+        if not conn.got_bytes and self._retry_elsewhere(ex):
             return
         self._upstream_failed(ex, 502, f"upstream connection {error}", error)
 
@@ -903,6 +932,22 @@ class FrontConnection(asyncio.Protocol):
                     conn.abort()
                 kind_name = "response_header_timeout" if ex.waiting_head else "idle_timeout"
                 self._upstream_failed(ex, 504, f"upstream {kind_name.replace('_', ' ')}", kind_name)
+
+    def close_tunnel_going_away(self) -> None:
+        """The allocation behind this tunnel reached its drain deadline: WebSocket 1001 both
+        ways (the server-to-client frame unmasked, the client-to-server one masked)."""
+        tunnel = self.tunnel
+        if tunnel is None or self.closed:
+            return
+        self.transport.write(b"\x88\x02\x03\xe9")  # type: ignore[union-attr]
+        mask = os.urandom(4)
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(b"\x03\xe9"))
+        tunnel.write(b"\x88\x82" + mask + payload)
+        self.tunnel = None
+        tunnel.owner = None
+        if tunnel.transport is not None:
+            tunnel.transport.close()
+        self._close()
 
     def drain(self) -> None:
         """Shutdown: close when idle, otherwise after the response in progress."""

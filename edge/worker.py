@@ -134,11 +134,7 @@ async def serve(
     ctx = WorkerContext(config, loop, index, open_access_log(config.edge.access_log, index), wake)
     follower = None
     if client is not None:
-
-        def adopt_table(table: RouteTable) -> None:
-            ctx.route_table = table
-
-        follower = RouteFollower(client, edge_id(config, index), adopt_table)
+        follower = RouteFollower(client, edge_id(config, index), ctx.adopt_route_table)
         ctx.follower = follower
         follow_task = loop.create_task(follower.run())
     if wake is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import time
 from typing import TYPE_CHECKING
 
 from edge.config import AppConfig, Config
@@ -78,6 +79,18 @@ class AppRoute:
         if len(peers) == 1:
             return peers[0]
         return min(peers, key=_in_flight)
+
+    def pick_other(self, failed: UpstreamPeer) -> UpstreamPeer | None:
+        """Another routable peer of this app than `failed` (least in flight), if any."""
+        if self.wake is None:
+            others = [p for p in self.peers if p is not failed]
+        else:
+            table = self.ctx.route_table
+            targets = table.targets(self.name) if table is not None else None
+            others = [
+                self.pool.peer(t.address) for t in targets or () if t.address != failed.address
+            ]
+        return min(others, key=_in_flight) if others else None
 
     def _pick_dynamic(self, wake: WakeController) -> UpstreamPeer | None:
         """Ready allocations from the route table, else what this process's wake made hot."""
@@ -155,6 +168,8 @@ class WorkerContext:
         self.held_bytes_by_app: dict[str, int] = {}
         self.wake = wake
         self.route_table: RouteTable | None = None
+        self.tunnels: set[FrontConnection] = set()
+        self._closing_at: dict[str, asyncio.TimerHandle] = {}
         self.follower: RouteFollower | None = None
         self.apply(config)
 
@@ -176,6 +191,28 @@ class WorkerContext:
         self._route_cache: dict[bytes, AppRoute] = {}
         if self.wake is not None:
             self.wake.apply(budget_limits(config), wake_specs(config))
+
+    def adopt_route_table(self, table: RouteTable) -> None:
+        """Swap in a new table; tunnels to draining allocations close at their deadline."""
+        self.route_table = table
+        for route in table.apps.values():
+            for target in route.targets:
+                deadline = target.drain_deadline
+                if target.state != "draining" or deadline is None:
+                    continue
+                if target.address in self._closing_at:
+                    continue
+                delay = max(0.0, deadline - time.time())
+                self._closing_at[target.address] = self.loop.call_later(
+                    delay, self._close_tunnels_to, target.address
+                )
+
+    def _close_tunnels_to(self, address: str) -> None:
+        self._closing_at.pop(address, None)
+        for conn in list(self.tunnels):
+            tunnel = conn.tunnel
+            if tunnel is not None and tunnel.peer.address == address:
+                conn.close_tunnel_going_away()
 
     def route_for(self, host_value: bytes) -> AppRoute | None:
         """Route by a raw Host value; parsed hosts are cached per raw value."""

@@ -270,7 +270,7 @@ class ControlPlane:
         if deadline_s < 0 or deadline_s > 86400:
             raise BadRequest("deadline_s must be between 0 and 86400")
         alloc = self._move(alloc, "draining", drain_deadline=time.time() + deadline_s)
-        self._route_set_state(alloc, "draining")
+        self._route_set_state(alloc, "draining", alloc.drain_deadline)
         self._spawn(self._finish_drain(alloc.id))
         return alloc
 
@@ -384,12 +384,16 @@ class ControlPlane:
         )
         self.changed.notify()
 
-    def _route_set_state(self, alloc: Allocation, state: str) -> None:
+    def _route_set_state(
+        self, alloc: Allocation, state: str, drain_deadline: float | None = None
+    ) -> None:
         def edit(targets: list[RouteTarget]) -> list[RouteTarget] | None:
             if not any(t.allocation_id == alloc.id for t in targets):
                 return None
             return [
-                msgspec.structs.replace(t, state=state) if t.allocation_id == alloc.id else t
+                msgspec.structs.replace(t, state=state, drain_deadline=drain_deadline)
+                if t.allocation_id == alloc.id
+                else t
                 for t in targets
             ]
 

@@ -91,6 +91,8 @@ class RouteTarget(_Wire):
     state: str
     host: str = "local"
     host_state: str = "uncordoned"
+    # Unix time when a draining allocation is stopped; edges close its sessions then.
+    drain_deadline: float | None = None
 
 
 class AppRoute(_Wire):

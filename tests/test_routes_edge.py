@@ -213,3 +213,95 @@ async def test_draining_allocation_gets_no_new_requests(
         return {await serving(edge, session) for _ in range(10)} == {second}
 
     await eventually(only_second, timeout=10, what="draining allocation left out")
+
+
+async def test_promotion_under_load_switches_without_errors(
+    start_control_plane, start_edge, session
+) -> None:
+    cp = start_control_plane(apps=[sample_app_spec("shop")])
+    first = await new_ready_allocation(cp)
+    edge = start(start_edge, cp)
+    second = await new_ready_allocation(cp)
+    # Both are routed now; pin the route to the first so the promotion is a real switch.
+    _, snapshot = await api(cp, "GET", "/v1/routes")
+    epoch = snapshot["apps"][0]["epoch"]
+    status, _ = await api(
+        cp,
+        "POST",
+        "/v1/routes/cas",
+        {"app": "shop", "expected_epoch": epoch, "allocation_ids": [first]},
+    )
+    assert status == 200
+    stop = asyncio.Event()
+    results: list[tuple[float, int, str]] = []
+
+    async def load() -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(3000):
+            if stop.is_set():
+                return
+            started = loop.time()
+            try:
+                async with session.get(edge.url + "/", headers={"Host": HOST}) as resp:
+                    await resp.read()
+                    results.append((started, resp.status, resp.headers.get("X-Allocation-Id", "")))
+            except aiohttp.ClientError as exc:
+                results.append((started, 0, repr(exc)))
+
+    loaders = [asyncio.ensure_future(load()) for _ in range(8)]
+    await asyncio.sleep(0.5)
+    _, promotion = await api(cp, "POST", "/v1/promotions", {"app": "shop", "allocation_id": second})
+
+    async def healthy() -> bool:
+        _, current = await api(cp, "GET", f"/v1/promotions/{promotion['id']}")
+        return current["state"] == "healthy"
+
+    await eventually(healthy, timeout=20, what="promotion healthy under load")
+    acked_at = asyncio.get_running_loop().time()
+    await asyncio.sleep(1.0)
+    stop.set()
+    await asyncio.gather(*loaders)
+    assert {status for _, status, _ in results} == {200}
+    after = [alloc for started, _, alloc in results if started > acked_at]
+    assert after and set(after) == {second}
+    assert first in {alloc for started, _, alloc in results if started < acked_at}
+
+
+async def test_drain_closes_websockets_with_1001_at_the_deadline(
+    start_control_plane, start_edge, session
+) -> None:
+    cp = start_control_plane(apps=[sample_app_spec("shop", drain_grace="2s")])
+    first = await new_ready_allocation(cp)
+    edge = start(start_edge, cp)
+    second = await new_ready_allocation(cp)
+    assert await serving(edge, session) in (first, second)
+    sockets = []
+    for _ in range(6):
+        ws = await session.ws_connect(edge.url + "/ws", headers={"Host": HOST})
+        sockets.append(ws)
+    loop = asyncio.get_running_loop()
+    await api(cp, "POST", f"/v1/allocations/{first}/drain", {"deadline_s": 2})
+    drained_at = loop.time()
+    statuses = [await serving_status(edge, session) for _ in range(30)]
+    assert set(statuses) == {200}  # plain requests never fail during the drain
+
+    async def close_frame(ws: aiohttp.ClientWebSocketResponse) -> aiohttp.WSMessage | None:
+        try:
+            return await ws.receive(timeout=10)
+        except TimeoutError:
+            return None  # a socket on the other allocation stays open
+
+    closes = await asyncio.gather(*(close_frame(ws) for ws in sockets))
+    closed_at = loop.time()
+    on_first = [m for m in closes if m is not None and m.type == aiohttp.WSMsgType.CLOSE]
+    assert on_first, [m.type for m in closes]
+    assert all(m.data == 1001 for m in on_first)
+    assert closed_at - drained_at >= 1.5  # not before the deadline
+    for ws in sockets:
+        await ws.close()
+
+
+async def serving_status(edge, session) -> int:
+    async with session.get(edge.url + "/", headers={"Host": HOST}) as resp:
+        await resp.read()
+        return resp.status
