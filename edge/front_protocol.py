@@ -482,6 +482,16 @@ class FrontConnection(asyncio.Protocol):
         ctx = self.ctx
         wake = app.wake
         spec = app.spec
+        region = ctx.follower.region if ctx.follower is not None else None
+        if region is not None and region.state != "eligible":
+            ctx.stats.rejection(app.name, "region_disabled")
+            why = f": {region.reason}" if region.reason else ""
+            raise _Reject(
+                503,
+                f"region {region.name} is {region.state}{why}; apps are not woken here",
+                "region_disabled",
+                retry_after=60.0,
+            )
         safe = ex.method in _SAFE_TO_HOLD or bool(fields.idempotency_key)
         expected = wake.expected_wake(app.name)  # type: ignore[union-attr]
         if not safe:

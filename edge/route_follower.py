@@ -16,10 +16,12 @@ from collections.abc import Callable
 
 from edge.route_table import Outcome, RouteTable, apply_changes, from_snapshot
 from scheduler_client.client import ControlPlaneClient
-from scheduler_client.models import ControlPlaneError, Gone
+from scheduler_client.models import ControlPlaneError, Gone, Region
 
 RETRY_MIN = 0.2
 RETRY_MAX = 5.0
+# Region changes carry no route epoch, so the region is re-read at this pace.
+REGION_REFRESH = 2.0
 
 
 class RouteFollower:
@@ -46,6 +48,9 @@ class RouteFollower:
         self.ack_seconds = 0.0
         self.failures = 0
         self.resync_needed = False
+        # The region's state as last read; only an `eligible` region starts wakes.
+        self.region: Region | None = None
+        self._region_read_at = float("-inf")
 
     def age(self) -> float | None:
         """Seconds since the control plane last answered (None before the first answer)."""
@@ -64,6 +69,9 @@ class RouteFollower:
                     await self._resync()
                 else:
                     await self._follow()
+                if self.clock() - self._region_read_at >= REGION_REFRESH:
+                    self.region = await self.client.get_region()
+                    self._region_read_at = self.clock()
                 self._contact()
                 pause = RETRY_MIN
             except Gone:
@@ -93,6 +101,9 @@ class RouteFollower:
     async def _resync(self) -> None:
         snapshot = await self.client.route_snapshot()
         self.resync_needed = False
+        if snapshot.region is not None:
+            self.region = snapshot.region
+            self._region_read_at = self.clock()
         self._publish(from_snapshot(snapshot, self.clock()))
         await self._ack()
 

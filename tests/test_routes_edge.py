@@ -305,3 +305,33 @@ async def serving_status(edge, session) -> int:
     async with session.get(edge.url + "/", headers={"Host": HOST}) as resp:
         await resp.read()
         return resp.status
+
+
+async def test_disabled_region_answers_503_and_never_wakes(
+    start_control_plane, start_edge, session
+) -> None:
+    cp = start_control_plane(apps=[sample_app_spec("shop")])
+    edge = start(start_edge, cp)
+    status, _ = await api(cp, "PUT", "/v1/region", {"state": "disabled", "reason": "maintenance"})
+    assert status == 200
+
+    async def refused() -> bool:
+        async with session.get(edge.url + "/", headers={"Host": HOST}) as resp:
+            body = await resp.read()
+            return (
+                resp.status == 503
+                and resp.headers.get("X-Edge-Error") == "region_disabled"
+                and (b"maintenance" in body)
+            )
+
+    await eventually(refused, timeout=10, what="503 for a disabled region")
+    _, listed = await api(cp, "GET", "/v1/allocations?app=shop")
+    assert listed["allocations"] == []  # no wake was started
+    await api(cp, "PUT", "/v1/region", {"state": "eligible"})
+
+    async def serves() -> bool:
+        async with session.get(edge.url + "/", headers={"Host": HOST}) as resp:
+            await resp.read()
+            return resp.status == 200
+
+    await eventually(serves, timeout=30, interval=0.5, what="wakes again once eligible")
