@@ -10,6 +10,7 @@ reports its age; a gap or a 410 from the feed triggers a snapshot resync.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -50,7 +51,6 @@ class RouteFollower:
         self.resync_needed = False
         # The region's state as last read; only an `eligible` region starts wakes.
         self.region: Region | None = None
-        self._region_read_at = float("-inf")
 
     def age(self) -> float | None:
         """Seconds since the control plane last answered (None before the first answer)."""
@@ -58,6 +58,22 @@ class RouteFollower:
 
     async def run(self) -> None:
         """Follow until cancelled; every failure is retried with back-off, never raised."""
+        region = asyncio.get_running_loop().create_task(self._watch_region())
+        try:
+            await self._follow_forever()
+        finally:
+            region.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await region
+
+    async def _watch_region(self) -> None:
+        """Region changes carry no route epoch: re-read the region every REGION_REFRESH."""
+        while True:
+            with contextlib.suppress(ControlPlaneError, OSError, TimeoutError):
+                self.region = await self.client.get_region()
+            await asyncio.sleep(REGION_REFRESH)
+
+    async def _follow_forever(self) -> None:
         pause = RETRY_MIN
         registered = False
         while True:
@@ -69,9 +85,6 @@ class RouteFollower:
                     await self._resync()
                 else:
                     await self._follow()
-                if self.clock() - self._region_read_at >= REGION_REFRESH:
-                    self.region = await self.client.get_region()
-                    self._region_read_at = self.clock()
                 self._contact()
                 pause = RETRY_MIN
             except Gone:
@@ -103,7 +116,6 @@ class RouteFollower:
         self.resync_needed = False
         if snapshot.region is not None:
             self.region = snapshot.region
-            self._region_read_at = self.clock()
         self._publish(from_snapshot(snapshot, self.clock()))
         await self._ack()
 
