@@ -77,7 +77,7 @@ fmt: install-test
 test: install-test redis
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 3 --dist loadfile
 
 run: install
 	bash scripts/run-local $(ARGS)
