@@ -113,6 +113,7 @@ class RouteFollower:
 
     async def _resync(self) -> None:
         snapshot = await self.client.route_snapshot()
+        self._contact()
         self.resync_needed = False
         if snapshot.region is not None:
             self.region = snapshot.region
@@ -124,6 +125,7 @@ class RouteFollower:
         feed = await self.client.route_changes(
             self.table.epoch, timeout=self.poll_timeout, edge_id=self.edge_id
         )
+        self._contact()
         result = apply_changes(self.table, feed.changes, self.clock())
         self.refused += result.refused
         if result.outcome is Outcome.GAP:
