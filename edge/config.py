@@ -9,8 +9,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -107,6 +108,20 @@ class HoldSection(_Section):
     max_held_body_bytes: ByteSize = ByteSize(64 * 1024 * 1024)
 
 
+class RuleConfig(_Section):
+    """One classification rule: every key given must match; `class` decides."""
+
+    request_class: Literal["hold", "reject", "queue"] = msgspec.field(name="class")
+    methods: list[str] = []
+    path: str = ""
+    path_prefix: str = ""
+    path_glob: str = ""
+    host: str = ""
+    header: str = ""
+    header_value: str | None = None
+    content_type: str = ""
+
+
 class AppConfig(_Section):
     name: str
     hosts: list[str]
@@ -123,6 +138,8 @@ class AppConfig(_Section):
     readiness_timeout: Duration = Duration(20.0)
     # A browser (Accept: text/html) held longer than this gets an auto-refreshing page; 0: off.
     starting_page_after: Duration = Duration(0.0)
+    # Tried in order before [[classification]] and the defaults, while the app is not hot.
+    rules: list[RuleConfig] = []
 
 
 class Config(_Section):
@@ -132,6 +149,8 @@ class Config(_Section):
     control_plane: ControlPlaneClientSection = ControlPlaneClientSection()
     budget: BudgetSection = BudgetSection()
     hold: HoldSection = HoldSection()
+    # Rules for every app, after each app's own.
+    classification: list[RuleConfig] = []
     apps: list[AppConfig] = []
 
 
@@ -143,6 +162,28 @@ def check_store_for_workers(store: str, workers: int) -> str | None:
             "and queues would split per process): use redis://host:port/db or workers = 1"
         )
     return None
+
+
+def _check_rule(rule: RuleConfig, where: str, store: str, fail: Callable[[str, str], None]) -> None:
+    if rule.request_class == "queue":
+        if store.startswith("memory://"):
+            fail(
+                f"{where}.class",
+                "queue with the memory:// store would lose queued requests on restart",
+            )
+        fail(
+            f"{where}.class",
+            "durable queueing is not in this build yet: use hold or reject for now",
+        )
+    for path_key in ("path", "path_prefix"):
+        value = getattr(rule, path_key)
+        if value and not value.startswith("/"):
+            fail(f"{where}.{path_key}", "must start with '/'")
+    for j, method in enumerate(rule.methods):
+        if not re.fullmatch(r"[A-Za-z]+", method):
+            fail(f"{where}.methods[{j}]", f"not an HTTP method: {method!r}")
+    if rule.header_value is not None and not rule.header:
+        fail(f"{where}.header_value", "needs `header`")
 
 
 def _check(config: Config, file: str) -> None:
@@ -222,6 +263,9 @@ def _check(config: Config, file: str) -> None:
     if config.hold.max_held < 0:
         fail("hold.max_held", "must not be negative")
 
+    for i, rule in enumerate(config.classification):
+        _check_rule(rule, f"classification[{i}]", edge.store, fail)
+
     names: set[str] = set()
     owner_of_host: dict[str, str] = {}
     for i, app in enumerate(config.apps):
@@ -265,6 +309,8 @@ def _check(config: Config, file: str) -> None:
             fail(f"{where}.max_held", "must not be negative")
         if not app.readiness_path.startswith("/"):
             fail(f"{where}.readiness_path", "must start with '/'")
+        for j, rule in enumerate(app.rules):
+            _check_rule(rule, f"{where}.rules[{j}]", edge.store, fail)
         for j, address in enumerate(app.upstreams):
             try:
                 parse_address(address)

@@ -30,6 +30,7 @@ from httptools import (
     HttpRequestParser,
 )
 
+from edge.classification import classify, facts_from
 from edge.forward_headers import (
     BODY_CHUNKED,
     BODY_EOF,
@@ -492,7 +493,13 @@ class FrontConnection(asyncio.Protocol):
                 "region_disabled",
                 retry_after=60.0,
             )
-        safe = ex.method in _SAFE_TO_HOLD or bool(fields.idempotency_key)
+        if app.rules:
+            facts = facts_from(
+                ex.method, self.url, host_from_header(fields.host or b"") or "", self.headers
+            )
+            safe = classify(app.rules, facts) == "hold"
+        else:
+            safe = ex.method in _SAFE_TO_HOLD or bool(fields.idempotency_key)
         expected = wake.expected_wake(app.name)  # type: ignore[union-attr]
         if not safe:
             # Never held where a crash loses it; the wake still starts for the retry.

@@ -8,6 +8,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+from edge.classification import make_rule
 from edge.config import AppConfig, Config
 from edge.forward_headers import TrustedProxies
 from edge.host_pattern import HostTable, host_from_header
@@ -56,7 +57,7 @@ class AppRoute:
     `pick` prefers the peer with fewest requests in flight; None means not hot.
     """
 
-    __slots__ = ("ctx", "name", "peers", "pool", "spec", "wake")
+    __slots__ = ("ctx", "name", "peers", "pool", "rules", "spec", "wake")
 
     def __init__(
         self,
@@ -71,6 +72,20 @@ class AppRoute:
         self.ctx = ctx
         self.wake = wake if spec.scale_to_zero else None
         self.peers = [pool.peer(address) for address in spec.upstreams]
+        self.rules = tuple(
+            make_rule(
+                rule.request_class,
+                methods=rule.methods,
+                path=rule.path,
+                path_prefix=rule.path_prefix,
+                path_glob=rule.path_glob,
+                host=rule.host,
+                header=rule.header,
+                header_value=rule.header_value,
+                content_type=rule.content_type,
+            )
+            for rule in (*spec.rules, *ctx.config.classification)
+        )
 
     def pick(self) -> UpstreamPeer | None:
         if self.wake is not None:

@@ -210,6 +210,9 @@ def render_toml(data: dict[str, Any]) -> str:
             return msgspec.json.encode(v).decode()
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):  # inline table, e.g. classification rules inside an app
+            pairs = (f"{k} = {value(x)}" for k, x in v.items() if x is not None)
+            return "{" + ", ".join(pairs) + "}"
         return repr(v)
 
     def table(prefix: str, body: dict[str, Any], header: str) -> None:

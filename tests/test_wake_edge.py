@@ -328,3 +328,21 @@ async def test_wake_slower_than_hold_is_refused_at_once(
     status, headers, _ = await get(session, edge)
     assert status == 503 and headers["X-Edge-Error"] == "wake_slower_than_hold"
     assert int(headers["Retry-After"]) >= 2
+
+
+async def test_classification_rules_decide_hold_or_reject(
+    start_control_plane, start_edge, session
+) -> None:
+    cp = start_control_plane(apps=[sample_app_spec("shop")])
+    rules = [
+        {"class": "reject", "methods": ["GET"], "path_prefix": "/admin"},
+        {"class": "hold", "methods": ["POST"], "header": "X-Retry-Safe"},
+    ]
+    edge = edge_for(start_edge, cp, [scale_to_zero_app(rules=rules)])
+    status, headers, _ = await get(session, edge, path="/admin/panel")
+    assert status == 503 and headers["X-Edge-Error"] == "not_safe_to_hold"
+    async with session.post(
+        edge.url + "/echo", data=b"retry-me", headers={"Host": HOST, "X-Retry-Safe": "1"}
+    ) as resp:
+        assert resp.status == 200 and await resp.read() == b"retry-me"
+        assert "Server-Timing" in resp.headers or len(await allocations(cp)) == 1
