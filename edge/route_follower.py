@@ -49,12 +49,22 @@ class RouteFollower:
         self.ack_seconds = 0.0
         self.failures = 0
         self.resync_needed = False
+        self._poll_started: float | None = None
         # The region's state as last read; only an `eligible` region starts wakes.
         self.region: Region | None = None
 
     def age(self) -> float | None:
-        """Seconds since the control plane last answered (None before the first answer)."""
-        return None if self.last_contact is None else self.clock() - self.last_contact
+        """Seconds the table has gone unconfirmed (None before the first answer).
+
+        A long-poll in progress is the control plane holding the line, not silence:
+        it counts only once it runs past its own timeout.
+        """
+        if self.last_contact is None:
+            return None
+        now = self.clock()
+        if self._poll_started is not None:
+            return max(0.0, now - self._poll_started - self.poll_timeout)
+        return now - self.last_contact
 
     async def run(self) -> None:
         """Follow until cancelled; every failure is retried with back-off, never raised."""
@@ -122,9 +132,13 @@ class RouteFollower:
 
     async def _follow(self) -> None:
         assert self.table is not None
-        feed = await self.client.route_changes(
-            self.table.epoch, timeout=self.poll_timeout, edge_id=self.edge_id
-        )
+        self._poll_started = self.clock()
+        try:
+            feed = await self.client.route_changes(
+                self.table.epoch, timeout=self.poll_timeout, edge_id=self.edge_id
+            )
+        finally:
+            self._poll_started = None
         self._contact()
         result = apply_changes(self.table, feed.changes, self.clock())
         self.refused += result.refused
