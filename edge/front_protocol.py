@@ -1003,7 +1003,3 @@ def _parse_error_status(exc: HttpParserError) -> int:
     if "header" in text.lower() and "overflow" in text.lower():
         return 431
     return 400
-
-
-def new_request_id_prefix() -> str:
-    return os.urandom(6).hex()
