@@ -29,13 +29,12 @@ class RouteTable(msgspec.Struct, frozen=True):
     epoch: int
     apps: Mapping[str, AppRoute]
     applied_at: float  # when this table was built (the worker's monotonic clock)
+    # Per app, its routable targets, filtered once per table rather than per request.
+    ready: Mapping[str, tuple[RouteTarget, ...]]
 
     def targets(self, app: str) -> tuple[RouteTarget, ...] | None:
         """The app's routable targets (ready, host not cordoned); None if the app has no route."""
-        route = self.apps.get(app)
-        if route is None:
-            return None
-        return tuple(t for t in route.targets if routable(t))
+        return self.ready.get(app)
 
     def blocked(self, app: str, allocation_id: str) -> bool:
         """True when the table knows this allocation and says: no new requests."""
@@ -58,15 +57,23 @@ def routable(target: RouteTarget) -> bool:
     return target.state == "ready" and target.host_state == "uncordoned"
 
 
+def _routable_targets(route: AppRoute) -> tuple[RouteTarget, ...]:
+    return tuple(t for t in route.targets if routable(t))
+
+
 def from_snapshot(snapshot: RouteSnapshot, now: float) -> RouteTable:
     return RouteTable(
-        epoch=snapshot.epoch, apps={route.app: route for route in snapshot.apps}, applied_at=now
+        epoch=snapshot.epoch,
+        apps={route.app: route for route in snapshot.apps},
+        applied_at=now,
+        ready={route.app: _routable_targets(route) for route in snapshot.apps},
     )
 
 
 def apply_changes(table: RouteTable, changes: Iterable[RouteChange], now: float) -> ApplyResult:
     """Apply a batch atomically: all of it, or (on a gap) none of it."""
     apps: dict[str, AppRoute] | None = None
+    ready: dict[str, tuple[RouteTarget, ...]] = {}
     epoch = table.epoch
     refused = 0
     for change in sorted(changes, key=lambda c: c.epoch):
@@ -77,8 +84,11 @@ def apply_changes(table: RouteTable, changes: Iterable[RouteChange], now: float)
             return ApplyResult(table, Outcome.GAP, refused)
         if apps is None:
             apps = dict(table.apps)
+            ready = dict(table.ready)
         apps[change.app] = change.route
+        ready[change.app] = _routable_targets(change.route)
         epoch = change.epoch
     if apps is None:
         return ApplyResult(table, Outcome.NOTHING, refused)
-    return ApplyResult(RouteTable(epoch=epoch, apps=apps, applied_at=now), Outcome.APPLIED, refused)
+    new = RouteTable(epoch=epoch, apps=apps, applied_at=now, ready=ready)
+    return ApplyResult(new, Outcome.APPLIED, refused)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from edge.classification import make_rule
 from edge.config import AppConfig, Config
 from edge.forward_headers import TrustedProxies
+from edge.front_protocol import DRAINING
 from edge.host_pattern import HostTable, host_from_header
 from edge.upstream_pool import UpstreamPeer, UpstreamPool
 from edge.worker_stats import WorkerStats
@@ -248,6 +249,6 @@ class WorkerContext:
         """Enforce connection deadlines and expire idle upstream connections."""
         now = self.loop.time()
         for conn in list(self.connections):
-            if conn.deadline <= now and conn.deadline_kind != 3:
+            if conn.deadline <= now and conn.deadline_kind != DRAINING:
                 conn.on_deadline(now)
         self.pool.sweep(now)
