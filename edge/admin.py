@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import json
 import os
+import re
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -13,13 +15,16 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
-from edge.config import ConfigError, load_config
+from edge.config import AppConfig, ConfigError, load_config, queueing_apps
+from edge.durable_queue import DurableQueue
 from edge.metrics import render_metrics
 from edge.worker_context import WorkerContext
 from edge.worker_stats import StatsSnapshot, read_snapshots
 from scheduler_client.config_file import parse_address
+from wake.state_store import StoreUnavailable
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+MAX_LIST = 1000
 STALE_AFTER = 5.0
 
 
@@ -124,10 +129,17 @@ def build_admin_app(state: AdminState, token: str) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         wake = state.ctx.wake
         in_use = None
+        depths: dict[str, tuple[int, int]] = {}
+        # A down store must not break /metrics: region-wide gauges are left out instead.
         if wake is not None:
-            with contextlib.suppress(Exception):  # a down store must not break /metrics
+            with contextlib.suppress(Exception):
                 in_use = (await wake.store.budget_usage(wake.budget)).in_use
-        body = render_metrics(state.snapshots, in_use)
+        queue = state.ctx.queue
+        if queue is not None:
+            with contextlib.suppress(Exception):
+                for name in queueing_apps(state.ctx.config):
+                    depths[name] = await queue.depth(name)
+        body = render_metrics(state.snapshots, in_use, depths)
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
     async def reload(_: web.Request) -> web.Response:
@@ -210,6 +222,85 @@ def build_admin_app(state: AdminState, token: str) -> web.Application:
             }
         )
 
+    def queue_for(request: web.Request) -> tuple[DurableQueue, AppConfig]:
+        queue = state.ctx.queue
+        name = request.match_info["app"]
+        app_config = queueing_apps(state.ctx.config).get(name)
+        if queue is None or app_config is None:
+            raise web.HTTPNotFound(
+                text=json.dumps({"error": f"app {name!r} has no durable queue here"}),
+                content_type="application/json",
+            )
+        return queue, app_config
+
+    def which(request: web.Request) -> str:
+        kind = request.match_info["which"]
+        if kind not in ("queued", "dead"):
+            raise web.HTTPNotFound(
+                text=json.dumps({"error": "expected /queued or /dead"}),
+                content_type="application/json",
+            )
+        return kind
+
+    async def queues(_: web.Request) -> web.Response:
+        queue = state.ctx.queue
+        rows = []
+        for name in queueing_apps(state.ctx.config) if queue is not None else ():
+            queued, dead = await queue.depth(name)  # type: ignore[union-attr]
+            rows.append({"app": name, "queued": queued, "dead_letters": dead})
+        return web.json_response({"queues": rows})
+
+    async def queue_list(request: web.Request) -> web.Response:
+        queue, app_config = queue_for(request)
+        kind = which(request)
+        try:
+            limit = int(request.query.get("limit", "100"))
+        except ValueError:
+            limit = -1
+        if not 1 <= limit <= MAX_LIST:
+            return web.json_response({"error": f"limit must be 1..{MAX_LIST}"}, status=400)
+        entries = await queue.list(app_config.name, kind, limit)
+        return web.json_response({"app": app_config.name, kind: msgspec.to_builtins(entries)})
+
+    async def queue_replay(request: web.Request) -> web.Response:
+        queue, app_config = queue_for(request)
+        dead_id = request.match_info["id"]
+        if not re.fullmatch(r"\d+-\d+", dead_id):
+            return web.json_response({"error": f"not a queue id: {dead_id!r}"}, status=400)
+        assert app_config.replay is not None
+        new_id = await queue.requeue_dead(
+            app_config.name, dead_id, float(app_config.replay.retention)
+        )
+        if new_id is None:
+            return web.json_response({"error": f"no dead letter {dead_id}"}, status=404)
+        if state.ctx.replayer is not None:
+            state.ctx.replayer.poke()
+        return web.json_response({"app": app_config.name, "dead_id": dead_id, "queued_id": new_id})
+
+    async def queue_purge(request: web.Request) -> web.Response:
+        queue, app_config = queue_for(request)
+        kind = which(request)
+        entry_id = request.match_info.get("id", "")
+        if entry_id and not re.fullmatch(r"\d+-\d+", entry_id):
+            return web.json_response({"error": f"not a queue id: {entry_id!r}"}, status=400)
+        removed = await queue.purge(app_config.name, kind, entry_id)
+        return web.json_response({"app": app_config.name, "purged": removed})
+
+    @web.middleware
+    async def store_errors(
+        request: web.Request, handler: Callable[..., Awaitable]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except StoreUnavailable as exc:
+            return web.json_response({"error": f"store unavailable: {exc}"}, status=503)
+
+    app.middlewares.append(store_errors)
+    app.router.add_get("/admin/queues", queues)
+    app.router.add_get("/admin/queues/{app}/{which}", queue_list)
+    app.router.add_post("/admin/queues/{app}/dead/{id}/replay", queue_replay)
+    app.router.add_delete("/admin/queues/{app}/{which}", queue_purge)
+    app.router.add_delete("/admin/queues/{app}/{which}/{id}", queue_purge)
     app.router.add_get("/admin/routes", routes)
     app.router.add_get("/admin/apps", apps)
     app.router.add_get("/admin/budget", budget)

@@ -8,8 +8,39 @@ import sys
 import urllib.error
 import urllib.request
 
-from edge.config import ConfigError, effective_config, load_config
+from edge.config import Config, ConfigError, effective_config, load_config, queueing_apps
 from scheduler_client.config_file import render_toml
+
+
+def _durability_warning(config: Config) -> str | None:
+    """Queued requests survive a Redis restart only with AOF: say so when it is off."""
+    apps = queueing_apps(config)
+    if not apps:
+        return None
+    import asyncio
+
+    from edge.durable_queue import DurableQueue
+    from wake.state_store import StoreUnavailable
+
+    async def aof() -> bool:
+        queue = DurableQueue(config.edge.store, op_timeout=3.0)
+        try:
+            return await queue.aof_enabled()
+        finally:
+            await queue.close()
+
+    names = ", ".join(sorted(apps))
+    try:
+        enabled = asyncio.run(aof())
+    except StoreUnavailable as exc:
+        return f"could not check Redis persistence for queued requests (apps {names}): {exc}"
+    if enabled:
+        return None
+    return (
+        f"Redis at {config.edge.store} has no AOF persistence: requests queued for apps "
+        f"{names} would be lost if Redis restarts (set appendonly yes, appendfsync always "
+        "or everysec)"
+    )
 
 
 def _check(path: str) -> int:
@@ -18,6 +49,9 @@ def _check(path: str) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    warning = _durability_warning(config)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"# {path}: ok; effective config with defaults:")
     print(render_toml(effective_config(config)))
     return 0

@@ -122,6 +122,25 @@ class RuleConfig(_Section):
     content_type: str = ""
 
 
+class ReplayPolicy(_Section):
+    """How requests of class `queue` are kept and replayed; required for any app that can queue."""
+
+    max_attempts: int
+    # Dedupe window (a repeat key answers with the first id) and the longest a
+    # request waits in the queue before it is dead-lettered as expired.
+    retention: Duration
+    # "idempotency-key" (that header, else a hash), "header:NAME" (NAME, else
+    # Idempotency-Key, else a hash) or "hash" (of method, path and body).
+    dedupe_key: str
+    max_body: ByteSize
+    max_queued: int = 100_000
+    attempt_timeout: Duration = Duration(30.0)
+    backoff_initial: Duration = Duration(1.0)
+    backoff_max: Duration = Duration(60.0)
+    # Entries an edge read but never finished are taken over after this long.
+    claim_idle: Duration = Duration(60.0)
+
+
 class AppConfig(_Section):
     name: str
     hosts: list[str]
@@ -140,6 +159,12 @@ class AppConfig(_Section):
     starting_page_after: Duration = Duration(0.0)
     # Tried in order before [[classification]] and the defaults, while the app is not hot.
     rules: list[RuleConfig] = []
+    replay: ReplayPolicy | None = None
+
+    def can_queue(self, shared_rules: list[RuleConfig]) -> bool:
+        """Whether a request to this app may be queued while the app is not hot."""
+        rules = [*self.rules, *shared_rules]
+        return self.scale_to_zero and any(r.request_class == "queue" for r in rules)
 
 
 class Config(_Section):
@@ -154,6 +179,15 @@ class Config(_Section):
     apps: list[AppConfig] = []
 
 
+def queueing_apps(config: Config) -> dict[str, AppConfig]:
+    """Apps whose requests may be queued durably (and so need replaying)."""
+    return {
+        app.name: app
+        for app in config.apps
+        if app.replay is not None and app.can_queue(config.classification)
+    }
+
+
 def check_store_for_workers(store: str, workers: int) -> str | None:
     """memory:// lives in one process; several workers would each see a different store."""
     if store.startswith("memory://") and workers > 1:
@@ -165,15 +199,11 @@ def check_store_for_workers(store: str, workers: int) -> str | None:
 
 
 def _check_rule(rule: RuleConfig, where: str, store: str, fail: Callable[[str, str], None]) -> None:
-    if rule.request_class == "queue":
-        if store.startswith("memory://"):
-            fail(
-                f"{where}.class",
-                "queue with the memory:// store would lose queued requests on restart",
-            )
+    if rule.request_class == "queue" and store.startswith("memory://"):
         fail(
             f"{where}.class",
-            "durable queueing is not in this build yet: use hold or reject for now",
+            "queue with the memory:// store would lose queued requests on restart: "
+            "use redis://host:port/db",
         )
     for path_key in ("path", "path_prefix"):
         value = getattr(rule, path_key)
@@ -184,6 +214,35 @@ def _check_rule(rule: RuleConfig, where: str, store: str, fail: Callable[[str, s
             fail(f"{where}.methods[{j}]", f"not an HTTP method: {method!r}")
     if rule.header_value is not None and not rule.header:
         fail(f"{where}.header_value", "needs `header`")
+
+
+def _check_replay(
+    policy: ReplayPolicy, where: str, max_body: int, fail: Callable[[str, str], None]
+) -> None:
+    if not 1 <= policy.max_attempts <= 100:
+        fail(f"{where}.max_attempts", "must be between 1 and 100")
+    for key in ("retention", "attempt_timeout", "backoff_initial", "backoff_max", "claim_idle"):
+        if getattr(policy, key) <= 0:
+            fail(f"{where}.{key}", "must be greater than zero")
+    if policy.backoff_max < policy.backoff_initial:
+        fail(f"{where}.backoff_max", "must not be below backoff_initial")
+    if policy.claim_idle <= policy.attempt_timeout:
+        fail(
+            f"{where}.claim_idle",
+            "must be longer than attempt_timeout, or a live edge's delivery would be taken over",
+        )
+    if not 1 <= policy.max_body <= max_body:
+        fail(f"{where}.max_body", f"must be between 1 byte and limits.max_body ({max_body})")
+    if policy.max_queued < 1:
+        fail(f"{where}.max_queued", "must be at least 1")
+    source = policy.dedupe_key
+    if source not in ("idempotency-key", "hash") and not (
+        source.startswith("header:") and re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", source[7:])
+    ):
+        fail(
+            f"{where}.dedupe_key",
+            f"expected 'idempotency-key', 'hash' or 'header:NAME', got {source!r}",
+        )
 
 
 def _check(config: Config, file: str) -> None:
@@ -311,6 +370,14 @@ def _check(config: Config, file: str) -> None:
             fail(f"{where}.readiness_path", "must start with '/'")
         for j, rule in enumerate(app.rules):
             _check_rule(rule, f"{where}.rules[{j}]", edge.store, fail)
+        if app.can_queue(config.classification) and app.replay is None:
+            fail(
+                f"{where}.replay",
+                f"app {app.name!r} has rules that queue requests but no replay policy: add "
+                "[apps.replay] with max_attempts, retention, dedupe_key and max_body",
+            )
+        if app.replay is not None:
+            _check_replay(app.replay, f"{where}.replay", limits.max_body, fail)
         for j, address in enumerate(app.upstreams):
             try:
                 parse_address(address)

@@ -314,6 +314,23 @@ def starting_page(app: str, retry_after: float) -> bytes:
     return head + body
 
 
+def queued_response(app: str, queued_id: str, duplicate: bool, *, close: bool) -> bytes:
+    """202 for a request the durable queue acknowledged (or already had, for a duplicate)."""
+    body = (
+        f'{{"queued_id": "{queued_id}", "app": "{app}", '
+        f'"duplicate": {"true" if duplicate else "false"}}}\n'
+    ).encode()
+    lines = [
+        "HTTP/1.1 202 Accepted",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        f"X-Edge-Queued-Id: {queued_id}",
+    ]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
 def error_response(
     status: int,
     reason_text: str,

@@ -20,6 +20,7 @@ import asyncio
 import os
 import random
 import sys
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ from httptools import (
 )
 
 from edge.classification import classify, facts_from
+from edge.durable_queue import QueueFull
 from edge.forward_headers import (
     BODY_CHUNKED,
     BODY_EOF,
@@ -39,11 +41,14 @@ from edge.forward_headers import (
     build_request_head,
     build_response_head,
     error_response,
+    queued_response,
     starting_page,
 )
 from edge.host_pattern import host_from_header
+from edge.replay_policy import body_key, header_key
 from edge.upstream_pool import UpstreamConnection, UpstreamPeer
 from wake.controller import WakeRefused
+from wake.state_store import StoreUnavailable
 
 if TYPE_CHECKING:
     from edge.worker_context import AppRoute, WorkerContext
@@ -85,6 +90,10 @@ class Exchange:
         "method",
         "path",
         "peer",
+        "queue_head",
+        "queue_key",
+        "queue_limit",
+        "queue_waiting",
         "request_id",
         "response_chunked",
         "response_eof",
@@ -124,7 +133,11 @@ class Exchange:
         self.waiting_head = False
         self.send_continue = False
         self.retried = False
-        self.held = 0  # body bytes reserved while held; -1 when not held
+        self.held = -1  # body bytes reserved while held or queued; -1 when neither
+        self.queue_limit = 0  # body limit of a request to be queued; 0: not queued
+        self.queue_head = b""
+        self.queue_key = ""
+        self.queue_waiting = False
         self.waited_ms = -1.0
         self.html = False
 
@@ -356,7 +369,10 @@ class FrontConnection(asyncio.Protocol):
                 ex.body_buffer = []
             ex.body_buffer.append(data)
             ex.body_buffered += len(data)
-            if ex.body_buffered > 65536:
+            if ex.queue_limit:
+                if ex.body_buffered > ex.queue_limit:
+                    raise _Reject(413, "request body too large to queue", "body")
+            elif ex.body_buffered > 65536:
                 self._pause_reading()
 
     def on_message_complete(self) -> None:
@@ -367,6 +383,9 @@ class FrontConnection(asyncio.Protocol):
         if ex.upstream is not None and ex is self.current and ex.body_chunked:
             ex.upstream.write(b"0\r\n\r\n")
         self.parsing = None
+        if ex.queue_waiting:
+            ex.queue_waiting = False
+            self.loop.create_task(self._queue_then_answer(ex))
 
     # ----------------------------------------------------------------- routing
 
@@ -431,6 +450,18 @@ class FrontConnection(asyncio.Protocol):
             body=framing,
             upgrade=ex.upgrade,
         )
+        if ex.queue_limit:
+            # Replayed later with its own Content-Length, whatever framing it came with.
+            ex.queue_head = build_request_head(
+                method,
+                target,
+                fields,
+                host=host_value,
+                client_ip=self.client_ip_bytes,
+                scheme=ctx.scheme,
+                request_id=ex.request_id,
+                body=b"",
+            )
 
     # -------------------------------------------------------------- forwarding
 
@@ -442,6 +473,14 @@ class FrontConnection(asyncio.Protocol):
             return
         if ex.send_continue:
             self.out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if ex.queue_limit:
+            if ex.body_done:
+                self.loop.create_task(self._queue_then_answer(ex))
+            else:
+                ex.queue_waiting = True
+            if self.out:
+                self.upstream_flush()
+            return
         if ex.peer is None:
             self.loop.create_task(self._hold_then_send(ex))
             if self.out:
@@ -479,7 +518,7 @@ class FrontConnection(asyncio.Protocol):
         return True
 
     def _admit_cold(self, ex: Exchange, app: AppRoute, fields: RequestFields) -> None:
-        """A request for an app that is not hot: hold it, or refuse it at once (503)."""
+        """A request for an app that is not hot: hold it, queue it, or refuse it (503)."""
         ctx = self.ctx
         wake = app.wake
         spec = app.spec
@@ -497,11 +536,16 @@ class FrontConnection(asyncio.Protocol):
             facts = facts_from(
                 ex.method, self.url, host_from_header(fields.host or b"") or "", self.headers
             )
-            safe = classify(app.rules, facts) == "hold"
+            request_class = classify(app.rules, facts)
+        elif ex.method in _SAFE_TO_HOLD or fields.idempotency_key:
+            request_class = "hold"
         else:
-            safe = ex.method in _SAFE_TO_HOLD or bool(fields.idempotency_key)
+            request_class = "reject"
         expected = wake.expected_wake(app.name)  # type: ignore[union-attr]
-        if not safe:
+        if request_class == "queue":
+            self._admit_queued(ex, app, fields)
+            return
+        if request_class != "hold":
             # Never held where a crash loses it; the wake still starts for the retry.
             wake.start_wake(app.name)  # type: ignore[union-attr]
             ctx.stats.rejection(app.name, "not_safe_to_hold")
@@ -521,7 +565,32 @@ class FrontConnection(asyncio.Protocol):
                 retry_after=expected,
             )
         length = int(fields.content_length or 0) if not fields.chunked else 65536
-        reserve = min(length, 65536)
+        self._reserve_held(ex, app, min(length, 65536))
+        ex.html = fields.accepts_html and spec.starting_page_after > 0
+        # The hold starts now, even if pipelined requests are ahead of it.
+        wake.start_wake(app.name)  # type: ignore[union-attr]
+
+    def _admit_queued(self, ex: Exchange, app: AppRoute, fields: RequestFields) -> None:
+        """A request to queue durably: its whole body is read (bounded), then appended."""
+        ctx = self.ctx
+        policy = app.spec.replay
+        if policy is None or ctx.queue is None:  # refused at config load; never silently held
+            raise _Reject(503, f"app {app.name} cannot queue requests here", "queue_unavailable")
+        limit = int(policy.max_body)
+        declared = int(fields.content_length or 0)
+        if declared > limit:
+            ctx.stats.queue_event(app.name, "too_large")
+            raise _Reject(413, "request body too large to queue", "body")
+        self._reserve_held(ex, app, declared if not fields.chunked else limit)
+        ex.queue_limit = limit
+        ex.queue_key = header_key(policy.dedupe_key, self.headers) or ""
+        # Queuing starts the wake, so the replay can begin as soon as possible.
+        app.wake.start_wake(app.name)  # type: ignore[union-attr]
+
+    def _reserve_held(self, ex: Exchange, app: AppRoute, reserve: int) -> None:
+        """Count a held or queued request and its body against the app's and the worker's caps."""
+        ctx = self.ctx
+        spec = app.spec
         held = ctx.held_by_app.get(app.name, 0)
         if (
             held >= spec.max_held
@@ -529,7 +598,7 @@ class FrontConnection(asyncio.Protocol):
             or ctx.held_bytes_by_app.get(app.name, 0) + reserve > spec.max_held_body_bytes
             or ctx.held_bytes + reserve > ctx.config.hold.max_held_body_bytes
         ):
-            wake.start_wake(app.name)  # type: ignore[union-attr]
+            app.wake.start_wake(app.name)  # type: ignore[union-attr]
             ctx.stats.rejection(app.name, "hold_cap")
             raise _Reject(503, f"too many requests held for app {app.name}", "hold_cap", 1.0)
         ctx.held_by_app[app.name] = held + 1
@@ -537,9 +606,6 @@ class FrontConnection(asyncio.Protocol):
         ctx.held_bytes_by_app[app.name] = ctx.held_bytes_by_app.get(app.name, 0) + reserve
         ctx.held_bytes += reserve
         ex.held = reserve
-        ex.html = fields.accepts_html and spec.starting_page_after > 0
-        # The hold starts now, even if pipelined requests are ahead of it.
-        wake.start_wake(app.name)  # type: ignore[union-attr]
 
     def _unhold(self, ex: Exchange) -> None:
         if ex.held < 0:
@@ -588,6 +654,51 @@ class FrontConnection(asyncio.Protocol):
         ex.waited_ms = (self.loop.time() - ex.started_at) * 1000
         ex.peer = ctx.pool.peer(target.address)
         self._forward(ex)
+
+    async def _queue_then_answer(self, ex: Exchange) -> None:
+        """Append the whole request to the app's durable queue; 202 only once Redis has it."""
+        ctx = self.ctx
+        route = ctx.apps.get(ex.app)
+        policy = route.spec.replay if route is not None else None
+        body = b"".join(ex.body_buffer or ())
+        ex.body_buffer = None
+        ex.body_buffered = 0
+        try:
+            if policy is None or ctx.queue is None:
+                raise StoreUnavailable("no queue for this app after a reload")
+            result = await ctx.queue.enqueue(
+                ex.app,
+                method=ex.method,
+                path=ex.path,
+                head=ex.queue_head,
+                body=body,
+                key=ex.queue_key or body_key(ex.method, ex.path, body),
+                arrived=time.time(),
+                retention=float(policy.retention),
+                max_queued=policy.max_queued,
+            )
+        except QueueFull as exc:
+            self._unhold(ex)
+            ctx.stats.queue_event(ex.app, "refused_full")
+            self._refuse_held(ex, str(exc), "queue_full", 30.0)
+            return
+        except StoreUnavailable:
+            self._unhold(ex)
+            ctx.stats.queue_event(ex.app, "refused_unavailable")
+            reason = f"app {ex.app} is starting and its queue is unavailable"
+            self._refuse_held(ex, reason, "queue_unavailable", 5.0)
+            return
+        self._unhold(ex)
+        ctx.stats.queue_event(ex.app, "dedupe_hit" if result.duplicate else "accepted")
+        if ctx.replayer is not None:
+            ctx.replayer.poke()
+        if self.current is not ex or self.closed:
+            return  # queued all the same; a resend gets the same id
+        ex.status = 202
+        self.out.append(
+            queued_response(ex.app, result.id, result.duplicate, close=not ex.keep_alive)
+        )
+        self._complete(ex)
 
     def _retry_elsewhere(self, ex: Exchange) -> bool:
         """Once per request: an idempotent request whose response had not started moves to
@@ -883,6 +994,8 @@ class FrontConnection(asyncio.Protocol):
                 conn.abort()
             current.status = reject.status
             current.keep_alive = False
+            current.queue_waiting = False
+            self._unhold(current)
             self.out.append(refusal)
             self._complete(current)
             return

@@ -21,10 +21,14 @@ class SnapshotCollector(Collector):
     """Turns worker snapshots into metric families at scrape time."""
 
     def __init__(
-        self, snapshots: Callable[[], list[StatsSnapshot]], budget_in_use: int | None = None
+        self,
+        snapshots: Callable[[], list[StatsSnapshot]],
+        budget_in_use: int | None = None,
+        queue_depths: dict[str, tuple[int, int]] | None = None,
     ) -> None:
         self._snapshots = snapshots
         self._budget_in_use = budget_in_use
+        self._queue_depths = queue_depths or {}
 
     def collect(self) -> Iterator[Metric]:
         snapshots = self._snapshots()
@@ -82,6 +86,32 @@ class SnapshotCollector(Collector):
             "edge_workers_reporting", "Workers whose stats are included.", len(snapshots)
         )
         yield from _wake_families(snapshots, self._budget_in_use)
+        yield from _queue_families(snapshots, self._queue_depths)
+
+
+def _queue_families(
+    snapshots: list[StatsSnapshot], depths: dict[str, tuple[int, int]]
+) -> Iterator[Metric]:
+    events = CounterMetricFamily(
+        "edge_queue_events",
+        "Durable queue events: accepted, dedupe_hit, refused_*, too_large, delivered, "
+        "retried, dead_lettered, already_done.",
+        labels=["app", "event"],
+    )
+    for key, n in sorted(_sum_by(snapshots, "queue").items()):
+        events.add_metric(key.split("\x00"), n)
+    yield events
+    queued = GaugeMetricFamily(
+        "edge_queue_depth", "Requests queued and not yet delivered, region-wide.", labels=["app"]
+    )
+    dead = GaugeMetricFamily(
+        "edge_queue_dead_letters", "Dead-lettered requests, region-wide.", labels=["app"]
+    )
+    for app, (depth, dead_letters) in sorted(depths.items()):
+        queued.add_metric([app], depth)
+        dead.add_metric([app], dead_letters)
+    yield queued
+    yield dead
 
 
 def _sum_by(snapshots: list[StatsSnapshot], field: str) -> dict[str, int]:
@@ -191,8 +221,10 @@ def _route_families(snapshots: list[StatsSnapshot]) -> Iterator[Metric]:
 
 
 def render_metrics(
-    snapshots: Callable[[], list[StatsSnapshot]], budget_in_use: int | None = None
+    snapshots: Callable[[], list[StatsSnapshot]],
+    budget_in_use: int | None = None,
+    queue_depths: dict[str, tuple[int, int]] | None = None,
 ) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(snapshots, budget_in_use))
+    registry.register(SnapshotCollector(snapshots, budget_in_use, queue_depths))
     return generate_latest(registry)

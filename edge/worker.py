@@ -16,8 +16,10 @@ import uvloop
 
 from edge.access_log import open_access_log
 from edge.admin import AdminState, start_admin
-from edge.config import Config, ConfigError, load_config
+from edge.config import Config, ConfigError, load_config, queueing_apps
+from edge.durable_queue import DurableQueue
 from edge.front_protocol import FrontConnection
+from edge.replayer import Replayer
 from edge.route_follower import RouteFollower
 from edge.route_table import RouteTable
 from edge.worker_context import WorkerContext, budget_limits, wake_specs
@@ -141,6 +143,19 @@ async def serve(
         wake.in_flight = lambda app: _app_in_flight(ctx, app)
         ctx.stats.wake_events = wake.counters
         ctx.stats.wake_phases = wake.phases
+    replayer = None
+    if wake is not None and queueing_apps(config):
+        # Opened even if a reload removes every queue rule: queued requests still replay.
+        ctx.queue = DurableQueue(config.edge.store)
+        replayer = Replayer(
+            ctx.queue,
+            wake,
+            edge_id(config, index),
+            lambda: queueing_apps(ctx.config),
+            ctx.stats.queue_event,
+        )
+        ctx.replayer = replayer
+        replay_task = loop.create_task(replayer.run())
     try:
         sock = listen_socket(config.edge.listen)
     except OSError as exc:
@@ -215,6 +230,12 @@ async def serve(
     with contextlib.suppress(asyncio.CancelledError):
         await upkeep_task
     ctx.pool.close()
+    if replayer is not None:
+        replay_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await replay_task
+        await replayer.close()
+        await ctx.queue.close()  # type: ignore[union-attr]
     if follower is not None:
         follow_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -20,7 +20,9 @@ from wake.controller import WakeAppSpec, WakeController
 
 if TYPE_CHECKING:
     from edge.access_log import AccessLog
+    from edge.durable_queue import DurableQueue
     from edge.front_protocol import FrontConnection
+    from edge.replayer import Replayer
     from edge.route_follower import RouteFollower
     from edge.route_table import RouteTable
 
@@ -187,6 +189,9 @@ class WorkerContext:
         self.tunnels: set[FrontConnection] = set()
         self._closing_at: dict[str, asyncio.TimerHandle] = {}
         self.follower: RouteFollower | None = None
+        # Durable queue and its replayer: set by the worker when an app can queue.
+        self.queue: DurableQueue | None = None
+        self.replayer: Replayer | None = None
         self.apply(config)
 
     def apply(self, config: Config) -> None:

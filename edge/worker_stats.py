@@ -56,6 +56,8 @@ class StatsSnapshot(msgspec.Struct):
     wake_phases: dict[str, list[float]] = {}  # phase -> [seconds, count]
     # Route follower: epoch, table_age_s, refused, resyncs, acks, ack_seconds.
     route: dict[str, float] = {}
+    # Durable queue: "app\x00event" -> count (accepted, dedupe_hit, delivered, ...).
+    queue: dict[str, int] = {}
 
 
 class WorkerStats:
@@ -66,6 +68,7 @@ class WorkerStats:
         "index",
         "latency",
         "open_connections",
+        "queue",
         "rejections",
         "requests",
         "route",
@@ -86,6 +89,7 @@ class WorkerStats:
         self.wake_events: dict[str, int] = {}
         self.wake_phases: dict[str, list[float]] = {}
         self.route: dict[str, float] = {}
+        self.queue: dict[tuple[str, str], int] = {}
 
     def record(self, app: str, status: int, seconds: float) -> None:
         key = (app, status)
@@ -104,6 +108,10 @@ class WorkerStats:
         key = (app, reason)
         self.rejections[key] = self.rejections.get(key, 0) + 1
 
+    def queue_event(self, app: str, event: str) -> None:
+        key = (app, event)
+        self.queue[key] = self.queue.get(key, 0) + 1
+
     def snapshot(self) -> StatsSnapshot:
         return StatsSnapshot(
             pid=os.getpid(),
@@ -118,6 +126,7 @@ class WorkerStats:
             wake_events=dict(self.wake_events),
             wake_phases={k: list(v) for k, v in self.wake_phases.items()},
             route=dict(self.route),
+            queue={f"{a}\x00{e}": n for (a, e), n in self.queue.items()},
         )
 
 

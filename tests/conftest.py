@@ -97,46 +97,112 @@ def _accepts(port: int) -> bool:
         return False
 
 
+class RedisProcess:
+    """A redis-server of our own on 127.0.0.1: startable, stoppable, restartable on its port.
+
+    AOF is on (fsync every write), as a production queue needs: a restart keeps the data.
+    """
+
+    def __init__(self, workdir: Path, *, appendonly: bool = True) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail(
+                "redis-server is not installed; `make test` installs it "
+                "(or: apt-get install redis-server)",
+                pytrace=False,
+            )
+        self.binary = binary
+        self.workdir = workdir
+        self.appendonly = appendonly
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "redis.log"
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    self.binary,
+                    "--port", str(self.port),
+                    "--bind", "127.0.0.1",
+                    "--save", "",
+                    "--appendonly", "yes" if self.appendonly else "no",
+                    "--appendfsync", "always",
+                    "--daemonize", "no",
+                    "--dir", str(self.workdir),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + START_TIMEOUT
+        while not _redis_pong(self.port):
+            if self.proc.poll() is not None:
+                pytest.fail(
+                    f"redis-server exited with {self.proc.returncode}:\n{_tail(self.log_path)}"
+                )
+            if time.monotonic() > deadline:
+                pytest.fail(f"redis-server did not answer PING:\n{_tail(self.log_path)}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # in case a test left it stopped
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def wipe(self) -> None:
+        """Forget the data (while stopped): the next start is an empty server."""
+        assert self.proc is None, "stop the server before wiping its data"
+        shutil.rmtree(self.workdir / "appendonlydir", ignore_errors=True)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory) -> Iterator[str]:
-    """A throwaway redis-server on a free 127.0.0.1 port; yields redis://127.0.0.1:P/0."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail(
-            "redis-server is not installed; `make test` installs it "
-            "(or: apt-get install redis-server)",
-            pytrace=False,
-        )
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    log_path = workdir / "redis.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [
-                binary,
-                "--port", str(port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--daemonize", "no",
-                "--dir", str(workdir),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    """A throwaway redis-server (AOF on) on a free 127.0.0.1 port; yields redis://127.0.0.1:P/0."""
+    server = RedisProcess(tmp_path_factory.mktemp("redis"))
+    server.start()
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"redis-server exited with {proc.returncode}:\n{_tail(log_path)}")
-            if _redis_pong(port):
-                break
-            if time.monotonic() > deadline:
-                pytest.fail(f"redis-server did not answer PING:\n{_tail(log_path)}")
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield server.url
     finally:
-        _stop_process(proc, group=False)
+        server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server of this test's own, to stop, pause or restart."""
+    server = RedisProcess(tmp_path / "own-redis")
+    server.workdir.mkdir()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 # --------------------------------------------------------------------------- upstream
@@ -488,6 +554,11 @@ class ControlPlaneProcess:
         """SIGTERM the control plane (its app processes live on in their own sessions)."""
         if self.proc is not None and self.proc.poll() is None:
             _stop_process(self.proc, group=False)
+
+    def wipe(self) -> None:
+        """Forget the data (while stopped): the next start is an empty server."""
+        assert self.proc is None, "stop the server before wiping its data"
+        shutil.rmtree(self.workdir / "appendonlydir", ignore_errors=True)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

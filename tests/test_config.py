@@ -429,3 +429,107 @@ def test_check_missing_file_exit_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert str(missing) in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------- queue and replay gate
+
+COLD_APP = """
+[control_plane]
+url = "http://127.0.0.1:1"
+
+[[apps]]
+name = "shop"
+hosts = ["shop.localhost"]
+scale_to_zero = true
+"""
+QUEUE_RULE = """
+[[apps.rules]]
+class = "queue"
+methods = ["POST"]
+path_prefix = "/hooks/"
+"""
+REPLAY = """
+[apps.replay]
+max_attempts = 5
+retention = "24h"
+dedupe_key = "header:X-Event-Id"
+max_body = "1MiB"
+"""
+REDIS = '[edge]\nstore = "redis://127.0.0.1:6379/0"\n'
+
+
+def test_queue_with_a_replay_policy_loads() -> None:
+    config = load_config_text(REDIS + COLD_APP + QUEUE_RULE + REPLAY, FILE)
+    replay = config.apps[0].replay
+    assert replay is not None
+    assert (replay.max_attempts, replay.retention, replay.max_body) == (5, 86400.0, 1024 * 1024)
+    assert replay.dedupe_key == "header:X-Event-Id"
+    assert replay.claim_idle > replay.attempt_timeout
+
+
+def test_queue_with_the_memory_store_is_refused() -> None:
+    err = config_error(COLD_APP + QUEUE_RULE + REPLAY)
+    assert err.path == "apps[0].rules[0].class"
+    assert "would lose queued requests on restart" in err.problem
+
+
+def test_queue_from_shared_rules_with_the_memory_store_is_refused() -> None:
+    shared = '[[classification]]\nclass = "queue"\nmethods = ["POST"]\n'
+    err = config_error(shared + COLD_APP + REPLAY)
+    assert err.path == "classification[0].class"
+
+
+def test_queue_without_a_replay_policy_is_refused() -> None:
+    err = config_error(REDIS + COLD_APP + QUEUE_RULE)
+    assert err.path == "apps[0].replay"
+    assert "no replay policy" in err.problem
+    shared = '[[classification]]\nclass = "queue"\nheader = "X-Signature"\n'
+    assert config_error(REDIS + shared + COLD_APP).path == "apps[0].replay"
+
+
+def test_replay_policy_needs_its_four_decisions() -> None:
+    for key in ("max_attempts", "retention", "dedupe_key", "max_body"):
+        lines = [line for line in REPLAY.splitlines() if not line.startswith(key)]
+        err = config_error(REDIS + COLD_APP + QUEUE_RULE + "\n".join(lines) + "\n")
+        assert key in str(err)
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ("max_attempts = 0", "max_attempts"),
+        ('dedupe_key = "body"', "dedupe_key"),
+        ('dedupe_key = "header:"', "dedupe_key"),
+        ('dedupe_key = "header:Bad Name"', "dedupe_key"),
+        ('max_body = "200MiB"', "max_body"),
+        ('retention = "0s"', "retention"),
+        ('claim_idle = "10s"', "claim_idle"),
+        ('backoff_max = "1ms"', "backoff_max"),
+        ("max_queued = 0", "max_queued"),
+    ],
+)
+def test_bad_replay_policy(line: str, key: str) -> None:
+    name = line.split(" ")[0]
+    lines = [entry for entry in REPLAY.splitlines() if not entry.startswith(name)] + [line]
+    err = config_error(REDIS + COLD_APP + QUEUE_RULE + "\n".join(lines) + "\n")
+    assert err.path == f"apps[0].replay.{key}"
+
+
+def test_check_warns_when_redis_has_no_aof(tmp_path: Path, own_redis) -> None:
+    text = f'[edge]\nstore = "{own_redis.url}"\n' + COLD_APP + QUEUE_RULE + REPLAY
+    path = write(tmp_path, text)
+    with_aof = run_edge_cli("check", str(path))
+    assert with_aof.returncode == 0, with_aof.stderr
+    assert "warning" not in with_aof.stderr
+    import redis
+
+    client = redis.Redis(port=own_redis.port)
+    client.config_set("appendonly", "no")
+    client.close()
+    without = run_edge_cli("check", str(path))
+    assert without.returncode == 0, without.stderr
+    assert "warning" in without.stderr and "no AOF persistence" in without.stderr
+    assert "shop" in without.stderr
+    own_redis.stop()
+    down = run_edge_cli("check", str(path))
+    assert down.returncode == 0 and "could not check Redis persistence" in down.stderr

@@ -10,14 +10,13 @@ import resource
 import signal
 import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from conftest import CONTROL_PLANE_TOKEN, ROOT, sample_app_spec
-from helpers import eventually, free_port, to_toml
+from helpers import eventually, to_toml
 
 TINY_APP = ROOT / "tests" / "tiny_app.py"
 
@@ -179,58 +178,9 @@ async def test_lease_holder_killed_mid_wake_is_replaced(
     assert headers["X-Allocation-Id"] in {a["id"] for a in transitions}
 
 
-class OwnRedis:
-    """A redis-server this test can stop and restart on the same port."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        self.tmp = tmp
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.tmp),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                import socket
-
-                with socket.create_connection(("127.0.0.1", self.port), 0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-
-
-async def test_redis_down_mid_wake(start_control_plane, start_edge, session, tmp_path) -> None:
-    own = OwnRedis(tmp_path)
-    own.start()
-    try:
+async def test_redis_down_mid_wake(start_control_plane, start_edge, session, own_redis) -> None:
+    own = own_redis
+    if True:
         slow = sample_app_spec(
             "cold", command=sample_app_spec("cold")["command"] + ["--start-delay", "2"]
         )
@@ -255,8 +205,6 @@ async def test_redis_down_mid_wake(start_control_plane, start_edge, session, tmp
             return status == 200
 
         await eventually(recovered, timeout=30, interval=0.5, what="wakes after Redis returns")
-    finally:
-        own.stop()
 
 
 async def test_live_budget_change_drops_nothing(

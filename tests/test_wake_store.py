@@ -9,19 +9,13 @@ Every wait is bounded; timing assertions only check bounds, never speed.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from helpers import free_port
+from conftest import RedisProcess
 from redis.crc import key_slot
 
 from wake.budget import BudgetLimits
@@ -558,80 +552,6 @@ async def test_redis_many_waiters_share_connections(redis_url: str) -> None:
 # ------------------------------------------------------------ redis stopped / hung
 
 
-class OwnRedis:
-    """A redis-server of this test's own, stoppable and restartable on the same port."""
-
-    def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server is not installed"
-        self.binary = binary
-        self.workdir = workdir
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def _pong(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def start(self) -> None:
-        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - kept for the process
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.workdir),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        log.close()
-        deadline = time.monotonic() + 10
-        while not self._pong():
-            assert self.proc.poll() is None, (self.workdir / "redis.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "own redis-server did not answer PING"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)  # in case a test left it stopped
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def pause(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGCONT)
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    server = OwnRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def _calls(store: RedisStore) -> dict[str, Callable[[], Awaitable[Any]]]:
     """One call of every store method that talks to Redis."""
     return {
@@ -668,7 +588,7 @@ async def _raises_unavailable_promptly(name: str, call: Callable[[], Awaitable[A
     raise AssertionError(f"{name} succeeded while Redis was unavailable")
 
 
-async def test_redis_down_raises_store_unavailable_then_recovers(own_redis: OwnRedis) -> None:
+async def test_redis_down_raises_store_unavailable_then_recovers(own_redis: RedisProcess) -> None:
     # A poll interval beyond every bound here: waiters learn of the outage, and of
     # changes after the restart, only through the store's pub/sub connection.
     store = RedisStore(
@@ -688,6 +608,7 @@ async def test_redis_down_raises_store_unavailable_then_recovers(own_redis: OwnR
             assert await _raises_unavailable_promptly(name, call) < 10, name
         assert not await store.ping()
 
+        own_redis.wipe()
         own_redis.start()  # same port, empty data
         assert await store.ping()
         lease = await store.acquire_lease("shop", "b", 5)
@@ -707,7 +628,7 @@ async def test_redis_down_raises_store_unavailable_then_recovers(own_redis: OwnR
         await store.close()
 
 
-async def test_redis_hung_times_out_with_store_unavailable(own_redis: OwnRedis) -> None:
+async def test_redis_hung_times_out_with_store_unavailable(own_redis: RedisProcess) -> None:
     store = RedisStore(own_redis.url, socket_timeout=0.5, connect_timeout=0.5, op_timeout=2)
     try:
         assert await store.ping()

@@ -22,17 +22,13 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 
 import msgspec
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from wake import redis_scripts
 from wake.budget import BudgetDecision, BudgetLimits, BudgetUsage
+from wake.redis_connection import bounded_client, guarded
 from wake.state_store import AppWakeState, Lease, StoreUnavailable, Transition
 
 log = logging.getLogger(__name__)
@@ -102,20 +98,14 @@ class RedisStore:
         self._journal_limit = journal_limit
         self._poll_interval = poll_interval
         self._op_timeout = op_timeout
-        # Bounded pool: a stampede of calls queues for a connection (up to the
-        # connect timeout) instead of opening thousands of sockets. One retry, on
-        # connection errors only, replaces a pooled socket that died with a Redis
-        # restart; timeouts are not retried, so a hung Redis costs one timeout.
-        self._pool = aioredis.BlockingConnectionPool.from_url(
+        self._redis = bounded_client(
             url,
-            max_connections=max_connections,
-            timeout=connect_timeout,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=connect_timeout,
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             decode_responses=True,
+            max_connections=max_connections,
+            socket_timeout=socket_timeout,
+            connect_timeout=connect_timeout,
         )
-        self._redis = aioredis.Redis(connection_pool=self._pool)
+        self._pool = self._redis.connection_pool
         r = self._redis
         self._acquire_lease = r.register_script(redis_scripts.ACQUIRE_LEASE)
         self._renew_lease = r.register_script(redis_scripts.RENEW_LEASE)
@@ -168,20 +158,9 @@ class RedisStore:
 
     # ------------------------------------------------------------------ plumbing
 
-    @contextlib.asynccontextmanager
-    async def _guard(self, what: str) -> AsyncIterator[None]:
+    def _guard(self, what: str) -> contextlib.AbstractAsyncContextManager[None]:
         """Bound one operation in time and turn any Redis failure into StoreUnavailable."""
-        if self._closed:
-            raise StoreUnavailable(f"redis store closed ({what})")
-        try:
-            async with asyncio.timeout(self._op_timeout):
-                yield
-        except StoreUnavailable:
-            raise
-        except TimeoutError as exc:  # our overall deadline, or redis-py's socket timeout
-            raise StoreUnavailable(f"redis {what}: timed out ({exc})") from exc
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"redis {what}: {exc}") from exc
+        return guarded(what, self._op_timeout, self._closed)
 
     # ------------------------------------------------------------------ lease
 

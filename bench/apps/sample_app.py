@@ -14,10 +14,18 @@ allocation id; the environment variable ALLOCATION_ID overrides it). Binds
     GET  /leak?mb=N        allocate N MiB and keep it (provokes a memory limit)
     GET  /crash?code=N     answer, then exit the process with code N
     GET  /slow?seconds=S   sleep S seconds, then answer
+    *    /hooks/<any>      a webhook receiver: each request appended as one JSON line
+                           to --record FILE, answered with the status --status-file
+                           names (default 200; see below)
 
 Start delay (`--start-delay`, or START_DELAY): the port is bound at once (so a
 port handed out by the control plane is claimed early), but every route answers
 503 "starting" until the delay has passed: the readiness probe sees "not ready".
+
+Webhook status script (`--status-file`): whitespace-separated statuses, consumed
+one per request, the last one repeating ("500 500 200": two failures, then
+success). The file is re-read on every request, so a test can "fix" the app by
+rewriting it. Several processes of the app share one file and one record.
 
 Every response carries `X-Allocation-Id: <name>` and `X-App-Instance: <name>-<pid>`,
 and echoes the request's `X-Request-Id` when it has one. Once the start delay is
@@ -35,6 +43,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
+import json
 import os
 import signal
 import sys
@@ -63,6 +73,8 @@ class AppState:
     in_flight: int = 0
     websockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
     leaked: list[bytes] = field(default_factory=list)
+    record: str = ""
+    status_file: str = ""
 
     def __post_init__(self) -> None:
         self.instance = f"{self.name}-{os.getpid()}"
@@ -162,6 +174,50 @@ async def slow(request: web.Request) -> web.Response:
     return web.Response(text=f"slept {seconds:g}s\n")
 
 
+def _next_status(path: str) -> int:
+    """Take the next status from the script file, keeping the last one (locked: shared)."""
+    if not path:
+        return 200
+    with open(path, "r+") as script:
+        fcntl.flock(script, fcntl.LOCK_EX)
+        statuses = script.read().split()
+        if not statuses:
+            return 200
+        if len(statuses) > 1:
+            script.seek(0)
+            script.truncate()
+            script.write(" ".join(statuses[1:]))
+        return int(statuses[0])
+
+
+async def webhook(request: web.Request) -> web.Response:
+    state = _state(request)
+    body = await request.read()
+    status = _next_status(state.status_file)
+    if state.record:
+        line = json.dumps(
+            {
+                "method": request.method,
+                "path": request.path_qs,
+                "body": body.decode(errors="replace"),
+                "queued_id": request.headers.get("X-Edge-Queued-Id", ""),
+                "attempt": request.headers.get("X-Edge-Replay-Attempt", ""),
+                "key": request.headers.get("Idempotency-Key", ""),
+                "signature": request.headers.get("X-Signature", ""),
+                "status": status,
+                "instance": state.instance,
+                "at": time.time(),
+            }
+        )
+        # One write of a short line with O_APPEND: lines from several processes never mix.
+        fd = os.open(state.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+    return web.Response(status=status, text=f"webhook {status}\n")
+
+
 @web.middleware
 async def lifecycle(request: web.Request, handler) -> web.StreamResponse:
     """Count in-flight requests; answer 503 on every route until the start delay is over."""
@@ -194,10 +250,22 @@ async def _close_websockets(app: web.Application) -> None:
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
 
 
-def make_app(name: str, readiness_path: str = "/healthz", started: bool = True) -> web.Application:
+def make_app(
+    name: str,
+    readiness_path: str = "/healthz",
+    started: bool = True,
+    record: str = "",
+    status_file: str = "",
+) -> web.Application:
     """The aiohttp application; `started=False` answers 503 until state.started is set."""
-    app = web.Application(middlewares=[lifecycle])
-    app[STATE_KEY] = AppState(name=name, readiness_path=readiness_path, started=started)
+    app = web.Application(middlewares=[lifecycle], client_max_size=16 * MIB)
+    app[STATE_KEY] = AppState(
+        name=name,
+        readiness_path=readiness_path,
+        started=started,
+        record=record,
+        status_file=status_file,
+    )
     app.on_response_prepare.append(_stamp_headers)
     app.on_shutdown.append(_close_websockets)
     routes = {
@@ -214,11 +282,18 @@ def make_app(name: str, readiness_path: str = "/healthz", started: bool = True) 
         app.router.add_get(path, handler)
     if readiness_path != "/echo":
         app.router.add_route("*", "/echo", echo)
+    app.router.add_route("*", "/hooks/{tail:.*}", webhook)
     return app
 
 
 async def serve(
-    port: int, name: str, readiness_path: str, start_delay: float, shutdown_timeout: float
+    port: int,
+    name: str,
+    readiness_path: str,
+    start_delay: float,
+    shutdown_timeout: float,
+    record: str = "",
+    status_file: str = "",
 ) -> int:
     """Bind, wait out the start delay, serve until SIGTERM/SIGINT; the exit status."""
     loop = asyncio.get_running_loop()
@@ -226,7 +301,7 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
-    app = make_app(name, readiness_path, started=start_delay <= 0)
+    app = make_app(name, readiness_path, start_delay <= 0, record, status_file)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:
@@ -289,12 +364,26 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         help="on SIGTERM, wait this long for in-flight requests (default 10)",
     )
+    parser.add_argument("--record", default="", help="append each /hooks/ request to this file")
+    parser.add_argument(
+        "--status-file", default="", help="statuses /hooks/ answers with (default 200)"
+    )
     args = parser.parse_args(argv)
     if not args.readiness_path.startswith("/"):
         parser.error("--readiness-path must start with '/'")
     name = os.environ.get("ALLOCATION_ID") or args.name
     delay = args.start_delay if args.start_delay is not None else _env_float("START_DELAY", 0.0)
-    return asyncio.run(serve(args.port, name, args.readiness_path, delay, args.shutdown_timeout))
+    return asyncio.run(
+        serve(
+            args.port,
+            name,
+            args.readiness_path,
+            delay,
+            args.shutdown_timeout,
+            args.record,
+            args.status_file,
+        )
+    )
 
 
 if __name__ == "__main__":

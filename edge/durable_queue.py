@@ -1,0 +1,412 @@
+"""The durable queue of requests that must not be lost: one Redis Stream per app.
+
+Keys carry the app's hash tag like the wake store's (`edge:{app}:...`):
+`queue` (the stream, consumer group `replay`), `dead` (dead letters), `attempts`
+(HASH id -> deliveries tried), `key:<dedupe key>` (first queued id, for the
+retention), `done:<dedupe key>` (delivered; written with the ack in one script),
+`replayer` + `replayer_fence` (the lease of the one edge replaying the app, so
+per-app order holds while several edges share the apps).
+
+Every call is bounded in time and any Redis failure raises `StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgspec
+from redis.exceptions import ResponseError
+
+from wake import redis_scripts
+from wake.redis_connection import bounded_client, guarded
+from wake.state_store import Lease, StoreUnavailable
+
+GROUP = "replay"
+
+# KEYS: queue, dedupe. ARGV: retention_ms, max_queued, method, path, head, body, key, arrived.
+# {'new', id} | {'dup', first id} | {'full', ''}
+_ENQUEUE = """
+local first = redis.call('GET', KEYS[2])
+if first then return {'dup', first} end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('XGROUP', 'CREATE', KEYS[1], 'replay', '0', 'MKSTREAM')
+elseif redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[2]) then
+  return {'full', ''}
+end
+local id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[3], 'p', ARGV[4], 'head', ARGV[5],
+  'b', ARGV[6], 'k', ARGV[7], 't', ARGV[8])
+redis.call('SET', KEYS[2], id, 'PX', ARGV[1])
+return {'new', id}
+"""
+
+# KEYS: queue, done, attempts. ARGV: id. 0 when already delivered (then acked and
+# removed), else this delivery's attempt number.
+_BEGIN = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('XACK', KEYS[1], 'replay', ARGV[1])
+  redis.call('XDEL', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  return 0
+end
+return redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
+"""
+
+# KEYS: queue, done, attempts. ARGV: id, retention_ms. Delivered: the done record and
+# the ack in one step, so no edge can die between them.
+_FINISH = """
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.call('XACK', KEYS[1], 'replay', ARGV[1])
+redis.call('XDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+return 1
+"""
+
+# KEYS: queue, dead, attempts. ARGV: id, reason, status, attempts. Moves the entry.
+_DEAD_LETTER = """
+local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #found == 1 then
+  local fields = found[1][2]
+  table.insert(fields, 'queued_id')
+  table.insert(fields, ARGV[1])
+  table.insert(fields, 'reason')
+  table.insert(fields, ARGV[2])
+  table.insert(fields, 'status')
+  table.insert(fields, ARGV[3])
+  table.insert(fields, 'attempts')
+  table.insert(fields, ARGV[4])
+  redis.call('XADD', KEYS[2], '*', unpack(fields))
+end
+redis.call('XACK', KEYS[1], 'replay', ARGV[1])
+redis.call('XDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+return #found
+"""
+
+# KEYS: dead, queue, dedupe. ARGV: dead id, retention_ms. The new queued id, or ''.
+_REQUEUE = """
+local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #found == 0 then return '' end
+local f = found[1][2]
+local keep = {}
+for i = 1, #f, 2 do
+  local name = f[i]
+  if name == 'm' or name == 'p' or name == 'head' or name == 'b' or name == 'k' or name == 't' then
+    table.insert(keep, name)
+    table.insert(keep, f[i + 1])
+  end
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('XGROUP', 'CREATE', KEYS[2], 'replay', '0', 'MKSTREAM')
+end
+local id = redis.call('XADD', KEYS[2], '*', unpack(keep))
+redis.call('XDEL', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[3], id, 'PX', ARGV[2])
+return id
+"""
+
+
+class QueuedRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """A queued request as stored: the upstream head exactly as the app would have got it."""
+
+    id: str
+    method: str
+    path: str
+    head: bytes
+    body: bytes
+    key: str
+    arrived: float
+    # Dead letters only.
+    queued_id: str = ""
+    reason: str = ""
+    status: int = 0
+    attempts: int = 0
+
+
+class QueuedSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """What the admin API lists (bodies stay in Redis)."""
+
+    id: str
+    method: str
+    path: str
+    key: str
+    arrived: float
+    body_bytes: int
+    attempts: int = 0
+    queued_id: str = ""
+    reason: str = ""
+    status: int = 0
+
+
+class Enqueued(msgspec.Struct, frozen=True):
+    id: str
+    duplicate: bool
+
+
+class QueueFull(Exception):
+    """The app's queue holds max_queued requests."""
+
+
+def id_ms(stream_id: str) -> int:
+    """The Redis server time (ms) a stream id was created at."""
+    return int(stream_id.partition("-")[0])
+
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _entry(stream_id: bytes | str, fields: dict[bytes, bytes]) -> QueuedRequest:
+    return QueuedRequest(
+        id=_text(stream_id),
+        method=_text(fields.get(b"m")),
+        path=_text(fields.get(b"p")),
+        head=fields.get(b"head", b""),
+        body=fields.get(b"b", b""),
+        key=_text(fields.get(b"k")),
+        arrived=float(fields.get(b"t", b"0")),
+        queued_id=_text(fields.get(b"queued_id")),
+        reason=_text(fields.get(b"reason")),
+        status=int(fields.get(b"status", b"0")),
+        attempts=int(fields.get(b"attempts", b"0")),
+    )
+
+
+def summary(entry: QueuedRequest, attempts: int | None = None) -> QueuedSummary:
+    return QueuedSummary(
+        id=entry.id,
+        method=entry.method,
+        path=entry.path,
+        key=entry.key,
+        arrived=entry.arrived,
+        body_bytes=len(entry.body),
+        attempts=entry.attempts if attempts is None else attempts,
+        queued_id=entry.queued_id,
+        reason=entry.reason,
+        status=entry.status,
+    )
+
+
+class DurableQueue:
+    """Per-app request queues in Redis, shared by every worker and edge of a region."""
+
+    def __init__(
+        self, url: str, *, key_prefix: str = "edge", op_timeout: float = 5.0, max_connections=32
+    ) -> None:
+        self._prefix = key_prefix
+        self._op_timeout = op_timeout
+        self._redis = bounded_client(url, decode_responses=False, max_connections=max_connections)
+        r = self._redis
+        self._enqueue = r.register_script(_ENQUEUE)
+        self._begin = r.register_script(_BEGIN)
+        self._finish = r.register_script(_FINISH)
+        self._dead_letter = r.register_script(_DEAD_LETTER)
+        self._requeue = r.register_script(_REQUEUE)
+        self._acquire_lease = r.register_script(redis_scripts.ACQUIRE_LEASE)
+        self._renew_lease = r.register_script(redis_scripts.RENEW_LEASE)
+        self._release_lease = r.register_script(redis_scripts.RELEASE_LEASE)
+        self._closed = False
+
+    def key(self, app: str, name: str) -> str:
+        return f"{self._prefix}:{{{app}}}:{name}"
+
+    def _guard(self, what: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return guarded(what, self._op_timeout, self._closed)
+
+    # -------------------------------------------------------------- front side
+
+    async def enqueue(
+        self,
+        app: str,
+        *,
+        method: bytes,
+        path: bytes,
+        head: bytes,
+        body: bytes,
+        key: str,
+        arrived: float,
+        retention: float,
+        max_queued: int,
+    ) -> Enqueued:
+        """Append once per dedupe key; returns after Redis acknowledged the write."""
+        keys = [self.key(app, "queue"), self.key(app, f"key:{key}")]
+        args = [
+            round(retention * 1000),
+            max_queued,
+            method,
+            path,
+            head,
+            body,
+            key,
+            repr(arrived),
+        ]
+        async with self._guard("enqueue"):
+            kind, stream_id = await self._enqueue(keys, args)
+        if kind == b"full":
+            raise QueueFull(f"app {app} has {max_queued} requests queued")
+        return Enqueued(_text(stream_id), kind == b"dup")
+
+    # ----------------------------------------------------------- replay side
+
+    async def depth(self, app: str) -> tuple[int, int]:
+        """(queued, dead-lettered) for the app."""
+        async with self._guard("depth"):
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xlen(self.key(app, "queue"))
+            pipe.xlen(self.key(app, "dead"))
+            queued, dead = await pipe.execute()
+        return int(queued), int(dead)
+
+    async def server_ms(self) -> int:
+        async with self._guard("time"):
+            seconds, micros = await self._redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    async def acquire_replayer(self, app: str, owner: str, ttl: float) -> Lease | None:
+        keys = [self.key(app, "replayer"), self.key(app, "replayer_fence")]
+        async with self._guard("acquire_replayer"):
+            token = int(await self._acquire_lease(keys, [owner, max(1, round(ttl * 1000))]))
+        return Lease(owner, token) if token else None
+
+    async def renew_replayer(self, app: str, owner: str, ttl: float) -> bool:
+        async with self._guard("renew_replayer"):
+            renewed = await self._renew_lease(
+                [self.key(app, "replayer")], [owner, max(1, round(ttl * 1000))]
+            )
+        return bool(renewed)
+
+    async def release_replayer(self, app: str, owner: str) -> None:
+        async with self._guard("release_replayer"):
+            await self._release_lease([self.key(app, "replayer")], [owner])
+
+    async def next_batch(
+        self, app: str, consumer: str, claim_idle: float, count: int
+    ) -> list[QueuedRequest] | None:
+        """The next entries for the replayer holding the app's lease, oldest first.
+
+        Its own unfinished entries come first, then entries another consumer read
+        and left idle for `claim_idle`; new entries only once nothing is pending,
+        so per-app order holds. None: others hold pending entries not yet idle.
+        """
+        queue = self.key(app, "queue")
+        async with self._guard("next_batch"):
+            try:
+                mine = await self._redis.xreadgroup(GROUP, consumer, {queue: "0"}, count=count)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                return []
+            entries = await self._usable(app, mine[0][1] if mine else [])
+            if entries:
+                return entries
+            _, claimed, _ = await self._redis.xautoclaim(
+                queue, GROUP, consumer, max(1, round(claim_idle * 1000)), "0-0", count=count
+            )
+            entries = await self._usable(app, claimed)
+            if entries:
+                return entries
+            pending = await self._redis.xpending(queue, GROUP)
+            if pending["pending"]:
+                return None
+            fresh = await self._redis.xreadgroup(GROUP, consumer, {queue: ">"}, count=count)
+            return await self._usable(app, fresh[0][1] if fresh else [])
+
+    async def _usable(self, app: str, raw: list) -> list[QueuedRequest]:
+        """Parsed entries, sorted by id; ids whose entry was deleted are acked away."""
+        gone = [stream_id for stream_id, fields in raw if not fields]
+        if gone:
+            await self._redis.xack(self.key(app, "queue"), GROUP, *gone)
+        entries = [_entry(stream_id, fields) for stream_id, fields in raw if fields]
+        return sorted(entries, key=lambda e: tuple(int(p) for p in e.id.split("-")))
+
+    def _entry_keys(self, app: str, entry: QueuedRequest) -> list[str]:
+        return [
+            self.key(app, "queue"),
+            self.key(app, f"done:{entry.key}"),
+            self.key(app, "attempts"),
+        ]
+
+    async def begin(self, app: str, entry: QueuedRequest) -> int:
+        """This delivery's attempt number; 0 when it was delivered already (now acked)."""
+        async with self._guard("begin"):
+            return int(await self._begin(self._entry_keys(app, entry), [entry.id]))
+
+    async def finish(self, app: str, entry: QueuedRequest, retention: float) -> None:
+        """Delivered: record it done (for the retention) and ack, atomically."""
+        async with self._guard("finish"):
+            await self._finish(self._entry_keys(app, entry), [entry.id, round(retention * 1000)])
+
+    async def dead_letter(
+        self, app: str, entry: QueuedRequest, reason: str, status: int, attempts: int
+    ) -> None:
+        keys = [self.key(app, "queue"), self.key(app, "dead"), self.key(app, "attempts")]
+        async with self._guard("dead_letter"):
+            await self._dead_letter(keys, [entry.id, reason, status, attempts])
+
+    # -------------------------------------------------------------- operators
+
+    async def list(self, app: str, which: str, count: int) -> list[QueuedSummary]:
+        """Queued ("queued") or dead-lettered ("dead") requests, oldest first."""
+        stream = self.key(app, "queue" if which == "queued" else "dead")
+        async with self._guard("list"):
+            raw = await self._redis.xrange(stream, count=count)
+            entries = [_entry(stream_id, fields) for stream_id, fields in raw]
+            attempts: dict[bytes, bytes] = {}
+            if which == "queued" and entries:
+                attempts = await self._redis.hgetall(self.key(app, "attempts"))
+        if which == "queued":
+            return [summary(e, int(attempts.get(e.id.encode(), 0))) for e in entries]
+        return [summary(e) for e in entries]
+
+    async def requeue_dead(self, app: str, dead_id: str, retention: float) -> str | None:
+        """Put a dead letter back at the end of the queue; its new id, or None if unknown."""
+        dead = self.key(app, "dead")
+        async with self._guard("requeue_dead"):
+            found = await self._redis.xrange(dead, dead_id, dead_id)
+            if not found:
+                return None
+            key = _entry(*found[0]).key
+            keys = [dead, self.key(app, "queue"), self.key(app, f"key:{key}")]
+            new_id = await self._requeue(keys, [dead_id, round(retention * 1000)])
+        return _text(new_id) or None
+
+    async def purge(self, app: str, which: str, entry_id: str = "") -> int:
+        """Delete one entry, or all, of the queue or the dead letters; the count removed."""
+        stream = self.key(app, "queue" if which == "queued" else "dead")
+        async with self._guard("purge"):
+            if entry_id:
+                removed = int(await self._redis.xdel(stream, entry_id))
+                if which == "queued":
+                    await self._redis.xack(stream, GROUP, entry_id)
+                    await self._redis.hdel(self.key(app, "attempts"), entry_id)
+                return removed
+            removed = int(await self._redis.xlen(stream))
+            if which == "queued":
+                await self._redis.delete(stream, self.key(app, "attempts"))
+            else:
+                await self._redis.delete(stream)
+            return removed
+
+    async def aof_enabled(self) -> bool:
+        async with self._guard("info"):
+            info = await self._redis.info("persistence")
+        return bool(int(info.get("aof_enabled", 0)))
+
+    async def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(Exception):
+            await self._redis.aclose()
+        with contextlib.suppress(Exception):
+            await self._redis.connection_pool.aclose()
+
+
+__all__ = [
+    "DurableQueue",
+    "Enqueued",
+    "QueueFull",
+    "QueuedRequest",
+    "QueuedSummary",
+    "StoreUnavailable",
+    "id_ms",
+]

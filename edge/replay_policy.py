@@ -1,0 +1,58 @@
+"""Sans-I/O rules of durable replay: dedupe keys, what a response means, back-off."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+
+IDEMPOTENCY_KEY = b"idempotency-key"
+# Longer header values are hashed, so a hostile sender cannot make huge Redis keys.
+MAX_KEY_TEXT = 200
+
+
+class Outcome(enum.Enum):
+    DONE = "delivered"
+    DEAD = "dead_lettered"
+    RETRY = "retried"
+
+
+def header_key(source: str, headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The dedupe key a header gives, per the policy's `dedupe_key`; None: hash the body."""
+    wanted: list[bytes] = []
+    if source.startswith("header:"):
+        wanted.append(source[7:].lower().encode())
+    if source != "hash":
+        wanted.append(IDEMPOTENCY_KEY)
+    for name in wanted:
+        for header, value in headers:
+            if header.lower() == name and value.strip():
+                text = value.strip()
+                if len(text) > MAX_KEY_TEXT or not text.isascii():
+                    return "hk:" + hashlib.sha256(name + b"\0" + text).hexdigest()
+                return "h:" + name.decode() + ":" + text.decode()
+    return None
+
+
+def body_key(method: bytes, path: bytes, body: bytes) -> str:
+    """The dedupe key of a request without a key header: a hash of method, path and body."""
+    return "x:" + hashlib.sha256(method + b"\0" + path + b"\0" + body).hexdigest()
+
+
+# "Try again later" answers, retried like 5xx rather than dead-lettered like other 4xx.
+RETRYABLE_4XX = frozenset({408, 425, 429})
+
+
+def outcome_of(status: int | None, attempts: int, max_attempts: int) -> Outcome:
+    """2xx is done; other answers below 500 are final (dead letter); 5xx, 408/425/429,
+    timeouts and connection errors (None) are retried until `attempts` (this one
+    included) reaches `max_attempts`."""
+    if status is not None and 200 <= status < 300:
+        return Outcome.DONE
+    if status is not None and status < 500 and status not in RETRYABLE_4XX:
+        return Outcome.DEAD
+    return Outcome.RETRY if attempts < max_attempts else Outcome.DEAD
+
+
+def retry_delay(attempts: int, initial: float, ceiling: float) -> float:
+    """Exponential back-off after `attempts` failed deliveries: initial, 2x, 4x ... ceiling."""
+    return min(ceiling, initial * 2 ** max(0, attempts - 1))

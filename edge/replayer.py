@@ -1,0 +1,190 @@
+"""Replays each app's durable queue once the app is hot: in order, once, or dead-lettered.
+
+Theory of operation. Every worker scans the apps that have a replay policy about
+once a second (and at once after it queued something). An app with queued
+requests is woken; once it is hot, the worker that wins the app's replayer lease
+delivers entries one at a time, oldest first, so per-app order holds while the
+apps of a region spread over every edge. Each delivery is counted before it is
+sent (`begin`); a 2xx writes the done record and acks in one script; 4xx goes to
+the dead letters; 5xx, timeouts and connection errors are retried with back-off
+until max_attempts, then dead-lettered. A replayer that dies leaves its entries
+pending; the next lease holder claims them once idle for `claim_idle` (or at once
+when it is the same worker restarted, which reads its own pending entries first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Callable
+
+from edge.config import AppConfig
+from edge.durable_queue import DurableQueue, QueuedRequest, id_ms
+from edge.replay_delivery import DeliveryFailed, ReplayConnection
+from edge.replay_policy import Outcome, outcome_of, retry_delay
+from wake.controller import HotTarget, WakeController
+from wake.state_store import StoreUnavailable
+
+SCAN_INTERVAL = 1.0
+LEASE_TTL = 10.0
+BATCH = 32
+# While another edge's entries wait out claim_idle, or the store is down.
+PAUSE = 0.5
+
+
+class Replayer:
+    """One worker's replay loop over every app that can queue."""
+
+    def __init__(
+        self,
+        queue: DurableQueue,
+        wake: WakeController,
+        consumer: str,
+        apps: Callable[[], dict[str, AppConfig]],
+        count: Callable[[str, str], None],
+    ) -> None:
+        self.queue = queue
+        self.wake = wake
+        self.consumer = consumer
+        self.owner = f"{consumer}/{os.getpid()}"
+        self.apps = apps
+        self.count = count
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._poke = asyncio.Event()
+        self._stopping = False
+
+    def poke(self) -> None:
+        """Something was queued here: scan now rather than within the second."""
+        self._poke.set()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            for name, app in self.apps().items():
+                if name not in self._running:
+                    task = asyncio.get_running_loop().create_task(self._replay_if_queued(app))
+                    self._running[name] = task
+                    task.add_done_callback(lambda _t, name=name: self._running.pop(name, None))
+            self._poke.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SCAN_INTERVAL):
+                    await self._poke.wait()
+
+    async def _replay_if_queued(self, app: AppConfig) -> None:
+        try:
+            queued, _ = await self.queue.depth(app.name)
+            if not queued:
+                return
+            target = await self.wake.ensure_hot(app.name, float(app.hold_timeout))
+            lease = await self.queue.acquire_replayer(app.name, self.owner, LEASE_TTL)
+            if lease is None:
+                return  # another worker or edge replays this app
+            try:
+                await self._replay_holding(app, target)
+            finally:
+                with contextlib.suppress(StoreUnavailable):
+                    await self.queue.release_replayer(app.name, self.owner)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # store down, wake refused or timed out: next scan retries
+            log(f"replay of app {app.name} paused: {type(exc).__name__}: {exc}")
+            await asyncio.sleep(PAUSE)
+
+    async def _replay_holding(self, app: AppConfig, target: HotTarget) -> None:
+        lost = asyncio.Event()
+        renewer = asyncio.get_running_loop().create_task(self._renew(app.name, lost))
+        connection = ReplayConnection()
+        try:
+            while not lost.is_set() and not self._stopping:
+                policy = app.replay
+                assert policy is not None
+                batch = await self.queue.next_batch(
+                    app.name, self.consumer, float(policy.claim_idle), BATCH
+                )
+                if batch is None:
+                    await asyncio.sleep(PAUSE)
+                    continue
+                if not batch:
+                    return
+                now_ms = await self.queue.server_ms()
+                for entry in batch:
+                    if lost.is_set() or self._stopping:
+                        return
+                    if now_ms - id_ms(entry.id) > policy.retention * 1000:
+                        await self.queue.dead_letter(app.name, entry, "expired", 0, 0)
+                        self.count(app.name, "dead_lettered")
+                        continue
+                    target = await self._deliver(app, entry, target, connection)
+                app = self.apps().get(app.name, app)  # a reload changes the policy
+        finally:
+            connection.close()
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+
+    async def _deliver(
+        self, app: AppConfig, entry: QueuedRequest, target: HotTarget, conn: ReplayConnection
+    ) -> HotTarget:
+        """Deliver until done or dead-lettered; the target to use for the next entry."""
+        policy = app.replay
+        assert policy is not None
+        while True:
+            attempt = await self.queue.begin(app.name, entry)
+            if attempt == 0:
+                self.count(app.name, "already_done")
+                return target
+            extra = b"X-Edge-Queued-Id: %b\r\nX-Edge-Replay-Attempt: %d\r\n" % (
+                entry.id.encode(),
+                attempt,
+            )
+            self.wake.seen(app.name)
+            status: int | None
+            try:
+                status = await conn.deliver(
+                    target.address,
+                    entry.method,
+                    entry.head,
+                    entry.body,
+                    extra,
+                    float(policy.attempt_timeout),
+                )
+                error = f"status {status}"
+            except DeliveryFailed as exc:
+                status, error = None, str(exc)
+                self.wake.forget_hot(app.name, target.address)
+            outcome = outcome_of(status, attempt, policy.max_attempts)
+            self.count(app.name, outcome.value)
+            if outcome is Outcome.DONE:
+                await self.queue.finish(app.name, entry, float(policy.retention))
+                return target
+            if outcome is Outcome.DEAD:
+                reason = error if attempt < policy.max_attempts else f"{attempt} attempts: {error}"
+                await self.queue.dead_letter(app.name, entry, reason, status or 0, attempt)
+                return target
+            delay = retry_delay(attempt, float(policy.backoff_initial), float(policy.backoff_max))
+            await asyncio.sleep(delay)
+            target = await self.wake.ensure_hot(app.name, float(app.hold_timeout))
+
+    async def _renew(self, app: str, lost: asyncio.Event) -> None:
+        while True:
+            await asyncio.sleep(LEASE_TTL / 3)
+            try:
+                renewed = await self.queue.renew_replayer(app, self.owner, LEASE_TTL)
+            except StoreUnavailable:
+                continue  # keep trying within the TTL; the lease may still be ours
+            if not renewed:
+                lost.set()
+                return
+
+    async def close(self) -> None:
+        self._stopping = True
+        self._poke.set()
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def log(message: str) -> None:
+    print(f"edge replayer: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,234 @@
+"""The durable queue against a real redis-server (AOF on): dedupe, order, done records,
+dead letters, claiming abandoned entries, purge; and the replay rules (sans-I/O)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from edge.durable_queue import DurableQueue, QueueFull
+from edge.replay_policy import Outcome, body_key, header_key, outcome_of, retry_delay
+from wake.state_store import StoreUnavailable
+
+HEAD = b"POST /hooks/pay HTTP/1.1\r\nHost: shop.localhost\r\n\r\n"
+
+
+# --------------------------------------------------------------- sans-I/O rules
+
+
+def test_header_key_follows_the_policy_source() -> None:
+    headers = [(b"Idempotency-Key", b"abc"), (b"X-Event-Id", b"evt_1")]
+    assert header_key("idempotency-key", headers) == "h:idempotency-key:abc"
+    assert header_key("header:X-Event-Id", headers) == "h:x-event-id:evt_1"
+    # The configured header wins; without it, Idempotency-Key; without both, no key.
+    assert header_key("header:X-Event-Id", headers[:1]) == "h:idempotency-key:abc"
+    assert header_key("header:X-Event-Id", []) is None
+    assert header_key("hash", headers) is None
+    assert header_key("idempotency-key", [(b"idempotency-key", b"  ")]) is None
+
+
+def test_long_or_binary_header_values_are_hashed() -> None:
+    long_key = header_key("idempotency-key", [(b"Idempotency-Key", b"k" * 500)])
+    assert long_key is not None and long_key.startswith("hk:") and len(long_key) < 80
+    binary = header_key("idempotency-key", [(b"Idempotency-Key", "é".encode())])
+    assert binary is not None and binary.startswith("hk:")
+
+
+def test_body_key_hashes_method_path_and_body() -> None:
+    base = body_key(b"POST", b"/hooks/a", b"{}")
+    assert base == body_key(b"POST", b"/hooks/a", b"{}")
+    assert base != body_key(b"PUT", b"/hooks/a", b"{}")
+    assert base != body_key(b"POST", b"/hooks/b", b"{}")
+    assert base != body_key(b"POST", b"/hooks/a", b"{ }")
+
+
+@pytest.mark.parametrize(
+    ("status", "attempts", "expected"),
+    [
+        (200, 1, Outcome.DONE),
+        (204, 5, Outcome.DONE),
+        (400, 1, Outcome.DEAD),
+        (404, 1, Outcome.DEAD),
+        (301, 1, Outcome.DEAD),
+        (429, 1, Outcome.RETRY),
+        (500, 1, Outcome.RETRY),
+        (503, 2, Outcome.RETRY),
+        (None, 2, Outcome.RETRY),
+        (500, 3, Outcome.DEAD),
+        (None, 3, Outcome.DEAD),
+    ],
+)
+def test_outcome_of_a_delivery(status: int | None, attempts: int, expected: Outcome) -> None:
+    assert outcome_of(status, attempts, max_attempts=3) is expected
+
+
+def test_retry_delay_doubles_up_to_the_ceiling() -> None:
+    assert [retry_delay(n, 0.5, 3.0) for n in (1, 2, 3, 4, 5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+
+
+# --------------------------------------------------------------------- redis
+
+
+@pytest.fixture
+async def queue(redis_server: str) -> AsyncIterator[DurableQueue]:
+    client = aioredis.from_url(redis_server)
+    await client.flushall()
+    await client.aclose()
+    q = DurableQueue(redis_server)
+    yield q
+    await q.close()
+
+
+async def put(q: DurableQueue, key: str, body: bytes = b"{}", max_queued: int = 100):
+    return await q.enqueue(
+        "shop",
+        method=b"POST",
+        path=b"/hooks/pay",
+        head=HEAD,
+        body=body,
+        key=key,
+        arrived=1.5,
+        retention=60,
+        max_queued=max_queued,
+    )
+
+
+async def test_enqueue_dedupes_by_key_and_keeps_everything(queue: DurableQueue) -> None:
+    first = await put(queue, "h:k1", b"payload \x00\xff")
+    again = await put(queue, "h:k1", b"other body")
+    assert not first.duplicate and again.duplicate and again.id == first.id
+    other = await put(queue, "h:k2")
+    assert other.id != first.id
+    assert await queue.depth("shop") == (2, 0)
+    [entry, _] = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)  # type: ignore[misc]
+    assert (entry.method, entry.path, entry.head, entry.body, entry.key, entry.arrived) == (
+        "POST",
+        "/hooks/pay",
+        HEAD,
+        b"payload \x00\xff",
+        "h:k1",
+        1.5,
+    )
+
+
+async def test_full_queue_refuses(queue: DurableQueue) -> None:
+    await put(queue, "a", max_queued=2)
+    await put(queue, "b", max_queued=2)
+    with pytest.raises(QueueFull):
+        await put(queue, "c", max_queued=2)
+    assert (await put(queue, "a", max_queued=2)).duplicate  # a repeat still gets its id
+    assert await queue.depth("shop") == (2, 0)
+
+
+async def test_batches_keep_order_and_done_entries_are_never_delivered_again(
+    queue: DurableQueue,
+) -> None:
+    ids = [(await put(queue, f"k{i}")).id for i in range(5)]
+    batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=3)
+    assert [e.id for e in batch] == ids[:3]  # type: ignore[union-attr]
+    # The same consumer asking again (say, restarted) gets its own unfinished entries first.
+    again = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)
+    assert [e.id for e in again] == ids[:3]  # type: ignore[union-attr]
+    first = again[0]  # type: ignore[index]
+    assert await queue.begin("shop", first) == 1
+    await queue.finish("shop", first, retention=60)
+    # A crash after the done record: the entry comes back, and begin says "done already".
+    assert await queue.begin("shop", first) == 0
+    assert await queue.depth("shop") == (4, 0)
+    second = again[1]  # type: ignore[index]
+    assert [await queue.begin("shop", second) for _ in range(3)] == [1, 2, 3]
+    rest = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)
+    assert [e.id for e in rest] == ids[1:3]  # type: ignore[union-attr]
+    listed = await queue.list("shop", "queued", 10)
+    assert [(s.id, s.attempts) for s in listed][:2] == [(ids[1], 3), (ids[2], 0)]
+
+
+async def test_other_consumers_pending_entries_wait_then_are_claimed(queue: DurableQueue) -> None:
+    ids = [(await put(queue, f"k{i}")).id for i in range(3)]
+    taken = await queue.next_batch("shop", "dead-edge", claim_idle=60, count=2)
+    assert [e.id for e in taken] == ids[:2]  # type: ignore[union-attr]
+    # Not idle long enough: no new entries either, or order would break.
+    assert await queue.next_batch("shop", "live-edge", claim_idle=60, count=10) is None
+    await asyncio.sleep(0.3)
+    claimed = await queue.next_batch("shop", "live-edge", claim_idle=0.2, count=10)
+    assert [e.id for e in claimed] == ids[:2]  # type: ignore[union-attr]
+    for entry in claimed:  # type: ignore[union-attr]
+        await queue.finish("shop", entry, retention=60)
+    fresh = await queue.next_batch("shop", "live-edge", claim_idle=0.2, count=10)
+    assert [e.id for e in fresh] == ids[2:]  # type: ignore[union-attr]
+
+
+async def test_dead_letters_are_listed_requeued_and_purged(queue: DurableQueue) -> None:
+    ids = [(await put(queue, f"k{i}")).id for i in range(3)]
+    batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)
+    await queue.dead_letter("shop", batch[0], "status 400", 400, 1)  # type: ignore[index]
+    assert await queue.depth("shop") == (2, 1)
+    [dead] = await queue.list("shop", "dead", 10)
+    assert (dead.queued_id, dead.reason, dead.status, dead.attempts, dead.key) == (
+        ids[0],
+        "status 400",
+        400,
+        1,
+        "k0",
+    )
+    new_id = await queue.requeue_dead("shop", dead.id, retention=60)
+    assert new_id is not None and new_id > ids[2]
+    assert await queue.depth("shop") == (3, 0)
+    assert (await put(queue, "k0")).id == new_id  # the dedupe key follows the entry
+    assert await queue.requeue_dead("shop", dead.id, retention=60) is None
+    assert await queue.purge("shop", "queued", ids[1]) == 1
+    assert await queue.purge("shop", "queued") == 2
+    assert await queue.depth("shop") == (0, 0)
+    assert await queue.next_batch("shop", "edge-a", claim_idle=60, count=10) == []
+    # The queue works again after a purge.
+    assert not (await put(queue, "k9")).duplicate
+    assert len(await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)) == 1  # type: ignore[arg-type]
+
+
+async def test_replayer_lease_is_exclusive(queue: DurableQueue) -> None:
+    assert await queue.acquire_replayer("shop", "a", 5) is not None
+    assert await queue.acquire_replayer("shop", "b", 5) is None
+    assert await queue.renew_replayer("shop", "a", 5)
+    assert not await queue.renew_replayer("shop", "b", 5)
+    await queue.release_replayer("shop", "a")
+    assert await queue.acquire_replayer("shop", "b", 5) is not None
+
+
+async def test_aof_is_reported(queue: DurableQueue, own_redis) -> None:
+    assert await queue.aof_enabled()  # the fixtures run Redis with AOF, as production should
+    no_aof = await own_redis_without_aof(own_redis)
+    try:
+        assert not await no_aof.aof_enabled()
+    finally:
+        await no_aof.close()
+
+
+async def own_redis_without_aof(own_redis) -> DurableQueue:
+    client = aioredis.from_url(own_redis.url)
+    await client.config_set("appendonly", "no")
+    await client.aclose()
+    return DurableQueue(own_redis.url)
+
+
+async def test_redis_down_is_store_unavailable(own_redis) -> None:
+    q = DurableQueue(own_redis.url, op_timeout=2)
+    try:
+        await q.enqueue(
+            "shop",
+            method=b"POST",
+            path=b"/",
+            head=HEAD,
+            body=b"",
+            key="k",
+            arrived=0,
+            retention=60,
+            max_queued=10,
+        )
+        own_redis.stop()
+        with pytest.raises(StoreUnavailable):
+            await put(q, "k2")
+    finally:
+        await q.close()

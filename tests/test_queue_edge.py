@@ -1,0 +1,377 @@
+"""Unsafe requests to a cold app through real edges, Redis (AOF), control plane and app:
+reject, or queue durably (202) and replay exactly once, in order, with retries and
+dead letters; the edge SIGKILLed after its 202s; Redis down; oversized bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from conftest import CONTROL_PLANE_TOKEN, sample_app_spec
+from helpers import eventually, free_port, metric_sum
+
+HOST = "shop.localhost"
+QUEUE_RULES = [{"class": "queue", "methods": ["POST"], "path_prefix": "/hooks/"}]
+
+
+def replay_policy(**overrides: Any) -> dict[str, Any]:
+    policy = {
+        "max_attempts": 3,
+        "retention": "1h",
+        "dedupe_key": "header:X-Event-Id",
+        "max_body": "64KiB",
+        "attempt_timeout": "5s",
+        "backoff_initial": "100ms",
+        "backoff_max": "500ms",
+        "claim_idle": "6s",
+    }
+    policy.update(overrides)
+    return policy
+
+
+def shop(rules=QUEUE_RULES, **overrides: Any) -> dict[str, Any]:
+    app = {
+        "name": "shop",
+        "hosts": [HOST],
+        "scale_to_zero": True,
+        "hold_timeout": "20s",
+        "readiness_timeout": "15s",
+        "rules": rules,
+    }
+    if any(rule["class"] == "queue" for rule in rules):
+        app["replay"] = replay_policy()
+    app.update(overrides)
+    return app
+
+
+class WebhookApp:
+    """The sample app as the control plane runs it, recording every /hooks/ request."""
+
+    def __init__(self, tmp: Path, start_delay: float = 1.0, statuses: str = "200") -> None:
+        self.record = tmp / "deliveries.jsonl"
+        self.status_file = tmp / "statuses.txt"
+        self.status_file.write_text(statuses)
+        spec = sample_app_spec("shop")
+        spec["command"] = spec["command"] + [
+            "--start-delay",
+            str(start_delay),
+            "--record",
+            str(self.record),
+            "--status-file",
+            str(self.status_file),
+        ]
+        self.spec = spec
+
+    def deliveries(self) -> list[dict[str, Any]]:
+        if not self.record.exists():
+            return []
+        return [json.loads(line) for line in self.record.read_text().splitlines() if line]
+
+
+@pytest.fixture
+async def fresh_redis(redis_server: str) -> str:
+    client = aioredis.from_url(redis_server)
+    await client.flushall()
+    await client.aclose()
+    return redis_server
+
+
+@pytest.fixture
+async def session():
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(
+        timeout=timeout, connector=aiohttp.TCPConnector(limit=200)
+    ) as s:
+        yield s
+
+
+def start_queue_edge(start_edge, cp, store: str, app: dict[str, Any], **edge: Any):
+    return start_edge(
+        apps=[app],
+        edge={"store": store, **edge},
+        sections={"control_plane": {"url": cp.url}, "budget": {"wake_lease_ttl": "2s"}},
+        env={"CONTROL_PLANE_TOKEN": CONTROL_PLANE_TOKEN},
+    )
+
+
+async def send(
+    session, edge, event: str, body: bytes = b'{"amount": 100}', path: str = "/hooks/pay"
+) -> tuple[int, dict[str, str], bytes]:
+    headers = {"Host": HOST, "X-Signature": "t=1,v1=abc", "Content-Type": "application/json"}
+    if event:
+        headers["X-Event-Id"] = event
+    async with session.post(edge.url + path, data=body, headers=headers) as resp:
+        return resp.status, dict(resp.headers), await resp.read()
+
+
+async def admin(session, edge, method: str, path: str) -> tuple[int, Any]:
+    async with session.request(method, edge.admin_url + path, headers=edge.admin_headers()) as resp:
+        return resp.status, await resp.json()
+
+
+async def delivered(app: WebhookApp, count: int, timeout: float = 30) -> list[dict[str, Any]]:
+    await eventually(
+        lambda: len([d for d in app.deliveries() if d["status"] == 200]) >= count,
+        timeout=timeout,
+        interval=0.1,
+        what=f"{count} successful deliveries",
+    )
+    return app.deliveries()
+
+
+async def test_webhook_with_reject_policy_gets_503_and_starts_the_wake(
+    start_control_plane, start_edge, fresh_redis, session, tmp_path
+) -> None:
+    hooks = WebhookApp(tmp_path)
+    cp = start_control_plane(apps=[hooks.spec])
+    rules = [{"class": "reject", "methods": ["POST"], "header": "X-Signature"}]
+    edge = start_queue_edge(start_edge, cp, fresh_redis, shop(rules=rules))
+    status, headers, body = await send(session, edge, "evt_1")
+    assert status == 503, body
+    assert int(headers["Retry-After"]) >= 1
+    assert body.count(b"\n") == 1 and b"starting" in body
+
+    async def woke() -> bool:
+        return (await send(session, edge, "evt_1"))[0] == 200
+
+    await eventually(woke, timeout=30, interval=0.3, what="the sender's retry finds the app hot")
+    assert [d["status"] for d in hooks.deliveries()] == [200]
+
+
+async def test_queued_webhook_is_accepted_then_delivered_once(
+    start_control_plane, start_edge, fresh_redis, session, tmp_path
+) -> None:
+    hooks = WebhookApp(tmp_path, start_delay=1.5)
+    cp = start_control_plane(apps=[hooks.spec])
+    edge = start_queue_edge(start_edge, cp, fresh_redis, shop())
+    status, headers, body = await send(session, edge, "evt_1", b'{"n": 1}')
+    assert status == 202, body
+    answer = json.loads(body)
+    assert answer["queued_id"] == headers["X-Edge-Queued-Id"] and not answer["duplicate"]
+    assert hooks.deliveries() == []  # the app is still starting
+    [delivery] = await delivered(hooks, 1)
+    assert delivery["queued_id"] == answer["queued_id"]
+    assert (delivery["method"], delivery["path"], delivery["body"]) == (
+        "POST",
+        "/hooks/pay",
+        '{"n": 1}',
+    )
+    assert delivery["signature"] == "t=1,v1=abc" and delivery["attempt"] == "1"
+    await asyncio.sleep(1.5)
+    assert len(hooks.deliveries()) == 1
+    metrics = edge.metrics()
+    assert metric_sum(metrics, "edge_queue_events_total", app="shop", event="accepted") == 1
+    assert metric_sum(metrics, "edge_queue_events_total", app="shop", event="delivered") == 1
+    assert metric_sum(metrics, "edge_queue_depth", app="shop") == 0
+    # Hot now: the same request is proxied, not queued.
+    status, _, body = await send(session, edge, "evt_2")
+    assert status == 200 and body == b"webhook 200\n"
+
+
+async def test_duplicate_sends_are_one_delivery(
+    start_control_plane, start_edge, fresh_redis, session, tmp_path
+) -> None:
+    hooks = WebhookApp(tmp_path, start_delay=2)
+    cp = start_control_plane(apps=[hooks.spec])
+    edge = start_queue_edge(start_edge, cp, fresh_redis, shop())
+    answers = [await send(session, edge, "evt_same", b'{"try": %d}' % i) for i in range(3)]
+    assert [status for status, _, _ in answers] == [202, 202, 202]
+    ids = {json.loads(body)["queued_id"] for _, _, body in answers}
+    assert len(ids) == 1
+    assert [json.loads(body)["duplicate"] for _, _, body in answers] == [False, True, True]
+    # Without a key header the hash of method, path and body is the key.
+    keyless = [await send(session, edge, "", b'{"same": "body"}') for _ in range(2)]
+    assert keyless[0][2] != b"" and json.loads(keyless[1][2])["duplicate"]
+    await delivered(hooks, 2)
+    await asyncio.sleep(1)
+    bodies = [d["body"] for d in hooks.deliveries()]
+    assert sorted(bodies) == sorted(['{"try": 0}', '{"same": "body"}']), bodies
+    assert (
+        metric_sum(edge.metrics(), "edge_queue_events_total", app="shop", event="dedupe_hit") == 3
+    )
+
+
+async def test_500_twice_then_200_is_three_attempts_one_success(
+    start_control_plane, start_edge, fresh_redis, session, tmp_path
+) -> None:
+    hooks = WebhookApp(tmp_path, statuses="500 500 200")
+    cp = start_control_plane(apps=[hooks.spec])
+    edge = start_queue_edge(start_edge, cp, fresh_redis, shop())
+    status, _, body = await send(session, edge, "evt_retry")
+    assert status == 202
+    queued_id = json.loads(body)["queued_id"]
+    deliveries = await delivered(hooks, 1)
+    assert [(d["status"], d["attempt"], d["queued_id"]) for d in deliveries] == [
+        (500, "1", queued_id),
+        (500, "2", queued_id),
+        (200, "3", queued_id),
+    ]
+    metrics = edge.metrics()
+    assert metric_sum(metrics, "edge_queue_events_total", app="shop", event="retried") == 2
+    assert metric_sum(metrics, "edge_queue_events_total", app="shop", event="delivered") == 1
+    assert metric_sum(metrics, "edge_queue_dead_letters", app="shop") == 0
+
+
+async def test_400_is_dead_lettered_listed_and_replayed_after_the_fix(
+    start_control_plane, start_edge, fresh_redis, session, tmp_path
+) -> None:
+    hooks = WebhookApp(tmp_path, statuses="400")
+    cp = start_control_plane(apps=[hooks.spec])
+    edge = start_queue_edge(start_edge, cp, fresh_redis, shop(), admin_token="admin-secret")
+    status, _, body = await send(session, edge, "evt_bad")
+    assert status == 202
+    queued_id = json.loads(body)["queued_id"]
+
+    async def dead_lettered() -> list[dict[str, Any]]:
+        _, listing = await admin(session, edge, "GET", "/admin/queues/shop/dead")
+        return listing["dead"]
+
+    await eventually(dead_lettered, timeout=30, interval=0.2, what="a dead letter")
+    [dead] = await dead_lettered()
+    assert (dead["queued_id"], dead["status"], dead["attempts"]) == (queued_id, 400, 1)
+    assert len(hooks.deliveries()) == 1  # a 4xx is not retried
+    status, overview = await admin(session, edge, "GET", "/admin/queues")
+    assert overview["queues"] == [{"app": "shop", "queued": 0, "dead_letters": 1}]
+    # Unauthenticated, unknown or malformed requests are refused cleanly.
+    async with session.get(edge.admin_url + "/admin/queues/shop/dead") as resp:
+        assert resp.status == 401
+    assert (await admin(session, edge, "GET", "/admin/queues/nope/dead"))[0] == 404
+    assert (await admin(session, edge, "GET", "/admin/queues/shop/dead?limit=0"))[0] == 400
+    bad = await admin(session, edge, "POST", "/admin/queues/shop/dead/x/replay")
+    assert bad[0] == 400
+    missing = await admin(session, edge, "POST", "/admin/queues/shop/dead/1-1/replay")
+    assert missing[0] == 404
+
+    hooks.status_file.write_text("200")  # the app is fixed
+    status, replayed = await admin(
+        session, edge, "POST", f"/admin/queues/shop/dead/{dead['id']}/replay"
+    )
+    assert status == 200, replayed
+    deliveries = await delivered(hooks, 1)
+    assert [(d["status"], d["queued_id"]) for d in deliveries] == [
+        (400, queued_id),
+        (200, replayed["queued_id"]),
+    ]
+    assert await dead_lettered() == []
+    metrics = edge.metrics()
+    assert metric_sum(metrics, "edge_queue_events_total", app="shop", event="dead_lettered") == 1
+
+
+async def test_purge_removes_queued_and_dead_requests(
+    start_control_plane, start_edge, fresh_redis, session, tmp_path
+) -> None:
+    hooks = WebhookApp(tmp_path, start_delay=30)  # stays cold for the whole test
+    cp = start_control_plane(apps=[hooks.spec])
+    edge = start_queue_edge(start_edge, cp, fresh_redis, shop())
+    for i in range(3):
+        assert (await send(session, edge, f"evt_{i}"))[0] == 202
+    status, listing = await admin(session, edge, "GET", "/admin/queues/shop/queued?limit=2")
+    assert status == 200 and len(listing["queued"]) == 2
+    first = listing["queued"][0]
+    assert first["method"] == "POST" and first["path"] == "/hooks/pay" and first["body_bytes"] == 15
+    assert (await admin(session, edge, "DELETE", f"/admin/queues/shop/queued/{first['id']}"))[
+        1
+    ] == {
+        "app": "shop",
+        "purged": 1,
+    }
+    assert (await admin(session, edge, "DELETE", "/admin/queues/shop/queued"))[1]["purged"] == 2
+    assert (await admin(session, edge, "GET", "/admin/queues"))[1]["queues"][0]["queued"] == 0
+    assert metric_sum(edge.metrics(), "edge_queue_depth", app="shop") == 0
+
+
+async def test_oversized_body_is_413_and_nothing_is_queued(
+    start_control_plane, start_edge, fresh_redis, session, tmp_path
+) -> None:
+    hooks = WebhookApp(tmp_path, start_delay=30)
+    cp = start_control_plane(apps=[hooks.spec])
+    edge = start_queue_edge(start_edge, cp, fresh_redis, shop())
+    big = b"x" * (64 * 1024 + 1)
+    status, _, _ = await send(session, edge, "evt_big", big)
+    assert status == 413
+
+    async def chunks():
+        for _ in range(5):
+            yield b"y" * 20_000
+
+    async with session.post(
+        edge.url + "/hooks/pay", data=chunks(), headers={"Host": HOST, "X-Event-Id": "evt_chunked"}
+    ) as resp:
+        assert resp.status == 413
+    assert (await send(session, edge, "evt_fits", b"z" * (64 * 1024)))[0] == 202
+    _, overview = await admin(session, edge, "GET", "/admin/queues")
+    assert overview["queues"][0]["queued"] == 1
+    assert metric_sum(edge.metrics(), "edge_held_requests") == 0
+
+
+async def test_redis_down_answers_503_never_202(
+    start_control_plane, start_edge, session, tmp_path, own_redis
+) -> None:
+    hooks = WebhookApp(tmp_path, start_delay=30)
+    cp = start_control_plane(apps=[hooks.spec])
+    edge = start_queue_edge(start_edge, cp, own_redis.url, shop())
+    assert (await send(session, edge, "evt_before"))[0] == 202
+    own_redis.stop()
+    for i in range(3):
+        status, headers, body = await send(session, edge, f"evt_down_{i}")
+        assert status == 503, body
+        assert int(headers["Retry-After"]) >= 1
+        assert headers["X-Edge-Error"] == "queue_unavailable"
+    own_redis.start()  # AOF: what was acknowledged is still there
+    status, _, body = await send(session, edge, "evt_before")
+    assert status == 202 and json.loads(body)["duplicate"]
+
+
+async def test_edge_killed_after_202s_then_restarted_delivers_all_exactly_once(
+    start_control_plane, start_edge, fresh_redis, session, tmp_path
+) -> None:
+    hooks = WebhookApp(tmp_path, start_delay=3)
+    cp = start_control_plane(apps=[hooks.spec])
+    listen = {"listen": f"127.0.0.1:{free_port()}", "admin_listen": f"127.0.0.1:{free_port()}"}
+    edge = start_queue_edge(start_edge, cp, fresh_redis, shop(), **listen)
+    answers = await asyncio.gather(
+        *(send(session, edge, f"evt_{i}", b'{"n": %d}' % i) for i in range(100))
+    )
+    assert [status for status, _, _ in answers] == [202] * 100
+    os.killpg(edge.proc.pid, signal.SIGKILL)
+    edge.proc.wait(5)
+    edge.stopped = True
+    assert hooks.deliveries() == []  # killed before the app was up: nothing was replayed
+
+    restarted = start_queue_edge(start_edge, cp, fresh_redis, shop(), **listen)
+    deliveries = await delivered(hooks, 100, timeout=60)
+    await asyncio.sleep(1)
+    deliveries = hooks.deliveries()
+    bodies = [json.loads(d["body"])["n"] for d in deliveries]
+    assert sorted(bodies) == list(range(100)), f"{len(bodies)} deliveries"
+    queued_ids = {json.loads(body)["queued_id"] for _, _, body in answers}
+    assert {d["queued_id"] for d in deliveries} == queued_ids
+    _, overview = await admin(session, restarted, "GET", "/admin/queues")
+    assert overview["queues"] == [{"app": "shop", "queued": 0, "dead_letters": 0}]
+
+
+async def test_two_edges_replaying_one_app_deliver_each_once_in_order(
+    start_control_plane, start_edge, fresh_redis, session, tmp_path
+) -> None:
+    hooks = WebhookApp(tmp_path, start_delay=2)
+    cp = start_control_plane(apps=[hooks.spec])
+    edges = [start_queue_edge(start_edge, cp, fresh_redis, shop()) for _ in range(2)]
+    for i in range(60):  # one after another, alternating edges: this is the order
+        status, _, _ = await send(session, edges[i % 2], f"evt_{i}", b'{"n": %d}' % i)
+        assert status == 202
+    deliveries = await delivered(hooks, 60, timeout=60)
+    await asyncio.sleep(1)
+    deliveries = hooks.deliveries()
+    assert [json.loads(d["body"])["n"] for d in deliveries] == list(range(60))
+    delivered_by = [
+        metric_sum(edge.metrics(), "edge_queue_events_total", app="shop", event="delivered")
+        for edge in edges
+    ]
+    assert sum(delivered_by) == 60
