@@ -65,6 +65,8 @@ from typing import Any
 
 from bench_processes import Processes as BaseProcesses
 
+from scheduler_client.config_file import render_toml
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_APP = REPO / "bench" / "apps" / "sample_app.py"
 APP = "stampede"
@@ -107,29 +109,6 @@ def raise_open_file_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def to_toml(config: dict[str, Any]) -> str:
-    """Enough TOML for these configs: tables of scalars/lists, arrays of tables."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        raise TypeError(f"cannot write {v!r} as TOML")
-
-    out: list[str] = []
-    for section, body in config.items():
-        for table in body if isinstance(body, list) else [body]:
-            out.append(f"[[{section}]]" if isinstance(body, list) else f"[{section}]")
-            out.extend(f"{k} = {value(v)}" for k, v in table.items())
-            out.append("")
-    return "\n".join(out)
 
 
 def http_get(
@@ -540,7 +519,8 @@ def accepts(port: int) -> bool:
         return False
 
 
-def start_redis(procs: Processes, tmp: Path) -> str:
+def start_redis(procs: Processes, tmp: Path, appendfsync: str = "") -> str:
+    """redis-server on a free port; with `appendfsync` (always|everysec), AOF is on."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
@@ -550,7 +530,8 @@ def start_redis(procs: Processes, tmp: Path) -> str:
         "--port", str(port),
         "--bind", "127.0.0.1",
         "--save", "",
-        "--appendonly", "no",
+        "--appendonly", "yes" if appendfsync else "no",
+        "--appendfsync", appendfsync or "everysec",
         "--daemonize", "no",
         "--dir", str(tmp),
         "--maxclients", "10000",
@@ -561,7 +542,11 @@ def start_redis(procs: Processes, tmp: Path) -> str:
 
 
 def start_control_plane(
-    procs: Processes, tmp: Path, token: str, start_delay: float
+    procs: Processes,
+    tmp: Path,
+    token: str,
+    start_delay: float,
+    app_args: tuple[str, ...] = (),
 ) -> tuple[int, Path]:
     port = free_port()
     state_file = tmp / "controlplane.sqlite"
@@ -570,6 +555,7 @@ def start_control_plane(
         "--port", "{port}",
         "--name", "{allocation}",
         "--start-delay", repr(start_delay),
+        *app_args,
     ]  # fmt: skip
     config = {
         "controlplane": {"listen": f"127.0.0.1:{port}", "state_file": str(state_file)},
@@ -585,7 +571,7 @@ def start_control_plane(
         ],
     }
     config_path = tmp / "controlplane.toml"
-    config_path.write_text(to_toml(config))
+    config_path.write_text(render_toml(config))
     procs.cp_state_file = state_file
     env = {**os.environ, "CONTROL_PLANE_TOKEN": token}
     argv = [edge_binary(), "controlplane", "--config", str(config_path)]
@@ -612,6 +598,7 @@ def start_edge(
     store: str,
     workers: int,
     max_held: int,
+    app_settings: dict[str, Any] | None = None,
 ) -> Edge:
     port, admin_port = free_port(), free_port()
     config = {
@@ -631,11 +618,12 @@ def start_edge(
                 "readiness_timeout": "30s",
                 "idle_timeout": "10m",
                 "max_held": max_held,
+                **(app_settings or {}),
             }
         ],
     }
     config_path = tmp / "edge.toml"
-    config_path.write_text(to_toml(config))
+    config_path.write_text(render_toml(config))
     env = {**os.environ, "CONTROL_PLANE_TOKEN": token}
     argv = [edge_binary(), "run", "--config", str(config_path), "--workers", str(workers)]
     proc, log_path = procs.start("edge", argv, env)

@@ -51,14 +51,23 @@ end
 return redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
 """
 
-# KEYS: queue, done, attempts. ARGV: id, retention_ms. Delivered: the done record and
-# the ack in one step, so no edge can die between them.
+# KEYS: queue, done, attempts[, next done]. ARGV: id, retention_ms[, next id].
+# Delivered: the done record and the ack in one step, so no edge can die between
+# them. With a next entry, also its `begin` (saving a round trip and an fsync):
+# returns its attempt number (0: delivered already), else -1.
 _FINISH = """
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 redis.call('XACK', KEYS[1], 'replay', ARGV[1])
 redis.call('XDEL', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
-return 1
+if not ARGV[3] then return -1 end
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('XACK', KEYS[1], 'replay', ARGV[3])
+  redis.call('XDEL', KEYS[1], ARGV[3])
+  redis.call('HDEL', KEYS[3], ARGV[3])
+  return 0
+end
+return redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
 """
 
 # KEYS: queue, dead, attempts. ARGV: id, reason, status, attempts. Moves the entry.
@@ -332,10 +341,23 @@ class DurableQueue:
         async with self._guard("begin"):
             return int(await self._begin(self._entry_keys(app, entry), [entry.id]))
 
-    async def finish(self, app: str, entry: QueuedRequest, retention: float) -> None:
-        """Delivered: record it done (for the retention) and ack, atomically."""
+    async def finish(
+        self,
+        app: str,
+        entry: QueuedRequest,
+        retention: float,
+        then: QueuedRequest | None = None,
+    ) -> int | None:
+        """Delivered: record it done (for the retention) and ack, atomically; with `then`,
+        also `begin` that entry and return its attempt number."""
+        keys = self._entry_keys(app, entry)
+        args: list[str | int] = [entry.id, round(retention * 1000)]
+        if then is not None:
+            keys.append(self.key(app, f"done:{then.key}"))
+            args.append(then.id)
         async with self._guard("finish"):
-            await self._finish(self._entry_keys(app, entry), [entry.id, round(retention * 1000)])
+            attempt = int(await self._finish(keys, args))
+        return attempt if then is not None else None
 
     async def dead_letter(
         self, app: str, entry: QueuedRequest, reason: str, status: int, attempts: int

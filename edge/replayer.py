@@ -108,14 +108,19 @@ class Replayer:
                 if not batch:
                     return
                 now_ms = await self.queue.server_ms()
-                for entry in batch:
+                begun: int | None = None  # the next entry's attempt, begun with a finish
+                for i, entry in enumerate(batch):
                     if lost.is_set() or self._stopping:
                         return
                     if now_ms - id_ms(entry.id) > policy.retention * 1000:
                         await self.queue.dead_letter(app.name, entry, "expired", 0, 0)
                         self.count(app.name, "dead_lettered")
+                        begun = None
                         continue
-                    target = await self._deliver(app, entry, target, connection)
+                    after = batch[i + 1] if i + 1 < len(batch) else None
+                    target, begun = await self._deliver(
+                        app, entry, target, connection, begun, after
+                    )
                 app = self.apps().get(app.name, app)  # a reload changes the policy
         finally:
             connection.close()
@@ -124,16 +129,24 @@ class Replayer:
                 await renewer
 
     async def _deliver(
-        self, app: AppConfig, entry: QueuedRequest, target: HotTarget, conn: ReplayConnection
-    ) -> HotTarget:
-        """Deliver until done or dead-lettered; the target to use for the next entry."""
+        self,
+        app: AppConfig,
+        entry: QueuedRequest,
+        target: HotTarget,
+        conn: ReplayConnection,
+        begun: int | None,
+        after: QueuedRequest | None,
+    ) -> tuple[HotTarget, int | None]:
+        """Deliver until done or dead-lettered. Returns the target for the next entry and,
+        when the finish began `after` too, its attempt number."""
         policy = app.replay
         assert policy is not None
         while True:
-            attempt = await self.queue.begin(app.name, entry)
+            attempt = begun if begun is not None else await self.queue.begin(app.name, entry)
+            begun = None
             if attempt == 0:
                 self.count(app.name, "already_done")
-                return target
+                return target, None
             extra = b"X-Edge-Queued-Id: %b\r\nX-Edge-Replay-Attempt: %d\r\n" % (
                 entry.id.encode(),
                 attempt,
@@ -156,12 +169,12 @@ class Replayer:
             outcome = outcome_of(status, attempt, policy.max_attempts)
             self.count(app.name, outcome.value)
             if outcome is Outcome.DONE:
-                await self.queue.finish(app.name, entry, float(policy.retention))
-                return target
+                then = await self.queue.finish(app.name, entry, float(policy.retention), after)
+                return target, then
             if outcome is Outcome.DEAD:
                 reason = error if attempt < policy.max_attempts else f"{attempt} attempts: {error}"
                 await self.queue.dead_letter(app.name, entry, reason, status or 0, attempt)
-                return target
+                return target, None
             delay = retry_delay(attempt, float(policy.backoff_initial), float(policy.backoff_max))
             await asyncio.sleep(delay)
             target = await self.wake.ensure_hot(app.name, float(app.hold_timeout))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
+import struct
 import uuid
 
 import aiohttp
@@ -92,6 +95,24 @@ async def test_open_connections_gauge(start_edge, upstream) -> None:
         lambda: metric_sum(edge.metrics(), "edge_open_connections") == 0,
         what="edge_open_connections back to 0",
     )
+
+
+async def test_client_leaving_mid_request_does_not_count_as_held(start_edge, upstream) -> None:
+    edge = start_edge()
+    for _ in range(3):
+        reader, writer = await connect(edge.port)
+        await send(writer, request_bytes("GET", "/slow-headers?delay=5"))
+        await asyncio.sleep(0.2)  # the request is with the upstream
+        # A reset (SO_LINGER 0), not a half-close the edge would still answer.
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+    await eventually(
+        lambda: metric_sum(edge.metrics(), "edge_requests_total", status="499") == 3,
+        what="three requests counted as abandoned by the client",
+    )
+    await asyncio.sleep(0.8)  # a stats snapshot later
+    assert metric_sum(edge.metrics(), "edge_held_requests") == 0
 
 
 async def test_metrics_cover_all_workers(start_edge, upstream, redis_server) -> None:

@@ -232,3 +232,20 @@ async def test_redis_down_is_store_unavailable(own_redis) -> None:
             await put(q, "k2")
     finally:
         await q.close()
+
+
+async def test_finish_can_begin_the_next_entry(queue: DurableQueue) -> None:
+    ids = [(await put(queue, f"k{i}")).id for i in range(3)]
+    batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)
+    first, second, third = batch  # type: ignore[misc]
+    assert await queue.begin("shop", first) == 1
+    assert await queue.finish("shop", first, 60, then=second) == 1
+    assert await queue.begin("shop", second) == 2  # the finish counted its first attempt
+    await queue.finish("shop", second, 60)
+    # The next entry was delivered already (a crash after its done record): 0, and acked.
+    await queue.finish("shop", third, 60)
+    assert (await put(queue, "k9")).id > ids[2]
+    [fourth] = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)  # type: ignore[misc]
+    assert await queue.begin("shop", fourth) == 1
+    assert await queue.finish("shop", fourth, 60, then=third) == 0
+    assert await queue.depth("shop") == (0, 0)

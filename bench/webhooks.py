@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""Webhooks-while-cold benchmark: N signed POSTs queued for a cold app, replayed once.
+
+Starts, all on 127.0.0.1 and free ports, in its own temp dir:
+
+    redis-server        AOF on, appendfsync always (a 202 survives a Redis restart)
+    edge controlplane   one app: bench/apps/sample_app.py --start-delay S --record FILE
+    edge run            the app scale_to_zero, POST /hooks/* classified `queue`,
+                        a replay policy, redis store, --workers N
+
+then sends --webhooks POSTs (unique X-Event-Id, body {"n": i}) from --clients
+concurrent keep-alive connections while the app is still starting, waits for
+the replay, and counts from the app's own record of what it received:
+
+    sent, accepted (202), refused (anything else)
+    delivered_once   distinct webhooks the app answered 200 to
+    duplicates       deliveries beyond the first of a webhook
+    lost             accepted but never delivered
+    queue_rps        accepted / time from the first send to the last 202
+    replay_rps       deliveries / time from the first to the last delivery
+
+With --resend F, a fraction F of the webhooks is sent a second time (same
+event id, as a sender retrying after a timeout): each must be answered 202 with
+the first id and delivered once.
+
+Prints a table, writes JSON (--json FILE). Every process it starts is stopped
+on the way out, also on errors and Ctrl-C.
+
+    .venv/bin/python bench/webhooks.py --json /tmp/webhooks.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import secrets
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from stampede import (
+    APP,
+    HOST_HEADER,
+    Processes,
+    http_get,
+    install_signal_handlers,
+    raise_open_file_limit,
+    start_control_plane,
+    start_edge,
+    start_redis,
+)
+
+
+def log(msg: str) -> None:
+    print(f"[webhooks] {msg}", file=sys.stderr, flush=True)
+
+
+def settings(max_held: int) -> dict[str, Any]:
+    return {
+        "hold_timeout": "60s",
+        "max_held": max_held,
+        "rules": [{"class": "queue", "methods": ["POST"], "path_prefix": "/hooks/"}],
+        "replay": {
+            "max_attempts": 5,
+            "retention": "24h",
+            "dedupe_key": "header:X-Event-Id",
+            "max_body": "64KiB",
+            "max_queued": 1_000_000,
+        },
+    }
+
+
+async def send_all(
+    port: int, events: list[int], clients: int, timeout: float
+) -> tuple[Counter[int], dict[int, str], float, float]:
+    """POST every event once over `clients` keep-alive connections; statuses and ids."""
+    statuses: Counter[int] = Counter()
+    ids: dict[int, str] = {}
+    todo = iter(events)
+    url = f"http://127.0.0.1:{port}/hooks/payment"
+    first = time.monotonic()
+    last = first
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal last
+        for n in todo:
+            headers = {
+                "Host": HOST_HEADER,
+                "X-Event-Id": f"evt_{n}",
+                "X-Signature": f"t={n},v1={secrets.token_hex(8)}",
+                "Content-Type": "application/json",
+            }
+            try:
+                async with session.post(url, data=b'{"n": %d}' % n, headers=headers) as resp:
+                    body = await resp.read()
+                    statuses[resp.status] += 1
+                    if resp.status == 202:
+                        ids.setdefault(n, json.loads(body)["queued_id"])
+                        last = time.monotonic()
+            except (aiohttp.ClientError, TimeoutError):
+                statuses[0] += 1
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    client_timeout = aiohttp.ClientTimeout(total=timeout)
+    async with aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session:
+        await asyncio.wait_for(
+            asyncio.gather(*(client(session) for _ in range(clients))), timeout * 4
+        )
+    return statuses, ids, first, last
+
+
+def deliveries(record: Path) -> list[dict[str, Any]]:
+    if not record.exists():
+        return []
+    out = []
+    for line in record.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line being written right now
+    return out
+
+
+def wait_for_replay(record: Path, expected: int, timeout: float) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    seen = 0
+    while time.monotonic() < deadline:
+        got = deliveries(record)
+        done = len({d["body"] for d in got if d["status"] == 200})
+        if done >= expected:
+            time.sleep(2.0)  # anything delivered twice would show up now
+            return deliveries(record)
+        if done != seen:
+            seen = done
+        time.sleep(0.2)
+    log(f"replay incomplete after {timeout:g}s")
+    return deliveries(record)
+
+
+def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, Any]:
+    token = secrets.token_urlsafe(24)
+    record = tmp / "deliveries.jsonl"
+    store = start_redis(procs, tmp, appendfsync="always")
+    cp_port, _ = start_control_plane(procs, tmp, token, args.start_delay, ("--record", str(record)))
+    edge = start_edge(
+        procs, tmp, token, cp_port, store, args.workers, args.clients, settings(args.clients)
+    )
+    log(f"edge ready: workers {edge.workers}; sending {args.webhooks} webhooks")
+    events = list(range(args.webhooks))
+    resent = events[: int(args.webhooks * args.resend)]
+    statuses, ids, first, last = asyncio.run(send_all(edge.port, events, args.clients, 60))
+    queue_seconds = last - first
+    early = deliveries(record)
+    log(f"queued: {dict(statuses)} in {queue_seconds:.2f}s; {len(early)} delivered meanwhile")
+    dup_statuses: Counter[int] = Counter()
+    dup_ids: dict[int, str] = {}
+    if resent:
+        dup_statuses, dup_ids, _, _ = asyncio.run(send_all(edge.port, resent, args.clients, 60))
+    accepted = statuses[202]
+    got = wait_for_replay(record, accepted, args.replay_timeout)
+    ok = [d for d in got if d["status"] == 200]
+    per_event = Counter(d["body"] for d in ok)
+    delivered_once = len(per_event)
+    accepted_bodies = {f'{{"n": {n}}}' for n in ids}
+    lost = len(accepted_bodies - set(per_event))
+    duplicates = sum(count - 1 for count in per_event.values())
+    times = sorted(d["at"] for d in ok)
+    replay_seconds = times[-1] - times[0] if len(times) > 1 else 0.0
+    _, queues = http_get(edge.admin_port, "/admin/queues")
+    _, metrics = http_get(edge.admin_port, "/metrics")
+    return {
+        "sent": len(events) + len(resent),
+        "accepted": accepted,
+        "refused": sum(n for status, n in statuses.items() if status != 202),
+        "statuses": {str(k): v for k, v in statuses.items()},
+        "resent": len(resent),
+        "resent_same_id": sum(1 for n in resent if dup_ids.get(n) == ids.get(n)),
+        "resent_statuses": {str(k): v for k, v in dup_statuses.items()},
+        "delivered_once": delivered_once,
+        "duplicates": duplicates,
+        "lost": lost,
+        "delivery_attempts": len(got),
+        "queue_seconds": round(queue_seconds, 3),
+        "queue_rps": round(accepted / queue_seconds, 1) if queue_seconds > 0 else None,
+        "replay_seconds": round(replay_seconds, 3),
+        "replay_rps": round(len(ok) / replay_seconds, 1) if replay_seconds > 0 else None,
+        "delivered_before_queueing_ended": len(early),
+        "queues_after": json.loads(queues) if queues.startswith(b"{") else queues.decode(),
+        "edge_queue_metrics": [
+            line
+            for line in metrics.decode(errors="replace").splitlines()
+            if line.startswith("edge_queue") and not line.startswith("#")
+        ],
+        "config": {
+            "webhooks": args.webhooks,
+            "clients": args.clients,
+            "workers": args.workers,
+            "start_delay_s": args.start_delay,
+            "redis": "AOF appendfsync always",
+            "app": APP,
+        },
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--webhooks", type=int, default=10_000)
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--resend", type=float, default=0.1, help="fraction sent twice")
+    parser.add_argument(
+        "--start-delay", type=float, default=20.0, help="app start time: queueing ends before it"
+    )
+    parser.add_argument("--replay-timeout", type=float, default=300.0)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    if not 0 <= args.resend <= 1:
+        parser.error("--resend must be between 0 and 1")
+    raise_open_file_limit()
+    install_signal_handlers()
+    with tempfile.TemporaryDirectory(prefix="webhooks-bench-") as tmp_dir:
+        procs = Processes(Path(tmp_dir))
+        try:
+            result = run(args, Path(tmp_dir), procs)
+        finally:
+            procs.stop_all()
+    rows = [
+        ("sent", result["sent"]),
+        ("accepted (202)", result["accepted"]),
+        ("refused", result["refused"]),
+        ("resent, same id", f"{result['resent_same_id']} of {result['resent']}"),
+        ("delivered once", result["delivered_once"]),
+        ("duplicates", result["duplicates"]),
+        ("lost", result["lost"]),
+        ("queue rps", result["queue_rps"]),
+        ("replay rps", result["replay_rps"]),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        log(f"wrote {args.json}")
+    return 0 if result["lost"] == 0 and result["duplicates"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
