@@ -190,10 +190,14 @@ class Replayer:
                 lost.set()
                 return
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop taking entries; a delivery in progress gets `grace` seconds to finish, so
+        the app is not handed the same request again by the next replayer."""
         self._stopping = True
         self._poke.set()
         tasks = list(self._running.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

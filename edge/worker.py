@@ -234,7 +234,7 @@ async def serve(
         replay_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await replay_task
-        await replayer.close()
+        await replayer.close(grace=max(0.0, deadline - loop.time()) + 1.0)
         await ctx.queue.close()  # type: ignore[union-attr]
     if follower is not None:
         follow_task.cancel()

@@ -100,7 +100,7 @@ async def test_open_connections_gauge(start_edge, upstream) -> None:
 async def test_client_leaving_mid_request_does_not_count_as_held(start_edge, upstream) -> None:
     edge = start_edge()
     for _ in range(3):
-        reader, writer = await connect(edge.port)
+        _reader, writer = await connect(edge.port)
         await send(writer, request_bytes("GET", "/slow-headers?delay=5"))
         await asyncio.sleep(0.2)  # the request is with the upstream
         # A reset (SO_LINGER 0), not a half-close the edge would still answer.

@@ -533,3 +533,13 @@ def test_check_warns_when_redis_has_no_aof(tmp_path: Path, own_redis) -> None:
     own_redis.stop()
     down = run_edge_cli("check", str(path))
     assert down.returncode == 0 and "could not check Redis persistence" in down.stderr
+
+
+def test_shipped_configs_load() -> None:
+    from helpers import ROOT
+
+    from edge.config import queueing_apps
+
+    production = load_config(ROOT / "configs" / "production.example.toml")
+    assert list(queueing_apps(production)) == ["payments"]
+    assert load_config(ROOT / "configs" / "local.toml").apps
