@@ -375,3 +375,36 @@ async def test_two_edges_replaying_one_app_deliver_each_once_in_order(
         for edge in edges
     ]
     assert sum(delivered_by) == 60
+
+
+async def test_replayer_killed_mid_replay_is_taken_over_in_order(
+    start_control_plane, start_edge, fresh_redis, session, tmp_path
+) -> None:
+    hooks = WebhookApp(tmp_path, statuses="500")  # every delivery fails until fixed
+    cp = start_control_plane(apps=[hooks.spec])
+    app = shop()
+    app["replay"] = replay_policy(max_attempts=100, claim_idle="6s")
+    edges = [start_queue_edge(start_edge, cp, fresh_redis, app) for _ in range(2)]
+    for i in range(5):
+        status, _, _ = await send(session, edges[0], f"evt_{i}", b'{"n": %d}' % i)
+        assert status == 202
+
+    def retrying() -> list[int]:
+        return [
+            i
+            for i, edge in enumerate(edges)
+            if metric_sum(edge.metrics(), "edge_queue_events_total", app="shop", event="retried")
+        ]
+
+    await eventually(lambda: len(retrying()) == 1, timeout=30, what="one edge retrying")
+    [holder] = retrying()
+    os.killpg(edges[holder].proc.pid, signal.SIGKILL)
+    edges[holder].proc.wait(5)
+    edges[holder].stopped = True
+    hooks.status_file.write_text("200")  # the app is fixed
+    await delivered(hooks, 5, timeout=60)
+    await asyncio.sleep(1)
+    ok = [json.loads(d["body"])["n"] for d in hooks.deliveries() if d["status"] == 200]
+    assert ok == [0, 1, 2, 3, 4]  # the abandoned entry first, then the rest, each once
+    survivor = edges[1 - holder]
+    assert metric_sum(survivor.metrics(), "edge_queue_events_total", event="delivered") == 5
