@@ -15,7 +15,7 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
-from edge.config import AppConfig, ConfigError, load_config, queueing_apps
+from edge.config import AppConfig, ConfigError, load_config, replay_apps
 from edge.durable_queue import DurableQueue
 from edge.metrics import render_metrics
 from edge.worker_context import WorkerContext
@@ -137,7 +137,7 @@ def build_admin_app(state: AdminState, token: str) -> web.Application:
         queue = state.ctx.queue
         if queue is not None:
             with contextlib.suppress(Exception):
-                for name in queueing_apps(state.ctx.config):
+                for name in replay_apps(state.ctx.config):
                     depths[name] = await queue.depth(name)
         body = render_metrics(state.snapshots, in_use, depths)
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
@@ -225,7 +225,7 @@ def build_admin_app(state: AdminState, token: str) -> web.Application:
     def queue_for(request: web.Request) -> tuple[DurableQueue, AppConfig]:
         queue = state.ctx.queue
         name = request.match_info["app"]
-        app_config = queueing_apps(state.ctx.config).get(name)
+        app_config = replay_apps(state.ctx.config).get(name)
         if queue is None or app_config is None:
             raise web.HTTPNotFound(
                 text=json.dumps({"error": f"app {name!r} has no durable queue here"}),
@@ -245,7 +245,7 @@ def build_admin_app(state: AdminState, token: str) -> web.Application:
     async def queues(_: web.Request) -> web.Response:
         queue = state.ctx.queue
         rows = []
-        for name in queueing_apps(state.ctx.config) if queue is not None else ():
+        for name in replay_apps(state.ctx.config) if queue is not None else ():
             queued, dead = await queue.depth(name)  # type: ignore[union-attr]
             rows.append({"app": name, "queued": queued, "dead_letters": dead})
         return web.json_response({"queues": rows})

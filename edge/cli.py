@@ -8,13 +8,13 @@ import sys
 import urllib.error
 import urllib.request
 
-from edge.config import Config, ConfigError, effective_config, load_config, queueing_apps
+from edge.config import Config, ConfigError, effective_config, load_config, replay_apps
 from scheduler_client.config_file import render_toml
 
 
 def _durability_warning(config: Config) -> str | None:
     """Queued requests survive a Redis restart only with AOF: say so when it is off."""
-    apps = queueing_apps(config)
+    apps = replay_apps(config)
     if not apps:
         return None
     import asyncio

@@ -179,13 +179,10 @@ class Config(_Section):
     apps: list[AppConfig] = []
 
 
-def queueing_apps(config: Config) -> dict[str, AppConfig]:
-    """Apps whose requests may be queued durably (and so need replaying)."""
-    return {
-        app.name: app
-        for app in config.apps
-        if app.replay is not None and app.can_queue(config.classification)
-    }
+def replay_apps(config: Config) -> dict[str, AppConfig]:
+    """Apps with a durable queue to replay: a replay policy (every app whose rules can
+    queue has one), kept after its queue rules are removed so nothing queued is stranded."""
+    return {app.name: app for app in config.apps if app.replay is not None and app.scale_to_zero}
 
 
 def check_store_for_workers(store: str, workers: int) -> str | None:
@@ -377,6 +374,12 @@ def _check(config: Config, file: str) -> None:
                 "[apps.replay] with max_attempts, retention, dedupe_key and max_body",
             )
         if app.replay is not None:
+            if edge.store.startswith("memory://"):
+                fail(
+                    f"{where}.replay",
+                    "durable replay needs the redis:// store: memory:// would lose queued "
+                    "requests on restart",
+                )
             _check_replay(app.replay, f"{where}.replay", limits.max_body, fail)
         for j, address in enumerate(app.upstreams):
             try:

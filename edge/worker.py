@@ -16,7 +16,7 @@ import uvloop
 
 from edge.access_log import open_access_log
 from edge.admin import AdminState, start_admin
-from edge.config import Config, ConfigError, load_config, queueing_apps
+from edge.config import Config, ConfigError, load_config, replay_apps
 from edge.durable_queue import DurableQueue
 from edge.front_protocol import FrontConnection
 from edge.replayer import Replayer
@@ -143,19 +143,26 @@ async def serve(
         wake.in_flight = lambda app: _app_in_flight(ctx, app)
         ctx.stats.wake_events = wake.counters
         ctx.stats.wake_phases = wake.phases
-    replayer = None
-    if wake is not None and queueing_apps(config):
-        # Opened even if a reload removes every queue rule: queued requests still replay.
-        ctx.queue = DurableQueue(config.edge.store)
+    replayer: Replayer | None = None
+    replay_task: asyncio.Task | None = None
+
+    def start_replay() -> None:
+        """At start, or on the reload that gives an app its first replay policy."""
+        nonlocal replayer, replay_task
+        if replayer is not None or wake is None or not replay_apps(ctx.config):
+            return
+        ctx.queue = DurableQueue(ctx.config.edge.store)
         replayer = Replayer(
             ctx.queue,
             wake,
             edge_id(config, index),
-            lambda: queueing_apps(ctx.config),
+            lambda: replay_apps(ctx.config),
             ctx.stats.queue_event,
         )
         ctx.replayer = replayer
         replay_task = loop.create_task(replayer.run())
+
+    start_replay()
     try:
         sock = listen_socket(config.edge.listen)
     except OSError as exc:
@@ -188,6 +195,7 @@ async def serve(
             log(index, f"reload refused, keeping the running config: {exc}")
             return
         ctx.apply(new)
+        start_replay()
         log(index, "config reloaded")
 
     loop.add_signal_handler(signal.SIGHUP, reload)
@@ -230,7 +238,7 @@ async def serve(
     with contextlib.suppress(asyncio.CancelledError):
         await upkeep_task
     ctx.pool.close()
-    if replayer is not None:
+    if replayer is not None and replay_task is not None:
         replay_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await replay_task

@@ -538,8 +538,13 @@ def test_check_warns_when_redis_has_no_aof(tmp_path: Path, own_redis) -> None:
 def test_shipped_configs_load() -> None:
     from helpers import ROOT
 
-    from edge.config import queueing_apps
+    from edge.config import replay_apps
 
     production = load_config(ROOT / "configs" / "production.example.toml")
-    assert list(queueing_apps(production)) == ["payments"]
+    assert list(replay_apps(production)) == ["payments"]
     assert load_config(ROOT / "configs" / "local.toml").apps
+
+
+def test_replay_policy_with_the_memory_store_is_refused() -> None:
+    err = config_error(COLD_APP + REPLAY)
+    assert err.path == "apps[0].replay" and "redis://" in err.problem

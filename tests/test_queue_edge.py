@@ -408,3 +408,30 @@ async def test_replayer_killed_mid_replay_is_taken_over_in_order(
     assert ok == [0, 1, 2, 3, 4]  # the abandoned entry first, then the rest, each once
     survivor = edges[1 - holder]
     assert metric_sum(survivor.metrics(), "edge_queue_events_total", event="delivered") == 5
+
+
+async def test_reload_that_adds_a_queue_rule_starts_queueing(
+    start_control_plane, start_edge, fresh_redis, session, tmp_path
+) -> None:
+    from helpers import to_toml
+
+    hooks = WebhookApp(tmp_path, start_delay=2)
+    cp = start_control_plane(apps=[hooks.spec])
+    edge = start_queue_edge(start_edge, cp, fresh_redis, shop(rules=[]))
+    status, headers, _ = await send(session, edge, "evt_before")
+    assert status == 503 and headers["X-Edge-Error"] == "not_safe_to_hold"
+    await asyncio.sleep(4)  # the wake that refusal started is over; let the app go to sleep
+    config = dict(edge.config)
+    config["apps"] = [shop(idle_timeout="1s")]
+    edge.config_path.write_text(to_toml(config))
+    edge.proc.send_signal(signal.SIGHUP)
+
+    async def asleep() -> bool:
+        _, listing = await admin(session, edge, "GET", "/admin/apps")
+        return listing["apps"][0]["state"] in ("sleeping", "cold")
+
+    await eventually(asleep, timeout=30, interval=0.3, what="the app asleep (1 s idle timeout)")
+    status, _, body = await send(session, edge, "evt_after")
+    assert status == 202, body
+    await delivered(hooks, 1)
+    assert [d["queued_id"] for d in hooks.deliveries()] == [json.loads(body)["queued_id"]]
