@@ -1,4 +1,4 @@
-"""The `edge` command: run, check, reload (and the internal `worker`)."""
+"""The `edge` command: run, check, reload, status (and the internal `worker`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 
 from edge.config import Config, ConfigError, effective_config, load_config, replay_apps
-from scheduler_client.config_file import render_toml
+from scheduler_client.config_file import parse_address, render_toml
 
 
 def _durability_warning(config: Config) -> str | None:
@@ -57,27 +57,113 @@ def _check(path: str) -> int:
     return 0
 
 
+def _admin_call(config: Config, method: str, path: str) -> bytes:
+    """One admin API call (bearer token from the config); raises urllib/OS errors."""
+    host, port = parse_address(config.edge.admin_listen)
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    url = f"http://{host}:{port}{path}"
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    token = config.edge.admin_bearer_token()
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.read()
+
+
 def _reload(path: str) -> int:
     try:
         config = load_config(path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    url = f"http://{config.edge.admin_listen}/admin/reload"
-    request = urllib.request.Request(url, method="POST", data=b"")
-    token = config.edge.admin_bearer_token()
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            print(json.loads(response.read()))
-            return 0
+        print(json.loads(_admin_call(config, "POST", "/admin/reload")))
+        return 0
     except urllib.error.HTTPError as exc:
         print(f"reload refused: {exc.read().decode(errors='replace')}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"cannot reach the edge admin at {url}: {exc}", file=sys.stderr)
+        print(f"cannot reach the edge admin at {config.edge.admin_listen}: {exc}", file=sys.stderr)
         return 1
+
+
+def _samples(metrics: str, name: str) -> list[tuple[dict[str, str], float]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
+def _status(path: str, as_json: bool) -> int:
+    """Budget in use per tenant, apps by wake state, held requests, 503s by reason."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    try:
+        apps = json.loads(_admin_call(config, "GET", "/admin/apps"))
+        metrics = _admin_call(config, "GET", "/metrics").decode()
+    except urllib.error.HTTPError as exc:
+        print(
+            f"admin API refused: {exc.code} {exc.read().decode(errors='replace')}", file=sys.stderr
+        )
+        return 2
+    except OSError as exc:
+        print(f"cannot reach the edge admin at {config.edge.admin_listen}: {exc}", file=sys.stderr)
+        return 1
+    rejections: dict[str, int] = {}
+    for labels, value in _samples(metrics, "edge_rejections_total"):
+        rejections[labels["reason"]] = rejections.get(labels["reason"], 0) + int(value)
+    queued = {labels["app"]: int(v) for labels, v in _samples(metrics, "edge_queue_depth")}
+    status = {
+        "budget": apps["budget"],
+        "apps": [
+            {
+                "name": row["name"],
+                "state": row["state"],
+                "held": row["held"],
+                "queued": queued.get(row["name"]),
+                "allocation_id": row.get("allocation_id", ""),
+            }
+            for row in apps["apps"]
+        ],
+        "held_total": int(sum(v for _, v in _samples(metrics, "edge_held_requests"))),
+        "rejections_by_reason": rejections,
+    }
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return 0
+    budget = status["budget"]
+    if budget is not None:
+        tenants = ", ".join(f"{t} {n}" for t, n in sorted(budget["by_tenant"].items())) or "-"
+        print(
+            f"wake budget: {budget['in_use']} of {budget['limit']} in use, "
+            f"{budget['waiting']} waiting; by tenant: {tenants}"
+        )
+    states: dict[str, int] = {}
+    for row in status["apps"]:
+        states[row["state"]] = states.get(row["state"], 0) + 1
+    print("apps by state: " + ", ".join(f"{s} {n}" for s, n in sorted(states.items())))
+    print(f"held requests: {status['held_total']}")
+    reasons = ", ".join(f"{r} {n}" for r, n in sorted(rejections.items())) or "none"
+    print(f"503s since start, by reason: {reasons}")
+    print()
+    width = max([len(row["name"]) for row in status["apps"]] + [3])
+    print(f"{'app':<{width}}  {'state':<16} {'held':>6} {'queued':>7}  allocation")
+    for row in status["apps"]:
+        depth = "-" if row["queued"] is None else str(row["queued"])
+        print(
+            f"{row['name']:<{width}}  {row['state']:<16} {row['held']:>6} {depth:>7}  "
+            f"{row['allocation_id'] or '-'}"
+        )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("file")
     reload = commands.add_parser("reload", help="apply a changed config without a restart")
     reload.add_argument("--config", required=True)
+    status = commands.add_parser(
+        "status", help="wake budget in use, apps by wake state, held requests, 503s by reason"
+    )
+    status.add_argument("--config", required=True)
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
     controlplane = commands.add_parser(
         "controlplane", help="run the local control plane (apps as subprocesses)"
     )
@@ -106,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         return _check(args.file)
     if args.command == "reload":
         return _reload(args.config)
+    if args.command == "status":
+        return _status(args.config, args.json)
     if args.command == "run":
         from edge.supervisor import run as run_edge
 

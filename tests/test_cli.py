@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import uuid
@@ -174,3 +175,50 @@ async def test_two_workers_both_serve(start_edge, upstream, redis_server) -> Non
     assert sum(owners.values()) == 40, owners
     assert len(owners) == 2, f"client connections by process: {owners}"
     assert len(upstream.log()) == 40
+
+
+async def test_status_prints_every_app(start_control_plane, start_edge, upstream) -> None:
+    import aiohttp
+    from conftest import CONTROL_PLANE_TOKEN, sample_app_spec
+    from helpers import app_entry, run_edge_cli
+
+    cp = start_control_plane(apps=[sample_app_spec("shop"), sample_app_spec("cart")])
+    cold = {"scale_to_zero": True, "hold_timeout": "20s", "readiness_timeout": "15s"}
+    edge = start_edge(
+        apps=[
+            app_entry("echo", ["app.localhost"], upstream),
+            {"name": "shop", "hosts": ["shop.localhost"], **cold},
+            {"name": "cart", "hosts": ["cart.localhost"], **cold},
+        ],
+        edge={"admin_token": "status-secret"},
+        sections={"control_plane": {"url": cp.url}},
+        env={"CONTROL_PLANE_TOKEN": CONTROL_PLANE_TOKEN},
+    )
+    async with aiohttp.ClientSession() as session:
+        async with session.get(edge.url + "/", headers={"Host": "shop.localhost"}) as resp:
+            assert resp.status == 200
+        async with session.post(edge.url + "/", headers={"Host": "cart.localhost"}) as resp:
+            assert resp.status == 503  # not safe to hold; starts cart's wake
+    await asyncio.sleep(0.6)  # a stats snapshot later
+    result = run_edge_cli("status", "--config", str(edge.config_path))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("wake budget: ")
+    rows = {
+        line.split()[0]: line.split()
+        for line in lines
+        if line.split()[:1] in (["echo"], ["shop"], ["cart"])
+    }
+    assert set(rows) == {"echo", "shop", "cart"}
+    assert rows["shop"][1] == "hot" and rows["echo"][1] == "hot"
+    assert "not_safe_to_hold 1" in result.stdout
+    as_json = json.loads(run_edge_cli("status", "--config", str(edge.config_path), "--json").stdout)
+    assert {app["name"] for app in as_json["apps"]} == {"echo", "shop", "cart"}
+    assert as_json["rejections_by_reason"] == {"not_safe_to_hold": 1}
+    assert as_json["budget"]["limit"] == 20
+    # A wrong token is refused with a clear message, not a traceback.
+    bad = edge.config_path.read_text().replace("status-secret", "wrong-secret")
+    wrong = edge.config_path.with_name("wrong.toml")
+    wrong.write_text(bad)
+    refused = run_edge_cli("status", "--config", str(wrong))
+    assert refused.returncode == 2 and "401" in refused.stderr and "Traceback" not in refused.stderr
