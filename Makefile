@@ -14,12 +14,13 @@ ARGS   ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv install install-test install-bench redis lint fmt test run bench clean
+.PHONY: help venv install install-test install-bench redis lint fmt test run bench stampede clean
 
 help:
 	@echo "make run     start a demo app on :9001 and the edge on :8080 (configs/local.toml)"
 	@echo "make test    ruff check, ruff format --check, pytest (needs redis-server)"
 	@echo "make bench   throughput comparison -> bench/results/throughput.json"
+	@echo "make stampede  locust wake stampede + fleet wake reports -> bench/results/stampede-*/"
 	@echo "make lint    ruff check + ruff format --check"
 	@echo "make fmt     ruff format + ruff check --fix"
 	@echo "make venv    create .venv only"
@@ -85,6 +86,15 @@ run: install
 bench: install-bench
 	@mkdir -p bench/results
 	$(BIN)/python bench/throughput.py --json bench/results/throughput.json
+
+# Two locust runs against a whole local stack; each writes a report folder
+# (summary.json, chart.png, locust.html). Bounded: 30 s and 45 s of load.
+stampede: install-test redis
+	@mkdir -p bench/results
+	$(BIN)/python bench/stampede_report.py --scenario stampede --users 2000 --run-time 30 \
+	    --out bench/results/stampede-single
+	$(BIN)/python bench/stampede_report.py --scenario fleet --apps 300 --users 2000 \
+	    --max-concurrent-wakes 20 --run-time 45 --out bench/results/stampede-fleet
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from conftest import CONTROL_PLANE_TOKEN, ROOT, sample_app_spec
 from helpers import eventually, to_toml
 
-TINY_APP = ROOT / "tests" / "tiny_app.py"
+TINY_APP = ROOT / "bench" / "apps" / "tiny_app.py"
 
 
 def tiny_app_spec(name: str) -> dict[str, Any]:

@@ -1,7 +1,10 @@
 """A minimal app for fleet tests: stdlib only, starts in milliseconds, answers 200 to anything.
 
-    python tests/tiny_app.py --port 9001 --name a-123
-Every response carries X-Allocation-Id; binds 127.0.0.1 only.
+    python bench/apps/tiny_app.py --port 9001 --name a-123 [--start-delay 0.5]
+
+Every response carries X-Allocation-Id; binds 127.0.0.1 only. With --start-delay
+the port is bound only after the delay (an app with a start time, cheaply: fleet
+benchmarks run hundreds of these).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--name", default=os.environ.get("ALLOCATION_ID", "tiny"))
+    parser.add_argument("--start-delay", type=float, default=0.0)
     args = parser.parse_args()
     body = f"tiny {args.name}\n".encode()
     response = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Allocation-Id: %s\r\n\r\n%s" % (
@@ -41,9 +45,15 @@ async def main() -> None:
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", args.port)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    if args.start_delay > 0:
+        try:
+            await asyncio.wait_for(stop.wait(), args.start_delay)
+            return
+        except TimeoutError:
+            pass
+    server = await asyncio.start_server(handle, "127.0.0.1", args.port)
     async with server:
         await stop.wait()
 

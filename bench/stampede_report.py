@@ -1,0 +1,586 @@
+#!/usr/bin/env python3
+"""Run a locust scenario against a whole local stack and write a report folder.
+
+Starts, all on 127.0.0.1 and free ports, in its own temp dir: redis-server (AOF),
+the local control plane (one app spec per scenario app), and the edge (redis
+store, 2 workers) from configs/stampede.toml; runs locust headless for a
+bounded time (bench/locustfile.py); samples the edge's /metrics and the control
+plane every 0.5 s meanwhile; stops everything it started; and writes OUT/:
+
+    locust.html, locust_stats.csv, locust_stats_history.csv, ...  locust's own
+    outcomes.json       every request by outcome (200, 202, 503 <reason>, lost ...)
+    timeline.json       the samples (requests, held, wakes in flight, 503s by reason)
+    summary.json        requests, errors by status and reason, wakes per app, peak
+                        concurrent starts (control plane journal), peak held,
+                        wake durations p50/p99 by phase, lost requests
+    chart.png           over time: requests/s, held requests, wakes in flight
+                        against the budget line, 503s/s by reason
+
+    .venv/bin/python bench/stampede_report.py --scenario stampede --users 2000 \\
+        --out bench/results/stampede-single
+    .venv/bin/python bench/stampede_report.py --scenario fleet --apps 300 \\
+        --max-concurrent-wakes 20 --users 600 --out bench/results/stampede-fleet
+
+--reload-at S --reload-budget N rewrites the running edge config with
+max_concurrent_wakes = N after S seconds and runs `edge reload` (the operator's
+loop); the summary then splits peak concurrent starts before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from stampede import (
+    SAMPLE_APP,
+    Processes,
+    children,
+    edge_binary,
+    free_port,
+    http_get,
+    install_signal_handlers,
+    raise_open_file_limit,
+    start_redis,
+    wait_until,
+)
+
+from scheduler_client.config_file import render_toml
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_APP = REPO / "bench" / "apps" / "tiny_app.py"
+LOCUSTFILE = REPO / "bench" / "locustfile.py"
+BASE_CONFIG = REPO / "configs" / "stampede.toml"
+SAMPLE_EVERY = 0.5
+STARTING = frozenset({"planned", "pulling", "starting"})
+SCENARIOS = {
+    "stampede": "SingleAppStampede",
+    "fleet": "FleetWake",
+    "webhooks": "WebhookWhileCold",
+    "cycling": "HotWithSleeps",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[stampede-report] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------- the stack
+
+
+def scenario_apps(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """(edge app overrides, control-plane app spec) per app of the scenario."""
+    delay = str(args.start_delay)
+    tiny = ["{python}", str(TINY_APP), "--port", "{port}", "--name", "{allocation}"]
+    sample = ["{python}", str(SAMPLE_APP), "--port", "{port}", "--name", "{allocation}"]
+    if args.scenario == "stampede":
+        return [
+            {
+                "edge": {"name": "stampede", "hosts": ["stampede.localhost"]},
+                "command": [*sample, "--start-delay", delay],
+                "readiness": "/healthz",
+            }
+        ]
+    if args.scenario == "fleet":
+        return [
+            {
+                "edge": {"name": f"fleet-{i}", "hosts": [f"fleet-{i}.localhost"]},
+                "command": [*tiny, "--start-delay", delay],
+                "readiness": "/",
+            }
+            for i in range(args.apps)
+        ]
+    if args.scenario == "webhooks":
+        queue_rule = {"class": "queue", "methods": ["POST"], "path_prefix": "/hooks/"}
+        reject_rule = {"class": "reject", "methods": ["POST"], "header": "X-Signature"}
+        replay = {
+            "max_attempts": 5,
+            "retention": "1h",
+            "dedupe_key": "header:X-Event-Id",
+            "max_body": "64KiB",
+        }
+        return [
+            {
+                "edge": {
+                    "name": "hooks-queue",
+                    "hosts": ["hooks-queue.localhost"],
+                    "rules": [queue_rule],
+                    "replay": replay,
+                },
+                "command": [*sample, "--start-delay", delay],
+                "readiness": "/healthz",
+            },
+            {
+                "edge": {
+                    "name": "hooks-reject",
+                    "hosts": ["hooks-reject.localhost"],
+                    "rules": [reject_rule],
+                },
+                "command": [*sample, "--start-delay", delay],
+                "readiness": "/healthz",
+            },
+        ]
+    return [
+        {
+            "edge": {"name": f"cycle-{i}", "hosts": [f"cycle-{i}.localhost"], "idle_timeout": "2s"},
+            "command": [*tiny, "--start-delay", delay],
+            "readiness": "/",
+        }
+        for i in range(args.apps)
+    ]
+
+
+class Stack:
+    """Redis, the control plane and the edge of one report run."""
+
+    def __init__(self, args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.procs = procs
+        self.token = secrets.token_urlsafe(24)
+        self.env = {**os.environ, "CONTROL_PLANE_TOKEN": self.token}
+        self.apps = scenario_apps(args)
+        self.edge_config_path = tmp / "edge.toml"
+        self.edge_config: dict[str, Any] = {}
+        self.cp_port = 0
+        self.initial_budget = 0
+        self.port = 0
+        self.admin_port = 0
+
+    def start(self) -> None:
+        store = start_redis(self.procs, self.tmp, appendfsync="everysec")
+        self._start_control_plane()
+        self._start_edge(store)
+
+    def _start_control_plane(self) -> None:
+        self.cp_port = free_port()
+        state_file = self.tmp / "controlplane.sqlite"
+        self.procs.cp_state_file = state_file
+        config = {
+            "controlplane": {
+                "listen": f"127.0.0.1:{self.cp_port}",
+                "state_file": str(state_file),
+                "max_allocations": len(self.apps) + 16,
+            },
+            "apps": [
+                {
+                    "name": app["edge"]["name"],
+                    "command": app["command"],
+                    "artifact": app["command"][1],
+                    "readiness_path": app["readiness"],
+                    "start_timeout": "60s",
+                    "drain_grace": "2s",
+                }
+                for app in self.apps
+            ],
+        }
+        path = self.tmp / "controlplane.toml"
+        path.write_text(render_toml(config))
+        argv = [edge_binary(), "controlplane", "--config", str(path)]
+        proc, log_path = self.procs.start("controlplane", argv, self.env)
+        healthy = lambda: http_get(self.cp_port, "/healthz", timeout=0.5)[0] == 200  # noqa: E731
+        wait_until("control plane", healthy, proc, log_path)
+
+    def _start_edge(self, store: str) -> None:
+        base = tomllib.loads(BASE_CONFIG.read_text())
+        template = base.pop("apps")[0]
+        self.port, self.admin_port = free_port(), free_port()
+        base["edge"].update(
+            listen=f"127.0.0.1:{self.port}",
+            admin_listen=f"127.0.0.1:{self.admin_port}",
+            store=store,
+            workers=self.args.workers,
+        )
+        base["control_plane"]["url"] = f"http://127.0.0.1:{self.cp_port}"
+        if self.args.max_concurrent_wakes is not None:
+            base["budget"]["max_concurrent_wakes"] = self.args.max_concurrent_wakes
+            base["budget"]["tenant_max_concurrent_wakes"] = self.args.max_concurrent_wakes
+        base["apps"] = [{**template, **app["edge"]} for app in self.apps]
+        self.edge_config = base
+        self.initial_budget = int(base["budget"]["max_concurrent_wakes"])
+        self.write_edge_config()
+        argv = [edge_binary(), "run", "--config", str(self.edge_config_path)]
+        proc, log_path = self.procs.start("edge", argv, self.env)
+        wait_until(
+            "edge",
+            lambda: http_get(self.admin_port, "/readyz", timeout=1.0)[0] == 200,
+            proc,
+            log_path,
+        )
+        deadline = time.monotonic() + 20
+        while len(children(proc.pid)) < self.args.workers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log(f"edge on 127.0.0.1:{self.port}, config {self.edge_config_path}")
+
+    def write_edge_config(self) -> None:
+        self.edge_config_path.write_text(render_toml(self.edge_config))
+
+    @property
+    def budget(self) -> int:
+        return int(self.edge_config["budget"]["max_concurrent_wakes"])
+
+    def reload_budget(self, budget: int) -> None:
+        self.edge_config["budget"]["max_concurrent_wakes"] = budget
+        self.edge_config["budget"]["tenant_max_concurrent_wakes"] = budget
+        self.write_edge_config()
+        result = subprocess.run(
+            [edge_binary(), "reload", "--config", str(self.edge_config_path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=self.env,
+        )
+        log(f"reload to max_concurrent_wakes={budget}: {result.stdout.strip()}{result.stderr}")
+
+    def cp_get(self, path: str) -> Any:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        status, body = http_get(self.cp_port, path, headers=headers, timeout=10)
+        if status != 200:
+            raise RuntimeError(f"control plane {path}: {status} {body[:200]!r}")
+        return json.loads(body)
+
+
+# ----------------------------------------------------------------- sampling
+
+
+def parse_metrics(text: str) -> dict[str, Any]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, Any] = {"requests": 0.0, "held": 0.0, "budget_in_use": 0.0, "rejections": {}}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "edge_requests_total":
+                out["requests"] += sample.value
+            elif sample.name == "edge_held_requests":
+                out["held"] = sample.value
+            elif sample.name == "edge_wake_budget_in_use":
+                out["budget_in_use"] = sample.value
+            elif sample.name == "edge_rejections_total":
+                reason = sample.labels["reason"]
+                out["rejections"][reason] = out["rejections"].get(reason, 0) + sample.value
+            elif sample.name == "edge_wake_phase_seconds_sum":
+                out.setdefault("phase_sum", {})[sample.labels["phase"]] = sample.value
+            elif sample.name == "edge_wake_phase_seconds_count":
+                out.setdefault("phase_count", {})[sample.labels["phase"]] = sample.value
+    return out
+
+
+class Sampler(threading.Thread):
+    """Every 0.5 s: the edge's metrics and the control plane's starting allocations."""
+
+    def __init__(self, stack: Stack) -> None:
+        super().__init__(daemon=True)
+        self.stack = stack
+        self.samples: list[dict[str, Any]] = []
+        self.stopped = threading.Event()
+        self.started_at = time.time()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            at = time.time()
+            status, body = http_get(self.stack.admin_port, "/metrics", timeout=2.0)
+            sample: dict[str, Any] = {"t": round(at - self.started_at, 3)}
+            if status == 200:
+                sample.update(parse_metrics(body.decode(errors="replace")))
+            try:
+                allocations = self.stack.cp_get("/v1/allocations")["allocations"]
+                sample["starting"] = sum(1 for a in allocations if a["state"] in STARTING)
+            except (RuntimeError, ValueError):
+                sample["starting"] = None
+            sample["budget"] = self.stack.budget
+            self.samples.append(sample)
+            self.stopped.wait(max(0.0, SAMPLE_EVERY - (time.time() - at)))
+
+
+# ----------------------------------------------------------------- locust
+
+
+def run_locust(args: argparse.Namespace, stack: Stack, out: Path) -> int:
+    scenario_class = SCENARIOS[args.scenario]
+    argv = [
+        sys.executable, "-m", "locust",
+        "-f", str(LOCUSTFILE),
+        "--headless",
+        "-u", str(args.users),
+        "-r", str(args.spawn_rate or args.users),
+        "-t", f"{args.run_time}s",
+        "--stop-timeout", "10",
+        "--host", f"http://127.0.0.1:{stack.port}",
+        "--csv", str(out / "locust"),
+        "--csv-full-history",
+        "--html", str(out / "locust.html"),
+        "--outcomes-file", str(out / "outcomes.json"),
+        "--fleet-size", str(args.apps),
+        "--cycling-size", str(args.apps),
+        "--only-summary",
+        "--exit-code-on-error", "0",
+        scenario_class,
+    ]  # fmt: skip
+    with open(out / "locust.log", "wb") as log_file:
+        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            # Bounded even if the edge hangs: run time + stop timeout + a margin.
+            return proc.wait(args.run_time + 60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+            log("locust did not stop by itself: killed")
+            return -9
+
+
+# ----------------------------------------------------------------- report
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return round(ordered[rank - 1], 3)
+
+
+def journal_stats(entries: list[dict[str, Any]], reload_at: float | None) -> dict[str, Any]:
+    """Peak concurrent starts and allocation start times, from the control plane's journal.
+
+    With a reload, "after" counts from the moment every start begun before the
+    reload has finished: those were admitted under the old budget.
+    """
+    starting: set[str] = set()
+    began: dict[str, float] = {}
+    durations: list[float] = []
+    peak = peak_before = peak_after = 0
+    carried: set[str] | None = None  # starts in flight at the reload, until they finish
+    for entry in entries:
+        if entry["machine"] != "allocation":
+            continue
+        subject = entry["subject"]
+        if reload_at is not None and carried is None and entry["at"] >= reload_at:
+            carried = set(starting)
+        if entry["to_state"] in STARTING:
+            starting.add(subject)
+            began.setdefault(subject, entry["at"])
+        else:
+            starting.discard(subject)
+            if carried is not None:
+                carried.discard(subject)
+            if entry["to_state"] == "ready" and subject in began:
+                durations.append(entry["at"] - began[subject])
+        peak = max(peak, len(starting))
+        if reload_at is not None:
+            if carried is None:
+                peak_before = max(peak_before, len(starting))
+            elif not carried:
+                peak_after = max(peak_after, len(starting))
+    stats: dict[str, Any] = {
+        "peak_concurrent_starts": peak,
+        "allocation_start_s": {"p50": percentile(durations, 50), "p99": percentile(durations, 99)},
+    }
+    if reload_at is not None:
+        stats["peak_concurrent_starts_before_reload"] = peak_before
+        stats["peak_concurrent_starts_after_reload"] = peak_after
+    return stats
+
+
+def summarize(
+    args: argparse.Namespace,
+    stack: Stack,
+    out: Path,
+    samples: list[dict[str, Any]],
+    reload_wall: float | None,
+    locust_status: int,
+) -> dict[str, Any]:
+    counted = json.loads((out / "outcomes.json").read_text())
+    outcomes = counted["outcomes"]
+    requests = sum(outcomes.values())
+    by_status: Counter[str] = Counter()
+    refused_by_reason: Counter[str] = Counter()
+    lost: Counter[str] = Counter()
+    for outcome, n in outcomes.items():
+        if outcome.startswith("503 "):
+            by_status["503"] += n
+            refused_by_reason[outcome[4:]] += n
+        elif outcome.startswith("lost "):
+            lost[outcome[5:]] += n
+        else:
+            by_status[outcome] += n
+    allocations = stack.cp_get("/v1/allocations")["allocations"]
+    wakes = Counter(a["app"] for a in allocations)
+    journal = stack.cp_get("/v1/journal")["entries"]
+    locust_total = int(counted["locust_requests"])
+    last = next((s for s in reversed(samples) if "requests" in s), {})
+    phases = {
+        phase: round(last["phase_sum"][phase] / count, 3)
+        for phase, count in last.get("phase_count", {}).items()
+        if count
+    }
+    summary: dict[str, Any] = {
+        "scenario": args.scenario,
+        "users": args.users,
+        "run_time_s": args.run_time,
+        "apps": len(stack.apps),
+        "budget": {
+            "max_concurrent_wakes": stack.initial_budget,
+            "reloaded_to": args.reload_budget if reload_wall is not None else None,
+        },
+        "requests": requests,
+        "locust_requests": locust_total,
+        "unaccounted": locust_total - requests,
+        "by_status": dict(by_status),
+        "refused_503_by_reason": dict(refused_by_reason),
+        "lost": sum(lost.values()),
+        "lost_by_kind": dict(lost),
+        "wakes_total": sum(wakes.values()),
+        "apps_woken": len(wakes),
+        "wakes_per_app_max": max(wakes.values(), default=0),
+        "wakes_per_app": dict(sorted(wakes.items())) if len(wakes) <= 20 else None,
+        "peak_held": max((s.get("held", 0) for s in samples), default=0),
+        "peak_wakes_in_flight": max((s.get("budget_in_use", 0) for s in samples), default=0),
+        **journal_stats(journal, reload_wall),
+        # Server-Timing wake;dur of every request that waited (locust's WAKE rows).
+        "wake_wait_ms": counted["wake_wait_ms"],
+        "edge_wake_phase_mean_s": phases,
+        "locust_exit": locust_status,
+    }
+    return summary
+
+
+def chart(samples: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [s for s in samples if "requests" in s]
+    if len(rows) < 2:
+        return
+    t = [s["t"] for s in rows[1:]]
+    rate = [
+        (b["requests"] - a["requests"]) / max(1e-6, b["t"] - a["t"])
+        for a, b in itertools.pairwise(rows)
+    ]
+    fig, axes = plt.subplots(4, 1, figsize=(10, 11), sharex=True)
+    fig.suptitle(title)
+    axes[0].plot(t, rate, color="tab:blue")
+    axes[0].set_ylabel("requests/s")
+    axes[1].plot([s["t"] for s in rows], [s["held"] for s in rows], color="tab:orange")
+    axes[1].set_ylabel("held requests")
+    axes[2].plot(
+        [s["t"] for s in rows], [s["budget_in_use"] for s in rows], label="wakes in flight"
+    )
+    starting = [(s["t"], s["starting"]) for s in rows if s.get("starting") is not None]
+    if starting:
+        axes[2].plot(*zip(*starting, strict=True), label="allocations starting", alpha=0.7)
+    axes[2].step(
+        [s["t"] for s in rows], [s["budget"] for s in rows], where="post", color="red",
+        linestyle="--", label="max_concurrent_wakes",
+    )  # fmt: skip
+    axes[2].set_ylabel("wakes")
+    axes[2].legend(loc="upper right", fontsize="small")
+    reasons = sorted({r for s in rows for r in s["rejections"]})
+    for reason in reasons:
+        values = [
+            (b["rejections"].get(reason, 0) - a["rejections"].get(reason, 0))
+            / max(1e-6, b["t"] - a["t"])
+            for a, b in itertools.pairwise(rows)
+        ]
+        axes[3].plot(t, values, label=reason)
+    axes[3].set_ylabel("503/s by reason")
+    if reasons:
+        axes[3].legend(loc="upper right", fontsize="small")
+    axes[3].set_xlabel("seconds since the run started")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------- main
+
+
+def run(args: argparse.Namespace, out: Path, tmp: Path, procs: Processes) -> dict[str, Any]:
+    stack = Stack(args, tmp, procs)
+    stack.start()
+    sampler = Sampler(stack)
+    sampler.start()
+    reload_wall: list[float] = []
+    reloader = None
+    if args.reload_at is not None and args.reload_budget is not None:
+
+        def reload_later() -> None:
+            time.sleep(args.reload_at)
+            stack.reload_budget(args.reload_budget)
+            # From the moment every worker has the new budget (SIGHUP is forwarded
+            # after `edge reload` returns): starts admitted before it are carried over.
+            time.sleep(0.2)
+            reload_wall.append(time.time())
+
+        reloader = threading.Thread(target=reload_later, daemon=True)
+        reloader.start()
+    log(f"locust: {SCENARIOS[args.scenario]}, {args.users} users, {args.run_time}s")
+    status = run_locust(args, stack, out)
+    if reloader is not None:
+        reloader.join(5)
+    sampler.stopped.set()
+    sampler.join(5)
+    (out / "timeline.json").write_text(json.dumps(sampler.samples, indent=1) + "\n")
+    summary = summarize(
+        args, stack, out, sampler.samples, reload_wall[0] if reload_wall else None, status
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    budget = f"{args.max_concurrent_wakes or stack.budget}"
+    if reload_wall:
+        budget = f"{summary['budget']['max_concurrent_wakes']} -> {args.reload_budget}"
+    title = f"{args.scenario}: {args.users} users, {len(stack.apps)} apps, budget {budget}"
+    chart(sampler.samples, out / "chart.png", title)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="stampede")
+    parser.add_argument("--users", type=int, default=2000)
+    parser.add_argument("--spawn-rate", type=float, default=None, help="default: all at once")
+    parser.add_argument("--run-time", type=int, default=30, help="seconds")
+    parser.add_argument("--apps", type=int, default=300, help="fleet / cycling apps")
+    parser.add_argument("--start-delay", type=float, default=0.5, help="app start time, s")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--max-concurrent-wakes", type=int, default=None)
+    parser.add_argument("--reload-at", type=float, default=None, help="seconds into the run")
+    parser.add_argument("--reload-budget", type=int, default=None)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.scenario in ("stampede", "webhooks"):
+        args.apps = 1 if args.scenario == "stampede" else 2
+    raise_open_file_limit()
+    install_signal_handlers()
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="stampede-report-") as tmp_dir:
+        procs = Processes(Path(tmp_dir))
+        try:
+            summary = run(args, args.out, Path(tmp_dir), procs)
+        finally:
+            procs.stop_all()
+    keys = (
+        "requests", "unaccounted", "by_status", "refused_503_by_reason", "lost",
+        "wakes_total", "wakes_per_app_max", "peak_concurrent_starts", "peak_held",
+    )  # fmt: skip
+    for key in keys:
+        print(f"{key:<24} {summary[key]}")
+    print(f"report: {args.out}/ (summary.json, chart.png, locust.html)")
+    return 0 if summary["lost"] == 0 and summary["unaccounted"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
