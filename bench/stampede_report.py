@@ -271,8 +271,10 @@ def parse_metrics(text: str) -> dict[str, Any]:
                 out["rejections"][reason] = out["rejections"].get(reason, 0) + sample.value
             elif sample.name == "edge_wake_phase_seconds_sum":
                 out.setdefault("phase_sum", {})[sample.labels["phase"]] = sample.value
-            elif sample.name == "edge_wake_phase_seconds_count":
-                out.setdefault("phase_count", {})[sample.labels["phase"]] = sample.value
+            elif sample.name == "edge_wake_phase_seconds_bucket":
+                bound = float(sample.labels["le"])
+                phase_buckets = out.setdefault("phase_buckets", {})
+                phase_buckets.setdefault(sample.labels["phase"], []).append((bound, sample.value))
     return out
 
 
@@ -392,6 +394,39 @@ def journal_stats(entries: list[dict[str, Any]], reload_at: float | None) -> dic
     return stats
 
 
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus-style: linear within the bucket holding the q-th observation."""
+    buckets = sorted(buckets)
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound
+            share = (rank - lower_count) / (count - lower_count) if count > lower_count else 1.0
+            return round(lower_bound + (bound - lower_bound) * share, 3)
+        lower_bound, lower_count = bound, count
+    return None
+
+
+def phase_stats(sample: dict[str, Any]) -> dict[str, Any]:
+    """p50/p99/mean per wake phase from the edge's last histogram scrape."""
+    out = {}
+    for phase, buckets in sample.get("phase_buckets", {}).items():
+        count = max(n for _, n in buckets)
+        if not count:
+            continue
+        out[phase] = {
+            "count": int(count),
+            "p50": histogram_quantile(0.5, buckets),
+            "p99": histogram_quantile(0.99, buckets),
+            "mean": round(sample["phase_sum"][phase] / count, 3),
+        }
+    return out
+
+
 def summarize(
     args: argparse.Namespace,
     stack: Stack,
@@ -419,11 +454,6 @@ def summarize(
     journal = stack.cp_get("/v1/journal")["entries"]
     locust_total = int(counted["locust_requests"])
     last = next((s for s in reversed(samples) if "requests" in s), {})
-    phases = {
-        phase: round(last["phase_sum"][phase] / count, 3)
-        for phase, count in last.get("phase_count", {}).items()
-        if count
-    }
     summary: dict[str, Any] = {
         "scenario": args.scenario,
         "users": args.users,
@@ -449,7 +479,9 @@ def summarize(
         **journal_stats(journal, reload_wall),
         # Server-Timing wake;dur of every request that waited (locust's WAKE rows).
         "wake_wait_ms": counted["wake_wait_ms"],
-        "edge_wake_phase_mean_s": phases,
+        # Per wake phase, from the edge's histograms (seconds): budget wait,
+        # allocation (control plane call), readiness (app start to ready).
+        "wake_phase_s": phase_stats(last),
         "locust_exit": locust_status,
     }
     return summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -100,14 +101,24 @@ def _samples(metrics: str, name: str) -> list[tuple[dict[str, str], float]]:
     ]
 
 
-def _status(path: str, as_json: bool) -> int:
-    """Budget in use per tenant, apps by wake state, held requests, 503s by reason."""
+def _rejections(metrics: str) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for labels, value in _samples(metrics, "edge_rejections_total"):
+        totals[labels["reason"]] = totals.get(labels["reason"], 0) + int(value)
+    return totals
+
+
+def _status(path: str, as_json: bool, window: float) -> int:
+    """Budget in use per tenant, apps by wake state, held requests, 503s by reason
+    (since start, and over the last `window` seconds)."""
     try:
         config = load_config(path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
     try:
+        earlier = _admin_call(config, "GET", "/metrics").decode() if window > 0 else ""
+        time.sleep(window)
         apps = json.loads(_admin_call(config, "GET", "/admin/apps"))
         metrics = _admin_call(config, "GET", "/metrics").decode()
     except urllib.error.HTTPError as exc:
@@ -118,9 +129,9 @@ def _status(path: str, as_json: bool) -> int:
     except OSError as exc:
         print(f"cannot reach the edge admin at {config.edge.admin_listen}: {exc}", file=sys.stderr)
         return 1
-    rejections: dict[str, int] = {}
-    for labels, value in _samples(metrics, "edge_rejections_total"):
-        rejections[labels["reason"]] = rejections.get(labels["reason"], 0) + int(value)
+    rejections = _rejections(metrics)
+    before = _rejections(earlier) if earlier else {}
+    recent = {r: n - before.get(r, 0) for r, n in rejections.items() if n > before.get(r, 0)}
     queued = {labels["app"]: int(v) for labels, v in _samples(metrics, "edge_queue_depth")}
     status = {
         "budget": apps["budget"],
@@ -136,6 +147,8 @@ def _status(path: str, as_json: bool) -> int:
         ],
         "held_total": int(sum(v for _, v in _samples(metrics, "edge_held_requests"))),
         "rejections_by_reason": rejections,
+        "recent_window_s": window,
+        "recent_rejections_by_reason": recent if window > 0 else None,
     }
     if as_json:
         print(json.dumps(status, indent=2))
@@ -154,6 +167,9 @@ def _status(path: str, as_json: bool) -> int:
     print(f"held requests: {status['held_total']}")
     reasons = ", ".join(f"{r} {n}" for r, n in sorted(rejections.items())) or "none"
     print(f"503s since start, by reason: {reasons}")
+    if window > 0:
+        latest = ", ".join(f"{r} {n}" for r, n in sorted(recent.items())) or "none"
+        print(f"503s in the last {window:g}s, by reason: {latest}")
     print()
     width = max([len(row["name"]) for row in status["apps"]] + [3])
     print(f"{'app':<{width}}  {'state':<16} {'held':>6} {'queued':>7}  allocation")
@@ -181,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     status.add_argument("--config", required=True)
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
+    status.add_argument(
+        "--window", type=float, default=2.0, help="seconds over which recent 503s are counted"
+    )
     controlplane = commands.add_parser(
         "controlplane", help="run the local control plane (apps as subprocesses)"
     )
@@ -198,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "reload":
         return _reload(args.config)
     if args.command == "status":
-        return _status(args.config, args.json)
+        if not 0 <= args.window <= 60:
+            parser.error("--window must be between 0 and 60 seconds")
+        return _status(args.config, args.json, args.window)
     if args.command == "run":
         from edge.supervisor import run as run_edge
 

@@ -15,6 +15,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from edge.worker_stats import LATENCY_BUCKETS, StatsSnapshot
+from wake.controller import PHASE_BUCKETS
 
 
 class SnapshotCollector(Collector):
@@ -149,19 +150,28 @@ def _wake_families(snapshots: list[StatsSnapshot], budget_in_use: int | None) ->
     yield transitions
     yield events
 
-    phases = SummaryMetricFamily(
+    phases = HistogramMetricFamily(
         "edge_wake_phase_seconds",
         "Time spent per wake phase: budget wait, allocation start, readiness.",
         labels=["phase"],
     )
     merged: dict[str, list[float]] = {}
     for snap in snapshots:
-        for phase, (seconds, count) in snap.wake_phases.items():
-            totals = merged.setdefault(phase, [0.0, 0])
-            totals[0] += seconds
-            totals[1] += count
-    for phase, (seconds, count) in sorted(merged.items()):
-        phases.add_metric([phase], count_value=count, sum_value=seconds)
+        for phase, values in snap.wake_phases.items():
+            totals = merged.setdefault(phase, [0.0] * len(values))
+            for i, value in enumerate(values):
+                totals[i] += value
+    bounds = (*PHASE_BUCKETS, float("inf"))
+    for phase, values in sorted(merged.items()):
+        seconds, counts = values[0], values[2:]
+        if len(counts) != len(bounds):
+            continue  # a snapshot from an older worker: no buckets
+        buckets = []
+        running = 0.0
+        for bound, n in zip(bounds, counts, strict=True):
+            running += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        phases.add_metric([phase], buckets, seconds)
     yield phases
 
     yield GaugeMetricFamily(

@@ -53,7 +53,8 @@ class StatsSnapshot(msgspec.Struct):
     rejections: dict[str, int] = {}  # "app\x00reason" -> count
     held: int = 0
     wake_events: dict[str, int] = {}  # "transition:a->b", "coalesced", ...
-    wake_phases: dict[str, list[float]] = {}  # phase -> [seconds, count]
+    # phase -> [seconds, count, bucket counts...] (wake.controller.PHASE_BUCKETS, +Inf)
+    wake_phases: dict[str, list[float]] = {}
     # Route follower: epoch, table_age_s, refused, resyncs, acks, ack_seconds.
     route: dict[str, float] = {}
     # Durable queue: "app\x00event" -> count (accepted, dedupe_hit, delivered, ...).

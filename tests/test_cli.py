@@ -182,13 +182,16 @@ async def test_status_prints_every_app(start_control_plane, start_edge, upstream
     from conftest import CONTROL_PLANE_TOKEN, sample_app_spec
     from helpers import app_entry, run_edge_cli
 
-    cp = start_control_plane(apps=[sample_app_spec("shop"), sample_app_spec("cart")])
+    slow = sample_app_spec("slow")
+    slow["command"] = [*slow["command"], "--start-delay", "30"]  # starting for the whole test
+    cp = start_control_plane(apps=[sample_app_spec("shop"), sample_app_spec("cart"), slow])
     cold = {"scale_to_zero": True, "hold_timeout": "20s", "readiness_timeout": "15s"}
     edge = start_edge(
         apps=[
             app_entry("echo", ["app.localhost"], upstream),
             {"name": "shop", "hosts": ["shop.localhost"], **cold},
             {"name": "cart", "hosts": ["cart.localhost"], **cold},
+            {"name": "slow", "hosts": ["slow.localhost"], **cold},
         ],
         edge={"admin_token": "status-secret"},
         sections={"control_plane": {"url": cp.url}},
@@ -207,14 +210,29 @@ async def test_status_prints_every_app(start_control_plane, start_edge, upstream
     rows = {
         line.split()[0]: line.split()
         for line in lines
-        if line.split()[:1] in (["echo"], ["shop"], ["cart"])
+        if line.split()[:1] in (["echo"], ["shop"], ["cart"], ["slow"])
     }
-    assert set(rows) == {"echo", "shop", "cart"}
+    assert set(rows) == {"echo", "shop", "cart", "slow"}
     assert rows["shop"][1] == "hot" and rows["echo"][1] == "hot"
     assert "not_safe_to_hold 1" in result.stdout
-    as_json = json.loads(run_edge_cli("status", "--config", str(edge.config_path), "--json").stdout)
-    assert {app["name"] for app in as_json["apps"]} == {"echo", "shop", "cart"}
-    assert as_json["rejections_by_reason"] == {"not_safe_to_hold": 1}
+    assert "503s in the last 2s, by reason: none" in result.stdout
+
+    async def refuse_soon() -> None:
+        await asyncio.sleep(1.0)  # inside the status command's window
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(edge.url + "/", headers={"Host": "slow.localhost"}) as resp,
+        ):
+            assert resp.status == 503
+
+    command = asyncio.to_thread(
+        run_edge_cli, "status", "--config", str(edge.config_path), "--json", "--window", "3"
+    )
+    finished, _ = await asyncio.gather(command, refuse_soon())
+    as_json = json.loads(finished.stdout)
+    assert {app["name"] for app in as_json["apps"]} == {"echo", "shop", "cart", "slow"}
+    assert as_json["rejections_by_reason"] == {"not_safe_to_hold": 2}
+    assert as_json["recent_rejections_by_reason"] == {"not_safe_to_hold": 1}
     assert as_json["budget"]["limit"] == 20
     # A wrong token is refused with a clear message, not a traceback.
     bad = edge.config_path.read_text().replace("status-secret", "wrong-secret")

@@ -24,7 +24,7 @@ SUMMARY_KEYS = {
     "peak_held",
     "wake_wait_ms",
     "allocation_start_s",
-    "edge_wake_phase_mean_s",
+    "wake_phase_s",
 }
 
 
@@ -83,6 +83,10 @@ def test_single_app_stampede_is_one_wake(tmp_path: Path) -> None:
     assert summary["wakes_total"] == 1 and summary["peak_concurrent_starts"] == 1
     assert summary["by_status"].get("200", 0) == summary["requests"]
     assert summary["wake_wait_ms"]["count"] >= 1 and summary["peak_held"] >= 1
+    phases = summary["wake_phase_s"]
+    assert set(phases) == {"budget", "allocation", "readiness"}
+    for phase in phases.values():
+        assert phase["count"] == 1 and 0 <= phase["p50"] <= phase["p99"]
 
 
 def test_fleet_wake_stays_within_the_budget(tmp_path: Path) -> None:

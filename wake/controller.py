@@ -15,6 +15,7 @@ times, refreshes what this process believes is hot, and puts idle apps to sleep.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import os
 import time
@@ -37,6 +38,10 @@ BACKOFF_CAP = 60.0
 WAKE_EWMA = 0.3
 OLD_EPOCH_RETRIES = 3
 SLEEP_DRAIN_DEADLINE = 5.0
+# Upper bounds (s) of the wake phase histograms: budget wait, allocation, readiness.
+PHASE_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
 
 
 class WakeAppSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -101,7 +106,8 @@ class WakeController:
         self._expected: dict[str, float] = {}
         self._background: set[asyncio.Task] = set()
         self.counters: dict[str, int] = {}
-        # phase -> [seconds, count]: budget wait, allocation start, readiness.
+        # phase -> [seconds, count, one count per PHASE_BUCKETS bound, +Inf]:
+        # budget wait, allocation start, readiness.
         self.phases: dict[str, list[float]] = {}
 
     # ---------------------------------------------------------------- hot path
@@ -535,9 +541,12 @@ class WakeController:
         await self.store.close()
 
     def _phase(self, phase: str, seconds: float) -> None:
-        totals = self.phases.setdefault(phase, [0.0, 0])
+        totals = self.phases.get(phase)
+        if totals is None:
+            totals = self.phases[phase] = [0.0, 0] + [0] * (len(PHASE_BUCKETS) + 1)
         totals[0] += seconds
         totals[1] += 1
+        totals[2 + bisect.bisect_left(PHASE_BUCKETS, seconds)] += 1
 
     def _count(self, key: str) -> None:
         self.counters[key] = self.counters.get(key, 0) + 1
