@@ -238,3 +238,33 @@ async def test_live_budget_change_drops_nothing(
     stop.set()
     await asyncio.gather(*loaders)
     assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+
+
+async def test_budget_slot_is_kept_while_the_control_plane_cannot_confirm_the_start(
+    start_control_plane, start_edge, fresh_redis, session
+) -> None:
+    # The edge's probe sees the app ready while the control plane does not (its
+    # readiness path never answers 2xx) and then stops answering (paused): the slot
+    # must stay taken, or the region would start more apps at once than budgeted.
+    # It is given back once the control plane settles the allocation.
+    app = sample_app_spec("shop", readiness_path="/never-ready", start_timeout="8s")
+    cp = start_control_plane(apps=[app])
+    edge = start_region_edge(
+        start_edge, cp, fresh_redis, [cold_app("shop", readiness_timeout="20s")],
+        control_plane={"url": cp.url, "timeout": "1s", "retries": 0},
+    )  # fmt: skip
+    status, _ = await fetch(session, edge, "shop.localhost")
+    assert status == 200  # hot through the edge's own probe
+    os.kill(cp.proc.pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(3)  # several failed control-plane calls later
+        _, body = edge.admin_get("/admin/budget")
+        assert json.loads(body)["usage"]["in_use"] == 1
+    finally:
+        os.kill(cp.proc.pid, signal.SIGCONT)
+
+    def released() -> bool:
+        _, body = edge.admin_get("/admin/budget")
+        return json.loads(body)["usage"]["in_use"] == 0
+
+    await eventually(released, timeout=25, what="the slot given back once the start is settled")

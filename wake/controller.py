@@ -298,15 +298,28 @@ class WakeController:
         task.add_done_callback(self._background.discard)
 
     async def _release_when_ready(self, holder: str, allocation_id: str, spec: WakeAppSpec) -> None:
+        """Hold the budget slot (renewing it) until the control plane has the allocation
+        past starting, or the readiness timeout: a slow or failing control plane must not
+        free the slot early, or the region would start more apps at once than budgeted."""
         deadline = self.clock() + spec.readiness_timeout
+        step = max(0.5, self.lease_ttl / 3)
+        version: int | None = None
         try:
-            alloc = await self.client.get_allocation(allocation_id)
-            while alloc.state in ("planned", "pulling", "starting") and self.clock() < deadline:
-                alloc = await self.client.watch_allocation(
-                    alloc.id, alloc.version, timeout=min(5.0, deadline - self.clock())
-                )
-        except ControlPlaneError:
-            pass
+            while (remaining := deadline - self.clock()) > 0:
+                try:
+                    if version is None:
+                        alloc = await self.client.get_allocation(allocation_id)
+                    else:
+                        alloc = await self.client.watch_allocation(
+                            allocation_id, version, timeout=min(step, remaining)
+                        )
+                    if alloc.state not in ("planned", "pulling", "starting"):
+                        return
+                    version = alloc.version
+                except ControlPlaneError:
+                    await asyncio.sleep(min(0.5, remaining))
+                with contextlib.suppress(Exception):
+                    await self.store.renew_budget(holder, self.budget)
         finally:
             with contextlib.suppress(Exception):
                 await self.store.release_budget(holder)
