@@ -473,7 +473,7 @@ def summarize(
         "wakes_total": sum(wakes.values()),
         "apps_woken": len(wakes),
         "wakes_per_app_max": max(wakes.values(), default=0),
-        "wakes_per_app": dict(sorted(wakes.items())) if len(wakes) <= 20 else None,
+        "wakes_per_app": dict(sorted(wakes.items())),
         "peak_held": max((s.get("held", 0) for s in samples), default=0),
         "peak_wakes_in_flight": max((s.get("budget_in_use", 0) for s in samples), default=0),
         **journal_stats(journal, reload_wall),
