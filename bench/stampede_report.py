@@ -530,6 +530,8 @@ def chart(samples: list[dict[str, Any]], path: Path, title: str) -> None:
     axes[3].set_ylabel("503/s by reason")
     if reasons:
         axes[3].legend(loc="upper right", fontsize="small")
+    else:
+        axes[3].text(0.5, 0.5, "no 503s", transform=axes[3].transAxes, ha="center")
     axes[3].set_xlabel("seconds since the run started")
     for axis in axes:
         axis.grid(alpha=0.3)
