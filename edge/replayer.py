@@ -30,6 +30,8 @@ from wake.state_store import StoreUnavailable
 SCAN_INTERVAL = 1.0
 LEASE_TTL = 10.0
 BATCH = 32
+# Bodies of one batch held in memory at most (a batch is at least one entry).
+BATCH_BYTES = 8 * 1024 * 1024
 # While another edge's entries wait out claim_idle, or the store is down.
 PAUSE = 0.5
 
@@ -54,6 +56,7 @@ class Replayer:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._poke = asyncio.Event()
         self._stopping = False
+        self._last_problem: dict[str, str] = {}  # logged once per app until it changes
 
     def poke(self) -> None:
         """Something was queued here: scan now rather than within the second."""
@@ -88,8 +91,13 @@ class Replayer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # store down, wake refused or timed out: next scan retries
-            log(f"replay of app {app.name} paused: {type(exc).__name__}: {exc}")
+            problem = f"{type(exc).__name__}: {exc}"
+            if self._last_problem.get(app.name) != problem:
+                self._last_problem[app.name] = problem
+                log(f"replay of app {app.name} paused: {problem}")
             await asyncio.sleep(PAUSE)
+        else:
+            self._last_problem.pop(app.name, None)
 
     async def _replay_holding(self, app: AppConfig, target: HotTarget) -> None:
         lost = asyncio.Event()
@@ -99,8 +107,9 @@ class Replayer:
             while not lost.is_set() and not self._stopping:
                 policy = app.replay
                 assert policy is not None
+                count = max(1, min(BATCH, BATCH_BYTES // max(1, int(policy.max_body))))
                 batch = await self.queue.next_batch(
-                    app.name, self.consumer, float(policy.claim_idle), BATCH
+                    app.name, self.consumer, float(policy.claim_idle), count
                 )
                 if batch is None:
                     await asyncio.sleep(PAUSE)
