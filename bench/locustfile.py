@@ -20,8 +20,12 @@ Custom events, on top of locust's own rows:
 - "503 <reason>": per refusal with Retry-After, by X-Edge-Error (a refusal with
   Retry-After is an answer, not a failure; the sender retries);
 - failures: anything that is not 200, 202 or 503 + Retry-After (lost requests).
-With --outcomes-file FILE, the counts by outcome are written there as JSON when
-the run stops, so a report can check that no request is unaccounted for.
+With --outcomes-file FILE, the counts by outcome (and of requests sent) are
+written there as JSON when the run stops, so a report can check that every
+request sent got an answer. When the run stops, no new request is sent and
+those in flight get up to 75 s to be answered before locust stops its users.
+Locust's "Aggregated" row adds the WAKE and 503 rows to the requests; read the
+per-request rows instead.
 """
 
 from __future__ import annotations
@@ -40,8 +44,15 @@ from locust import between, events, tag, task
 from locust.contrib.fasthttp import FastHttpUser
 
 # Outcomes of every request this process sent: "200", "202", "503 <reason>",
-# "lost <status or error>".
+# "lost <status or error>"; SENT counts requests before they go out.
 OUTCOMES: Counter[str] = Counter()
+SENT = [0]
+INTERRUPTED: Counter[str] = Counter()  # requests cut short in this process, by exception
+IN_FLIGHT = [0]
+STOPPING = gevent.event.Event()
+# At the end of a run, requests in flight get this long to be answered before locust
+# stops the users (it kills users mid-request); above the edge's longest hold.
+DRAIN_TIMEOUT = 75.0
 _OUTCOMES_LOCK = threading.Lock()
 ALL_SPAWNED = gevent.event.Event()
 # Longest a stampede user waits for the others to spawn before it fires anyway.
@@ -100,9 +111,19 @@ def _spawned(user_count: int, **_: Any) -> None:
     ALL_SPAWNED.set()
 
 
-@events.quitting.add_listener
+@events.test_stopping.add_listener
+def _drain(**_: Any) -> None:
+    """No new requests from here on; wait for the ones in flight to be answered."""
+    STOPPING.set()
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    while IN_FLIGHT[0] > 0 and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+
+
+@events.test_stop.add_listener
 def _write_outcomes(environment: Any, **_: Any) -> None:
-    """At exit, after every user stopped: our outcomes and locust's own request count."""
+    """Once every user has stopped (test_stop fires after that; `quitting` fires before
+    the runner stops its users): our outcomes and locust's own request count."""
     path = environment.parsed_options.outcomes_file if environment.parsed_options else ""
     if path:
         sent = sum(
@@ -120,6 +141,8 @@ def _write_outcomes(environment: Any, **_: Any) -> None:
             data = {
                 "outcomes": dict(OUTCOMES),
                 "requests": sum(OUTCOMES.values()),
+                "sent": SENT[0],
+                "interrupted": dict(INTERRUPTED),
                 "locust_requests": sent,
                 "wake_wait_ms": waited,
             }
@@ -158,15 +181,30 @@ class EdgeUser(FastHttpUser):
 
     def fetch(self, method: str, host: str, path: str, **kwargs: Any) -> None:
         headers = {"Host": host, **kwargs.pop("headers", {})}
-        with self.client.request(
-            method, path, headers=headers, name=f"{method} {self.scenario}", catch_response=True,
-            **kwargs,
-        ) as response:  # fmt: skip
-            self._judge(response)
+        if STOPPING.is_set():
+            return
+        with _OUTCOMES_LOCK:
+            SENT[0] += 1
+        IN_FLIGHT[0] += 1
+        try:
+            with self.client.request(
+                method, path, headers=headers, name=f"{method} {self.scenario}",
+                catch_response=True, **kwargs,
+            ) as response:  # fmt: skip
+                self._judge(response)
+        except BaseException as exc:
+            with _OUTCOMES_LOCK:
+                INTERRUPTED[type(exc).__name__] += 1
+            raise
+        finally:
+            IN_FLIGHT[0] -= 1
 
     def _judge(self, response: Any) -> None:
         status = response.status_code
-        waited = wake_wait_ms(response.headers.get("Server-Timing") if response.headers else None)
+        timing = response.headers.get("Server-Timing") if response.headers else None
+        if isinstance(timing, list):  # the header repeated
+            timing = ",".join(timing)
+        waited = wake_wait_ms(timing)
         if waited is not None:
             events.request.fire(
                 request_type="WAKE",
@@ -192,7 +230,7 @@ class EdgeUser(FastHttpUser):
                 context={},
             )
         else:
-            error = response.error or ""
+            error = getattr(response, "error", None) or ""
             kind = str(status) if status else type(error).__name__ or "error"
             _count(f"lost {kind}")
             response.failure(f"lost: {kind} {error}"[:200])

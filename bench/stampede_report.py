@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import secrets
 import subprocess
@@ -63,6 +64,7 @@ TINY_APP = REPO / "bench" / "apps" / "tiny_app.py"
 LOCUSTFILE = REPO / "bench" / "locustfile.py"
 BASE_CONFIG = REPO / "configs" / "stampede.toml"
 SAMPLE_EVERY = 0.5
+STOP_TIMEOUT = 90  # s; the locustfile drains in-flight requests for up to 75 s
 STARTING = frozenset({"planned", "pulling", "starting"})
 SCENARIOS = {
     "stampede": "SingleAppStampede",
@@ -230,18 +232,28 @@ class Stack:
     def budget(self) -> int:
         return int(self.edge_config["budget"]["max_concurrent_wakes"])
 
-    def reload_budget(self, budget: int) -> None:
-        self.edge_config["budget"]["max_concurrent_wakes"] = budget
-        self.edge_config["budget"]["tenant_max_concurrent_wakes"] = budget
-        self.write_edge_config()
-        result = subprocess.run(
-            [edge_binary(), "reload", "--config", str(self.edge_config_path)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=self.env,
-        )
+    def reload_budget(self, budget: int) -> bool:
+        """Rewrite the config with a new budget and `edge reload` it; True once applied."""
+        config = json.loads(json.dumps(self.edge_config))
+        config["budget"]["max_concurrent_wakes"] = budget
+        config["budget"]["tenant_max_concurrent_wakes"] = budget
+        self.edge_config_path.write_text(render_toml(config))
+        try:
+            result = subprocess.run(
+                [edge_binary(), "reload", "--config", str(self.edge_config_path)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                env=self.env,
+            )
+        except subprocess.TimeoutExpired:
+            log("reload timed out")
+            return False
+        applied = result.returncode == 0 and "'reloaded': True" in result.stdout
         log(f"reload to max_concurrent_wakes={budget}: {result.stdout.strip()}{result.stderr}")
+        if applied:
+            self.edge_config = config
+        return applied
 
     def cp_get(self, path: str) -> Any:
         headers = {"Authorization": f"Bearer {self.token}"}
@@ -317,7 +329,8 @@ def run_locust(args: argparse.Namespace, stack: Stack, out: Path) -> int:
         "-u", str(args.users),
         "-r", str(args.spawn_rate or args.users),
         "-t", f"{args.run_time}s",
-        "--stop-timeout", "10",
+        # Longer than the edge's longest hold, so every request sent gets its answer.
+        "--stop-timeout", str(STOP_TIMEOUT),
         "--host", f"http://127.0.0.1:{stack.port}",
         "--csv", str(out / "locust"),
         "--csv-full-history",
@@ -329,16 +342,23 @@ def run_locust(args: argparse.Namespace, stack: Stack, out: Path) -> int:
         "--exit-code-on-error", "0",
         scenario_class,
     ]  # fmt: skip
+    (out / "outcomes.json").unlink(missing_ok=True)  # never read a previous run's
     with open(out / "locust.log", "wb") as log_file:
         proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
         try:
             # Bounded even if the edge hangs: run time + stop timeout + a margin.
-            return proc.wait(args.run_time + 60)
+            return proc.wait(args.run_time + STOP_TIMEOUT + 30)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
             log("locust did not stop by itself: killed")
             return -9
+        finally:
+            if proc.poll() is None:  # timed out, or we are being stopped
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
 
 
 # ----------------------------------------------------------------- report
@@ -348,7 +368,7 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
     return round(ordered[rank - 1], 3)
 
 
@@ -435,6 +455,8 @@ def summarize(
     reload_wall: float | None,
     locust_status: int,
 ) -> dict[str, Any]:
+    if locust_status != 0 or not (out / "outcomes.json").exists():
+        raise RuntimeError(f"locust failed (exit {locust_status}); see {out / 'locust.log'}")
     counted = json.loads((out / "outcomes.json").read_text())
     outcomes = counted["outcomes"]
     requests = sum(outcomes.values())
@@ -464,7 +486,13 @@ def summarize(
             "reloaded_to": args.reload_budget if reload_wall is not None else None,
         },
         "requests": requests,
+        "sent": counted["sent"],
+        # Cut short by the load generator itself (its stop came before the answer).
+        "interrupted": counted["interrupted"],
         "locust_requests": locust_total,
+        # Sent but never answered (not 200/202/503, not lost with an error either).
+        "unanswered": counted["sent"] - requests,
+        # Our count against locust's own: the two must agree.
         "unaccounted": locust_total - requests,
         "by_status": dict(by_status),
         "refused_503_by_reason": dict(refused_by_reason),
@@ -554,11 +582,11 @@ def run(args: argparse.Namespace, out: Path, tmp: Path, procs: Processes) -> dic
 
         def reload_later() -> None:
             time.sleep(args.reload_at)
-            stack.reload_budget(args.reload_budget)
-            # From the moment every worker has the new budget (SIGHUP is forwarded
-            # after `edge reload` returns): starts admitted before it are carried over.
-            time.sleep(0.2)
-            reload_wall.append(time.time())
+            if stack.reload_budget(args.reload_budget):
+                # From the moment every worker has the new budget (SIGHUP is forwarded
+                # after `edge reload` returns): starts admitted before it are carried over.
+                time.sleep(0.2)
+                reload_wall.append(time.time())
 
         reloader = threading.Thread(target=reload_later, daemon=True)
         reloader.start()
@@ -607,13 +635,14 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             procs.stop_all()
     keys = (
-        "requests", "unaccounted", "by_status", "refused_503_by_reason", "lost",
+        "requests", "unanswered", "unaccounted", "by_status", "refused_503_by_reason", "lost",
         "wakes_total", "wakes_per_app_max", "peak_concurrent_starts", "peak_held",
     )  # fmt: skip
     for key in keys:
         print(f"{key:<24} {summary[key]}")
     print(f"report: {args.out}/ (summary.json, chart.png, locust.html)")
-    return 0 if summary["lost"] == 0 and summary["unaccounted"] == 0 else 1
+    clean = summary["lost"] == 0 and summary["unaccounted"] == 0 and summary["unanswered"] == 0
+    return 0 if clean else 1
 
 
 if __name__ == "__main__":

@@ -139,6 +139,8 @@ class ReplayPolicy(_Section):
     backoff_max: Duration = Duration(60.0)
     # Entries an edge read but never finished are taken over after this long.
     claim_idle: Duration = Duration(60.0)
+    # Dead letters kept per app (with their bodies); beyond it the oldest go.
+    max_dead_letters: int = 100_000
 
 
 class AppConfig(_Section):
@@ -230,8 +232,9 @@ def _check_replay(
         )
     if not 1 <= policy.max_body <= max_body:
         fail(f"{where}.max_body", f"must be between 1 byte and limits.max_body ({max_body})")
-    if policy.max_queued < 1:
-        fail(f"{where}.max_queued", "must be at least 1")
+    for key in ("max_queued", "max_dead_letters"):
+        if getattr(policy, key) < 1:
+            fail(f"{where}.{key}", "must be at least 1")
     source = policy.dedupe_key
     if source not in ("idempotency-key", "hash") and not (
         source.startswith("header:") and re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", source[7:])
@@ -381,6 +384,15 @@ def _check(config: Config, file: str) -> None:
                     "requests on restart",
                 )
             _check_replay(app.replay, f"{where}.replay", limits.max_body, fail)
+            # A queued body is read whole and counted against the hold caps meanwhile.
+            cap = min(int(app.max_held_body_bytes), int(config.hold.max_held_body_bytes))
+            if app.replay.max_body > cap:
+                fail(
+                    f"{where}.replay.max_body",
+                    f"{int(app.replay.max_body)} bytes is more than the held-body cap "
+                    f"({cap}: max_held_body_bytes of the app and of [hold]); every such "
+                    "request would be refused",
+                )
         for j, address in enumerate(app.upstreams):
             try:
                 parse_address(address)

@@ -22,6 +22,7 @@ from wake.redis_connection import bounded_client, guarded
 from wake.state_store import Lease, StoreUnavailable
 
 GROUP = "replay"
+PURGE_PAGE = 500
 
 # KEYS: queue, dedupe. ARGV: retention_ms, max_queued, method, path, head, body, key, arrived.
 # {'new', id} | {'dup', first id} | {'full', ''}
@@ -39,10 +40,10 @@ redis.call('SET', KEYS[2], id, 'PX', ARGV[1])
 return {'new', id}
 """
 
-# KEYS: queue, done, attempts. ARGV: id. 0 when already delivered (then acked and
-# removed), else this delivery's attempt number.
+# KEYS: queue, done, attempts. ARGV: id. 0 when already delivered or purged (then
+# acked and removed), else this delivery's attempt number.
 _BEGIN = """
-if redis.call('EXISTS', KEYS[2]) == 1 then
+if redis.call('EXISTS', KEYS[2]) == 1 or #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then
   redis.call('XACK', KEYS[1], 'replay', ARGV[1])
   redis.call('XDEL', KEYS[1], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
@@ -61,7 +62,7 @@ redis.call('XACK', KEYS[1], 'replay', ARGV[1])
 redis.call('XDEL', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 if not ARGV[3] then return -1 end
-if redis.call('EXISTS', KEYS[4]) == 1 then
+if redis.call('EXISTS', KEYS[4]) == 1 or #redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3]) == 0 then
   redis.call('XACK', KEYS[1], 'replay', ARGV[3])
   redis.call('XDEL', KEYS[1], ARGV[3])
   redis.call('HDEL', KEYS[3], ARGV[3])
@@ -70,7 +71,8 @@ end
 return redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
 """
 
-# KEYS: queue, dead, attempts. ARGV: id, reason, status, attempts. Moves the entry.
+# KEYS: queue, dead, attempts. ARGV: id, reason, status, attempts, max dead letters.
+# Moves the entry; the dead letters keep the newest `max dead letters` (approximately).
 _DEAD_LETTER = """
 local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
 if #found == 1 then
@@ -83,12 +85,35 @@ if #found == 1 then
   table.insert(fields, ARGV[3])
   table.insert(fields, 'attempts')
   table.insert(fields, ARGV[4])
-  redis.call('XADD', KEYS[2], '*', unpack(fields))
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', unpack(fields))
 end
 redis.call('XACK', KEYS[1], 'replay', ARGV[1])
 redis.call('XDEL', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 return #found
+"""
+
+# KEYS: queue, dead, attempts. ARGV: retention_ms, count, max dead letters. Moves up to
+# `count` entries queued longer than the retention (by server time) to the dead
+# letters as "expired"; how many it moved.
+_EXPIRE = """
+local t = redis.call('TIME')
+local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[1])
+if cutoff <= 0 then return 0 end
+local old = redis.call('XRANGE', KEYS[1], '-', tostring(cutoff), 'COUNT', ARGV[2])
+for _, e in ipairs(old) do
+  local fields = e[2]
+  local attempts = redis.call('HGET', KEYS[3], e[1]) or '0'
+  local extra = {'queued_id', e[1], 'reason', 'expired', 'status', '0', 'attempts', attempts}
+  for _, v in ipairs(extra) do
+    table.insert(fields, v)
+  end
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
+  redis.call('XACK', KEYS[1], 'replay', e[1])
+  redis.call('XDEL', KEYS[1], e[1])
+  redis.call('HDEL', KEYS[3], e[1])
+end
+return #old
 """
 
 # KEYS: dead, queue, dedupe. ARGV: dead id, retention_ms. The new queued id, or ''.
@@ -212,6 +237,7 @@ class DurableQueue:
         self._finish = r.register_script(_FINISH)
         self._dead_letter = r.register_script(_DEAD_LETTER)
         self._requeue = r.register_script(_REQUEUE)
+        self._expire = r.register_script(_EXPIRE)
         self._acquire_lease = r.register_script(redis_scripts.ACQUIRE_LEASE)
         self._renew_lease = r.register_script(redis_scripts.RENEW_LEASE)
         self._release_lease = r.register_script(redis_scripts.RELEASE_LEASE)
@@ -309,9 +335,12 @@ class DurableQueue:
             entries = await self._usable(app, mine[0][1] if mine else [])
             if entries:
                 return entries
-            _, claimed, _ = await self._redis.xautoclaim(
-                queue, GROUP, consumer, max(1, round(claim_idle * 1000)), "0-0", count=count
-            )
+            # Redis 7 answers [cursor, entries, deleted ids]; 6.2 has no third part.
+            claimed = (
+                await self._redis.xautoclaim(
+                    queue, GROUP, consumer, max(1, round(claim_idle * 1000)), "0-0", count=count
+                )
+            )[1]
             entries = await self._usable(app, claimed)
             if entries:
                 return entries
@@ -360,11 +389,23 @@ class DurableQueue:
         return attempt if then is not None else None
 
     async def dead_letter(
-        self, app: str, entry: QueuedRequest, reason: str, status: int, attempts: int
+        self,
+        app: str,
+        entry: QueuedRequest,
+        reason: str,
+        status: int,
+        attempts: int,
+        max_dead: int,
     ) -> None:
         keys = [self.key(app, "queue"), self.key(app, "dead"), self.key(app, "attempts")]
         async with self._guard("dead_letter"):
-            await self._dead_letter(keys, [entry.id, reason, status, attempts])
+            await self._dead_letter(keys, [entry.id, reason, status, attempts, max_dead])
+
+    async def expire(self, app: str, retention: float, max_dead: int, count: int = 100) -> int:
+        """Dead-letter up to `count` entries queued longer than `retention`; how many."""
+        keys = [self.key(app, "queue"), self.key(app, "dead"), self.key(app, "attempts")]
+        async with self._guard("expire"):
+            return int(await self._expire(keys, [round(retention * 1000), count, max_dead]))
 
     # -------------------------------------------------------------- operators
 
@@ -394,21 +435,30 @@ class DurableQueue:
         return _text(new_id) or None
 
     async def purge(self, app: str, which: str, entry_id: str = "") -> int:
-        """Delete one entry, or all, of the queue or the dead letters; the count removed."""
+        """Delete one entry, or all, of the queue or the dead letters; the count removed.
+
+        A purged request's dedupe record goes too, so a resend is queued afresh rather
+        than answered with the id of a request that is gone.
+        """
         stream = self.key(app, "queue" if which == "queued" else "dead")
-        async with self._guard("purge"):
-            if entry_id:
-                removed = int(await self._redis.xdel(stream, entry_id))
-                if which == "queued":
-                    await self._redis.xack(stream, GROUP, entry_id)
-                    await self._redis.hdel(self.key(app, "attempts"), entry_id)
+        removed = 0
+        start, end = (entry_id, entry_id) if entry_id else ("-", "+")
+        while True:  # in pages, so a large queue is never read into memory at once
+            async with self._guard("purge"):
+                page = await self._redis.xrange(stream, start, end, count=PURGE_PAGE)
+                entries = [_entry(i, f) for i, f in page]
+                pipe = self._redis.pipeline(transaction=False)
+                for entry in entries:
+                    pipe.delete(self.key(app, f"key:{entry.key}"))
+                    pipe.xdel(stream, entry.id)
+                    if which == "queued":
+                        pipe.xack(stream, GROUP, entry.id)
+                        pipe.hdel(self.key(app, "attempts"), entry.id)
+                await pipe.execute()
+            removed += len(entries)
+            if entry_id or len(entries) < PURGE_PAGE:
                 return removed
-            removed = int(await self._redis.xlen(stream))
-            if which == "queued":
-                await self._redis.delete(stream, self.key(app, "attempts"))
-            else:
-                await self._redis.delete(stream)
-            return removed
+            start = "(" + entries[-1].id
 
     async def aof_enabled(self) -> bool:
         async with self._guard("info"):

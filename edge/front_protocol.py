@@ -372,6 +372,8 @@ class FrontConnection(asyncio.Protocol):
             if ex.queue_limit:
                 if ex.body_buffered > ex.queue_limit:
                     raise _Reject(413, "request body too large to queue", "body")
+                if ex is self.current:  # reading it is the exchange: progress extends it
+                    self.deadline = self.loop.time() + self.ctx.upstream_idle_timeout
             elif ex.body_buffered > 65536:
                 self._pause_reading()
 
@@ -917,6 +919,8 @@ class FrontConnection(asyncio.Protocol):
     # ---------------------------------------------------------------- endings
 
     def _complete(self, ex: Exchange) -> None:
+        if ex.held >= 0:  # every ending gives back what a held or queued request reserved
+            self._unhold(ex)
         self._release_peer(ex)
         self._record(ex)
         self.current = None
@@ -1053,6 +1057,8 @@ class FrontConnection(asyncio.Protocol):
             ex = self.current
             if ex is None:
                 self._close()
+            elif ex.queue_waiting:  # the client stalled while sending a body to queue
+                self._reject(_Reject(408, "timed out reading the request body", "body_timeout"))
             elif ex.response_started:
                 self.ctx.stats.upstream_error(ex.app, "idle_timeout")
                 self._close(abort=True)

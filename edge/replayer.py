@@ -57,6 +57,11 @@ class Replayer:
         self._poke = asyncio.Event()
         self._stopping = False
         self._last_problem: dict[str, str] = {}  # logged once per app until it changes
+        self._lost_events: set[asyncio.Event] = set()  # one per app being replayed here
+
+    def _stop_all(self) -> None:
+        for event in self._lost_events:
+            event.set()
 
     def poke(self) -> None:
         """Something was queued here: scan now rather than within the second."""
@@ -79,6 +84,15 @@ class Replayer:
             queued, _ = await self.queue.depth(app.name)
             if not queued:
                 return
+            policy = app.replay
+            assert policy is not None
+            # Before any wake: what waited past its retention is dead-lettered even
+            # while the app cannot be woken, so the queue never fills with the expired.
+            expired = await self.queue.expire(
+                app.name, float(policy.retention), policy.max_dead_letters
+            )
+            for _ in range(expired):
+                self.count(app.name, "dead_lettered")
             target = await self.wake.ensure_hot(app.name, float(app.hold_timeout))
             lease = await self.queue.acquire_replayer(app.name, self.owner, LEASE_TTL)
             if lease is None:
@@ -100,7 +114,8 @@ class Replayer:
             self._last_problem.pop(app.name, None)
 
     async def _replay_holding(self, app: AppConfig, target: HotTarget) -> None:
-        lost = asyncio.Event()
+        lost = asyncio.Event()  # set when the lease is lost, or on shutdown
+        self._lost_events.add(lost)
         renewer = asyncio.get_running_loop().create_task(self._renew(app.name, lost))
         connection = ReplayConnection()
         try:
@@ -122,16 +137,19 @@ class Replayer:
                     if lost.is_set() or self._stopping:
                         return
                     if now_ms - id_ms(entry.id) > policy.retention * 1000:
-                        await self.queue.dead_letter(app.name, entry, "expired", 0, 0)
+                        await self.queue.dead_letter(
+                            app.name, entry, "expired", 0, 0, policy.max_dead_letters
+                        )
                         self.count(app.name, "dead_lettered")
                         begun = None
                         continue
                     after = batch[i + 1] if i + 1 < len(batch) else None
                     target, begun = await self._deliver(
-                        app, entry, target, connection, begun, after
+                        app, entry, target, connection, begun, after, lost
                     )
                 app = self.apps().get(app.name, app)  # a reload changes the policy
         finally:
+            self._lost_events.discard(lost)
             connection.close()
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -145,12 +163,15 @@ class Replayer:
         conn: ReplayConnection,
         begun: int | None,
         after: QueuedRequest | None,
+        lost: asyncio.Event,
     ) -> tuple[HotTarget, int | None]:
         """Deliver until done or dead-lettered. Returns the target for the next entry and,
         when the finish began `after` too, its attempt number."""
         policy = app.replay
         assert policy is not None
         while True:
+            if lost.is_set() or self._stopping:
+                return target, None  # the entry stays pending; whoever replays next has it
             attempt = begun if begun is not None else await self.queue.begin(app.name, entry)
             begun = None
             if attempt == 0:
@@ -182,10 +203,16 @@ class Replayer:
                 return target, then
             if outcome is Outcome.DEAD:
                 reason = error if attempt < policy.max_attempts else f"{attempt} attempts: {error}"
-                await self.queue.dead_letter(app.name, entry, reason, status or 0, attempt)
+                await self.queue.dead_letter(
+                    app.name, entry, reason, status or 0, attempt, policy.max_dead_letters
+                )
                 return target, None
             delay = retry_delay(attempt, float(policy.backoff_initial), float(policy.backoff_max))
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await lost.wait()  # a lost lease or a shutdown ends the back-off early
+            if self._stopping:
+                return target, None
             target = await self.wake.ensure_hot(app.name, float(app.hold_timeout))
 
     async def _renew(self, app: str, lost: asyncio.Event) -> None:
@@ -204,6 +231,7 @@ class Replayer:
         the app is not handed the same request again by the next replayer."""
         self._stopping = True
         self._poke.set()
+        self._stop_all()
         tasks = list(self._running.values())
         if tasks:
             await asyncio.wait(tasks, timeout=grace)

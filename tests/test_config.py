@@ -548,3 +548,9 @@ def test_shipped_configs_load() -> None:
 def test_replay_policy_with_the_memory_store_is_refused() -> None:
     err = config_error(COLD_APP + REPLAY)
     assert err.path == "apps[0].replay" and "redis://" in err.problem
+
+
+def test_replay_max_body_above_the_held_body_caps_is_refused() -> None:
+    big = REPLAY.replace('max_body = "1MiB"', 'max_body = "16MiB"')
+    err = config_error(REDIS + COLD_APP + QUEUE_RULE + big)
+    assert err.path == "apps[0].replay.max_body" and "held-body cap" in err.problem

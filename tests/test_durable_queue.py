@@ -164,7 +164,7 @@ async def test_other_consumers_pending_entries_wait_then_are_claimed(queue: Dura
 async def test_dead_letters_are_listed_requeued_and_purged(queue: DurableQueue) -> None:
     ids = [(await put(queue, f"k{i}")).id for i in range(3)]
     batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)
-    await queue.dead_letter("shop", batch[0], "status 400", 400, 1)  # type: ignore[index]
+    await queue.dead_letter("shop", batch[0], "status 400", 400, 1, 1000)  # type: ignore[index]
     assert await queue.depth("shop") == (2, 1)
     [dead] = await queue.list("shop", "dead", 10)
     assert (dead.queued_id, dead.reason, dead.status, dead.attempts, dead.key) == (
@@ -183,9 +183,44 @@ async def test_dead_letters_are_listed_requeued_and_purged(queue: DurableQueue) 
     assert await queue.purge("shop", "queued") == 2
     assert await queue.depth("shop") == (0, 0)
     assert await queue.next_batch("shop", "edge-a", claim_idle=60, count=10) == []
-    # The queue works again after a purge.
+    # The queue works again after a purge, and a purged request's key queues afresh.
     assert not (await put(queue, "k9")).duplicate
-    assert len(await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)) == 1  # type: ignore[arg-type]
+    assert not (await put(queue, "k1")).duplicate
+    assert len(await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)) == 2  # type: ignore[arg-type]
+
+
+async def test_purged_entries_are_not_delivered_and_large_purges_page(
+    queue: DurableQueue,
+) -> None:
+    await put(queue, "a")
+    [entry] = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)  # type: ignore[misc]
+    assert await queue.purge("shop", "queued", entry.id) == 1
+    assert await queue.begin("shop", entry) == 0  # in a replayer's batch already: skipped
+    for i in range(1203):
+        await put(queue, f"bulk{i}", max_queued=2000)
+    assert await queue.purge("shop", "queued") == 1203
+    assert await queue.depth("shop") == (0, 0)
+
+
+async def test_expired_entries_are_dead_lettered_and_dead_letters_are_capped(
+    queue: DurableQueue,
+) -> None:
+    for i in range(5):
+        await put(queue, f"old{i}")
+    await asyncio.sleep(0.3)
+    fresh = await put(queue, "fresh")
+    assert await queue.expire("shop", retention=0.2, max_dead=1000) == 5
+    assert [e.id for e in await queue.list("shop", "queued", 10)] == [fresh.id]
+    dead = await queue.list("shop", "dead", 10)
+    assert [d.reason for d in dead] == ["expired"] * 5
+    assert await queue.expire("shop", retention=60, max_dead=1000) == 0
+    for i in range(300):
+        await put(queue, f"many{i}", max_queued=1000)
+    batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=400)
+    for entry in batch:  # type: ignore[union-attr]
+        await queue.dead_letter("shop", entry, "status 400", 400, 1, 100)
+    queued, dead_count = await queue.depth("shop")
+    assert queued == 0 and 100 <= dead_count < 300  # MAXLEN ~: about the newest 100
 
 
 async def test_replayer_lease_is_exclusive(queue: DurableQueue) -> None:

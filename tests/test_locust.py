@@ -14,6 +14,8 @@ from helpers import ROOT
 REPORT = ROOT / "bench" / "stampede_report.py"
 SUMMARY_KEYS = {
     "requests",
+    "sent",
+    "unanswered",
     "by_status",
     "refused_503_by_reason",
     "lost",
@@ -29,14 +31,20 @@ SUMMARY_KEYS = {
 
 
 def report(out: Path, *args: str, timeout: float = 150) -> dict:
-    result = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, str(REPORT), "--out", str(out), "--workers", "2", *args],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
-        timeout=timeout,
     )
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # the report stops everything it started on SIGTERM
+        stdout, stderr = proc.communicate(timeout=30)
+        raise AssertionError(f"report still running after {timeout}s:\n{stderr[-3000:]}") from None
+    assert proc.returncode == 0, stdout + stderr[-3000:]
     for name in ("summary.json", "chart.png", "locust.html", "timeline.json", "outcomes.json"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -44,6 +52,8 @@ def report(out: Path, *args: str, timeout: float = 150) -> dict:
     assert set(summary) >= SUMMARY_KEYS, SUMMARY_KEYS - set(summary)
     assert summary["requests"] > 0
     assert summary["unaccounted"] == 0  # locust's count equals the outcomes counted
+    assert summary["unanswered"] == 0 and summary["sent"] == summary["requests"]
+    assert summary["interrupted"] == {}
     assert summary["lost"] == 0, summary["lost_by_kind"]
     assert summary["wakes_total"] >= 1
     return summary

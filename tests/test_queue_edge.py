@@ -435,3 +435,34 @@ async def test_reload_that_adds_a_queue_rule_starts_queueing(
     assert status == 202, body
     await delivered(hooks, 1)
     assert [d["queued_id"] for d in hooks.deliveries()] == [json.loads(body)["queued_id"]]
+
+
+async def test_a_stalled_upload_is_408_and_gives_back_what_it_reserved(
+    start_control_plane, start_edge, fresh_redis, session, tmp_path
+) -> None:
+    from helpers import connect, read_response
+    from helpers import send as send_raw
+
+    hooks = WebhookApp(tmp_path, start_delay=30)
+    cp = start_control_plane(apps=[hooks.spec])
+    edge = start_edge(
+        apps=[shop(max_held=2)],
+        edge={"store": fresh_redis},
+        upstream={"idle_timeout": "1s"},
+        sections={"control_plane": {"url": cp.url}},
+        env={"CONTROL_PLANE_TOKEN": CONTROL_PLANE_TOKEN},
+    )
+    for _ in range(3):  # more stalls than the app's max_held: each one must give back
+        reader, writer = await connect(edge.port)
+        head = (
+            "POST /hooks/pay HTTP/1.1\r\nHost: shop.localhost\r\nX-Event-Id: evt_stall\r\n"
+            "Content-Length: 1000\r\n\r\n"
+        )
+        await send_raw(writer, head.encode() + b"x" * 10)
+        response = await read_response(reader)
+        assert response.status == 408
+        writer.close()
+    status, _, _ = await send(session, edge, "evt_after")
+    assert status == 202  # not 503 hold_cap: nothing leaked
+    _, overview = await admin(session, edge, "GET", "/admin/queues")
+    assert overview["queues"][0]["queued"] == 1

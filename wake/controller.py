@@ -301,28 +301,40 @@ class WakeController:
         """Hold the budget slot (renewing it) until the control plane has the allocation
         past starting, or the readiness timeout: a slow or failing control plane must not
         free the slot early, or the region would start more apps at once than budgeted."""
-        deadline = self.clock() + spec.readiness_timeout
-        step = max(0.5, self.lease_ttl / 3)
+        step = max(0.5, min(self.lease_ttl, self.budget.slot_ttl) / 3)
+        renewer = asyncio.get_running_loop().create_task(self._keep_slot(holder))
         version: int | None = None
         try:
-            while (remaining := deadline - self.clock()) > 0:
-                try:
-                    if version is None:
-                        alloc = await self.client.get_allocation(allocation_id)
-                    else:
-                        alloc = await self.client.watch_allocation(
-                            allocation_id, version, timeout=min(step, remaining)
-                        )
-                    if alloc.state not in ("planned", "pulling", "starting"):
-                        return
-                    version = alloc.version
-                except ControlPlaneError:
-                    await asyncio.sleep(min(0.5, remaining))
-                with contextlib.suppress(Exception):
-                    await self.store.renew_budget(holder, self.budget)
+            # Bounded as a whole: one slow call cannot outlast the readiness timeout.
+            async with asyncio.timeout(spec.readiness_timeout):
+                while True:
+                    try:
+                        if version is None:
+                            alloc = await self.client.get_allocation(allocation_id)
+                        else:
+                            alloc = await self.client.watch_allocation(
+                                allocation_id, version, timeout=step
+                            )
+                        if alloc.state not in ("planned", "pulling", "starting"):
+                            return
+                        version = alloc.version
+                    except ControlPlaneError:
+                        await asyncio.sleep(0.5)
+        except TimeoutError:
+            pass
         finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
             with contextlib.suppress(Exception):
                 await self.store.release_budget(holder)
+
+    async def _keep_slot(self, holder: str) -> None:
+        """Renew a budget slot on its own schedule, whatever the calls around it take."""
+        while True:
+            await asyncio.sleep(self.budget.slot_ttl / 3)
+            with contextlib.suppress(Exception):
+                await self.store.renew_budget(holder, self.budget)
 
     async def _renew(self, app: str, lease: Lease, holder: str) -> None:
         while True:
