@@ -23,7 +23,7 @@ Custom events, on top of locust's own rows:
 With --outcomes-file FILE, the counts by outcome (and of requests sent) are
 written there as JSON when the run stops, so a report can check that every
 request sent got an answer. When the run stops, no new request is sent and
-those in flight get up to 75 s to be answered before locust stops its users.
+those in flight get up to 135 s to be answered before locust stops its users.
 Locust's "Aggregated" row adds the WAKE and 503 rows to the requests; read the
 per-request rows instead.
 """
@@ -52,7 +52,7 @@ IN_FLIGHT = [0]
 STOPPING = gevent.event.Event()
 # At the end of a run, requests in flight get this long to be answered before locust
 # stops the users (it kills users mid-request); above the edge's longest hold.
-DRAIN_TIMEOUT = 75.0
+DRAIN_TIMEOUT = 135.0
 _OUTCOMES_LOCK = threading.Lock()
 ALL_SPAWNED = gevent.event.Event()
 # Longest a stampede user waits for the others to spawn before it fires anyway.
@@ -176,7 +176,9 @@ class EdgeUser(FastHttpUser):
 
     abstract = True
     connection_timeout = 10.0
-    network_timeout = 70.0  # above the edge's longest hold (60 s in configs/stampede.toml)
+    # Above the edge's own bound on a request it holds (configs/stampede.toml: hold 60 s,
+    # then upstream response headers 60 s), so every answer is the edge's, not a guess.
+    network_timeout = 130.0
     scenario = "edge"
 
     def fetch(self, method: str, host: str, path: str, **kwargs: Any) -> None:

@@ -64,7 +64,7 @@ TINY_APP = REPO / "bench" / "apps" / "tiny_app.py"
 LOCUSTFILE = REPO / "bench" / "locustfile.py"
 BASE_CONFIG = REPO / "configs" / "stampede.toml"
 SAMPLE_EVERY = 0.5
-STOP_TIMEOUT = 90  # s; the locustfile drains in-flight requests for up to 75 s
+STOP_TIMEOUT = 150  # s; the locustfile drains in-flight requests for up to 135 s
 STARTING = frozenset({"planned", "pulling", "starting"})
 SCENARIOS = {
     "stampede": "SingleAppStampede",
@@ -278,6 +278,10 @@ def parse_metrics(text: str) -> dict[str, Any]:
                 out["held"] = sample.value
             elif sample.name == "edge_wake_budget_in_use":
                 out["budget_in_use"] = sample.value
+            elif sample.name == "edge_upstream_errors_total":
+                kind = sample.labels["kind"]
+                errors = out.setdefault("upstream_errors", {})
+                errors[kind] = errors.get(kind, 0) + sample.value
             elif sample.name == "edge_rejections_total":
                 reason = sample.labels["reason"]
                 out["rejections"][reason] = out["rejections"].get(reason, 0) + sample.value
@@ -503,6 +507,8 @@ def summarize(
         "wakes_per_app_max": max(wakes.values(), default=0),
         "wakes_per_app": dict(sorted(wakes.items())),
         "peak_held": max((s.get("held", 0) for s in samples), default=0),
+        # Why the edge answered 502/504 (its upstream errors by kind), if it did.
+        "edge_upstream_errors": last.get("upstream_errors", {}),
         "peak_wakes_in_flight": max((s.get("budget_in_use", 0) for s in samples), default=0),
         **journal_stats(journal, reload_wall),
         # Server-Timing wake;dur of every request that waited (locust's WAKE rows).

@@ -1059,6 +1059,10 @@ class FrontConnection(asyncio.Protocol):
                 self._close()
             elif ex.queue_waiting:  # the client stalled while sending a body to queue
                 self._reject(_Reject(408, "timed out reading the request body", "body_timeout"))
+            elif ex.held >= 0 and ex.upstream is None:
+                # Held while its app wakes (or being queued): that wait has its own
+                # bound (the hold timeout, the store's call timeout), not this one.
+                self.deadline = now + 1.0
             elif ex.response_started:
                 self.ctx.stats.upstream_error(ex.app, "idle_timeout")
                 self._close(abort=True)

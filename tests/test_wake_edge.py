@@ -168,6 +168,25 @@ async def test_hold_timeout_answers_503_and_the_wake_completes(
     assert len(await allocations(cp)) == 1
 
 
+async def test_a_hold_longer_than_the_upstream_idle_timeout_ends_with_503(
+    start_control_plane, start_edge, session
+) -> None:
+    # The upstream idle timeout bounds exchanges with an upstream; a held request has
+    # none yet, and its own bound (the hold timeout) decides: 503 + Retry-After, never 504.
+    slow = sample_app_spec(
+        "shop", command=sample_app_spec("shop")["command"] + ["--start-delay", "10"]
+    )
+    cp = start_control_plane(apps=[slow])
+    edge = edge_for(
+        start_edge, cp, [scale_to_zero_app(hold_timeout="2500ms")], upstream={"idle_timeout": "1s"}
+    )
+    started = asyncio.get_running_loop().time()
+    status, headers, _ = await get(session, edge)
+    assert status == 503 and headers["X-Edge-Error"] == "hold_timeout", headers
+    assert int(headers["Retry-After"]) >= 1
+    assert asyncio.get_running_loop().time() - started >= 2.0
+
+
 async def test_idle_app_sleeps_and_wakes_again(start_control_plane, start_edge, session) -> None:
     cp = start_control_plane(apps=[sample_app_spec("shop", drain_grace="1s")])
     edge = edge_for(start_edge, cp, [scale_to_zero_app(idle_timeout="1s")])
