@@ -194,6 +194,17 @@ def redis_server(tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.fixture
+async def fresh_redis(redis_server: str) -> str:
+    """The session's redis-server, emptied for this test."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(redis_server)
+    await client.flushall()
+    await client.aclose()
+    return redis_server
+
+
+@pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
     """A redis-server of this test's own, to stop, pause or restart."""
     server = RedisProcess(tmp_path / "own-redis")

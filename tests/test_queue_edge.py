@@ -13,7 +13,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 from conftest import CONTROL_PLANE_TOKEN, sample_app_spec
 from helpers import eventually, free_port, metric_sum
 
@@ -73,14 +72,6 @@ class WebhookApp:
         if not self.record.exists():
             return []
         return [json.loads(line) for line in self.record.read_text().splitlines() if line]
-
-
-@pytest.fixture
-async def fresh_redis(redis_server: str) -> str:
-    client = aioredis.from_url(redis_server)
-    await client.flushall()
-    await client.aclose()
-    return redis_server
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 from conftest import CONTROL_PLANE_TOKEN, ROOT, sample_app_spec
 from helpers import eventually, to_toml
 
@@ -49,14 +48,6 @@ def _many_files() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-@pytest.fixture
-async def fresh_redis(redis_server: str) -> str:
-    client = aioredis.from_url(redis_server)
-    await client.flushall()
-    await client.aclose()
-    return redis_server
 
 
 @pytest.fixture
