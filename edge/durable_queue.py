@@ -40,40 +40,46 @@ redis.call('SET', KEYS[2], id, 'PX', ARGV[1])
 return {'new', id}
 """
 
-# KEYS: queue, done, attempts. ARGV: id. 0 when already delivered or purged (then
-# acked and removed), else this delivery's attempt number.
-_BEGIN = """
-if redis.call('EXISTS', KEYS[2]) == 1 or #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then
-  redis.call('XACK', KEYS[1], 'replay', ARGV[1])
-  redis.call('XDEL', KEYS[1], ARGV[1])
-  redis.call('HDEL', KEYS[3], ARGV[1])
-  return 0
+# Shared by the scripts below: an entry leaves the queue (acked, deleted, its attempt
+# count dropped); `begin` counts a delivery attempt, or retires an entry already
+# delivered (done record) or purged, answering 0.
+_ENTRY_LIB = """
+local function retire(queue, attempts, id)
+  redis.call('XACK', queue, 'replay', id)
+  redis.call('XDEL', queue, id)
+  redis.call('HDEL', attempts, id)
 end
-return redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
+local function begin(queue, done, attempts, id)
+  if redis.call('EXISTS', done) == 1 or #redis.call('XRANGE', queue, id, id) == 0 then
+    retire(queue, attempts, id)
+    return 0
+  end
+  return redis.call('HINCRBY', attempts, id, 1)
+end
 """
+
+# KEYS: queue, done, attempts. ARGV: id. This delivery's attempt number, or 0.
+_BEGIN = _ENTRY_LIB + "return begin(KEYS[1], KEYS[2], KEYS[3], ARGV[1])\n"
 
 # KEYS: queue, done, attempts[, next done]. ARGV: id, retention_ms[, next id].
 # Delivered: the done record and the ack in one step, so no edge can die between
 # them. With a next entry, also its `begin` (saving a round trip and an fsync):
 # returns its attempt number (0: delivered already), else -1.
-_FINISH = """
+_FINISH = (
+    _ENTRY_LIB
+    + """
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-redis.call('XACK', KEYS[1], 'replay', ARGV[1])
-redis.call('XDEL', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
+retire(KEYS[1], KEYS[3], ARGV[1])
 if not ARGV[3] then return -1 end
-if redis.call('EXISTS', KEYS[4]) == 1 or #redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3]) == 0 then
-  redis.call('XACK', KEYS[1], 'replay', ARGV[3])
-  redis.call('XDEL', KEYS[1], ARGV[3])
-  redis.call('HDEL', KEYS[3], ARGV[3])
-  return 0
-end
-return redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
+return begin(KEYS[1], KEYS[4], KEYS[3], ARGV[3])
 """
+)
 
 # KEYS: queue, dead, attempts. ARGV: id, reason, status, attempts, max dead letters.
 # Moves the entry; the dead letters keep the newest `max dead letters` (approximately).
-_DEAD_LETTER = """
+_DEAD_LETTER = (
+    _ENTRY_LIB
+    + """
 local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
 if #found == 1 then
   local fields = found[1][2]
@@ -87,16 +93,17 @@ if #found == 1 then
   table.insert(fields, ARGV[4])
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', unpack(fields))
 end
-redis.call('XACK', KEYS[1], 'replay', ARGV[1])
-redis.call('XDEL', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
+retire(KEYS[1], KEYS[3], ARGV[1])
 return #found
 """
+)
 
 # KEYS: queue, dead, attempts. ARGV: retention_ms, count, max dead letters. Moves up to
 # `count` entries queued longer than the retention (by server time) to the dead
 # letters as "expired"; how many it moved.
-_EXPIRE = """
+_EXPIRE = (
+    _ENTRY_LIB
+    + """
 local t = redis.call('TIME')
 local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[1])
 if cutoff <= 0 then return 0 end
@@ -109,12 +116,11 @@ for _, e in ipairs(old) do
     table.insert(fields, v)
   end
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
-  redis.call('XACK', KEYS[1], 'replay', e[1])
-  redis.call('XDEL', KEYS[1], e[1])
-  redis.call('HDEL', KEYS[3], e[1])
+  retire(KEYS[1], KEYS[3], e[1])
 end
 return #old
 """
+)
 
 # KEYS: dead, queue, dedupe. ARGV: dead id, retention_ms. The new queued id, or ''.
 _REQUEUE = """

@@ -90,7 +90,6 @@ class Exchange:
         "method",
         "path",
         "peer",
-        "queue_head",
         "queue_key",
         "queue_limit",
         "queue_waiting",
@@ -135,7 +134,6 @@ class Exchange:
         self.retried = False
         self.held = -1  # body bytes reserved while held or queued; -1 when neither
         self.queue_limit = 0  # body limit of a request to be queued; 0: not queued
-        self.queue_head = b""
         self.queue_key = ""
         self.queue_waiting = False
         self.waited_ms = -1.0
@@ -449,21 +447,11 @@ class FrontConnection(asyncio.Protocol):
             client_ip=self.client_ip_bytes,
             scheme=ctx.scheme,
             request_id=ex.request_id,
-            body=framing,
+            # A queued request never goes upstream from here: it is replayed later
+            # with its own Content-Length, whatever framing it came with.
+            body=b"" if ex.queue_limit else framing,
             upgrade=ex.upgrade,
         )
-        if ex.queue_limit:
-            # Replayed later with its own Content-Length, whatever framing it came with.
-            ex.queue_head = build_request_head(
-                method,
-                target,
-                fields,
-                host=host_value,
-                client_ip=self.client_ip_bytes,
-                scheme=ctx.scheme,
-                request_id=ex.request_id,
-                body=b"",
-            )
 
     # -------------------------------------------------------------- forwarding
 
@@ -672,7 +660,7 @@ class FrontConnection(asyncio.Protocol):
                 ex.app,
                 method=ex.method,
                 path=ex.path,
-                head=ex.queue_head,
+                head=ex.head,
                 body=body,
                 key=ex.queue_key or body_key(ex.method, ex.path, body),
                 arrived=time.time(),
