@@ -71,7 +71,7 @@ from stampede import (
 )
 from throughput import find_tool, machine_info, parse_wrk, tool_version
 
-from edge.route_table import apply_changes, from_snapshot
+from edge.routing.route_table import apply_changes, from_snapshot
 from scheduler_client.models import AppRoute, Region, RouteChange, RouteSnapshot, RouteTarget
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""scheduler_client.app_process against real subprocesses of bench/apps/sample_app.py.
+"""scheduler_client.local.app_process against real subprocesses of bench/apps/sample_app.py.
 
 Every process runs on a free 127.0.0.1 port and is killed at teardown; every wait
 is bounded. Assertions are about behaviour (ready or not, exit codes, headers,
@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 from helpers import ROOT, eventually
 
-from scheduler_client.app_process import (
+from scheduler_client.local.app_process import (
     AppProcess,
     file_digest,
     free_port,
@@ -30,7 +30,7 @@ from scheduler_client.app_process import (
     render_command,
     verify_artifact,
 )
-from scheduler_client.controlplane_config import AppSpec
+from scheduler_client.local.config import AppSpec
 
 SAMPLE_APP = ROOT / "bench" / "apps" / "sample_app.py"
 READY_TIMEOUT = 20.0

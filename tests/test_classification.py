@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge.classification import classify, facts_from, make_rule
+from edge.routing.classification import classify, facts_from, make_rule
 
 
 def facts(method: str = "GET", target: str = "/", host: str = "shop.localhost", **headers: str):

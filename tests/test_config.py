@@ -1,4 +1,4 @@
-"""edge.config: strict TOML decoding, one clear error per problem, and `edge check`."""
+"""edge.server.config: strict TOML decoding, one clear error per problem, and `edge check`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from helpers import run_edge_cli
 
-from edge.config import ConfigError, effective_config, load_config, load_config_text
+from edge.server.config import ConfigError, effective_config, load_config, load_config_text
 from scheduler_client.config_file import parse_duration, parse_size, render_toml
 
 FILE = "edge-test.toml"
@@ -538,7 +538,7 @@ def test_check_warns_when_redis_has_no_aof(tmp_path: Path, own_redis) -> None:
 def test_shipped_configs_load() -> None:
     from helpers import ROOT
 
-    from edge.config import replay_apps
+    from edge.server.config import replay_apps
 
     production = load_config(ROOT / "configs" / "production.example.toml")
     assert list(replay_apps(production)) == ["payments"]

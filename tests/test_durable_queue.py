@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from edge.durable_queue import DurableQueue, QueueFull
-from edge.replay_policy import Outcome, body_key, header_key, outcome_of, retry_delay
-from wake.state_store import StoreUnavailable
+from edge.queue.durable_queue import DurableQueue, QueueFull
+from edge.queue.replay_policy import Outcome, body_key, header_key, outcome_of, retry_delay
+from wake.store.protocol import StoreUnavailable
 
 HEAD = b"POST /hooks/pay HTTP/1.1\r\nHost: shop.localhost\r\n\r\n"
 

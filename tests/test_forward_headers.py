@@ -1,10 +1,10 @@
-"""Header rewriting without sockets: the sans-I/O functions in edge.forward_headers."""
+"""Header rewriting without sockets: the sans-I/O functions in edge.http.forward_headers."""
 
 from __future__ import annotations
 
 import pytest
 
-from edge.forward_headers import (
+from edge.http.forward_headers import (
     BODY_CHUNKED,
     BODY_EOF,
     BODY_LENGTH,

@@ -1,10 +1,15 @@
-"""Pure unit tests of edge.host_pattern: normalisation, Host header parsing, lookup order."""
+"""Pure unit tests of edge.http.host_pattern: normalisation, Host header parsing, lookup order."""
 
 from __future__ import annotations
 
 import pytest
 
-from edge.host_pattern import HostPatternError, HostTable, host_from_header, normalize_host_pattern
+from edge.http.host_pattern import (
+    HostPatternError,
+    HostTable,
+    host_from_header,
+    normalize_host_pattern,
+)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import msgspec
 import yaml
 
 from scheduler_client import models
-from scheduler_client.controlplane_server import build_app
+from scheduler_client.local.server import build_app
 
 SPEC = Path(__file__).resolve().parent.parent / "scheduler_client" / "openapi.yaml"
 

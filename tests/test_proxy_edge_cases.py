@@ -512,7 +512,7 @@ async def test_http10_client_keep_alive(proxy, raw) -> None:
 async def test_close_delimited_response_to_http11_client_is_rechunked(proxy, raw) -> None:
     """Upstream body ends by closing; an HTTP/1.1 client needs it chunked, and complete.
 
-    Suspected bug: edge/front_protocol.py upstream_lost() (~line 522) treats the
+    Suspected bug: edge/http/front_protocol.py upstream_lost() (~line 522) treats the
     upstream's close as the normal end only when `response_eof` is set, which
     build_response_head sets for HTTP/1.0 clients only; for an HTTP/1.1 client the
     end of a close-delimited body is counted as 'reset_mid_response' and the client
@@ -608,7 +608,7 @@ async def test_pipelined_unknown_host_answered_after_first(proxy, raw) -> None:
 async def test_pipelined_malformed_request_answered_after_first(proxy, raw) -> None:
     """A malformed request pipelined behind a good one: the good one's response first.
 
-    Suspected bug: edge/front_protocol.py _reject() (~line 606-630). The parse error
+    Suspected bug: edge/http/front_protocol.py _reject() (~line 606-630). The parse error
     happens while `self.parsing` is None (the bad request never reached
     headers-complete), so _reject builds a fresh Exchange, writes the 400 to the
     client at once and closes; the in-flight response to the first request is
@@ -635,7 +635,7 @@ async def test_pipelined_malformed_request_answered_after_first(proxy, raw) -> N
 async def test_pipelined_expect_continue_not_sent_before_earlier_response(proxy, raw) -> None:
     """'100 Continue' for a pipelined request must not precede the response ahead of it.
 
-    Suspected bug: edge/front_protocol.py _prepare() (~line 362-364) appends the
+    Suspected bug: edge/http/front_protocol.py _prepare() (~line 362-364) appends the
     100 Continue to the shared `self.out` when the pipelined request's head is
     parsed; the next flush writes it before (or into the middle of) the response
     to the earlier request.
@@ -688,7 +688,7 @@ async def test_pipelined_head_then_get(proxy, raw) -> None:
     "te_headers",
     [
         [("Transfer-Encoding", "gzip, chunked")],
-        # Suspected bug: edge/forward_headers.py RequestFields (~line 420-422) keeps only the
+        # Suspected bug: edge/http/forward_headers.py RequestFields (~line 420-422) keeps only the
         # last Transfer-Encoding field, so 'gzip' in an earlier field is silently dropped
         # and the request is forwarded as plain chunked.
         [("Transfer-Encoding", "gzip"), ("Transfer-Encoding", "chunked")],
@@ -779,7 +779,7 @@ async def test_websocket_large_frames(proxy, upstream) -> None:
 async def test_early_bytes_after_upgrade_request_not_smuggled(proxy, raw_servers) -> None:
     """Bytes after an Upgrade request must not reach the upstream before it says 101.
 
-    Suspected bug: edge/front_protocol.py data_received() (~line 210-218) stashes
+    Suspected bug: edge/http/front_protocol.py data_received() (~line 210-218) stashes
     everything after an Upgrade request's head in `early_tunnel`, and _send()
     (~line 435-437) writes it raw to the upstream right after the head. An upstream
     that does not switch protocols parses it as another request: it bypasses
@@ -814,7 +814,7 @@ async def test_early_bytes_after_upgrade_request_not_smuggled(proxy, raw_servers
 async def test_failed_upgrade_connection_not_reused_for_another_client(proxy, raw_servers) -> None:
     """After an upgrade the upstream refused, its connection must not serve another client.
 
-    Suspected bug: edge/front_protocol.py upstream_end() (~line 490) returns the
+    Suspected bug: edge/http/front_protocol.py upstream_end() (~line 490) returns the
     connection to the pool when the upstream answered a non-101 to an Upgrade
     request, although raw client bytes (early_tunnel) were written on it. Here they
     are a slow request; its response then goes to the next client using the
@@ -847,7 +847,7 @@ async def test_failed_upgrade_connection_not_reused_for_another_client(proxy, ra
 async def test_bytes_after_response_end_poison_no_pooled_connection(proxy, raw_servers) -> None:
     """Bytes beyond a response's end, in the same read, must make the connection unusable.
 
-    Suspected bug: edge/upstream_pool.py on_message_complete() -> front upstream_end()
+    Suspected bug: edge/upstream/pool.py on_message_complete() -> front upstream_end()
     (~line 490) gives the connection back to the pool from inside the parser callback;
     httptools then parses the rest of the same read (here the head of a response
     nobody asked for) with no owner, leaving the pooled connection's parser mid-body.
@@ -872,7 +872,7 @@ async def test_bytes_after_response_end_poison_no_pooled_connection(proxy, raw_s
 async def test_101_to_a_request_that_did_not_ask_is_not_a_tunnel(proxy, raw_servers) -> None:
     """An upstream switching protocols unasked must not turn the client connection into a tunnel.
 
-    Suspected bug: edge/upstream_pool.py data_received() (~line 88-90) treats any
+    Suspected bug: edge/upstream/pool.py data_received() (~line 88-90) treats any
     101 as an upgrade, and front upstream_upgraded() (~line 496-508) makes the
     client connection a raw tunnel without checking `ex.upgrade`; upstream_head()
     has already sent the client a '101' head with 'Transfer-Encoding: chunked'.
@@ -894,7 +894,7 @@ async def test_101_to_a_request_that_did_not_ask_is_not_a_tunnel(proxy, raw_serv
 
 
 async def test_options_asterisk_without_host_is_400(proxy, raw) -> None:
-    """Suspected bug: edge/front_protocol.py _absolute_form() (~line 700) returns the
+    """Suspected bug: edge/http/front_protocol.py _absolute_form() (~line 700) returns the
     Host value (None here) for '*', and _prepare() (~line 340) calls
     ctx.route_for(None) -> host_from_header(None) -> AttributeError inside the
     parser callback; data_received re-raises it (~line 224), so the worker logs a
@@ -907,7 +907,7 @@ async def test_options_asterisk_without_host_is_400(proxy, raw) -> None:
 async def test_oversized_head_counted_once(proxy, raw) -> None:
     """One rejected request, one count in edge_requests.
 
-    Suspected bug: edge/front_protocol.py data_received() (~line 219-229): after a
+    Suspected bug: edge/http/front_protocol.py data_received() (~line 219-229): after a
     _Reject raised inside a parser callback is handled there is no `return`, so the
     head-size check below runs too and _reject() records the same request again.
     """
@@ -926,7 +926,7 @@ async def test_oversized_head_counted_once(proxy, raw) -> None:
 def test_request_trailer_section_is_bounded(proxy, raw) -> None:
     """Trailer fields of a chunked request must be size-limited like header fields.
 
-    Suspected bug: edge/front_protocol.py on_header() (~line 256) ignores trailers
+    Suspected bug: edge/http/front_protocol.py on_header() (~line 256) ignores trailers
     without counting them, and data_received() counts `head_bytes` only while no
     body is being parsed; httptools accumulates an unterminated field value in
     memory, so a client can make the worker buffer any amount (here 24 MiB).
@@ -954,7 +954,7 @@ def test_request_trailer_section_is_bounded(proxy, raw) -> None:
 async def test_client_abort_during_connect_releases_in_flight(proxy, raw_servers) -> None:
     """A client that resets while its upstream connect is pending must not leak `in_flight`.
 
-    Suspected bug: edge/front_protocol.py connection_lost() (~line 170-178) calls
+    Suspected bug: edge/http/front_protocol.py connection_lost() (~line 170-178) calls
     _release_peer only when `ex.upstream` is set; while connecting it is None, and
     neither _connect_then_send() (~line 411-413, client gone) nor _upstream_failed()
     (~line 582, returns early) releases it later. The leaked count skews
@@ -1014,7 +1014,7 @@ def short_edge(start_edge, raw):
 async def test_steady_response_body_outlives_idle_timeout(short_edge, raw) -> None:
     """A body that keeps flowing (1 KB every 0.25 s for 3 s) is not idle.
 
-    Suspected bug: edge/front_protocol.py upstream_body() (~line 474-481) never
+    Suspected bug: edge/http/front_protocol.py upstream_body() (~line 474-481) never
     pushes the EXCHANGE deadline forward (only upstream_head() sets it, ~line 453),
     so idle_timeout bounds the whole response body, not the silence in it; any
     download longer than idle_timeout is aborted.
@@ -1035,7 +1035,7 @@ async def test_steady_response_body_outlives_idle_timeout(short_edge, raw) -> No
 async def test_pipelined_partial_head_gets_header_deadline(short_edge, raw) -> None:
     """A partial request head pipelined behind a complete request must meet header_timeout.
 
-    Suspected bug: edge/front_protocol.py on_message_begin() (~line 247) arms the
+    Suspected bug: edge/http/front_protocol.py on_message_begin() (~line 247) arms the
     header deadline only from IDLE; a head begun during an exchange gets none, and
     _complete() (~line 566) then arms IDLE with keepalive_timeout (30 s here), so
     a slowloris head survives 30 s instead of 1 s.

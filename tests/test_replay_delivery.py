@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from edge.replay_delivery import DeliveryFailed, ReplayConnection
+from edge.queue.replay_delivery import DeliveryFailed, ReplayConnection
 
 HEAD = b"POST /hooks/a HTTP/1.1\r\nHost: shop.localhost\r\n\r\n"
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge.route_table import Outcome, apply_changes, from_snapshot
+from edge.routing.route_table import Outcome, apply_changes, from_snapshot
 from scheduler_client.models import AppRoute, RouteChange, RouteSnapshot, RouteTarget
 
 

@@ -19,10 +19,10 @@ from conftest import RedisProcess
 from redis.crc import key_slot
 
 from wake.budget import BudgetLimits
-from wake.memory_store import MemoryStore
-from wake.redis_store import RedisStore, StoreUnavailable
-from wake.state_store import AppWakeState, Transition, WakeStore
-from wake.store_url import open_store
+from wake.store.memory import MemoryStore
+from wake.store.protocol import AppWakeState, Transition, WakeStore
+from wake.store.redis_backend import RedisStore, StoreUnavailable
+from wake.store.url import open_store
 
 LIMITS = BudgetLimits(
     max_concurrent_wakes=2, max_wakes_per_second=100.0, tenant_max_concurrent_wakes=5, slot_ttl=10

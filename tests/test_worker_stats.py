@@ -6,8 +6,8 @@ from pathlib import Path
 
 from helpers import metric_sum
 
-from edge.metrics import render_metrics
-from edge.worker_stats import WorkerStats, read_snapshots, write_snapshot
+from edge.ops.metrics import render_metrics
+from edge.ops.worker_stats import WorkerStats, read_snapshots, write_snapshot
 
 
 def test_snapshots_of_all_workers_are_summed(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from scheduler_client.http_probe import http_get
 from scheduler_client.models import Allocation, ControlPlaneError
 from wake.budget import BudgetLimits
 from wake.machine import WAKE
-from wake.state_store import AppWakeState, Lease, Transition, WakeStore
+from wake.store.protocol import AppWakeState, Lease, Transition, WakeStore
 
 PROBE_FIRST = 0.005
 PROBE_MAX = 0.25

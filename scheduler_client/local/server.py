@@ -18,9 +18,9 @@ import msgspec
 from aiohttp import web
 
 from scheduler_client.config_file import ConfigError, parse_address
-from scheduler_client.controlplane import ControlPlane
-from scheduler_client.controlplane_config import load_controlplane_config, read_token
-from scheduler_client.controlplane_store import ControlPlaneStore
+from scheduler_client.local.config import load_controlplane_config, read_token
+from scheduler_client.local.controlplane import ControlPlane
+from scheduler_client.local.store import ControlPlaneStore
 from scheduler_client.machine_spec import IllegalTransition
 from scheduler_client.models import (
     BadRequest,

@@ -16,7 +16,7 @@ import msgspec
 
 from wake import budget
 from wake.budget import BudgetDecision, BudgetLimits, BudgetUsage
-from wake.state_store import AppWakeState, Lease, Transition
+from wake.store.protocol import AppWakeState, Lease, Transition
 
 JOURNAL_LIMIT = 10_000
 

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import msgspec
 
-from scheduler_client.app_process import (
+from scheduler_client.local.app_process import (
     AppProcess,
     free_port,
     missing_secrets,
     verify_artifact,
 )
-from scheduler_client.controlplane_config import AppSpec, ControlPlaneConfig
-from scheduler_client.controlplane_store import ControlPlaneStore
+from scheduler_client.local.config import AppSpec, ControlPlaneConfig
+from scheduler_client.local.store import ControlPlaneStore
 from scheduler_client.machines import ALLOCATION, HOST_DRAIN, PROMOTION, REGION
 from scheduler_client.models import (
     Allocation,

@@ -12,7 +12,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from wake.state_store import StoreUnavailable
+from wake.store.protocol import StoreUnavailable
 
 
 def bounded_client(

@@ -36,8 +36,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
-from scheduler_client.controlplane_config import AppSpec
 from scheduler_client.http_probe import http_get
+from scheduler_client.local.config import AppSpec
 
 HOST = "127.0.0.1"
 _CHUNK = 1024 * 1024

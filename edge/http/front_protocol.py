@@ -31,9 +31,7 @@ from httptools import (
     HttpRequestParser,
 )
 
-from edge.classification import classify, facts_from
-from edge.durable_queue import QueueFull
-from edge.forward_headers import (
+from edge.http.forward_headers import (
     BODY_CHUNKED,
     BODY_EOF,
     BODY_RECHUNKED_EOF,
@@ -44,14 +42,16 @@ from edge.forward_headers import (
     queued_response,
     starting_page,
 )
-from edge.host_pattern import host_from_header
-from edge.replay_policy import body_key, header_key
-from edge.upstream_pool import UpstreamConnection, UpstreamPeer
+from edge.http.host_pattern import host_from_header
+from edge.queue.durable_queue import QueueFull
+from edge.queue.replay_policy import body_key, header_key
+from edge.routing.classification import classify, facts_from
+from edge.upstream.pool import UpstreamConnection, UpstreamPeer
 from wake.controller import WakeRefused
-from wake.state_store import StoreUnavailable
+from wake.store.protocol import StoreUnavailable
 
 if TYPE_CHECKING:
-    from edge.worker_context import AppRoute, WorkerContext
+    from edge.server.worker_context import AppRoute, WorkerContext
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _SAFE_TO_HOLD = frozenset({b"GET", b"HEAD", b"OPTIONS"})

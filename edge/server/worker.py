@@ -14,20 +14,20 @@ from pathlib import Path
 
 import uvloop
 
-from edge.access_log import open_access_log
-from edge.admin import AdminState, start_admin
-from edge.config import Config, ConfigError, load_config, replay_apps
-from edge.durable_queue import DurableQueue
-from edge.front_protocol import FrontConnection
-from edge.replayer import Replayer
-from edge.route_follower import RouteFollower
-from edge.route_table import RouteTable
-from edge.worker_context import WorkerContext, budget_limits, wake_specs
-from edge.worker_stats import write_snapshot
+from edge.http.access_log import open_access_log
+from edge.http.front_protocol import FrontConnection
+from edge.ops.admin import AdminState, start_admin
+from edge.ops.worker_stats import write_snapshot
+from edge.queue.durable_queue import DurableQueue
+from edge.queue.replayer import Replayer
+from edge.routing.route_follower import RouteFollower
+from edge.routing.route_table import RouteTable
+from edge.server.config import Config, ConfigError, load_config, replay_apps
+from edge.server.worker_context import WorkerContext, budget_limits, wake_specs
 from scheduler_client.client import ControlPlaneClient
 from scheduler_client.config_file import parse_address, read_secret
 from wake.controller import WakeController
-from wake.store_url import open_store
+from wake.store.url import open_store
 
 SWEEP_INTERVAL = 0.25
 SNAPSHOT_EVERY = 2  # sweeps

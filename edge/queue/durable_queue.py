@@ -17,9 +17,9 @@ import contextlib
 import msgspec
 from redis.exceptions import ResponseError
 
-from wake import redis_scripts
-from wake.redis_connection import bounded_client, guarded
-from wake.state_store import Lease, StoreUnavailable
+from wake.store import redis_scripts
+from wake.store.protocol import Lease, StoreUnavailable
+from wake.store.redis_connection import bounded_client, guarded
 
 GROUP = "replay"
 PURGE_PAGE = 500

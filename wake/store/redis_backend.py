@@ -6,7 +6,7 @@ Cluster slot:
   `edge:{app}:state` (HASH data/token/version), `edge:{app}:seen` (server ms),
   channel `edge:{app}:changed`;
 - region budget: `edge:{budget}:slots|slot_tenant|waiting|waiting_until|
-  waiting_tenant|seq|bucket` (see wake/redis_scripts.py);
+  waiting_tenant|seq|bucket` (see wake/store/redis_scripts.py);
 - journal: the capped stream `edge:{journal}`.
 
 Every call is bounded (socket timeouts plus an overall per-call deadline) and any
@@ -26,10 +26,10 @@ from collections.abc import Iterable
 
 import msgspec
 
-from wake import redis_scripts
 from wake.budget import BudgetDecision, BudgetLimits, BudgetUsage
-from wake.redis_connection import bounded_client, guarded
-from wake.state_store import AppWakeState, Lease, StoreUnavailable, Transition
+from wake.store import redis_scripts
+from wake.store.protocol import AppWakeState, Lease, StoreUnavailable, Transition
+from wake.store.redis_connection import bounded_client, guarded
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from wake.memory_store import JOURNAL_LIMIT, MemoryStore
-from wake.state_store import WakeStore
+from wake.store.memory import JOURNAL_LIMIT, MemoryStore
+from wake.store.protocol import WakeStore
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
@@ -19,7 +19,7 @@ def open_store(
     if url.startswith("memory://"):
         return MemoryStore(journal_limit=journal_limit)
     if url.startswith(REDIS_SCHEMES):
-        from wake.redis_store import RedisStore  # redis-py only when it is used
+        from wake.store.redis_backend import RedisStore  # redis-py only when it is used
 
         return RedisStore(url, journal_limit=journal_limit, key_prefix=key_prefix)
     raise ValueError(f"unknown store {url!r}: expected memory://, redis://, rediss:// or unix://")

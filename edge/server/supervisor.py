@@ -10,8 +10,8 @@ import sys
 import tempfile
 import time
 
-from edge.config import ConfigError, check_store_for_workers, load_config
-from edge.worker import listen_socket
+from edge.server.config import ConfigError, check_store_for_workers, load_config
+from edge.server.worker import listen_socket
 
 RESTART_BACKOFF = 1.0
 CRASH_LOOP_LIMIT = 5  # quick exits in a row before the supervisor gives up

@@ -20,12 +20,12 @@ import os
 import sys
 from collections.abc import Callable
 
-from edge.config import AppConfig
-from edge.durable_queue import DurableQueue, QueuedRequest, id_ms
-from edge.replay_delivery import DeliveryFailed, ReplayConnection
-from edge.replay_policy import Outcome, outcome_of, retry_delay
+from edge.queue.durable_queue import DurableQueue, QueuedRequest, id_ms
+from edge.queue.replay_delivery import DeliveryFailed, ReplayConnection
+from edge.queue.replay_policy import Outcome, outcome_of, retry_delay
+from edge.server.config import AppConfig
 from wake.controller import HotTarget, WakeController
-from wake.state_store import StoreUnavailable
+from wake.store.protocol import StoreUnavailable
 
 SCAN_INTERVAL = 1.0
 LEASE_TTL = 10.0

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from edge.route_table import Outcome, RouteTable, apply_changes, from_snapshot
+from edge.routing.route_table import Outcome, RouteTable, apply_changes, from_snapshot
 from scheduler_client.client import ControlPlaneClient
 from scheduler_client.models import ControlPlaneError, Gone, Region
 

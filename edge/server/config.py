@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from edge.host_pattern import HostPatternError, normalize_host_pattern
+from edge.http.host_pattern import HostPatternError, normalize_host_pattern
 from scheduler_client.config_file import (
     ByteSize,
     ConfigError,

@@ -9,7 +9,7 @@ import time
 import urllib.error
 import urllib.request
 
-from edge.config import Config, ConfigError, effective_config, load_config, replay_apps
+from edge.server.config import Config, ConfigError, effective_config, load_config, replay_apps
 from scheduler_client.config_file import parse_address, render_toml
 
 
@@ -20,8 +20,8 @@ def _durability_warning(config: Config) -> str | None:
         return None
     import asyncio
 
-    from edge.durable_queue import DurableQueue
-    from wake.state_store import StoreUnavailable
+    from edge.queue.durable_queue import DurableQueue
+    from wake.store.protocol import StoreUnavailable
 
     async def aof() -> bool:
         queue = DurableQueue(config.edge.store, op_timeout=3.0)
@@ -221,14 +221,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--window must be between 0 and 60 seconds")
         return _status(args.config, args.json, args.window)
     if args.command == "run":
-        from edge.supervisor import run as run_edge
+        from edge.server.supervisor import run as run_edge
 
         return run_edge(args.config, args.workers)
     if args.command == "controlplane":
-        from scheduler_client.controlplane_server import run as run_controlplane
+        from scheduler_client.local.server import run as run_controlplane
 
         return run_controlplane(args.config)
-    from edge.worker import run_worker
+    from edge.server.worker import run_worker
 
     return run_worker(args.config, args.index, args.workers, args.stats_dir, args.supervised)
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
-from edge.config import AppConfig, ConfigError, load_config, replay_apps
-from edge.durable_queue import DurableQueue
-from edge.metrics import render_metrics
-from edge.worker_context import WorkerContext
-from edge.worker_stats import StatsSnapshot, read_snapshots
+from edge.ops.metrics import render_metrics
+from edge.ops.worker_stats import StatsSnapshot, read_snapshots
+from edge.queue.durable_queue import DurableQueue
+from edge.server.config import AppConfig, ConfigError, load_config, replay_apps
+from edge.server.worker_context import WorkerContext
 from scheduler_client.config_file import parse_address
-from wake.state_store import StoreUnavailable
+from wake.store.protocol import StoreUnavailable
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 MAX_LIST = 1000

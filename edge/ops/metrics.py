@@ -14,7 +14,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from edge.worker_stats import LATENCY_BUCKETS, StatsSnapshot
+from edge.ops.worker_stats import LATENCY_BUCKETS, StatsSnapshot
 from wake.controller import PHASE_BUCKETS
 
 

@@ -8,23 +8,23 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from edge.classification import make_rule
-from edge.config import AppConfig, Config
-from edge.forward_headers import TrustedProxies
-from edge.front_protocol import DRAINING
-from edge.host_pattern import HostTable, host_from_header
-from edge.upstream_pool import UpstreamPeer, UpstreamPool
-from edge.worker_stats import WorkerStats
+from edge.http.forward_headers import TrustedProxies
+from edge.http.front_protocol import DRAINING
+from edge.http.host_pattern import HostTable, host_from_header
+from edge.ops.worker_stats import WorkerStats
+from edge.routing.classification import make_rule
+from edge.server.config import AppConfig, Config
+from edge.upstream.pool import UpstreamPeer, UpstreamPool
 from wake.budget import BudgetLimits
 from wake.controller import WakeAppSpec, WakeController
 
 if TYPE_CHECKING:
-    from edge.access_log import AccessLog
-    from edge.durable_queue import DurableQueue
-    from edge.front_protocol import FrontConnection
-    from edge.replayer import Replayer
-    from edge.route_follower import RouteFollower
-    from edge.route_table import RouteTable
+    from edge.http.access_log import AccessLog
+    from edge.http.front_protocol import FrontConnection
+    from edge.queue.durable_queue import DurableQueue
+    from edge.queue.replayer import Replayer
+    from edge.routing.route_follower import RouteFollower
+    from edge.routing.route_table import RouteTable
 
 
 class FrontLimits:
