@@ -9,7 +9,7 @@ from typing import IO, TYPE_CHECKING
 import msgspec
 
 if TYPE_CHECKING:
-    from edge.http.front_protocol import Exchange
+    from edge.http.exchange import Exchange
 
 
 class AccessRecord(msgspec.Struct):

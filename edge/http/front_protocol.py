@@ -10,6 +10,10 @@ transport and response bytes from the upstream parser straight to the client
 transport, so nothing is buffered beyond a transport's own high-water mark:
 each side pauses the other's reading when its write buffer is full.
 
+A request for an app that is not hot is admitted by `edge.routing.admission.admit`
+(hold, queue or refuse); this file only carries the decision out: it reserves in
+the worker's hold accounting, starts the wake, and answers or waits.
+
 Timeouts are deadlines stored on the connection and enforced by the worker's
 sweeper, so the hot path never arms or cancels a timer.
 """
@@ -17,9 +21,9 @@ sweeper, so the hot path never arms or cancels a timer.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
-import sys
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -31,6 +35,7 @@ from httptools import (
     HttpRequestParser,
 )
 
+from edge.http.exchange import DRAINING, EXCHANGE, HEADERS, IDLE, Exchange
 from edge.http.forward_headers import (
     BODY_CHUNKED,
     BODY_EOF,
@@ -44,23 +49,20 @@ from edge.http.forward_headers import (
 )
 from edge.http.host_pattern import host_from_header
 from edge.queue.durable_queue import QueueFull
-from edge.queue.replay_policy import body_key, header_key
-from edge.routing.classification import classify, facts_from
-from edge.upstream.pool import UpstreamConnection, UpstreamPeer
+from edge.queue.replay_policy import body_key
+from edge.routing.admission import ColdRequest, Queue, Reject, admit
+from edge.routing.classification import facts_from
+from edge.upstream.pool import UpstreamConnection
 from wake.controller import WakeRefused
 from wake.store.protocol import StoreUnavailable
 
 if TYPE_CHECKING:
-    from edge.server.worker_context import AppRoute, WorkerContext
+    from edge.http.front_services import FrontServices
+    from edge.routing.app_upstreams import AppUpstreams
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-_SAFE_TO_HOLD = frozenset({b"GET", b"HEAD", b"OPTIONS"})
-
-# Deadline kinds, checked by the sweeper.
-IDLE = 0  # no request in progress: keep-alive timeout
-HEADERS = 1  # reading a request head: header timeout (slowloris)
-EXCHANGE = 2  # forwarding: upstream response-header or idle timeout
-DRAINING = 3  # nothing to enforce
+logger = logging.getLogger(__name__)
+__all__ = ["DRAINING", "EXCHANGE", "HEADERS", "IDLE", "Exchange", "FrontConnection"]
 
 
 class _Reject(Exception):
@@ -71,79 +73,10 @@ class _Reject(Exception):
         self.retry_after = retry_after
 
 
-class Exchange:
-    """One request/response through the edge."""
-
-    __slots__ = (
-        "app",
-        "body_buffer",
-        "body_buffered",
-        "body_chunked",
-        "body_done",
-        "body_seen",
-        "early_tunnel",
-        "head",
-        "held",
-        "html",
-        "http10",
-        "keep_alive",
-        "method",
-        "path",
-        "peer",
-        "queue_key",
-        "queue_limit",
-        "queue_waiting",
-        "request_id",
-        "response_chunked",
-        "response_eof",
-        "response_started",
-        "retried",
-        "send_continue",
-        "started_at",
-        "status",
-        "upgrade",
-        "upstream",
-        "waited_ms",
-        "waiting_head",
-    )
-
-    def __init__(self, method: bytes, started_at: float) -> None:
-        self.method = method
-        self.path = b""
-        self.started_at = started_at
-        self.app = ""
-        self.head = b""
-        self.request_id = b""
-        self.http10 = False
-        self.keep_alive = True
-        self.upgrade = False
-        self.body_chunked = False
-        self.body_seen = 0
-        self.body_done = False
-        self.body_buffer: list[bytes] | None = None
-        self.body_buffered = 0
-        self.early_tunnel = b""
-        self.peer: UpstreamPeer | None = None
-        self.upstream: UpstreamConnection | None = None
-        self.status = 0
-        self.response_started = False
-        self.response_chunked = False
-        self.response_eof = False
-        self.waiting_head = False
-        self.send_continue = False
-        self.retried = False
-        self.held = -1  # body bytes reserved while held or queued; -1 when neither
-        self.queue_limit = 0  # body limit of a request to be queued; 0: not queued
-        self.queue_key = ""
-        self.queue_waiting = False
-        self.waited_ms = -1.0
-        self.html = False
-
-
 class FrontConnection(asyncio.Protocol):
     """One client connection; also the owner of whichever upstream serves it."""
 
-    def __init__(self, ctx: WorkerContext) -> None:
+    def __init__(self, ctx: FrontServices) -> None:
         self.ctx = ctx
         self.loop = ctx.loop
         self.limits = ctx.limits
@@ -249,7 +182,7 @@ class FrontConnection(asyncio.Protocol):
         except HttpParserCallbackError as exc:
             reject = exc.__context__
             if not isinstance(reject, _Reject):
-                print(f"edge: internal error in a request callback: {reject!r}", file=sys.stderr)
+                logger.error("internal error in a request callback: %r", reject)
                 reject = _Reject(500, "internal error", "internal")
             self._reject(reject)
             return
@@ -438,7 +371,7 @@ class FrontConnection(asyncio.Protocol):
         if app.wake is not None:
             app.wake.seen(app.name)
             if ex.peer is None:
-                self._admit_cold(ex, app, fields)
+                self._admit_cold(ex, app, fields, target, host_value)
         ex.head = build_request_head(
             method,
             target,
@@ -507,105 +440,47 @@ class FrontConnection(asyncio.Protocol):
                 self.upstream_flush()
         return True
 
-    def _admit_cold(self, ex: Exchange, app: AppRoute, fields: RequestFields) -> None:
-        """A request for an app that is not hot: hold it, queue it, or refuse it (503)."""
+    def _admit_cold(
+        self, ex: Exchange, app: AppUpstreams, fields: RequestFields, target: bytes, host: bytes
+    ) -> None:
+        """Carry out what admission decided for a request to an app that is not hot."""
         ctx = self.ctx
         wake = app.wake
-        spec = app.spec
-        region = ctx.follower.region if ctx.follower is not None else None
-        if region is not None and region.state != "eligible":
-            ctx.stats.rejection(app.name, "region_disabled")
-            why = f": {region.reason}" if region.reason else ""
-            raise _Reject(
-                503,
-                f"region {region.name} is {region.state}{why}; apps are not woken here",
-                "region_disabled",
-                retry_after=60.0,
-            )
-        if app.rules:
-            facts = facts_from(
-                ex.method, self.url, host_from_header(fields.host or b"") or "", self.headers
-            )
-            request_class = classify(app.rules, facts)
-        elif ex.method in _SAFE_TO_HOLD or fields.idempotency_key:
-            request_class = "hold"
-        else:
-            request_class = "reject"
-        expected = wake.expected_wake(app.name)  # type: ignore[union-attr]
-        if request_class == "queue":
-            self._admit_queued(ex, app, fields)
-            return
-        if request_class != "hold":
-            # Never held where a crash loses it; the wake still starts for the retry.
+        request = ColdRequest(
+            facts=facts_from(ex.method, target, host_from_header(host) or "", self.headers),
+            headers=self.headers,
+            content_length=int(fields.content_length) if fields.content_length else None,
+            chunked=fields.chunked,
+            accepts_html=fields.accepts_html,
+        )
+        decision = admit(
+            app.admission,
+            request,
+            ctx.region(),
+            wake.expected_wake(app.name),  # type: ignore[union-attr]
+            ctx.holds,
+            queue_available=ctx.queue is not None,
+        )
+        if decision.start_wake:
             wake.start_wake(app.name)  # type: ignore[union-attr]
-            ctx.stats.rejection(app.name, "not_safe_to_hold")
-            raise _Reject(
-                503,
-                f"app {app.name} is starting; retry (this request is not safe to hold)",
-                "not_safe_to_hold",
-                retry_after=expected or 5.0,
-            )
-        if expected > spec.hold_timeout:
-            wake.start_wake(app.name)  # type: ignore[union-attr]
-            ctx.stats.rejection(app.name, "wake_slower_than_hold")
-            raise _Reject(
-                503,
-                f"app {app.name} is starting and takes about {expected:.0f}s",
-                "wake_slower_than_hold",
-                retry_after=expected,
-            )
-        length = int(fields.content_length or 0) if not fields.chunked else 65536
-        self._reserve_held(ex, app, min(length, 65536))
-        ex.html = fields.accepts_html and spec.starting_page_after > 0
-        # The hold starts now, even if pipelined requests are ahead of it.
-        wake.start_wake(app.name)  # type: ignore[union-attr]
-
-    def _admit_queued(self, ex: Exchange, app: AppRoute, fields: RequestFields) -> None:
-        """A request to queue durably: its whole body is read (bounded), then appended."""
-        ctx = self.ctx
-        policy = app.spec.replay
-        if policy is None or ctx.queue is None:  # refused at config load; never silently held
-            raise _Reject(503, f"app {app.name} cannot queue requests here", "queue_unavailable")
-        limit = int(policy.max_body)
-        declared = int(fields.content_length or 0)
-        if declared > limit:
-            ctx.stats.queue_event(app.name, "too_large")
-            raise _Reject(413, "request body too large to queue", "body")
-        self._reserve_held(ex, app, declared if not fields.chunked else limit)
-        ex.queue_limit = limit
-        ex.queue_key = header_key(policy.dedupe_key, self.headers) or ""
-        # Queuing starts the wake, so the replay can begin as soon as possible.
-        app.wake.start_wake(app.name)  # type: ignore[union-attr]
-
-    def _reserve_held(self, ex: Exchange, app: AppRoute, reserve: int) -> None:
-        """Count a held or queued request and its body against the app's and the worker's caps."""
-        ctx = self.ctx
-        spec = app.spec
-        held = ctx.held_by_app.get(app.name, 0)
-        if (
-            held >= spec.max_held
-            or ctx.held_total >= ctx.config.hold.max_held
-            or ctx.held_bytes_by_app.get(app.name, 0) + reserve > spec.max_held_body_bytes
-            or ctx.held_bytes + reserve > ctx.config.hold.max_held_body_bytes
-        ):
-            app.wake.start_wake(app.name)  # type: ignore[union-attr]
-            ctx.stats.rejection(app.name, "hold_cap")
-            raise _Reject(503, f"too many requests held for app {app.name}", "hold_cap", 1.0)
-        ctx.held_by_app[app.name] = held + 1
-        ctx.held_total += 1
-        ctx.held_bytes_by_app[app.name] = ctx.held_bytes_by_app.get(app.name, 0) + reserve
-        ctx.held_bytes += reserve
-        ex.held = reserve
+        if isinstance(decision, Reject):
+            if decision.status == 413:
+                ctx.stats.queue_event(app.name, "too_large")
+            else:
+                ctx.stats.rejection(app.name, decision.kind)
+            raise _Reject(decision.status, decision.reason, decision.kind, decision.retry_after)
+        ctx.holds.reserve(app.name, decision.reserve)
+        ex.held = decision.reserve
+        if isinstance(decision, Queue):
+            ex.queue_limit = decision.body_limit
+            ex.queue_key = decision.dedupe_key
+        else:  # the hold starts now, even if pipelined requests are ahead of it
+            ex.html = decision.starting_page
 
     def _unhold(self, ex: Exchange) -> None:
-        if ex.held < 0:
-            return
-        ctx = self.ctx
-        ctx.held_by_app[ex.app] = ctx.held_by_app.get(ex.app, 1) - 1
-        ctx.held_total -= 1
-        ctx.held_bytes_by_app[ex.app] = ctx.held_bytes_by_app.get(ex.app, ex.held) - ex.held
-        ctx.held_bytes -= ex.held
-        ex.held = -1
+        if ex.held >= 0:
+            self.ctx.holds.release(ex.app, ex.held)
+            ex.held = -1
 
     async def _hold_then_send(self, ex: Exchange) -> None:
         """Wait for the app to be hot (bounded by its hold timeout), then forward."""

@@ -161,7 +161,7 @@ def build_admin_app(state: AdminState, token: str) -> web.Application:
             row: dict = {
                 "name": name,
                 "scale_to_zero": route.spec.scale_to_zero,
-                "held": ctx.held_by_app.get(name, 0),
+                "held": ctx.holds.held(name),
                 "upstreams": [peer.address for peer in route.peers],
             }
             if route.wake is not None and wake is not None:

@@ -2,7 +2,7 @@
 
 Rules are tried in order (the app's, then the config-wide defaults); the first
 match decides. Without a match: GET, HEAD and OPTIONS are held, so is anything
-carrying an `Idempotency-Key`; everything else is rejected, because a request
+carrying a non-empty `Idempotency-Key`; everything else is rejected, because a request
 that is not safe to repeat must never wait in memory where a crash loses it.
 A hot app is proxied whatever the class.
 """
@@ -86,7 +86,8 @@ def make_rule(
 
 
 def default_class(facts: RequestFacts) -> RequestClass:
-    if facts.method in _SAFE_METHODS or b"idempotency-key" in facts.headers:
+    """Safe methods, and requests with a non-empty `Idempotency-Key`, are held."""
+    if facts.method in _SAFE_METHODS or facts.headers.get(b"idempotency-key", b"").strip():
         return "hold"
     return "reject"
 

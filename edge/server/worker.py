@@ -210,7 +210,7 @@ async def serve(
             ctx.sweep()
             tick += 1
             if tick % SNAPSHOT_EVERY == 0:
-                ctx.stats.held = ctx.held_total
+                ctx.stats.held = ctx.holds.total
                 if follower is not None:
                     ctx.stats.route = route_stats(follower, ctx.route_table)
                 write_snapshot(stats_dir, ctx.stats.snapshot())

@@ -8,13 +8,15 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+from edge.http.exchange import DRAINING
 from edge.http.forward_headers import TrustedProxies
-from edge.http.front_protocol import DRAINING
+from edge.http.front_services import FrontLimits
 from edge.http.host_pattern import HostTable, host_from_header
 from edge.ops.worker_stats import WorkerStats
-from edge.routing.classification import make_rule
-from edge.server.config import AppConfig, Config
-from edge.upstream.pool import UpstreamPeer, UpstreamPool
+from edge.routing.app_upstreams import AppUpstreams
+from edge.routing.hold_accounting import HoldAccounting, HoldCaps
+from edge.server.config import Config
+from edge.upstream.pool import UpstreamPool
 from wake.budget import BudgetLimits
 from wake.controller import WakeAppSpec, WakeController
 
@@ -25,110 +27,7 @@ if TYPE_CHECKING:
     from edge.queue.replayer import Replayer
     from edge.routing.route_follower import RouteFollower
     from edge.routing.route_table import RouteTable
-
-
-class FrontLimits:
-    """Client-side limits, copied out of config for attribute-speed access."""
-
-    __slots__ = (
-        "header_timeout",
-        "keepalive_timeout",
-        "max_body",
-        "max_connections",
-        "max_head_bytes",
-        "max_header_bytes",
-        "max_headers",
-        "max_request_line",
-    )
-
-    def __init__(self, config: Config) -> None:
-        limits = config.limits
-        self.max_request_line = int(limits.max_request_line)
-        self.max_headers = limits.max_headers
-        self.max_header_bytes = int(limits.max_header_bytes)
-        self.max_body = int(limits.max_body)
-        self.header_timeout = float(limits.header_timeout)
-        self.keepalive_timeout = float(limits.keepalive_timeout)
-        self.max_connections = limits.max_connections
-        # The request line counts toward the head too.
-        self.max_head_bytes = int(limits.max_request_line) + int(limits.max_header_bytes)
-
-
-class AppRoute:
-    """An app's upstreams: static peers, or (scale to zero) whatever its wake made hot.
-
-    `pick` prefers the peer with fewest requests in flight; None means not hot.
-    """
-
-    __slots__ = ("ctx", "name", "peers", "pool", "rules", "spec", "wake")
-
-    def __init__(
-        self,
-        spec: AppConfig,
-        pool: UpstreamPool,
-        wake: WakeController | None,
-        ctx: WorkerContext,
-    ) -> None:
-        self.name = spec.name
-        self.spec = spec
-        self.pool = pool
-        self.ctx = ctx
-        self.wake = wake if spec.scale_to_zero else None
-        self.peers = [pool.peer(address) for address in spec.upstreams]
-        self.rules = tuple(
-            make_rule(
-                rule.request_class,
-                methods=rule.methods,
-                path=rule.path,
-                path_prefix=rule.path_prefix,
-                path_glob=rule.path_glob,
-                host=rule.host,
-                header=rule.header,
-                header_value=rule.header_value,
-                content_type=rule.content_type,
-            )
-            for rule in (*spec.rules, *ctx.config.classification)
-        )
-
-    def pick(self) -> UpstreamPeer | None:
-        if self.wake is not None:
-            return self._pick_dynamic(self.wake)
-        peers = self.peers
-        if len(peers) == 1:
-            return peers[0]
-        return min(peers, key=_in_flight)
-
-    def pick_other(self, failed: UpstreamPeer) -> UpstreamPeer | None:
-        """Another routable peer of this app than `failed` (least in flight), if any."""
-        if self.wake is None:
-            others = [p for p in self.peers if p is not failed]
-        else:
-            table = self.ctx.route_table
-            targets = table.targets(self.name) if table is not None else None
-            others = [
-                self.pool.peer(t.address) for t in targets or () if t.address != failed.address
-            ]
-        return min(others, key=_in_flight) if others else None
-
-    def _pick_dynamic(self, wake: WakeController) -> UpstreamPeer | None:
-        """Ready allocations from the route table, else what this process's wake made hot."""
-        table = self.ctx.route_table
-        if table is not None:
-            targets = table.targets(self.name)
-            if targets:
-                if len(targets) == 1:
-                    return self.pool.peer(targets[0].address)
-                return min((self.pool.peer(t.address) for t in targets), key=_in_flight)
-        target = wake.hot_target(self.name)
-        if target is None:
-            return None
-        if table is not None and table.blocked(self.name, target.allocation_id):
-            return None  # draining, or on a cordoned host: no new requests
-        return self.pool.peer(target.address)
-
-
-def _in_flight(peer: UpstreamPeer) -> int:
-    return peer.in_flight
+    from scheduler_client.models import Region
 
 
 def wake_specs(config: Config) -> dict[str, WakeAppSpec]:
@@ -144,6 +43,11 @@ def wake_specs(config: Config) -> dict[str, WakeAppSpec]:
         for app in config.apps
         if app.scale_to_zero
     }
+
+
+def hold_caps(config: Config) -> HoldCaps:
+    """The worker-wide caps on held requests."""
+    return HoldCaps(config.hold.max_held, int(config.hold.max_held_body_bytes))
 
 
 def budget_limits(config: Config) -> BudgetLimits:
@@ -180,10 +84,7 @@ class WorkerContext:
             max_idle=config.upstream.max_idle_per_upstream,
             max_conns=config.upstream.max_connections_per_upstream,
         )
-        self.held_total = 0
-        self.held_bytes = 0
-        self.held_by_app: dict[str, int] = {}
-        self.held_bytes_by_app: dict[str, int] = {}
+        self.holds = HoldAccounting(hold_caps(config))
         self.wake = wake
         self.route_table: RouteTable | None = None
         self.tunnels: set[FrontConnection] = set()
@@ -197,7 +98,8 @@ class WorkerContext:
     def apply(self, config: Config) -> None:
         """Adopt a (re)loaded config; connections see it on their next request."""
         self.config = config
-        self.limits = FrontLimits(config)
+        self.limits = FrontLimits(config.limits)
+        self.holds.caps = hold_caps(config)
         self.trusted_proxies = TrustedProxies(config.edge.trusted_proxies)
         self.scheme = b"https" if config.edge.tls is not None else b"http"
         self.upstream_header_timeout = float(config.upstream.response_header_timeout)
@@ -205,11 +107,14 @@ class WorkerContext:
         self.access_log_sample = config.edge.access_log_sample
         self.pool.connect_timeout = config.upstream.connect_timeout
         self.pool.keepalive_idle = config.upstream.keepalive_idle
-        self.apps = {app.name: AppRoute(app, self.pool, self.wake, self) for app in config.apps}
+        self.apps = {
+            app.name: AppUpstreams(app, self.pool, self.wake, self, config.classification)
+            for app in config.apps
+        }
         self.routes = HostTable(
             {host: self.apps[app.name] for app in config.apps for host in app.hosts}
         )
-        self._route_cache: dict[bytes, AppRoute] = {}
+        self._route_cache: dict[bytes, AppUpstreams] = {}
         if self.wake is not None:
             self.wake.apply(budget_limits(config), wake_specs(config))
 
@@ -235,7 +140,10 @@ class WorkerContext:
             if tunnel is not None and tunnel.peer.address == address:
                 conn.close_tunnel_going_away()
 
-    def route_for(self, host_value: bytes) -> AppRoute | None:
+    def region(self) -> Region | None:
+        return self.follower.region if self.follower is not None else None
+
+    def route_for(self, host_value: bytes) -> AppUpstreams | None:
         """Route by a raw Host value; parsed hosts are cached per raw value."""
         route = self._route_cache.get(host_value)
         if route is None:
