@@ -185,8 +185,7 @@ async def test_duplicate_sends_are_one_delivery(
     bodies = [d["body"] for d in hooks.deliveries()]
     assert sorted(bodies) == sorted(['{"try": 0}', '{"same": "body"}']), bodies
     assert (
-        metric_sum(edge.metrics(), "edge_queue_events_total", app="shop", event="dedupe_hit")
-        == 3
+        metric_sum(edge.metrics(), "edge_queue_events_total", app="shop", event="dedupe_hit") == 3
     )
 
 
@@ -385,9 +384,7 @@ async def test_replayer_killed_mid_replay_is_taken_over_in_order(
         return [
             i
             for i, edge in enumerate(edges)
-            if metric_sum(
-                edge.metrics(), "edge_queue_events_total", app="shop", event="retried"
-            )
+            if metric_sum(edge.metrics(), "edge_queue_events_total", app="shop", event="retried")
         ]
 
     await eventually(lambda: len(retrying()) == 1, timeout=30, what="one edge retrying")
