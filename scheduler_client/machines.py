@@ -1,12 +1,22 @@
-"""The control plane's machines from the state-machine gallery, each declared once."""
+"""The control plane's machines from the state-machine gallery, each declared once.
+
+States come from the wire models' Literals (`models.py`), so the OpenAPI enums,
+the decoders and these tables cannot disagree. Each gate and failure mode has an
+id (snake_case of its name) that the local control plane reports as a
+`reason_code`; those only a real control plane detects are marked
+`detected_by=CONTROL_PLANE` (tests/test_machines.py holds both lists to account).
+"""
 
 from __future__ import annotations
 
-from scheduler_client.machine_spec import FailureMode, Gate, MachineSpec
+from typing import get_args
+
+from scheduler_client.machine_spec import CONTROL_PLANE, FailureMode, Gate, MachineSpec
+from scheduler_client.models import AllocationState, HostState, PromotionState, RegionState
 
 ALLOCATION = MachineSpec(
     name="allocation",
-    states=("planned", "pulling", "starting", "ready", "draining", "stopped", "failed"),
+    states=get_args(AllocationState),
     initial="planned",
     transitions=(
         ("planned", "pulling"),
@@ -29,27 +39,38 @@ ALLOCATION = MachineSpec(
     ),
     failure_modes=(
         FailureMode("runner crash", "failed", "the app process exited on its own"),
-        FailureMode("secret missing", "failed", "a declared secret is not in the environment"),
+        FailureMode(
+            "secret missing",
+            "failed",
+            "a declared secret is not in the environment",
+            gate="env_secrets_mounted",
+        ),
         FailureMode("OOM", "failed", "the process exceeded its memory limit"),
         FailureMode(
             "session still active at drain deadline",
             "stopped",
             "a long-lived session was cut at the drain deadline",
+            gate="drain_deadline_respected",
         ),
-        FailureMode("build digest mismatch", "failed", "the artifact's sha256 differs"),
+        # Not in the gallery's allocation list: the deploy pipeline's name for the same check.
+        FailureMode(
+            "build digest mismatch",
+            "failed",
+            "the artifact's sha256 differs",
+            gate="artifact_digest_verified",
+        ),
+        # The Wake machine's failure mode, seen from the allocation: ready, never routed.
+        FailureMode(
+            "old route epoch",
+            "ready",
+            "granted under a route epoch a promotion has since replaced; not routed",
+        ),
     ),
 )
 
 HOST_DRAIN = MachineSpec(
     name="host_drain",
-    states=(
-        "cordoned",
-        "evacuating",
-        "replacement_ready",
-        "upgrading",
-        "postcheck",
-        "uncordoned",
-    ),
+    states=get_args(HostState),
     initial="uncordoned",
     transitions=(
         ("uncordoned", "cordoned"),
@@ -62,30 +83,47 @@ HOST_DRAIN = MachineSpec(
         ("postcheck", "uncordoned"),
     ),
     gates=(
-        Gate("quorum remains healthy", "evacuating", "enough ready capacity stays elsewhere"),
+        Gate(
+            "quorum remains healthy",
+            "evacuating",
+            "enough ready capacity stays elsewhere",
+            detected_by=CONTROL_PLANE,  # one local host: no quorum to lose
+        ),
         Gate("runner headroom exists", "replacement_ready", "replacements fit somewhere"),
         Gate("active sessions can drain", "replacement_ready", "no session is pinned"),
         Gate("drift checks pass", "uncordoned", "the host matches its declared state"),
     ),
     failure_modes=(
-        FailureMode("no headroom", "evacuating", "no capacity for the replacements"),
-        FailureMode("active sessions pinned", "evacuating", "sessions that cannot move"),
-        FailureMode("provider outage", "upgrading", "the provider failed the upgrade"),
-        FailureMode("runner-agent regression", "postcheck", "the new runner failed checks"),
+        FailureMode(
+            "no headroom",
+            "evacuating",
+            "no capacity for the replacements",
+            gate="runner_headroom_exists",
+        ),
+        FailureMode(
+            "active sessions pinned",
+            "evacuating",
+            "sessions that cannot move",
+            gate="active_sessions_can_drain",
+        ),
+        FailureMode(
+            "provider outage",
+            "upgrading",
+            "the provider failed the upgrade",
+            detected_by=CONTROL_PLANE,  # the local upgrade step has no provider
+        ),
+        FailureMode(
+            "runner-agent regression",
+            "postcheck",
+            "the new runner failed checks",
+            detected_by=CONTROL_PLANE,  # the local runner is never replaced
+        ),
     ),
 )
 
 PROMOTION = MachineSpec(
     name="promotion",
-    states=(
-        "requested",
-        "policy_check",
-        "route_cas",
-        "edge_propagating",
-        "healthy",
-        "rolled_back",
-        "failed",
-    ),
+    states=get_args(PromotionState),
     initial="requested",
     transitions=(
         ("requested", "policy_check"),
@@ -104,22 +142,25 @@ PROMOTION = MachineSpec(
     ),
     failure_modes=(
         FailureMode("late worker report", "healthy", "an ack after the promotion ended"),
-        FailureMode("route epoch conflict", "failed", "the predecessor epoch was not current"),
+        FailureMode(
+            "route epoch conflict",
+            "failed",
+            "the predecessor epoch was not current",
+            gate="route_epoch_predecessor_current",
+        ),
         FailureMode("edge replay gap", "rolled_back", "an edge did not ack in time"),
-        FailureMode("DB rollback unsafe", "failed", "rollback would lose data"),
+        FailureMode(
+            "DB rollback unsafe",
+            "failed",
+            "rollback would lose data",
+            detected_by=CONTROL_PLANE,  # the local control plane has no databases
+        ),
     ),
 )
 
 REGION = MachineSpec(
     name="region",
-    states=(
-        "requested",
-        "provisioning",
-        "binding_services",
-        "replicating_artifacts",
-        "eligible",
-        "disabled",
-    ),
+    states=get_args(RegionState),
     initial="requested",
     transitions=(
         ("requested", "provisioning"),
@@ -129,17 +170,50 @@ REGION = MachineSpec(
         ("disabled", "eligible"),
     ),
     from_any=("disabled",),
+    # The local region is one machine: only its artifacts are checked at bring-up.
     gates=(
-        Gate("data topology ready", "binding_services", "databases placed"),
-        Gate("runtime services available", "replicating_artifacts", "runners up"),
-        Gate("secrets present", "eligible", "every app's secrets replicated"),
-        Gate("residency allowed", "eligible", "the region may hold the data"),
+        Gate(
+            "data topology ready",
+            "binding_services",
+            "databases placed",
+            detected_by=CONTROL_PLANE,
+        ),
+        Gate(
+            "runtime services available",
+            "replicating_artifacts",
+            "runners up",
+            detected_by=CONTROL_PLANE,
+        ),
+        Gate(
+            "secrets present",
+            "eligible",
+            "every app's secrets replicated",
+            detected_by=CONTROL_PLANE,
+        ),
+        Gate(
+            "residency allowed",
+            "eligible",
+            "the region may hold the data",
+            detected_by=CONTROL_PLANE,
+        ),
     ),
     failure_modes=(
         FailureMode("artifact absent", "disabled", "an artifact is not replicated"),
-        FailureMode("DB not replicated", "disabled", "a database is not replicated"),
-        FailureMode("session store missing", "disabled", "no session store"),
-        FailureMode("residency policy violation", "disabled", "data may not live here"),
+        FailureMode(
+            "DB not replicated",
+            "disabled",
+            "a database is not replicated",
+            detected_by=CONTROL_PLANE,
+        ),
+        FailureMode(
+            "session store missing", "disabled", "no session store", detected_by=CONTROL_PLANE
+        ),
+        FailureMode(
+            "residency policy violation",
+            "disabled",
+            "data may not live here",
+            detected_by=CONTROL_PLANE,
+        ),
     ),
 )
 

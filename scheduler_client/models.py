@@ -3,6 +3,12 @@
 Route epochs are one region-wide sequence: every route change takes the next
 epoch, and an app's route carries the epoch of its last change. Compare-and-set
 is on the app's epoch; the change feed and edge acks use the global sequence.
+
+Each machine's states are a Literal here (the OpenAPI enums and `machines.py`
+take them from these), so an answer naming a state this client does not know
+fails to decode with the field named, instead of passing as an opaque string.
+A `reason_code` is the id of the gate or failure mode (`machines.py`) behind a
+`reason`, or "" when the reason names none.
 """
 
 from __future__ import annotations
@@ -16,13 +22,29 @@ class _Wire(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
+# ------------------------------------------------------------ machine states
+
+AllocationState = Literal[
+    "planned", "pulling", "starting", "ready", "draining", "stopped", "failed"
+]
+HostState = Literal[
+    "cordoned", "evacuating", "replacement_ready", "upgrading", "postcheck", "uncordoned"
+]
+PromotionState = Literal[
+    "requested", "policy_check", "route_cas", "edge_propagating", "healthy", "rolled_back", "failed"
+]
+RegionState = Literal[
+    "requested", "provisioning", "binding_services", "replicating_artifacts", "eligible", "disabled"
+]
+
+
 # ------------------------------------------------------------------ resources
 
 
 class Allocation(_Wire):
     id: str
     app: str
-    state: str
+    state: AllocationState
     address: str = ""  # "127.0.0.1:PORT" once started
     host: str = "local"
     artifact_digest: str = ""
@@ -30,6 +52,7 @@ class Allocation(_Wire):
     # Set when it becomes ready: False if a promotion replaced the route since the grant.
     routed: bool | None = None
     reason: str = ""
+    reason_code: str = ""
     version: int = 0  # bumps on every change; watch long-polls on it
     created_at: float = 0.0
     updated_at: float = 0.0
@@ -46,12 +69,14 @@ class GateStatus(_Wire):
     name: str
     passed: bool
     detail: str = ""
+    id: str = ""  # the gate's id in machines.py
 
 
 class Host(_Wire):
     name: str
-    state: str
+    state: HostState
     reason: str = ""
+    reason_code: str = ""
     allocations: int = 0
     gates: list[GateStatus] = []
     version: int = 0
@@ -62,13 +87,14 @@ class Promotion(_Wire):
     id: str
     app: str
     allocation_id: str
-    state: str
+    state: PromotionState
     from_epoch: int = 0
     to_epoch: int = 0
     previous_allocations: list[str] = []
     approval_required: bool = False
     approved: bool = False
     reason: str = ""
+    reason_code: str = ""
     late_reports: int = 0
     acked_by: list[str] = []
     waiting_for: list[str] = []
@@ -79,8 +105,9 @@ class Promotion(_Wire):
 
 class Region(_Wire):
     name: str
-    state: str
+    state: RegionState
     reason: str = ""
+    reason_code: str = ""
     version: int = 0
     updated_at: float = 0.0
 
@@ -88,9 +115,9 @@ class Region(_Wire):
 class RouteTarget(_Wire):
     allocation_id: str
     address: str
-    state: str
+    state: AllocationState
     host: str = "local"
-    host_state: str = "uncordoned"
+    host_state: HostState = "uncordoned"
     # Unix time when a draining allocation is stopped; edges close its sessions then.
     drain_deadline: float | None = None
 
@@ -186,9 +213,10 @@ ErrorCode = Literal[
 ]
 
 
-class ErrorBody(_Wire):
+class ErrorBody(_Wire, omit_defaults=True):
     error: ErrorCode
     message: str
+    reason_code: str = ""  # left out when the error names no gate or failure mode
 
 
 class ControlPlaneError(Exception):
@@ -197,9 +225,10 @@ class ControlPlaneError(Exception):
     code: ErrorCode = "internal"
     status = 500
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, reason_code: str = "") -> None:
         super().__init__(message)
         self.message = message
+        self.reason_code = reason_code
 
 
 class BadRequest(ControlPlaneError):

@@ -30,6 +30,7 @@ import itertools
 import json
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -38,6 +39,10 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import SAMPLE_APP, sample_app_spec
+
+from scheduler_client.local.store import ControlPlaneStore
+from scheduler_client.machine_move import JournalEntry
+from scheduler_client.models import Region
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -104,11 +109,20 @@ class Api:
         assert status in (200, 201), f"{method} {path} -> {status} {data}"
         return data
 
-    async def error(self, status: int, method: str, path: str, body: Any = None, **kw: Any) -> str:
-        """Assert an error answer of `status` in the protocol's shape; its message."""
+    async def error(
+        self,
+        status: int,
+        method: str,
+        path: str,
+        body: Any = None,
+        reason_code: str = "",
+        **kw: Any,
+    ) -> str:
+        """Assert an error answer of `status` (and `reason_code`) in the protocol's shape."""
         got, data = await self.call(method, path, body, **kw)
         assert got == status, f"{method} {path}: expected {status}, got {got} {data}"
         assert_error_body(data)
+        assert data.get("reason_code", "") == reason_code, data
         return data["message"]
 
     # ---- resources
@@ -207,9 +221,11 @@ class Api:
 
 
 def assert_error_body(data: Any) -> None:
-    assert isinstance(data, dict) and set(data) == {"error", "message"}, data
+    assert isinstance(data, dict) and set(data) - {"reason_code"} == {"error", "message"}, data
     assert isinstance(data["error"], str) and data["error"], data
     assert isinstance(data["message"], str) and data["message"], data
+    # Present only when the error names a gate or failure mode (machines.py).
+    assert data.get("reason_code", "x"), data
 
 
 def pid_alive(pid: int) -> bool:
@@ -303,6 +319,7 @@ async def test_allocation_walks_planned_to_stopped(api_for, client) -> None:
     assert drained["state"] == "draining"
     stopped = await api.alloc_until(alloc["id"], "stopped")
     assert stopped["reason"] == "drained" and stopped["active_sessions_at_deadline"] == 0
+    assert stopped["reason_code"] == "", stopped
     await wait_gone(alloc["pid"])
     assert await api.path(alloc["id"]) == ALLOCATION_HAPPY_PATH
     route = await api.route_of()
@@ -367,9 +384,11 @@ async def test_digest_mismatch_and_missing_secret_fail_while_pulling(api_for) ->
     secretive = await api.create("secretive")
     failed = await api.alloc_until(tampered["id"], "failed", "ready")
     assert failed["reason"].startswith("build digest mismatch"), failed
+    assert failed["reason_code"] == "build_digest_mismatch", failed
     assert "0" * 64 in failed["reason"]
     failed = await api.alloc_until(secretive["id"], "failed", "ready")
     assert failed["reason"].startswith("secret missing"), failed
+    assert failed["reason_code"] == "secret_missing", failed
     assert "NOT_SET_ANYWHERE" in failed["reason"]
     for alloc in (tampered, secretive):
         assert await api.path(alloc["id"]) == ["planned", "pulling", "failed"]
@@ -389,6 +408,7 @@ async def test_runner_crash_fails_and_removes_the_route_target(api_for, client) 
     failed = await api.alloc_until(alloc["id"], "failed", "stopped")
     assert failed["state"] == "failed"
     assert failed["reason"].startswith("runner crash") and "3" in failed["reason"], failed
+    assert failed["reason_code"] == "runner_crash", failed
     await wait_gone(alloc["pid"])
     after = await api.route_of()
     assert after is not None and after["targets"] == []
@@ -406,6 +426,7 @@ async def test_memory_limit_exceeded_is_oom(api_for, client) -> None:
         await app_get(client, alloc, "/leak?mb=128")
     failed = await api.alloc_until(alloc["id"], "failed", "stopped")
     assert failed["state"] == "failed" and failed["reason"].startswith("OOM"), failed
+    assert failed["reason_code"] == "oom", failed
     await wait_gone(alloc["pid"])
     assert await api.path(alloc["id"]) == ["planned", "pulling", "starting", "ready", "failed"]
 
@@ -422,9 +443,11 @@ async def test_readiness_timeout_and_exit_while_starting_fail(api_for) -> None:
     broken = await api.create("broken")
     failed = await api.alloc_until(created["id"], "failed", "ready")
     assert failed["reason"].startswith("readiness timeout"), failed
+    assert failed["reason_code"] == "health_readiness_pass", failed
     await wait_gone(failed["pid"])
     crashed = await api.alloc_until(broken["id"], "failed", "ready")
     assert crashed["reason"].startswith("runner crash") and "2" in crashed["reason"], crashed
+    assert crashed["reason_code"] == "runner_crash", crashed
     for alloc in (created, broken):
         assert await api.path(alloc["id"]) == ["planned", "pulling", "starting", "failed"]
 
@@ -445,13 +468,16 @@ async def test_session_active_at_drain_deadline_is_cut_and_recorded(api_for, cli
     assert stopped["state"] == "stopped", stopped
     assert stopped["active_sessions_at_deadline"] >= 1, stopped
     assert "session still active" in stopped["reason"], stopped
+    assert stopped["reason_code"] == "session_still_active_at_drain_deadline", stopped
     assert await api.path(alloc["id"]) == ALLOCATION_HAPPY_PATH
 
 
 async def test_no_headroom(api_for) -> None:
     api = api_for(max_allocations=1)
     first = await api.create()
-    message = await api.error(503, "POST", "/v1/allocations", {"app": "hello"})
+    message = await api.error(
+        503, "POST", "/v1/allocations", {"app": "hello"}, reason_code="no_headroom"
+    )
     assert "no headroom" in message
     # Once the first one has ended there is room again.
     await api.ok("POST", f"/v1/allocations/{first['id']}/stop")
@@ -586,8 +612,11 @@ async def test_region_disabled_when_an_artifact_is_absent(api_for, tmp_path) -> 
     region = await api.region()
     assert region["state"] == "disabled", region
     assert region["reason"].startswith("artifact absent") and "ghost" in region["reason"]
+    assert region["reason_code"] == "artifact_absent", region
     assert await api.path("local", "region") == [*REGION_BRINGUP, "disabled"]
-    message = await api.error(503, "POST", "/v1/allocations", {"app": "hello"})
+    message = await api.error(
+        503, "POST", "/v1/allocations", {"app": "hello"}, reason_code="artifact_absent"
+    )
     assert "artifact absent" in message
 
 
@@ -645,12 +674,16 @@ async def test_host_drain_with_replacement_stalls_on_no_headroom(api_for) -> Non
     assert host["state"] == "evacuating", host
     message = await api.error(409, "POST", "/v1/hosts/local/drain", {"replace": False})
     assert "evacuating" in message
+    assert host["reason_code"] == "no_headroom", host
     gates = {g["name"]: g["passed"] for g in host["gates"]}
     assert gates["runner headroom exists"] is False, host
+    assert {g["id"]: g["passed"] for g in host["gates"]}["runner_headroom_exists"] is False
     assert (await api.allocation(alloc["id"]))["state"] == "stopped"
     entries = await api.journal("local", "host_drain")
     assert any(
-        e["from_state"] == e["to_state"] == "evacuating" and "no headroom" in e["reason"]
+        e["from_state"] == e["to_state"] == "evacuating"
+        and "no headroom" in e["reason"]
+        and e["reason_code"] == "no_headroom"
         for e in entries
     ), entries
 
@@ -701,6 +734,7 @@ async def test_promotion_fails_on_a_stale_epoch_and_on_an_allocation_not_ready(a
     stale = await api.promote(alloc["id"], expected_epoch=route["epoch"] - 1)
     failed = await api.promotion_until(stale["id"], "failed", "healthy", "rolled_back")
     assert failed["state"] == "failed" and "route epoch conflict" in failed["reason"], failed
+    assert failed["reason_code"] == "route_epoch_conflict", failed
     assert await api.path(stale["id"]) == ["requested", "policy_check", "route_cas", "failed"]
     assert await api.route_of() == route  # nothing changed
 
@@ -762,6 +796,7 @@ async def test_edge_acks_make_healthy_a_silent_edge_rolls_back_and_reports_late(
     rolled = await api.promotion_until(second["id"], "rolled_back", "healthy", "failed")
     assert rolled["state"] == "rolled_back", rolled
     assert "edge-e" in rolled["reason"] and rolled["late_reports"] == 0, rolled
+    assert rolled["reason_code"] == "edge_replay_gap", rolled
     assert await api.path(second["id"]) == [*PROMOTION_HAPPY_PATH[:-1], "rolled_back"]
     route = await api.route_of()
     assert route is not None and route["epoch"] > rolled["to_epoch"]
@@ -772,8 +807,13 @@ async def test_edge_acks_make_healthy_a_silent_edge_rolls_back_and_reports_late(
     await api.ok("POST", "/v1/edges/edge-e/ack", {"edge_id": "edge-e", "epoch": current})
     late = await api.promotion(second["id"])
     assert late["state"] == "rolled_back" and late["late_reports"] == 1, late
+    # The promotion keeps why it ended; the report is in the journal.
+    assert (late["reason"], late["reason_code"]) == (rolled["reason"], "edge_replay_gap"), late
     entries = await api.journal(second["id"])
-    assert any("late worker report" in e["reason"] for e in entries), entries
+    assert any(
+        "late worker report" in e["reason"] and e["reason_code"] == "late_worker_report"
+        for e in entries
+    ), entries
     assert await api.route_of() == route
     # The same ack retried is the same report, not another one.
     await api.ok("POST", "/v1/edges/edge-e/ack", {"edge_id": "edge-e", "epoch": current})
@@ -799,14 +839,20 @@ async def test_route_cas_conflict_and_410_on_an_expired_epoch(api_for) -> None:
         expected = route["epoch"]
 
     message = await api.error(
-        409, "POST", "/v1/routes/cas", {"app": "hello", "expected_epoch": 1, "allocation_ids": []}
+        409,
+        "POST",
+        "/v1/routes/cas",
+        {"app": "hello", "expected_epoch": 1, "allocation_ids": []},
+        reason_code="route_epoch_conflict",
     )
     assert "route epoch conflict" in message
     assert (await api.route_of())["epoch"] == expected  # type: ignore[index]
 
     current = (await api.routes())["epoch"]
     assert current == expected == 4
-    message = await api.error(410, "GET", "/v1/routes/changes?after=0&timeout=0")
+    message = await api.error(
+        410, "GET", "/v1/routes/changes?after=0&timeout=0", reason_code="edge_replay_gap"
+    )
     assert "resync" in message
     recent = await api.ok("GET", f"/v1/routes/changes?after={current - 1}&timeout=0")
     assert recent["epoch"] == current
@@ -814,3 +860,41 @@ async def test_route_cas_conflict_and_410_on_an_expired_epoch(api_for) -> None:
     nothing = await api.ok("GET", f"/v1/routes/changes?after={current}&timeout=0")
     assert nothing == {"epoch": current, "changes": []}
     await api.error(410, "GET", f"/v1/routes/changes?after={current + 1}&timeout=0")
+
+
+# -------------------------------------------------------------------- store
+
+
+def test_a_state_file_from_before_reason_codes_keeps_its_journal(tmp_path: Path) -> None:
+    """An older journal table (no reason_code column) gains the column, rows intact."""
+    path = tmp_path / "old.sqlite"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(
+            "CREATE TABLE journal (seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,"
+            " machine TEXT NOT NULL, subject TEXT NOT NULL, from_state TEXT NOT NULL,"
+            " to_state TEXT NOT NULL, reason TEXT NOT NULL)"
+        )
+        db.execute(
+            "INSERT INTO journal (at, machine, subject, from_state, to_state, reason)"
+            " VALUES (1.0, 'region', 'local', '', 'requested', '')"
+        )
+        db.commit()
+    store = ControlPlaneStore(path)
+    try:
+        disabled = JournalEntry(
+            machine="region",
+            subject="local",
+            from_state="requested",
+            to_state="disabled",
+            reason="artifact absent: x",
+            reason_code="artifact_absent",
+            at=2.0,
+        )
+        store.save(Region(name="local", state="disabled"), disabled)
+        entries = store.journal_entries("local")
+    finally:
+        store.close()
+    assert [(e.to_state, e.reason_code) for e in entries] == [
+        ("requested", ""),
+        ("disabled", "artifact_absent"),
+    ]

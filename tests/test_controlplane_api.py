@@ -2,8 +2,9 @@
 
 Wrong types, unknown fields, bodies that are not JSON or not objects, bodies over
 max_body (413), missing or wrong bearer tokens (401), unknown ids (404), bad
-query parameters (400). Every answer is `{"error", "message"}` JSON and never a
-500; the control plane's output must not mention an internal error afterwards
+query parameters (400). Every answer is `{"error", "message"}` JSON (with a
+`reason_code` when it names a gate or failure mode) and never a 500; the control
+plane's output must not mention an internal error afterwards
 (the `control_plane` fixture of test_controlplane.py checks that).
 """
 

@@ -1,11 +1,13 @@
 """The local control plane: allocation lifecycle, routes, promotions, host drain, region.
 
-Theory of operation. Every operation validates the move against its machine's
-table (`machines.py`), persists the new state in SQLite (`controlplane_store`),
-and only then performs the side effect (spawn, signal, route change). One asyncio
-task drives each allocation, drain, promotion and host drain; a monitor loop
-watches every running process for exits and memory. After a restart, live
-processes are adopted and vanished ones are failed, so the file is the truth.
+Theory of operation. Every move of every machine is planned by `machine_move`
+(checked against its table in `machines.py`), persisted with its journal row in
+one SQLite transaction (`store.py`), announced to watchers, and only then acted
+on (spawn, signal, route change). A gate that does not pass or a failure mode
+that happens is reported by its id in `reason_code`. One asyncio task drives
+each allocation, drain, promotion and host drain; a monitor loop watches every
+running process for exits and memory. After a restart, live processes are
+adopted and vanished ones are failed, so the file is the truth.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 
@@ -27,6 +30,8 @@ from scheduler_client.local.app_process import (
 )
 from scheduler_client.local.config import AppSpec, ControlPlaneConfig
 from scheduler_client.local.store import ControlPlaneStore
+from scheduler_client.machine_move import Move, plan_create, plan_event, plan_move
+from scheduler_client.machine_spec import MachineSpec
 from scheduler_client.machines import ALLOCATION, HOST_DRAIN, PROMOTION, REGION
 from scheduler_client.models import (
     Allocation,
@@ -54,9 +59,27 @@ PROMOTION_DRAIN_DEADLINE = 10.0
 EVACUATION_SLACK = 10.0
 _LIVE_TARGET_STATES = ("ready", "draining")
 
+Record = TypeVar("Record", Allocation, Promotion, Host, Region)
+
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}-{os.urandom(5).hex()}"
+
+
+def _host_gate(gate_id: str, passed: bool, detail: str = "") -> GateStatus:
+    gate = HOST_DRAIN.gate(gate_id)
+    return GateStatus(name=gate.name, id=gate.id, passed=passed, detail=detail)
+
+
+def _machine(record: Allocation | Promotion | Host | Region) -> tuple[MachineSpec, str]:
+    """The machine a record belongs to, and its subject in the journal."""
+    if isinstance(record, Allocation):
+        return ALLOCATION, record.id
+    if isinstance(record, Promotion):
+        return PROMOTION, record.id
+    if isinstance(record, Host):
+        return HOST_DRAIN, record.name
+    return REGION, record.name
 
 
 class Broadcast:
@@ -120,27 +143,73 @@ class ControlPlane:
             raise NotFound(f"unknown app {name!r}")
         return spec
 
-    # ------------------------------------------------------------ allocations
+    # ----------------------------------------------------------- machine moves
 
-    def _move(self, alloc: Allocation, target: str, **changes: object) -> Allocation:
-        """Check, persist and announce one allocation transition."""
-        ALLOCATION.check(alloc.state, target)
-        new = msgspec.structs.replace(
-            alloc,
-            state=target,
-            version=alloc.version + 1,
-            updated_at=time.time(),
-            **changes,
-        )
-        self.store.save_allocation(new, alloc.state)
+    def _commit(self, move: Move[Record]) -> Record:
+        """Persist the record with its journal row (one transaction), then tell watchers."""
+        self.store.save(move.record, move.entry)
         self.changed.notify()
-        return new
+        return move.record
+
+    def _move(
+        self,
+        record: Record,
+        target: str,
+        reason: str = "",
+        reason_code: str = "",
+        **changes: object,
+    ) -> Record:
+        """Check, persist and announce one transition of any machine."""
+        spec, subject = _machine(record)
+        return self._commit(
+            plan_move(
+                spec,
+                record,
+                target,
+                subject=subject,
+                now=time.time(),
+                reason=reason,
+                reason_code=reason_code,
+                **changes,
+            )
+        )
+
+    def _note(
+        self,
+        record: Record,
+        reason: str,
+        reason_code: str = "",
+        record_reason: bool = True,
+        **changes: object,
+    ) -> Record:
+        """Persist and announce a journalled event that leaves the record's state as it is."""
+        spec, subject = _machine(record)
+        return self._commit(
+            plan_event(
+                spec,
+                record,
+                subject=subject,
+                now=time.time(),
+                reason=reason,
+                reason_code=reason_code,
+                record_reason=record_reason,
+                **changes,
+            )
+        )
+
+    def _create(self, record: Record, reason: str = "") -> Record:
+        spec, subject = _machine(record)
+        return self._commit(
+            plan_create(spec, record, subject=subject, now=time.time(), reason=reason)
+        )
+
+    # ------------------------------------------------------------ allocations
 
     def _update(self, alloc: Allocation, **changes: object) -> Allocation:
         new = msgspec.structs.replace(
             alloc, version=alloc.version + 1, updated_at=time.time(), **changes
         )
-        self.store.save_allocation(new)
+        self.store.save(new)
         self.changed.notify()
         return new
 
@@ -150,17 +219,23 @@ class ControlPlane:
             raise NotFound(f"no allocation {allocation_id!r}")
         return alloc
 
-    def _admission_problem(self) -> str | None:
+    def _admission_problem(self) -> Unavailable | None:
         region = self.get_region()
         if region.state != "eligible":
             why = f": {region.reason}" if region.reason else ""
-            return f"region {region.name} is {region.state}{why}; no new allocations"
+            return Unavailable(
+                f"region {region.name} is {region.state}{why}; no new allocations",
+                region.reason_code,
+            )
         host = self.get_host(self.section.host)
         if host.state != "uncordoned":
-            return f"host {host.name} is {host.state}: no new allocations"
+            return Unavailable(f"host {host.name} is {host.state}: no new allocations")
         live = len(self.store.live_allocations())
         if live >= self.section.max_allocations:
-            return f"no headroom: {live} of {self.section.max_allocations} allocations running"
+            return Unavailable(
+                f"no headroom: {live} of {self.section.max_allocations} allocations running",
+                "no_headroom",
+            )
         return None
 
     def create_allocation(self, request: CreateAllocation) -> tuple[Allocation, bool]:
@@ -172,7 +247,7 @@ class ControlPlane:
                 return existing, False
         problem = self._admission_problem()
         if problem:
-            raise Unavailable(problem)
+            raise problem
         route = self.store.route(request.app)
         now = time.time()
         alloc = Allocation(
@@ -186,7 +261,8 @@ class ControlPlane:
             updated_at=now,
             idempotency_key=request.idempotency_key,
         )
-        self.store.insert_allocation(alloc)
+        move = plan_create(ALLOCATION, alloc, subject=alloc.id, now=now, reason="created")
+        self.store.insert_allocation(move.record, move.entry)
         self.changed.notify()
         self._spawn(self._run_allocation(alloc.id))
         return alloc, True
@@ -204,11 +280,15 @@ class ControlPlane:
             return
         if not ok:
             got = actual or "an unreadable artifact"
-            self._fail(alloc, f"build digest mismatch: expected {spec.digest}, got {got}")
+            self._fail(
+                alloc,
+                f"build digest mismatch: expected {spec.digest}, got {got}",
+                "build_digest_mismatch",
+            )
             return
         missing = missing_secrets(spec, self.environ)
         if missing:
-            self._fail(alloc, f"secret missing: {', '.join(missing)}")
+            self._fail(alloc, f"secret missing: {', '.join(missing)}", "secret_missing")
             return
         port = free_port()
         # Persisted before the spawn: a restart then knows a process may exist.
@@ -223,7 +303,7 @@ class ControlPlane:
                 log_path=str(self.log_dir / f"{alloc.id}.log"),
             )
         except OSError as exc:
-            self._fail(alloc, f"runner crash: cannot start the command: {exc}")
+            self._fail(alloc, f"runner crash: cannot start the command: {exc}", "runner_crash")
             return
         self.processes[alloc.id] = proc
         alloc = self._update(alloc, pid=proc.pid, pid_start_ticks=proc.start_ticks)
@@ -235,8 +315,10 @@ class ControlPlane:
         if alloc.state != "starting":
             return  # drained or failed meanwhile; that path owns the process
         if problem is not None:
-            mode = "runner crash" if problem.startswith("exited") else "readiness timeout"
-            self._fail(alloc, f"{mode}: {problem}")
+            if problem.startswith("exited"):
+                self._fail(alloc, f"runner crash: {problem}", "runner_crash")
+            else:
+                self._fail(alloc, f"readiness timeout: {problem}", "health_readiness_pass")
             return
         current = self.store.route(alloc.app)
         promoted = current[1] if current is not None else 0
@@ -246,20 +328,18 @@ class ControlPlane:
             self._change_route(alloc.app, lambda targets: [*targets, self._target(alloc)])
         else:
             # Granted before a promotion replaced the route: never routed to.
-            self.store.journal(
-                "allocation",
-                alloc.id,
-                alloc.state,
-                alloc.state,
+            self._note(
+                alloc,
                 f"old route epoch: granted under {alloc.route_epoch}, route replaced at "
                 f"{promoted}; not routed",
+                "old_route_epoch",
             )
 
-    def _fail(self, alloc: Allocation, reason: str) -> Allocation:
+    def _fail(self, alloc: Allocation, reason: str, reason_code: str) -> Allocation:
         proc = self.processes.pop(alloc.id, None)
         if proc is not None and proc.poll() is None:
             proc.kill()
-        alloc = self._move(alloc, "failed", reason=reason)
+        alloc = self._move(alloc, "failed", reason, reason_code)
         self._route_remove(alloc)
         return alloc
 
@@ -289,10 +369,13 @@ class ControlPlane:
         alloc = self.get_allocation(allocation_id)
         if alloc.state != "draining":
             return
-        reason = "drained"
+        reason, reason_code = "drained", ""
         if active:
             reason = f"session still active at drain deadline: {active} cut"
-        alloc = self._move(alloc, "stopped", reason=reason, active_sessions_at_deadline=active)
+            reason_code = "session_still_active_at_drain_deadline"
+        alloc = self._move(
+            alloc, "stopped", reason, reason_code, active_sessions_at_deadline=active
+        )
         self._route_remove(alloc)
 
     async def watch_allocation(
@@ -316,12 +399,14 @@ class ControlPlane:
                 spec = self.config.app(alloc.app)
                 code = proc.poll()
                 if code is not None:
-                    self._fail(alloc, f"runner crash: exited with code {code}")
+                    self._fail(alloc, f"runner crash: exited with code {code}", "runner_crash")
                     continue
                 rss = proc.rss_bytes()
                 if spec is not None and rss is not None and rss > spec.memory_limit:
                     self._fail(
-                        alloc, f"OOM: resident memory {rss} bytes over limit {spec.memory_limit}"
+                        alloc,
+                        f"OOM: resident memory {rss} bytes over limit {spec.memory_limit}",
+                        "oom",
                     )
 
     def _recover(self) -> None:
@@ -329,7 +414,7 @@ class ControlPlane:
         for alloc in self.store.live_allocations():
             spec = self.config.app(alloc.app)
             if spec is None:
-                self._fail(alloc, "runner crash: app no longer configured")
+                self._fail(alloc, "runner crash: app no longer configured", "runner_crash")
                 continue
             if alloc.state in ("planned", "pulling"):
                 self._spawn(self._run_allocation(alloc.id))
@@ -344,7 +429,11 @@ class ControlPlane:
                 if alloc.state == "draining":
                     self._spawn(self._finish_drain(alloc.id))
                 else:
-                    self._fail(alloc, "runner crash: process gone across a control-plane restart")
+                    self._fail(
+                        alloc,
+                        "runner crash: process gone across a control-plane restart",
+                        "runner_crash",
+                    )
                 continue
             self.processes[alloc.id] = proc
             if alloc.state == "starting":
@@ -355,9 +444,7 @@ class ControlPlane:
             if promotion.state == "edge_propagating":
                 self._spawn(self._propagate(promotion.id))
             elif promotion.state not in PROMOTION.terminal:
-                self._move_promotion(
-                    promotion, "failed", reason="interrupted by a control-plane restart"
-                )
+                self._move(promotion, "failed", "interrupted by a control-plane restart")
 
     # ------------------------------------------------------------------ routes
 
@@ -425,7 +512,8 @@ class ControlPlane:
             if after < current and (oldest is None or after + 1 < oldest):
                 raise Gone(
                     f"epoch {after} is older than the retained history (oldest {oldest}): "
-                    "resync from the snapshot"
+                    "resync from the snapshot",
+                    "edge_replay_gap",
                 )
             if after < current or time.monotonic() >= deadline:
                 return RouteChanges(epoch=current, changes=self.store.route_changes_after(after))
@@ -437,7 +525,8 @@ class ControlPlane:
         current_epoch = current[0].epoch if current else 0
         if expected_epoch != current_epoch:
             raise Conflict(
-                f"route epoch conflict: expected {expected_epoch}, current {current_epoch}"
+                f"route epoch conflict: expected {expected_epoch}, current {current_epoch}",
+                "route_epoch_conflict",
             )
         targets = []
         for allocation_id in allocation_ids:
@@ -445,7 +534,10 @@ class ControlPlane:
             if alloc.app != app:
                 raise BadRequest(f"allocation {allocation_id} belongs to app {alloc.app!r}")
             if alloc.state != "ready":
-                raise BadRequest(f"allocation {allocation_id} is {alloc.state}, not ready")
+                raise BadRequest(
+                    f"allocation {allocation_id} is {alloc.state}, not ready",
+                    "runtime_services_ready",
+                )
             targets.append(self._target(alloc))
         change = self.store.commit_route(
             AppRoute(app=app, epoch=0, targets=targets),
@@ -494,16 +586,13 @@ class ControlPlane:
                 and previous < promotion.to_epoch <= epoch
             )
             if late:
-                promotion = msgspec.structs.replace(
-                    promotion, late_reports=promotion.late_reports + 1, updated_at=time.time()
-                )
-                self.store.save_promotion(promotion, promotion.state)
-                self.store.journal(
-                    "promotion",
-                    promotion.id,
-                    promotion.state,
-                    promotion.state,
+                # The promotion keeps the reason it ended with; the journal keeps the report.
+                self._note(
+                    promotion,
                     f"late worker report: edge {edge_id} acked epoch {epoch} after the end",
+                    "late_worker_report",
+                    record_reason=False,
+                    late_reports=promotion.late_reports + 1,
                 )
         self.changed.notify()
         return edge
@@ -516,13 +605,6 @@ class ControlPlane:
         ]
 
     # -------------------------------------------------------------- promotions
-
-    def _move_promotion(self, promotion: Promotion, target: str, **changes: object) -> Promotion:
-        PROMOTION.check(promotion.state, target)
-        new = msgspec.structs.replace(promotion, state=target, updated_at=time.time(), **changes)
-        self.store.save_promotion(new, promotion.state)
-        self.changed.notify()
-        return new
 
     def get_promotion(self, promotion_id: str) -> Promotion:
         promotion = self.store.promotion(promotion_id)
@@ -547,7 +629,7 @@ class ControlPlane:
             created_at=now,
             updated_at=now,
         )
-        self.store.save_promotion(promotion, None)
+        promotion = self._create(promotion)
         self._spawn(
             self._run_promotion(promotion.id, request.expected_epoch, request.propagation_timeout_s)
         )
@@ -557,39 +639,48 @@ class ControlPlane:
         promotion = self.get_promotion(promotion_id)
         if not promotion.approved:
             promotion = msgspec.structs.replace(promotion, approved=True, updated_at=time.time())
-            self.store.save_promotion(promotion, promotion.state)
+            self.store.save(promotion)
             self.changed.notify()
         return promotion
 
     async def _run_promotion(
         self, promotion_id: str, expected_epoch: int | None, timeout: float
     ) -> None:
-        promotion = self._move_promotion(self.get_promotion(promotion_id), "policy_check")
+        promotion = self._move(self.get_promotion(promotion_id), "policy_check")
         if promotion.approval_required:
             deadline = time.monotonic() + APPROVAL_TIMEOUT
             while not self.get_promotion(promotion_id).approved:
                 if time.monotonic() >= deadline:
-                    self._move_promotion(promotion, "failed", reason="approval not given in time")
+                    self._move(
+                        promotion,
+                        "failed",
+                        "approval not given in time",
+                        "approval_present_if_required",
+                    )
                     return
                 await self.changed.wait(deadline - time.monotonic())
             promotion = self.get_promotion(promotion_id)
         alloc = self.get_allocation(promotion.allocation_id)
         if alloc.state != "ready":
-            self._move_promotion(
-                promotion, "failed", reason=f"runtime services ready: allocation is {alloc.state}"
+            self._move(
+                promotion,
+                "failed",
+                f"runtime services ready: allocation is {alloc.state}",
+                "runtime_services_ready",
             )
             return
         spec = self._app(promotion.app)
         ok, actual = await verify_artifact(spec)
         if not ok or (alloc.artifact_digest and alloc.artifact_digest != actual):
-            self._move_promotion(
+            self._move(
                 promotion,
                 "failed",
-                reason=f"preview artifact mismatch: allocation runs {alloc.artifact_digest}, "
+                f"preview artifact mismatch: allocation runs {alloc.artifact_digest}, "
                 f"artifact is {actual}",
+                "preview_artifact_exactly_matches",
             )
             return
-        promotion = self._move_promotion(promotion, "route_cas")
+        promotion = self._move(promotion, "route_cas")
         current = self.store.route(promotion.app)
         current_epoch = current[0].epoch if current else 0
         expected = current_epoch if expected_epoch is None else expected_epoch
@@ -597,10 +688,10 @@ class ControlPlane:
         try:
             route = self.route_cas(promotion.app, expected, [alloc.id])
         except (Conflict, BadRequest) as exc:
-            self._move_promotion(promotion, "failed", reason=exc.message)
+            self._move(promotion, "failed", exc.message, exc.reason_code)
             return
         waiting = [e.edge_id for e in self.edges() if e.live]
-        self._move_promotion(
+        self._move(
             promotion,
             "edge_propagating",
             from_epoch=current_epoch,
@@ -621,9 +712,9 @@ class ControlPlane:
             ]
             if acked != promotion.acked_by:
                 promotion = msgspec.structs.replace(promotion, acked_by=acked)
-                self.store.save_promotion(promotion, promotion.state)
+                self.store.save(promotion)
             if len(acked) == len(promotion.waiting_for):
-                self._move_promotion(promotion, "healthy", reason="every live edge acked")
+                self._move(promotion, "healthy", "every live edge acked")
                 for allocation_id in promotion.previous_allocations:
                     if allocation_id != promotion.allocation_id:
                         with contextlib.suppress(NotFound):
@@ -647,19 +738,21 @@ class ControlPlane:
             cas=True,
             history=self.section.route_history,
         )
-        self._move_promotion(
+        self._move(
             promotion,
             "rolled_back",
-            reason=f"edge replay gap: {', '.join(missing)} did not ack epoch "
+            f"edge replay gap: {', '.join(missing)} did not ack epoch "
             f"{promotion.to_epoch} in time; previous route restored at epoch {change.epoch}",
+            "edge_replay_gap",
         )
 
     # -------------------------------------------------------------- host drain
 
     def _init_host(self) -> None:
         if self.store.host(self.section.host) is None:
-            host = Host(name=self.section.host, state=HOST_DRAIN.initial, updated_at=time.time())
-            self.store.save_host(host, None)
+            self._create(
+                Host(name=self.section.host, state=HOST_DRAIN.initial, updated_at=time.time())
+            )
 
     def get_host(self, name: str) -> Host:
         host = self.store.host(name)
@@ -671,14 +764,10 @@ class ControlPlane:
     def hosts(self) -> list[Host]:
         return [self.get_host(h.name) for h in self.store.hosts()]
 
-    def _move_host(self, host: Host, target: str, **changes: object) -> Host:
-        HOST_DRAIN.check(host.state, target)
-        new = msgspec.structs.replace(
-            host, state=target, version=host.version + 1, updated_at=time.time(), **changes
-        )
-        self.store.save_host(new, host.state)
+    def _move_host(self, host: Host, target: str, reason: str, **changes: object) -> Host:
+        """A host move, then its new state on every route target on the host."""
+        new = self._move(host, target, reason, **changes)
         self._route_host_state(new)
-        self.changed.notify()
         return new
 
     def _route_host_state(self, host: Host) -> None:
@@ -733,28 +822,22 @@ class ControlPlane:
         # One host only: every replacement would need another host's room.
         needs_room = len(evacuated) if replace else 0
         gates = [
-            GateStatus(
-                name="runner headroom exists",
-                passed=needs_room == 0,
-                detail=f"{needs_room} replacement(s) and no other host" if needs_room else "",
+            _host_gate(
+                "runner_headroom_exists",
+                needs_room == 0,
+                f"{needs_room} replacement(s) and no other host" if needs_room else "",
             ),
-            GateStatus(
-                name="active sessions can drain",
-                passed=not pinned,
-                detail=f"sessions active at the deadline on {', '.join(pinned)}" if pinned else "",
+            _host_gate(
+                "active_sessions_can_drain",
+                not pinned,
+                f"sessions active at the deadline on {', '.join(pinned)}" if pinned else "",
             ),
         ]
-        failed = [g for g in gates if not g.passed]
+        # Each refused gate is reported as the failure mode that names its refusal.
+        failed = [(HOST_DRAIN.refusal(g.id), g) for g in gates if not g.passed]
         if failed:
-            reasons = {
-                "runner headroom exists": "no headroom",
-                "active sessions can drain": "active sessions pinned",
-            }
-            text = "; ".join(f"{reasons[g.name]}: {g.detail}" for g in failed)
-            host = msgspec.structs.replace(host, reason=text, gates=gates, version=host.version + 1)
-            self.store.save_host(host, host.state)
-            self.store.journal("host_drain", name, host.state, host.state, text)
-            self.changed.notify()
+            text = "; ".join(f"{refusal.name}: {g.detail}" for refusal, g in failed)
+            self._note(host, text, failed[0][0].id, gates=gates)
             return
         host = self._move_host(host, "replacement_ready", reason="evacuated", gates=gates)
         host = self._move_host(host, "upgrading", reason="local runner: nothing to upgrade")
@@ -765,12 +848,12 @@ class ControlPlane:
         ]
         host = self._move_host(host, "postcheck", reason="drift checks")
         if drift:
-            host = msgspec.structs.replace(
+            self._note(
                 host,
-                reason=f"drift checks failed: artifacts changed for {', '.join(drift)}",
-                gates=[*gates, GateStatus(name="drift checks pass", passed=False)],
+                f"drift checks failed: artifacts changed for {', '.join(drift)}",
+                "drift_checks_pass",
+                gates=[*gates, _host_gate("drift_checks_pass", False)],
             )
-            self.store.save_host(host, host.state)
             return
         self._move_host(host, "uncordoned", reason="drained and checked")
 
@@ -784,24 +867,16 @@ class ControlPlane:
         region = self.store.region(name)
         if region is not None:
             return
-        region = Region(name=name, state=REGION.initial, updated_at=time.time())
-        self.store.save_region(region, None)
+        region = self._create(Region(name=name, state=REGION.initial, updated_at=time.time()))
         absent = [spec.name for spec in self.config.apps if not Path(spec.artifact).is_file()]
         for state in ("provisioning", "binding_services", "replicating_artifacts"):
-            region = self._move_region(region, state)
+            region = self._move(region, state)
         if absent:
-            self._move_region(region, "disabled", reason=f"artifact absent: {', '.join(absent)}")
+            self._move(
+                region, "disabled", f"artifact absent: {', '.join(absent)}", "artifact_absent"
+            )
         else:
-            self._move_region(region, "eligible", reason="local region ready")
-
-    def _move_region(self, region: Region, target: str, reason: str = "") -> Region:
-        REGION.check(region.state, target)
-        new = msgspec.structs.replace(
-            region, state=target, reason=reason, version=region.version + 1, updated_at=time.time()
-        )
-        self.store.save_region(new, region.state)
-        self.changed.notify()
-        return new
+            self._move(region, "eligible", "local region ready")
 
     def get_region(self) -> Region:
         region = self.store.region(self.section.region)
@@ -814,4 +889,4 @@ class ControlPlane:
             return region
         if not REGION.can(region.state, state):
             raise Conflict(f"region is {region.state}; cannot become {state}")
-        return self._move_region(region, state, reason=reason)
+        return self._move(region, state, reason)

@@ -46,8 +46,9 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=_encoder.encode(data), status=status, content_type="application/json")
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
-    return _json(ErrorBody(error=code, message=message), status)  # type: ignore[arg-type]
+def _error(status: int, code: str, message: str, reason_code: str = "") -> web.Response:
+    body = ErrorBody(error=code, message=message, reason_code=reason_code)  # type: ignore[arg-type]
+    return _json(body, status)
 
 
 async def _body(request: web.Request, kind: type[T]) -> T:
@@ -100,7 +101,7 @@ def _middlewares(token: str) -> list:
         try:
             return await handler(request)
         except ControlPlaneError as exc:
-            return _error(exc.status, exc.code, exc.message)
+            return _error(exc.status, exc.code, exc.message, exc.reason_code)
         except IllegalTransition as exc:
             return _error(409, "conflict", str(exc))
         except web.HTTPRequestEntityTooLarge:

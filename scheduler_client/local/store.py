@@ -1,19 +1,20 @@
 """Durable state of the local control plane: one SQLite file, every transition journalled.
 
 Resources are stored as msgspec-encoded JSON documents keyed by id, with the few
-columns queries need. A state change and its journal row commit in one
-transaction, and callers commit before they act on the new state.
+columns queries need. A state change and its journal row (a `machine_move`
+plan) commit in one transaction, and callers commit before they act on the new
+state.
 """
 
 from __future__ import annotations
 
 import sqlite3
-import time
 from pathlib import Path
 from typing import TypeVar
 
 import msgspec
 
+from scheduler_client.machine_move import JournalEntry
 from scheduler_client.models import (
     Allocation,
     AppRoute,
@@ -50,19 +51,17 @@ CREATE TABLE IF NOT EXISTS journal (
     subject TEXT NOT NULL,
     from_state TEXT NOT NULL,
     to_state TEXT NOT NULL,
-    reason TEXT NOT NULL
+    reason TEXT NOT NULL,
+    reason_code TEXT NOT NULL DEFAULT ''
 );
 """
+_JOURNAL_COLUMNS = "at, machine, subject, from_state, to_state, reason, reason_code"
 
 
-class JournalEntry(msgspec.Struct):
+class JournalRow(JournalEntry, frozen=True, kw_only=True):
+    """A journal entry as stored: numbered in commit order."""
+
     seq: int
-    at: float
-    machine: str
-    subject: str
-    from_state: str
-    to_state: str
-    reason: str
 
 
 class ControlPlaneStore:
@@ -75,7 +74,14 @@ class ControlPlaneStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
+        self._migrate()
         self._encoder = msgspec.json.Encoder()
+
+    def _migrate(self) -> None:
+        """Bring a state file written by an older version up to the current schema."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(journal)")}
+        if "reason_code" not in columns:
+            self.db.execute("ALTER TABLE journal ADD COLUMN reason_code TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         self.db.close()
@@ -93,22 +99,31 @@ class ControlPlaneStore:
         decoder = msgspec.json.Decoder(kind)
         return [decoder.decode(row[0]) for row in self.db.execute(sql, args)]
 
-    def journal(
-        self, machine: str, subject: str, from_state: str, to_state: str, reason: str = ""
-    ) -> None:
+    def _journal(self, entry: JournalEntry) -> None:
         self.db.execute(
-            "INSERT INTO journal (at, machine, subject, from_state, to_state, reason)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (time.time(), machine, subject, from_state, to_state, reason),
+            f"INSERT INTO journal ({_JOURNAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                entry.at,
+                entry.machine,
+                entry.subject,
+                entry.from_state,
+                entry.to_state,
+                entry.reason,
+                entry.reason_code,
+            ),
         )
 
-    def journal_entries(self, subject: str | None = None) -> list[JournalEntry]:
-        sql = "SELECT seq, at, machine, subject, from_state, to_state, reason FROM journal"
+    def journal_entries(self, subject: str | None = None) -> list[JournalRow]:
+        sql = f"SELECT seq, {_JOURNAL_COLUMNS} FROM journal"
         args: tuple = ()
         if subject is not None:
             sql += " WHERE subject = ?"
             args = (subject,)
-        return [JournalEntry(*row) for row in self.db.execute(sql + " ORDER BY seq", args)]
+        names = ("seq", *_JOURNAL_COLUMNS.split(", "))
+        return [
+            JournalRow(**dict(zip(names, row, strict=True)))
+            for row in self.db.execute(sql + " ORDER BY seq", args)
+        ]
 
     def meta(self, key: str, default: int = 0) -> int:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -139,7 +154,7 @@ class ControlPlaneStore:
             Allocation,
         )
 
-    def insert_allocation(self, alloc: Allocation) -> None:
+    def insert_allocation(self, alloc: Allocation, entry: JournalEntry) -> None:
         """Insert a new allocation; raises sqlite3.IntegrityError on a duplicate key."""
         with self._transaction():
             self.db.execute(
@@ -154,17 +169,39 @@ class ControlPlaneStore:
                     self._encoder.encode(alloc),
                 ),
             )
-            self.journal("allocation", alloc.id, "", alloc.state, "created")
+            self._journal(entry)
 
-    def save_allocation(self, alloc: Allocation, from_state: str | None = None) -> None:
-        """Persist; when `from_state` differs from the new state, journal the transition."""
+    def save(
+        self, record: Allocation | Promotion | Host | Region, entry: JournalEntry | None = None
+    ) -> None:
+        """Persist one resource (an allocation must exist) and journal `entry` with it."""
         with self._transaction():
-            self.db.execute(
-                "UPDATE allocations SET state = ?, pid = ?, doc = ? WHERE id = ?",
-                (alloc.state, alloc.pid, self._encoder.encode(alloc), alloc.id),
-            )
-            if from_state is not None and from_state != alloc.state:
-                self.journal("allocation", alloc.id, from_state, alloc.state, alloc.reason)
+            doc = self._encoder.encode(record)
+            if isinstance(record, Allocation):
+                self.db.execute(
+                    "UPDATE allocations SET state = ?, pid = ?, doc = ? WHERE id = ?",
+                    (record.state, record.pid, doc, record.id),
+                )
+            elif isinstance(record, Promotion):
+                self.db.execute(
+                    "INSERT INTO promotions (id, app, doc) VALUES (?, ?, ?)"
+                    " ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
+                    (record.id, record.app, doc),
+                )
+            elif isinstance(record, Host):
+                self.db.execute(
+                    "INSERT INTO hosts (name, doc) VALUES (?, ?)"
+                    " ON CONFLICT(name) DO UPDATE SET doc = excluded.doc",
+                    (record.name, doc),
+                )
+            else:
+                self.db.execute(
+                    "INSERT INTO regions (name, doc) VALUES (?, ?)"
+                    " ON CONFLICT(name) DO UPDATE SET doc = excluded.doc",
+                    (record.name, doc),
+                )
+            if entry is not None:
+                self._journal(entry)
 
     # ------------------------------------------------------------ documents
 
@@ -174,46 +211,14 @@ class ControlPlaneStore:
     def promotions(self) -> list[Promotion]:
         return self._all("SELECT doc FROM promotions ORDER BY rowid", (), Promotion)
 
-    def save_promotion(self, promotion: Promotion, from_state: str | None = None) -> None:
-        with self._transaction():
-            self.db.execute(
-                "INSERT INTO promotions (id, app, doc) VALUES (?, ?, ?)"
-                " ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
-                (promotion.id, promotion.app, self._encoder.encode(promotion)),
-            )
-            if from_state != promotion.state:
-                self.journal(
-                    "promotion", promotion.id, from_state or "", promotion.state, promotion.reason
-                )
-
     def host(self, name: str) -> Host | None:
         return self._load("hosts", "name", name, Host)
 
     def hosts(self) -> list[Host]:
         return self._all("SELECT doc FROM hosts ORDER BY name", (), Host)
 
-    def save_host(self, host: Host, from_state: str | None = None) -> None:
-        with self._transaction():
-            self.db.execute(
-                "INSERT INTO hosts (name, doc) VALUES (?, ?)"
-                " ON CONFLICT(name) DO UPDATE SET doc = excluded.doc",
-                (host.name, self._encoder.encode(host)),
-            )
-            if from_state != host.state:
-                self.journal("host_drain", host.name, from_state or "", host.state, host.reason)
-
     def region(self, name: str) -> Region | None:
         return self._load("regions", "name", name, Region)
-
-    def save_region(self, region: Region, from_state: str | None = None) -> None:
-        with self._transaction():
-            self.db.execute(
-                "INSERT INTO regions (name, doc) VALUES (?, ?)"
-                " ON CONFLICT(name) DO UPDATE SET doc = excluded.doc",
-                (region.name, self._encoder.encode(region)),
-            )
-            if from_state != region.state:
-                self.journal("region", region.name, from_state or "", region.state, region.reason)
 
     def edge(self, edge_id: str) -> EdgeInfo | None:
         return self._load("edges", "edge_id", edge_id, EdgeInfo)
