@@ -116,9 +116,11 @@ def _error_from(status: int, body: bytes, where: str) -> ControlPlaneError:
     if parsed is not None:
         cls = ERRORS_BY_CODE.get(parsed.error)
         message = parsed.message
+        reason_code = parsed.reason_code
     else:
         cls = None
         message = body[:200].decode("utf-8", "replace").strip() or "(no body)"
+        reason_code = ""
     if cls is None:
         cls = ERRORS_BY_STATUS.get(status)
     if cls is None:
@@ -128,7 +130,7 @@ def _error_from(status: int, body: bytes, where: str) -> ControlPlaneError:
             cls = BadRequest
         else:
             cls = ControlPlaneError
-    return cls(f"{where}: {status} {message}")
+    return cls(f"{where}: {status} {message}", reason_code)
 
 
 def _deliberate_refusal(body: bytes) -> bool:

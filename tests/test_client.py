@@ -202,8 +202,9 @@ async def test_stale_epoch_cas_is_a_conflict(start_control_plane, wire: Wire) ->
         # An empty route is a legal target; it still takes an epoch.
         route = await client.route_cas("hello", 0, [])
         assert route.epoch > 0
-        with pytest.raises(Conflict, match="epoch"):
+        with pytest.raises(Conflict, match="epoch") as conflict:
             await client.route_cas("hello", 0, [])
+        assert conflict.value.reason_code == "route_epoch_conflict"
         assert wire.attempts == 2
         # The current epoch goes through.
         assert (await client.route_cas("hello", route.epoch, [])).epoch > route.epoch
