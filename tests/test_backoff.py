@@ -10,6 +10,7 @@ import pytest
 from edge.queue.replay_policy import retry_delay
 from scheduler_client import backoff
 from scheduler_client.backoff import Backoff
+from wake import decisions
 
 
 class FixedRandom(random.Random):
@@ -118,7 +119,10 @@ def test_plain_delay_refuses_bad_arguments(attempt: int, base: float, cap: float
         backoff.delay(attempt, base, cap)
 
 
-def test_replay_backs_off_with_this_one() -> None:
+def test_wake_and_replay_back_off_with_this_one() -> None:
+    # The wake: 1 s doubling to 60 s per consecutive failure, no jitter.
+    for failures in range(1, 12):
+        assert decisions.backoff_after(failures) == backoff.delay(failures - 1, 1.0, 60.0)
     # Durable replay: initial doubling to the ceiling per failed delivery, no jitter.
     for attempts in range(1, 8):
         assert retry_delay(attempts, 0.1, 0.5) == backoff.delay(attempts - 1, 0.1, 0.5)
