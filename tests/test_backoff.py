@@ -1,4 +1,5 @@
-"""Full-jitter exponential backoff: ceilings, jitter range, injected randomness. No I/O."""
+"""The one exponential back-off: ceilings, full jitter, injected randomness, and its users
+(control-plane client, wake back-off, durable replay). No I/O."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import random
 
 import pytest
 
+from edge.queue.replay_policy import retry_delay
+from scheduler_client import backoff
 from scheduler_client.backoff import Backoff
+from wake import decisions
 
 
 class FixedRandom(random.Random):
@@ -89,3 +93,37 @@ def test_negative_attempt_is_refused() -> None:
         backoff.ceiling(-1)
     with pytest.raises(ValueError):
         backoff.budget(-1)
+
+
+def test_plain_delay_doubles_to_the_cap_without_jitter() -> None:
+    delays = [backoff.delay(attempt, 0.5, 3.0) for attempt in range(6)]
+    assert delays == [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]
+    assert backoff.delay(10**20, 0.5, 3.0) == 3.0
+    assert backoff.delay(0, 0.0, 3.0) == 0.0
+
+
+def test_plain_delay_with_jitter_is_the_clients_draw() -> None:
+    client = Backoff(0.1, 2.0, random.Random(5))
+    reference = random.Random(5)
+    for attempt in range(10):
+        assert client.delay(attempt) == backoff.delay(attempt, 0.1, 2.0, reference)
+    assert backoff.delay(3, 0.1, 2.0, FixedRandom(0.0)) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("attempt", "base", "cap"),
+    [(-1, 0.1, 1.0), (0, -0.1, 1.0), (0, 0.1, -1.0), (0, float("nan"), 1.0)],
+)
+def test_plain_delay_refuses_bad_arguments(attempt: int, base: float, cap: float) -> None:
+    with pytest.raises(ValueError):
+        backoff.delay(attempt, base, cap)
+
+
+def test_wake_and_replay_back_off_with_this_one() -> None:
+    # The wake: 1 s doubling to 60 s per consecutive failure, no jitter.
+    for failures in range(1, 12):
+        assert decisions.backoff_after(failures) == backoff.delay(failures - 1, 1.0, 60.0)
+    # Durable replay: initial doubling to the ceiling per failed delivery, no jitter.
+    for attempts in range(1, 8):
+        assert retry_delay(attempts, 0.1, 0.5) == backoff.delay(attempts - 1, 0.1, 0.5)
+    assert retry_delay(0, 0.1, 0.5) == 0.1

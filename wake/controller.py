@@ -10,6 +10,12 @@ fenced by its token before acting; others wait on the store's change
 notifications (with polling). Failures leave the app `failed` with a back-off,
 so a broken app is not woken in a loop. A periodic `upkeep` flushes last-seen
 times, refreshes what this process believes is hot, and puts idle apps to sleep.
+
+Every choice (recovery of a half-finished wake, the back-off, the budget pauses,
+the old-epoch check, the moving average of wake time, idleness) is a plain
+function in `wake/decisions.py`; this module only carries them out. Two injected
+clocks: `clock` (monotonic) for deadlines and durations inside this process,
+`wall_clock` for times written to the store, which other processes compare.
 """
 
 from __future__ import annotations
@@ -20,22 +26,20 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 import msgspec
 
 from scheduler_client.client import ControlPlaneClient
 from scheduler_client.http_probe import http_get
 from scheduler_client.models import Allocation, ControlPlaneError
+from wake import decisions
 from wake.budget import BudgetLimits
+from wake.decisions import Adopt, Refuse, Wait
 from wake.machine import WAKE
 from wake.store.protocol import AppWakeState, Lease, Transition, WakeStore
 
-PROBE_FIRST = 0.005
-PROBE_MAX = 0.25
 PROBE_TIMEOUT = 1.0
-BACKOFF_BASE = 1.0
-BACKOFF_CAP = 60.0
-WAKE_EWMA = 0.3
 OLD_EPOCH_RETRIES = 3
 SLEEP_DRAIN_DEADLINE = 5.0
 # Upper bounds (s) of the wake phase histograms: budget wait, allocation, readiness.
@@ -65,15 +69,15 @@ class WakeRefused(Exception):
         super().__init__(reason)
         self.reason = reason
         self.retry_after = max(1.0, retry_after)
-        self.kind = kind
+        self.kind = str(kind)  # a decisions.RefuseKind arrives as its plain value
+
+    @classmethod
+    def of(cls, refusal: Refuse) -> WakeRefused:
+        return cls(refusal.reason, refusal.retry_after, refusal.kind)
 
 
 class _LeaseLost(Exception):
     """A newer wake took over (our fencing token is stale)."""
-
-
-def backoff_after(failures: int) -> float:
-    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, failures - 1))
 
 
 class WakeController:
@@ -88,6 +92,7 @@ class WakeController:
         lease_ttl: float = 10.0,
         poll_interval: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         in_flight: Callable[[str], int] = lambda app: 0,
     ) -> None:
         self.store = store
@@ -97,7 +102,8 @@ class WakeController:
         self.apps = apps
         self.lease_ttl = lease_ttl
         self.poll_interval = poll_interval
-        self.clock = clock
+        self.clock = clock  # deadlines and durations in this process
+        self.wall_clock = wall_clock  # times stored for other processes to compare
         self._hot: dict[str, HotTarget] = {}
         self._flights: dict[str, asyncio.Task[None]] = {}
         self._outcomes: dict[str, asyncio.Future[HotTarget]] = {}
@@ -185,18 +191,15 @@ class WakeController:
 
     async def _wake(self, app: str) -> HotTarget:
         spec = self.apps[app]
-        give_up = self.clock() + spec.hold_timeout + spec.readiness_timeout + 30.0
+        give_up = decisions.give_up_at(self.clock(), spec.hold_timeout, spec.readiness_timeout)
         while self.clock() < give_up:
             state = await self.store.read_state(app)
             self._expected[app] = state.expected_wake_s
-            if state.state == "hot" and state.address:
+            plan = decisions.begin_attempt(state, self.wall_clock())
+            if isinstance(plan.outcome, Adopt):
                 return self._adopt(app, state)
-            if state.state == "failed" and time.time() < state.next_wake_at:
-                raise WakeRefused(
-                    f"app {app} failed to wake ({state.reason}); next try after a back-off",
-                    state.next_wake_at - time.time(),
-                    "wake_backoff",
-                )
+            if isinstance(plan.outcome, Refuse):
+                raise WakeRefused.of(plan.outcome)
             owner = f"{self.edge_id}:{os.getpid()}"
             lease = await self.store.acquire_lease(app, owner, self.lease_ttl)
             if lease is None:
@@ -212,7 +215,7 @@ class WakeController:
                 continue
             finally:
                 await self.store.release_lease(app, owner)
-        raise WakeRefused(f"app {app} did not wake in time", spec.hold_timeout, "wake_timeout")
+        raise WakeRefused.of(decisions.wake_timeout(app, spec.hold_timeout))
 
     def _adopt(self, app: str, state: AppWakeState) -> HotTarget:
         target = HotTarget(state.address, state.allocation_id)
@@ -228,7 +231,7 @@ class WakeController:
         """Check, write (fenced) and announce one Wake transition."""
         WAKE.check(state.state, target)
         new = msgspec.structs.replace(
-            state, state=target, reason=reason, updated_at=time.time(), **changes
+            state, state=target, reason=reason, updated_at=self.wall_clock(), **changes
         )
         if not await self.store.write_state(new, lease.token):
             raise _LeaseLost()
@@ -251,16 +254,11 @@ class WakeController:
 
     async def _wake_holding(self, app: str, spec: WakeAppSpec, lease: Lease) -> HotTarget:
         state = await self.store.read_state(app)
-        if state.state == "hot" and state.address:
+        plan = decisions.begin_attempt(state, self.wall_clock(), holding=True)
+        if isinstance(plan.outcome, Adopt):
             return self._adopt(app, state)
-        if state.state in ("sleeping", "hot"):
-            # A sleeper died mid-drain, or the allocation vanished: start over from cold.
-            state = await self._move(state, "cold", lease, "taken over by a new wake")
-        if state.state in ("starting", "readiness_wait"):
-            # The previous holder died mid-wake; its lease expired.
-            state = await self._move(state, "wake_requested", lease, "previous wake abandoned")
-        if state.state in ("cold", "failed"):
-            state = await self._move(state, "wake_requested", lease, "request while not hot")
+        for move in plan.moves:  # recovery of a wake or sleep whose holder died
+            state = await self._move(state, move.target, lease, move.reason)
         holder = f"{app}#{lease.token}"
         renewer = asyncio.get_running_loop().create_task(self._renew(app, lease, holder))
         try:
@@ -276,15 +274,13 @@ class WakeController:
                     self._spawn(self._release_when_ready(holder, target.allocation_id, spec))
                     holder = ""
                     return target
-            raise WakeRefused(
-                f"app {app}: route epoch kept moving during the wake", spec.hold_timeout, "epoch"
-            )
+            raise WakeRefused.of(decisions.old_epoch_retries_exhausted(app, spec.hold_timeout))
         except WakeRefused as refused:
             await self._fail(app, lease, refused.reason)
             raise
         except ControlPlaneError as exc:
             await self._fail(app, lease, f"control plane: {exc.message}")
-            raise WakeRefused(f"app {app}: control plane error", 5.0, "control_plane") from exc
+            raise WakeRefused.of(decisions.control_plane_error(app)) from exc
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -315,7 +311,7 @@ class WakeController:
                             alloc = await self.client.watch_allocation(
                                 allocation_id, version, timeout=step
                             )
-                        if alloc.state not in ("planned", "pulling", "starting"):
+                        if decisions.frees_budget_slot(alloc):
                             return
                         version = alloc.version
                     except ControlPlaneError:
@@ -347,17 +343,15 @@ class WakeController:
         while True:
             remaining = deadline - self.clock()
             decision = await self.store.acquire_budget(
-                holder, spec.tenant, self.budget, max(0.001, remaining)
+                holder, spec.tenant, self.budget, decisions.budget_window(remaining)
             )
-            if decision.granted:
+            step = decisions.budget_step(decision, remaining, spec.hold_timeout)
+            if isinstance(step, Refuse):
+                raise WakeRefused.of(step)
+            if not isinstance(step, Wait):
                 return
-            if remaining <= 0:
-                raise WakeRefused(
-                    f"wake budget exhausted ({decision.reason})", spec.hold_timeout, "budget"
-                )
             self._count(f"budget_wait:{decision.reason}")
-            pause = decision.retry_after or 0.02
-            await asyncio.sleep(min(max(pause, 0.005), 0.25, max(0.0, remaining)))
+            await asyncio.sleep(step.seconds)
 
     async def _start_allocation(
         self, app: str, spec: WakeAppSpec, lease: Lease, state: AppWakeState
@@ -365,7 +359,7 @@ class WakeController:
         """One allocation attempt: (new state, target) or (state, None) on an old epoch."""
         started = self.clock()
         state = await self._move(
-            state, "starting", lease, "budget granted", wake_started_at=time.time()
+            state, "starting", lease, decisions.BUDGET_GRANTED, wake_started_at=self.wall_clock()
         )
         key = f"wake-{app}-{lease.token}-{state.version}"
         alloc = await self.client.create_allocation(app, idempotency_key=key)
@@ -384,26 +378,16 @@ class WakeController:
         )
         seen_ready = await self._probe(alloc, spec, deadline)
         if seen_ready is None:
-            await self._drain_quietly(alloc.id)
-            raise WakeRefused(
-                f"readiness timeout: {alloc.id} not ready within {spec.readiness_timeout:g}s",
-                spec.readiness_timeout,
-                "readiness_timeout",
-            )
+            await self._refuse(decisions.readiness_timeout(alloc, spec.readiness_timeout))
         self._phase("readiness", self.clock() - probing)
         if await self._epoch_replaced(app, seen_ready):
             await self._drain_quietly(alloc.id)
-            state = await self._move(
-                state,
-                "wake_requested",
-                lease,
-                f"old route epoch: {alloc.id} granted under {alloc.route_epoch}, replaced since",
-            )
+            move = decisions.old_epoch_move(alloc)
+            state = await self._move(state, move.target, lease, move.reason)
             self._count("old_route_epoch")
             return state, None
         took = self.clock() - started
-        expected = state.expected_wake_s
-        expected = took if expected <= 0 else expected + WAKE_EWMA * (took - expected)
+        expected = decisions.expected_wake(state.expected_wake_s, took)
         state = await self._move(
             state,
             "hot",
@@ -418,21 +402,21 @@ class WakeController:
 
     async def _until_started(self, alloc: Allocation, deadline: float) -> Allocation:
         """Watch the allocation until it has an address (starting or later)."""
-        while not alloc.address or alloc.state in ("planned", "pulling"):
-            if alloc.state in ("failed", "stopped", "draining"):
-                raise WakeRefused(
-                    f"allocation {alloc.id} {alloc.state}: {alloc.reason}", 5.0, "allocation"
-                )
-            remaining = deadline - self.clock()
-            if remaining <= 0:
-                await self._drain_quietly(alloc.id)
-                raise WakeRefused(
-                    f"readiness timeout: {alloc.id} never started", 5.0, "readiness_timeout"
-                )
+        while True:
+            step = decisions.until_started(alloc, deadline - self.clock())
+            if isinstance(step, Refuse):
+                await self._refuse(step)
+            if not isinstance(step, Wait):
+                return alloc
             alloc = await self.client.watch_allocation(
-                alloc.id, alloc.version, timeout=min(remaining, 5.0)
+                alloc.id, alloc.version, timeout=step.seconds
             )
-        return alloc
+
+    async def _refuse(self, refusal: Refuse) -> NoReturn:
+        """Carry out a refusal: drain the allocation it names, then raise it."""
+        if refusal.drain_allocation:
+            await self._drain_quietly(refusal.drain_allocation)
+        raise WakeRefused.of(refusal)
 
     async def _probe(
         self, alloc: Allocation, spec: WakeAppSpec, deadline: float
@@ -456,7 +440,7 @@ class WakeController:
                 ready.set()
 
         watcher = asyncio.get_running_loop().create_task(watch())
-        pause = PROBE_FIRST
+        attempt = 0
         try:
             while self.clock() < deadline and not ready.is_set():
                 try:
@@ -467,14 +451,15 @@ class WakeController:
                         min(PROBE_TIMEOUT, max(0.01, deadline - self.clock())),
                         body=False,
                     )
-                    if 200 <= status < 300:
+                    if decisions.passes_readiness(status):
                         return latest[0]
                 except (OSError, TimeoutError, ValueError):
                     pass
                 with contextlib.suppress(TimeoutError):
+                    pause = decisions.probe_pause(attempt)
                     async with asyncio.timeout(min(pause, max(0.0, deadline - self.clock()))):
                         await ready.wait()
-                pause = min(pause * 2, PROBE_MAX)
+                attempt += 1
             return latest[0] if ready.is_set() else None
         finally:
             watcher.cancel()
@@ -483,25 +468,23 @@ class WakeController:
 
     async def _epoch_replaced(self, app: str, alloc: Allocation) -> bool:
         """True when a promotion replaced the app's route after this allocation was granted."""
-        if alloc.state == "ready" and alloc.routed is not None:
-            return not alloc.routed  # the control plane decided when it saw it ready
-        snapshot = await self.client.route_snapshot()
-        for route in snapshot.apps:
-            if route.app == app:
-                return alloc.route_epoch < route.promoted_epoch
-        return False
+        promoted: int | None = None
+        if decisions.needs_route_snapshot(alloc):
+            snapshot = await self.client.route_snapshot()
+            promoted = next((r.promoted_epoch for r in snapshot.apps if r.app == app), None)
+        return decisions.epoch_replaced(alloc, promoted)
 
     async def _fail(self, app: str, lease: Lease, reason: str) -> None:
         with contextlib.suppress(_LeaseLost, Exception):
             state = await self.store.read_state(app)
-            failures = state.failures + 1
+            backoff = decisions.record_failure(state.failures, self.wall_clock())
             await self._move(
                 state,
                 "failed",
                 lease,
                 reason,
-                failures=failures,
-                next_wake_at=time.time() + backoff_after(failures),
+                failures=backoff.failures,
+                next_wake_at=backoff.next_wake_at,
             )
 
     async def _drain_quietly(self, allocation_id: str, deadline: float = 0.0) -> None:
@@ -517,15 +500,19 @@ class WakeController:
             await self.store.touch(app)
         for app in list(self._hot):
             state = await self.store.read_state(app)
-            if state.state != "hot" or not state.address:
+            if not decisions.is_hot(state):
                 self._hot.pop(app, None)
                 continue
             self._hot[app] = HotTarget(state.address, state.allocation_id)
             spec = self.apps.get(app)
-            if spec is None or self.in_flight(app) > 0 or app in seen:
+            busy, was_seen = self.in_flight(app), app in seen
+            # Ask the store for idleness only when nothing here says the app is busy.
+            if spec is None or not decisions.may_sleep(state, busy, was_seen):
                 continue
             idle = await self.store.idle_for(app)
-            if idle is not None and idle >= spec.idle_timeout:
+            if decisions.should_sleep(
+                state, idle=idle, idle_timeout=spec.idle_timeout, in_flight=busy, seen=was_seen
+            ):
                 await self._sleep(app, spec)
 
     async def _sleep(self, app: str, spec: WakeAppSpec) -> None:
@@ -536,7 +523,10 @@ class WakeController:
         try:
             state = await self.store.read_state(app)
             idle = await self.store.idle_for(app)
-            if state.state != "hot" or idle is None or idle < spec.idle_timeout:
+            # Re-checked under the lease: another edge may have woken or slept it meanwhile.
+            if idle is None or not decisions.should_sleep(
+                state, idle=idle, idle_timeout=spec.idle_timeout
+            ):
                 return
             self._hot.pop(app, None)
             state = await self._move(state, "sleeping", lease, f"idle for {idle:.0f}s")
@@ -548,7 +538,7 @@ class WakeController:
                     await self.store.renew_lease(app, owner, self.lease_ttl)
                     alloc = await self.client.watch_allocation(alloc.id, alloc.version, 5.0)
             await self._move(
-                state, "cold", lease, "drained", allocation_id="", address="", route_epoch=0
+                state, "cold", lease, decisions.DRAINED, allocation_id="", address="", route_epoch=0
             )
         except _LeaseLost:
             return

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 import hashlib
 
+from scheduler_client import backoff
+
 IDEMPOTENCY_KEY = b"idempotency-key"
 # Longer header values are hashed, so a hostile sender cannot make huge Redis keys.
 MAX_KEY_TEXT = 200
@@ -54,5 +56,7 @@ def outcome_of(status: int | None, attempts: int, max_attempts: int) -> Outcome:
 
 
 def retry_delay(attempts: int, initial: float, ceiling: float) -> float:
-    """Exponential back-off after `attempts` failed deliveries: initial, 2x, 4x ... ceiling."""
-    return min(ceiling, initial * 2 ** max(0, attempts - 1))
+    """Exponential back-off after `attempts` failed deliveries: initial, 2x, 4x ... ceiling.
+
+    No jitter: the delay schedules the entry's next claim, it does not race other clients."""
+    return backoff.delay(max(0, attempts - 1), initial, ceiling)
