@@ -54,7 +54,7 @@ def test_unsafe_request_is_rejected_with_the_expected_wake_as_retry_after() -> N
     decision = decide(app(), request(b"POST"), expected=3.5)
     assert isinstance(decision, Reject)
     assert (decision.status, decision.kind, decision.retry_after) == (503, "not_safe_to_hold", 3.5)
-    assert decision.start_wake
+    assert decision.start_wake and decision.gallery == "payment_webhook_while_cold"
     unknown = decide(app(), request(b"POST"))
     assert unknown.retry_after == 5.0
 
@@ -140,6 +140,7 @@ def test_a_webhook_while_cold_is_queued_with_its_dedupe_key() -> None:
     )
     decision = decide(queue_app(), hook)
     assert decision == Queue(20, 1024, "h:stripe-event-id:evt_1", start_wake=True)
+    assert decision.gallery == "payment_webhook_while_cold"
     chunked = decide(queue_app(), request(b"POST", b"/webhooks/x", chunked=True))
     assert isinstance(chunked, Queue) and chunked.reserve == 1024 and chunked.dedupe_key == ""
 

@@ -211,7 +211,7 @@ def test_until_started_times_out_and_drains() -> None:
 
 
 def test_readiness_gate_and_probe_pauses() -> None:
-    assert [decisions.passes_readiness(s) for s in (199, 200, 204, 299, 300, 503)] == [
+    assert [decisions.allocation_passes_readiness(s) for s in (199, 200, 204, 299, 300, 503)] == [
         False, True, True, True, False, False,
     ]  # fmt: skip
     pauses = [decisions.probe_pause(n) for n in range(8)]
@@ -294,11 +294,11 @@ def test_refusal_kinds_are_stable_and_name_the_gallery() -> None:
         "wake_backoff", "wake_timeout", "budget", "epoch", "readiness_timeout",
         "allocation", "control_plane",
     }  # fmt: skip
-    names = {g.name for g in WAKE.gates} | {f.name for f in WAKE.failure_modes}
+    names = {g.id for g in WAKE.gates} | {f.id for f in WAKE.failure_modes}
     assert set(decisions.GALLERY.values()) <= names
-    assert decisions.GALLERY[RefuseKind.OLD_ROUTE_EPOCH] == "old route epoch"
-    assert decisions.GALLERY[RefuseKind.READINESS_TIMEOUT] == "readiness timeout"
-    assert decisions.GALLERY[RefuseKind.BUDGET] == "wake budget available"
+    assert decisions.GALLERY[RefuseKind.OLD_ROUTE_EPOCH] == "old_route_epoch"
+    assert decisions.GALLERY[RefuseKind.READINESS_TIMEOUT] == "readiness_timeout"
+    assert decisions.GALLERY[RefuseKind.BUDGET] == "wake_budget_available"
 
 
 def test_wake_refused_carries_the_plain_kind() -> None:

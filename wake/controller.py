@@ -32,6 +32,7 @@ import msgspec
 
 from scheduler_client.client import ControlPlaneClient
 from scheduler_client.http_probe import http_get
+from scheduler_client.machine_move import plan_move
 from scheduler_client.models import Allocation, ControlPlaneError
 from wake import decisions
 from wake.budget import BudgetLimits
@@ -204,7 +205,7 @@ class WakeController:
             lease = await self.store.acquire_lease(app, owner, self.lease_ttl)
             if lease is None:
                 # Another process is waking (or sleeping) the app: wait for its outcome.
-                self._count("coalesced")
+                self._count(f"gallery:{decisions.WAKE_STAMPEDE}")
                 await self.store.wait_change(
                     app, state.version, min(self.poll_interval * 4, give_up - self.clock())
                 )
@@ -226,30 +227,46 @@ class WakeController:
         return target
 
     async def _move(
-        self, state: AppWakeState, target: str, lease: Lease, reason: str = "", **changes: object
+        self,
+        state: AppWakeState,
+        target: str,
+        lease: Lease,
+        reason: str = "",
+        reason_code: str = "",
+        **changes: object,
     ) -> AppWakeState:
         """Check, write (fenced) and announce one Wake transition."""
-        WAKE.check(state.state, target)
-        new = msgspec.structs.replace(
-            state, state=target, reason=reason, updated_at=self.wall_clock(), **changes
+        move = plan_move(
+            WAKE,
+            state,
+            target,
+            subject=state.app,
+            now=self.wall_clock(),
+            reason=reason,
+            reason_code=reason_code,
+            **changes,
         )
-        if not await self.store.write_state(new, lease.token):
+        if not await self.store.write_state(move.record, lease.token):
             raise _LeaseLost()
         if target == "hot":
-            self._adopt(state.app, new)  # release held requests before the bookkeeping
+            self._adopt(state.app, move.record)  # release held requests before the bookkeeping
+        entry = move.entry
         await self.store.append_transition(
             Transition(
-                app=state.app,
-                from_state=state.state,
-                to_state=target,
-                reason=reason,
+                app=entry.subject,
+                from_state=entry.from_state,
+                to_state=entry.to_state,
+                reason=entry.reason,
+                reason_code=entry.reason_code,
                 edge_id=self.edge_id,
                 token=lease.token,
-                at=new.updated_at,
+                at=entry.at,
             )
         )
         await self.store.publish(state.app)
         self._count(f"transition:{state.state}->{target}")
+        if reason_code:
+            self._count(f"gallery:{reason_code}")
         return await self.store.read_state(state.app)
 
     async def _wake_holding(self, app: str, spec: WakeAppSpec, lease: Lease) -> HotTarget:
@@ -276,7 +293,7 @@ class WakeController:
                     return target
             raise WakeRefused.of(decisions.old_epoch_retries_exhausted(app, spec.hold_timeout))
         except WakeRefused as refused:
-            await self._fail(app, lease, refused.reason)
+            await self._fail(app, lease, refused.reason, decisions.GALLERY.get(refused.kind, ""))
             raise
         except ControlPlaneError as exc:
             await self._fail(app, lease, f"control plane: {exc.message}")
@@ -383,8 +400,7 @@ class WakeController:
         if await self._epoch_replaced(app, seen_ready):
             await self._drain_quietly(alloc.id)
             move = decisions.old_epoch_move(alloc)
-            state = await self._move(state, move.target, lease, move.reason)
-            self._count("old_route_epoch")
+            state = await self._move(state, move.target, lease, move.reason, move.reason_code)
             return state, None
         took = self.clock() - started
         expected = decisions.expected_wake(state.expected_wake_s, took)
@@ -451,7 +467,7 @@ class WakeController:
                         min(PROBE_TIMEOUT, max(0.01, deadline - self.clock())),
                         body=False,
                     )
-                    if decisions.passes_readiness(status):
+                    if decisions.allocation_passes_readiness(status):
                         return latest[0]
                 except (OSError, TimeoutError, ValueError):
                     pass
@@ -474,7 +490,7 @@ class WakeController:
             promoted = next((r.promoted_epoch for r in snapshot.apps if r.app == app), None)
         return decisions.epoch_replaced(alloc, promoted)
 
-    async def _fail(self, app: str, lease: Lease, reason: str) -> None:
+    async def _fail(self, app: str, lease: Lease, reason: str, reason_code: str = "") -> None:
         with contextlib.suppress(_LeaseLost, Exception):
             state = await self.store.read_state(app)
             backoff = decisions.record_failure(state.failures, self.wall_clock())
@@ -483,6 +499,7 @@ class WakeController:
                 "failed",
                 lease,
                 reason,
+                reason_code,
                 failures=backoff.failures,
                 next_wake_at=backoff.next_wake_at,
             )

@@ -14,7 +14,7 @@ local to one wake are the caller's monotonic clock and arrive as `remaining`
 or `took`.
 
 Gallery names: the gates "wake budget available" (`budget_step`) and
-"allocation passes readiness" (`passes_readiness`); the failure modes
+"allocation passes readiness" (`allocation_passes_readiness`); the failure modes
 "readiness timeout" and "old route epoch" are refusal kinds (`GALLERY`), and
 "wake stampede" is the coalescing the lease gives (a second caller finds the
 lease taken and waits; no decision is needed). "Payment webhook while cold" is
@@ -62,12 +62,15 @@ class RefuseKind(enum.StrEnum):
     CONTROL_PLANE = "control_plane"  # the control plane did not answer
 
 
-# The gallery's name for each refusal that is one of its gates or failure modes.
+# The gallery id (MachineSpec gate or failure-mode id) of each refusal that is one.
 GALLERY: dict[RefuseKind, str] = {
-    RefuseKind.BUDGET: "wake budget available",
-    RefuseKind.OLD_ROUTE_EPOCH: "old route epoch",
-    RefuseKind.READINESS_TIMEOUT: "readiness timeout",
+    RefuseKind.BUDGET: "wake_budget_available",
+    RefuseKind.OLD_ROUTE_EPOCH: "old_route_epoch",
+    RefuseKind.READINESS_TIMEOUT: "readiness_timeout",
 }
+# Failure mode "wake stampede": a request that found another process waking the app
+# and waited on that wake instead of starting its own (counted, never refused).
+WAKE_STAMPEDE = "wake_stampede"
 
 # Reasons written with Wake transitions (the journal shows them).
 TAKEN_OVER = "taken over by a new wake"
@@ -82,6 +85,7 @@ class Move(msgspec.Struct, frozen=True):
 
     target: str
     reason: str
+    reason_code: str = ""  # the gallery id behind it, if any
 
 
 class Adopt(msgspec.Struct, frozen=True, tag=True):
@@ -250,7 +254,7 @@ def frees_budget_slot(alloc: Allocation) -> bool:
     return alloc.state not in ("planned", "pulling", "starting")
 
 
-def passes_readiness(status: int) -> bool:
+def allocation_passes_readiness(status: int) -> bool:
     """Gate "allocation passes readiness": the readiness path answered 2xx."""
     return 200 <= status < 300
 
@@ -289,6 +293,7 @@ def old_epoch_move(alloc: Allocation) -> Move:
     return Move(
         "wake_requested",
         f"old route epoch: {alloc.id} granted under {alloc.route_epoch}, replaced since",
+        GALLERY[RefuseKind.OLD_ROUTE_EPOCH],
     )
 
 

@@ -463,6 +463,8 @@ class FrontConnection(asyncio.Protocol):
         )
         if decision.start_wake:
             wake.start_wake(app.name)  # type: ignore[union-attr]
+        if decision.gallery:
+            ctx.stats.gallery(decision.gallery)
         if isinstance(decision, Reject):
             if decision.status == 413:
                 ctx.stats.queue_event(app.name, "too_large")

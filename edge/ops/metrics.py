@@ -141,14 +141,22 @@ def _wake_families(snapshots: list[StatsSnapshot], budget_in_use: int | None) ->
         "Wake controller events (coalesced waits, budget waits, ...).",
         labels=["event"],
     )
+    gallery = CounterMetricFamily(
+        "edge_wake_gallery",
+        "Wake gates refused and failure modes seen, by gallery id (wake/machine.py).",
+        labels=["id"],
+    )
     for key, n in sorted(_sum_by(snapshots, "wake_events").items()):
         kind, _, detail = key.partition(":")
         if kind == "transition":
             transitions.add_metric(detail.split("->"), n)
+        elif kind == "gallery":
+            gallery.add_metric([detail], n)
         else:
             events.add_metric([key], n)
     yield transitions
     yield events
+    yield gallery
 
     phases = HistogramMetricFamily(
         "edge_wake_phase_seconds",

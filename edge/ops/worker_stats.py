@@ -52,7 +52,7 @@ class StatsSnapshot(msgspec.Struct):
     latency: dict[str, LatencyHistogram]  # app -> histogram
     rejections: dict[str, int] = {}  # "app\x00reason" -> count
     held: int = 0
-    wake_events: dict[str, int] = {}  # "transition:a->b", "coalesced", ...
+    wake_events: dict[str, int] = {}  # "transition:a->b", "gallery:<id>", "budget_wait:..."
     # phase -> [seconds, count, bucket counts...] (wake.controller.PHASE_BUCKETS, +Inf)
     wake_phases: dict[str, list[float]] = {}
     # Route follower: epoch, table_age_s, refused, resyncs, acks, ack_seconds.
@@ -108,6 +108,11 @@ class WorkerStats:
     def rejection(self, app: str, reason: str) -> None:
         key = (app, reason)
         self.rejections[key] = self.rejections.get(key, 0) + 1
+
+    def gallery(self, gallery_id: str) -> None:
+        """A gate refused or a failure mode seen, by its gallery id (shared with the wake)."""
+        key = "gallery:" + gallery_id
+        self.wake_events[key] = self.wake_events.get(key, 0) + 1
 
     def queue_event(self, app: str, event: str) -> None:
         key = (app, event)

@@ -5,10 +5,11 @@ authority host, whatever form the request line had) and calls `admit` with the a
 policy, the region, the app's expected wake time and the hold accounting. `admit`
 decides; the front carries it out (reserve, start the wake, answer). Plain data, no I/O.
 
-Gates (the Wake machine's): "request class safe to hold" decides hold against
-reject; "unsafe replay policy exists" is checked when config loads, and again here
-(a queue that is not there refuses, never holds). Failure modes reported as the
-refusal's kind: "payment webhook while cold" (`not_safe_to_hold`, or queued).
+Gates (the Wake machine's): "request class safe to hold" (`request_class_safe_to_hold`)
+decides hold against reject; "unsafe replay policy exists" is checked when config
+loads, and again here (a queue that is not there refuses, never holds). The failure
+mode "payment webhook while cold" is reported by its id on the decision (`gallery`)
+whenever an unsafe request is refused or queued instead of held.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import msgspec
 
 from edge.queue.replay_policy import header_key
-from edge.routing.classification import RequestFacts, Rule, classify
+from edge.routing.classification import RequestClass, RequestFacts, Rule, classify
 from edge.routing.hold_accounting import HoldAccounting, HoldCaps
 from scheduler_client.models import Region
 
@@ -25,6 +26,7 @@ HELD_BODY_RESERVE = 65536
 REGION_RETRY_AFTER = 60.0
 UNSAFE_RETRY_AFTER = 5.0
 HOLD_CAP_RETRY_AFTER = 1.0
+PAYMENT_WEBHOOK_WHILE_COLD = "payment_webhook_while_cold"
 
 
 class AppAdmission(msgspec.Struct, frozen=True, kw_only=True):
@@ -53,6 +55,7 @@ class Hold(msgspec.Struct, frozen=True):
     reserve: int
     starting_page: bool = False
     start_wake: bool = True
+    gallery: str = ""
 
 
 class Queue(msgspec.Struct, frozen=True):
@@ -62,6 +65,7 @@ class Queue(msgspec.Struct, frozen=True):
     body_limit: int
     dedupe_key: str
     start_wake: bool = True
+    gallery: str = PAYMENT_WEBHOOK_WHILE_COLD
 
 
 class Reject(msgspec.Struct, frozen=True):
@@ -72,6 +76,7 @@ class Reject(msgspec.Struct, frozen=True):
     reason: str
     retry_after: float = 1.0
     start_wake: bool = True
+    gallery: str = ""  # the gate or failure mode id it reports, if any
 
 
 Admission = Hold | Queue | Reject
@@ -99,13 +104,14 @@ def admit(
     request_class = classify(app.rules, request.facts)
     if request_class == "queue":
         return _admit_queued(app, request, holds, queue_available)
-    if request_class != "hold":
+    if not request_class_safe_to_hold(request_class):
         # Never held where a crash loses it; the wake still starts for the retry.
         return Reject(
             503,
             "not_safe_to_hold",
             f"app {app.name} is starting; retry (this request is not safe to hold)",
             expected_wake or UNSAFE_RETRY_AFTER,
+            gallery=PAYMENT_WEBHOOK_WHILE_COLD,
         )
     if expected_wake > app.hold_timeout:
         return Reject(
@@ -119,6 +125,11 @@ def admit(
     if not holds.fits(app.name, app.caps, reserve):
         return _hold_cap(app)
     return Hold(reserve, starting_page=request.accepts_html and app.starting_page_after > 0)
+
+
+def request_class_safe_to_hold(request_class: RequestClass) -> bool:
+    """The Wake gate: only requests safe to repeat may wait in memory for a wake."""
+    return request_class == "hold"
 
 
 def _admit_queued(

@@ -43,6 +43,7 @@ class Transition(msgspec.Struct, kw_only=True):
     from_state: str
     to_state: str
     reason: str = ""
+    reason_code: str = ""  # the gallery id (gate or failure mode) behind it, if any
     edge_id: str = ""
     token: int = 0
     at: float = 0.0
