@@ -1,9 +1,9 @@
 """Pooled keep-alive HTTP/1.1 connections to upstreams, on asyncio protocols and httptools.
 
-A connection carries one exchange at a time for one owner (a front connection).
-Parser events go straight to the owner's callbacks, so response bytes are
-written to the client without queues or tasks; back-pressure is passed both
-ways by pausing the other side's transport.
+A connection carries one exchange at a time for one owner (a front connection, or the
+awaitable client in edge/upstream/client.py). Parser events go straight to the owner's
+callbacks, so response bytes are written to the client without queues or tasks;
+back-pressure is passed both ways by pausing the other side's transport.
 """
 
 from __future__ import annotations
