@@ -1,14 +1,15 @@
 """The replay client against raw loopback servers: close-delimited answers, 1xx before
-the final status, a kept-alive connection the app closed, and a silent app."""
+the final status, 101, a kept-alive connection the app closed, and a silent app."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
 
-from edge.queue.replay_delivery import DeliveryFailed, ReplayConnection
+from edge.queue.replay_delivery import DeliveryFailed, ReplayConnection, SwitchedProtocols
 
 HEAD = b"POST /hooks/a HTTP/1.1\r\nHost: shop.localhost\r\n\r\n"
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -64,6 +65,31 @@ async def test_informational_answers_are_skipped() -> None:
         # Twice on one connection: the second answer is not shifted by the first's 1xx.
         assert await conn.deliver(address, "POST", HEAD, b"{}", b"", 5) == 201
         assert await conn.deliver(address, "POST", HEAD, b"{}", b"", 5) == 201
+    finally:
+        conn.close()
+        server.close()
+
+
+@pytest.mark.parametrize(
+    ("headers", "raised"),
+    [(b"Upgrade: x\r\nConnection: Upgrade\r\n", SwitchedProtocols), (b"", DeliveryFailed)],
+)
+async def test_101_ends_the_attempt_at_once(headers: bytes, raised: type[Exception]) -> None:
+    """An upgrade is not a DeliveryFailed (the replayer pauses and re-sends, as it always
+    did), a bare 101 is one; neither waits for the attempt's timeout."""
+
+    async def handler(reader, writer) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\n" + headers + b"\r\n")
+        await asyncio.sleep(10)
+
+    server, address = await serve(handler)
+    conn = ReplayConnection()
+    started = time.monotonic()
+    try:
+        with pytest.raises(raised):
+            await conn.deliver(address, "POST", HEAD, b"{}", b"", 5)
+        assert time.monotonic() - started < 1
     finally:
         conn.close()
         server.close()

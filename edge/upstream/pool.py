@@ -1,9 +1,9 @@
 """Pooled keep-alive HTTP/1.1 connections to upstreams, on asyncio protocols and httptools.
 
-A connection carries one exchange at a time for one owner (a front connection).
-Parser events go straight to the owner's callbacks, so response bytes are
-written to the client without queues or tasks; back-pressure is passed both
-ways by pausing the other side's transport.
+A connection carries one exchange at a time for one owner (a front connection, or the
+awaitable client in edge/upstream/client.py). Parser events go straight to the owner's
+callbacks, so response bytes are written to the client without queues or tasks;
+back-pressure is passed both ways by pausing the other side's transport.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Protocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -311,9 +311,6 @@ class UpstreamPool:
                 host.strip("[]"), int(port), self.max_idle, self.max_conns
             )
         return peer
-
-    def peers(self) -> Iterable[UpstreamPeer]:
-        return self._peers.values()
 
     async def connect(self, peer: UpstreamPeer) -> UpstreamConnection:
         """Open a new connection; raises TimeoutError or OSError."""
