@@ -31,6 +31,7 @@ from scheduler_client.config_file import (
 )
 
 ADMIN_TOKEN_ENV = "EDGE_ADMIN_TOKEN"
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -70,7 +71,7 @@ class EdgeSection(_Section):
 class LogSection(_Section):
     """The edge's own messages (not the access log): stderr, at this level and above."""
 
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    level: LogLevel = "info"
     # "text": one readable line per message; "json": one JSON object per line.
     format: Literal["text", "json"] = "text"
 
