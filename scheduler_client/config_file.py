@@ -7,10 +7,12 @@ problem becomes one `ConfigError` naming the file, the key path and what is wron
 from __future__ import annotations
 
 import ipaddress
+import operator
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import msgspec
 
@@ -34,9 +36,27 @@ class ConfigError(Exception):
 class Duration(float):
     """Seconds, written in config as '250ms', '5s', '1m30s', '2h'."""
 
+    # msgspec.Meta bounds only the types msgspec decodes itself, not one decoded by a
+    # hook: a subclass states its bounds here and the hook checks them while decoding.
+    bounds: ClassVar[msgspec.Meta] = msgspec.Meta()
+
 
 class ByteSize(int):
     """Bytes, written in config as '512', '64KiB', '1MiB', '2GB'."""
+
+    bounds: ClassVar[msgspec.Meta] = msgspec.Meta()  # as for Duration
+
+
+class PositiveDuration(Duration):
+    """A duration above zero (a timeout, an interval)."""
+
+    bounds = msgspec.Meta(gt=0)
+
+
+class PositiveSize(ByteSize):
+    """A size of at least one byte."""
+
+    bounds = msgspec.Meta(ge=1)
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -88,11 +108,33 @@ def parse_size(text: str | int) -> ByteSize:
     return ByteSize(int(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
+_COMPARISONS = (
+    ("gt", operator.gt, ">"),
+    ("ge", operator.ge, ">="),
+    ("lt", operator.lt, "<"),
+    ("le", operator.le, "<="),
+)
+
+
+def _check_bounds(
+    value: float, given: Any, bounds: msgspec.Meta, kind: str, show: Callable[[Any], str]
+) -> None:
+    """Raise ValueError (msgspec adds the key path) when `value` is outside `bounds`."""
+    for name, holds, sign in _COMPARISONS:
+        limit = getattr(bounds, name)
+        if limit is not None and not holds(value, limit):
+            raise ValueError(f"Expected {kind} {sign} {show(limit)}, got {given!r}")
+
+
 def _dec_hook(kind: type, value: Any) -> Any:
-    if kind is Duration:
-        return parse_duration(value)
-    if kind is ByteSize:
-        return parse_size(value)
+    if issubclass(kind, Duration):
+        seconds = parse_duration(value)
+        _check_bounds(seconds, value, kind.bounds, "a duration", format_duration)
+        return kind(seconds)
+    if issubclass(kind, ByteSize):
+        size = parse_size(value)
+        _check_bounds(size, value, kind.bounds, "a size", format_size)
+        return kind(size)
     raise NotImplementedError
 
 
@@ -120,11 +162,59 @@ def _enc_hook(value: Any) -> Any:
 _PATH_IN_MESSAGE = re.compile(r"^(.*) - at `\$(.*)`$", re.DOTALL)
 
 
+_PATH_PART = re.compile(r"\.?([^.\[\]]+)|\[(\d+)\]")
+# msgspec's messages for a bound (`Expected `int` >= 1`) and a Literal name neither the
+# value given nor the values allowed; both are added from the document and the type.
+_BOUND_MESSAGE = re.compile(r"Expected `\w+` [<>]=? ")
+_ENUM_MESSAGE = "Invalid enum value "
+_MISSING = object()
+
+
 def _split_validation_error(error: msgspec.ValidationError) -> tuple[str, str]:
     match = _PATH_IN_MESSAGE.match(str(error))
     if match is None:
         return "", str(error)
     return match.group(2).lstrip("."), match.group(1)
+
+
+def _path_parts(path: str) -> list[str | int]:
+    return [int(i) if i else key for key, i in _PATH_PART.findall(path)]
+
+
+def _value_at(raw: Any, path: str) -> Any:
+    for part in _path_parts(path):
+        try:
+            raw = raw[part]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING
+    return raw
+
+
+def _type_at(kind: type, path: str) -> msgspec.inspect.Type | None:
+    info: Any = msgspec.inspect.type_info(kind)
+    for part in _path_parts(path):
+        if isinstance(info, msgspec.inspect.UnionType):  # `Section | None`
+            info = next(t for t in info.types if not isinstance(t, msgspec.inspect.NoneType))
+        if isinstance(part, int) and isinstance(info, msgspec.inspect.ListType):
+            info = info.item_type
+        elif isinstance(part, str) and isinstance(info, msgspec.inspect.StructType):
+            info = next((f.type for f in info.fields if f.encode_name == part), None)
+        else:
+            return None
+    return info
+
+
+def _explain(problem: str, path: str, raw: Any, kind: type) -> str:
+    if _BOUND_MESSAGE.match(problem) and ", got " not in problem:
+        value = _value_at(raw, path)
+        if value is not _MISSING:
+            return f"{problem}, got {value!r}"
+    if problem.startswith(_ENUM_MESSAGE):
+        info = _type_at(kind, path)
+        if isinstance(info, msgspec.inspect.LiteralType):
+            allowed = ", ".join(repr(v) for v in info.values)
+            return f"{problem}: expected one of {allowed}"
+    return problem
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -167,7 +257,7 @@ def decode_toml(text: str, file: str, kind: type[T]) -> T:
         return msgspec.convert(raw, kind, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
         path, problem = _split_validation_error(exc)
-        raise ConfigError(file, path, problem) from None
+        raise ConfigError(file, path, _explain(problem, path, raw, kind)) from None
 
 
 def read_config_file(path: str | Path) -> str:

@@ -201,10 +201,89 @@ def test_bad_durations_and_sizes(text: str, path: str, bad: str) -> None:
         ("[edge]\ntrusted_proxies = ['not-a-cidr']\n" + APP, "edge.trusted_proxies[0]"),
         ('[edge]\nstore = "mysql://db"\n' + APP, "edge.store"),
         ("[upstream]\nmax_idle_per_upstream = -1\n" + APP, "upstream.max_idle_per_upstream"),
+        ("[limits]\nmax_request_line = 0\n" + APP, "limits.max_request_line"),
+        ("[control_plane]\nretries = 11\n" + APP, "control_plane.retries"),
+        ('[control_plane]\ntimeout = "0s"\n' + APP, "control_plane.timeout"),
+        ("[budget]\nmax_concurrent_wakes = 0\n" + APP, "budget.max_concurrent_wakes"),
+        ("[budget]\nmax_wakes_per_second = 0\n" + APP, "budget.max_wakes_per_second"),
+        ('[budget]\nwake_lease_ttl = "100ms"\n' + APP, "budget.wake_lease_ttl"),
+        ('[budget]\nwake_slot_ttl = "0s"\n' + APP, "budget.wake_slot_ttl"),
+        ("[hold]\nmax_held = -1\n" + APP, "hold.max_held"),
+        (APP + 'hold_timeout = "0s"\n', "apps[0].hold_timeout"),
+        (APP + "max_held = -1\n", "apps[0].max_held"),
     ],
 )
 def test_out_of_range_values(text: str, path: str) -> None:
     assert config_error(text).path == path
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "problem"),
+    [
+        ("[edge]\nworkers = 0\n" + APP, "edge.workers", "Expected `int` >= 1, got 0"),
+        (
+            "[edge]\naccess_log_sample = 1.5\n" + APP,
+            "edge.access_log_sample",
+            "Expected `float` <= 1.0, got 1.5",
+        ),
+        (
+            '[limits]\nheader_timeout = "0ms"\n' + APP,
+            "limits.header_timeout",
+            "Expected a duration > 0s, got '0ms'",
+        ),
+        (
+            '[budget]\nwake_slot_ttl = "100ms"\n' + APP,
+            "budget.wake_slot_ttl",
+            "Expected a duration >= 500ms, got '100ms'",
+        ),
+        (
+            "[limits]\nmax_header_bytes = 0\n" + APP,
+            "limits.max_header_bytes",
+            "Expected a size >= 1, got 0",
+        ),
+    ],
+)
+def test_bound_errors_say_the_bound_and_the_value(text: str, path: str, problem: str) -> None:
+    # The bounds sit on the fields; msgspec (or the duration/size hook) reports them.
+    err = config_error(text)
+    assert (err.path, err.problem) == (path, problem)
+
+
+def test_wake_slot_ttl_reaches_the_budget_limits() -> None:
+    from edge.server.worker_context import budget_limits
+
+    assert budget_limits(load_config_text(APP, FILE)).slot_ttl == 30.0
+    config = load_config_text('[budget]\nwake_slot_ttl = "45s"\n' + APP, FILE)
+    assert config.budget.wake_slot_ttl == 45.0
+    assert budget_limits(config).slot_ttl == 45.0
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "given"),
+    [
+        ('[log]\nlevel = "loud"\n' + APP, "log.level", "'loud'"),
+        ('[log]\nlevel = "DEBUG"\n' + APP, "log.level", "'DEBUG'"),
+        ('[log]\nformat = "xml"\n' + APP, "log.format", "'xml'"),
+        ("[log]\nlevel = 10\n" + APP, "log.level", "int"),
+        ('[log]\ndestination = "syslog"\n' + APP, "log", "destination"),
+    ],
+)
+def test_bad_log_settings(text: str, path: str, given: str) -> None:
+    err = config_error(text)
+    assert err.path == path
+    assert given in err.problem
+
+
+def test_bad_log_level_names_the_levels() -> None:
+    err = config_error('[log]\nlevel = "loud"\n' + APP)
+    for level in ("debug", "info", "warning", "error"):
+        assert repr(level) in err.problem
+
+
+def test_log_settings_load() -> None:
+    assert load_config_text(APP, FILE).log.level == "info"
+    config = load_config_text('[log]\nlevel = "debug"\nformat = "json"\n' + APP, FILE)
+    assert (config.log.level, config.log.format) == ("debug", "json")
 
 
 @pytest.mark.parametrize(
@@ -502,6 +581,10 @@ def test_replay_policy_needs_its_four_decisions() -> None:
         ('dedupe_key = "header:"', "dedupe_key"),
         ('dedupe_key = "header:Bad Name"', "dedupe_key"),
         ('max_body = "200MiB"', "max_body"),
+        ("max_body = 0", "max_body"),
+        ("max_attempts = 101", "max_attempts"),
+        ('attempt_timeout = "0s"', "attempt_timeout"),
+        ("max_dead_letters = 0", "max_dead_letters"),
         ('retention = "0s"', "retention"),
         ('claim_idle = "10s"', "claim_idle"),
         ('backoff_max = "1ms"', "backoff_max"),

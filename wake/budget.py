@@ -18,7 +18,9 @@ class BudgetLimits(msgspec.Struct, frozen=True, kw_only=True):
     max_concurrent_wakes: int = 20
     max_wakes_per_second: float = 10.0
     tenant_max_concurrent_wakes: int = 5
-    slot_ttl: float = 30.0  # a slot's lease; its holder renews it while waking
+    # A slot's lease ([budget] wake_slot_ttl); its holder renews it while waking, so a
+    # dead holder's slot comes back this long after its last renewal.
+    slot_ttl: float = 30.0
 
 
 class BudgetDecision(msgspec.Struct, frozen=True):

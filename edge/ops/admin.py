@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import json
+import logging
 import os
 import re
 import signal
@@ -26,6 +26,8 @@ from wake.store.protocol import StoreUnavailable
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 MAX_LIST = 1000
 STALE_AFTER = 5.0
+
+logger = logging.getLogger(__name__)
 
 
 class Readiness(msgspec.Struct):
@@ -132,13 +134,17 @@ def build_admin_app(state: AdminState, token: str) -> web.Application:
         depths: dict[str, tuple[int, int]] = {}
         # A down store must not break /metrics: region-wide gauges are left out instead.
         if wake is not None:
-            with contextlib.suppress(Exception):
+            try:
                 in_use = (await wake.store.budget_usage(wake.budget)).in_use
+            except Exception as exc:
+                logger.debug("metrics without the budget in use: %r", exc)
         queue = state.ctx.queue
         if queue is not None:
-            with contextlib.suppress(Exception):
+            try:
                 for name in replay_apps(state.ctx.config):
                     depths[name] = await queue.depth(name)
+            except Exception as exc:
+                logger.debug("metrics without queue depths: %r", exc)
         body = render_metrics(state.snapshots, in_use, depths)
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
-import sys
 from collections.abc import Callable
 
 from edge.queue.durable_queue import DurableQueue, QueuedRequest, id_ms
@@ -34,6 +34,8 @@ BATCH = 32
 BATCH_BYTES = 8 * 1024 * 1024
 # While another edge's entries wait out claim_idle, or the store is down.
 PAUSE = 0.5
+
+logger = logging.getLogger(__name__)
 
 
 class Replayer:
@@ -96,22 +98,29 @@ class Replayer:
             target = await self.wake.ensure_hot(app.name, float(app.hold_timeout))
             lease = await self.queue.acquire_replayer(app.name, self.owner, LEASE_TTL)
             if lease is None:
-                return  # another worker or edge replays this app
+                logger.debug("app %s: %d queued, replayed by another edge", app.name, queued)
+                return
+            logger.debug("app %s: replaying %d queued to %s", app.name, queued, target.address)
             try:
                 await self._replay_holding(app, target)
             finally:
-                with contextlib.suppress(StoreUnavailable):
+                try:
                     await self.queue.release_replayer(app.name, self.owner)
+                except StoreUnavailable as exc:  # the lease runs out by itself
+                    logger.debug("app %s: replayer lease not released: %s", app.name, exc)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # store down, wake refused or timed out: next scan retries
             problem = f"{type(exc).__name__}: {exc}"
             if self._last_problem.get(app.name) != problem:
                 self._last_problem[app.name] = problem
-                log(f"replay of app {app.name} paused: {problem}")
+                logger.warning("replay of app %s paused: %s", app.name, problem)
+            else:
+                logger.debug("replay of app %s still paused: %s", app.name, problem)
             await asyncio.sleep(PAUSE)
         else:
-            self._last_problem.pop(app.name, None)
+            if self._last_problem.pop(app.name, None) is not None:
+                logger.info("replay of app %s resumed", app.name)
 
     async def _replay_holding(self, app: AppConfig, target: HotTarget) -> None:
         lost = asyncio.Event()  # set when the lease is lost, or on shutdown
@@ -137,6 +146,7 @@ class Replayer:
                     if lost.is_set() or self._stopping:
                         return
                     if now_ms - id_ms(entry.id) > policy.retention * 1000:
+                        logger.debug("app %s: %s expired in the queue", app.name, entry.id)
                         await self.queue.dead_letter(
                             app.name, entry, "expired", 0, 0, policy.max_dead_letters
                         )
@@ -198,6 +208,14 @@ class Replayer:
                 self.wake.forget_hot(app.name, target.address)
             outcome = outcome_of(status, attempt, policy.max_attempts)
             self.count(app.name, outcome.value)
+            logger.debug(
+                "app %s: %s attempt %d: %s -> %s",
+                app.name,
+                entry.id,
+                attempt,
+                error,
+                outcome.value,
+            )
             if outcome is Outcome.DONE:
                 then = await self.queue.finish(app.name, entry, float(policy.retention), after)
                 return target, then
@@ -220,9 +238,12 @@ class Replayer:
             await asyncio.sleep(LEASE_TTL / 3)
             try:
                 renewed = await self.queue.renew_replayer(app, self.owner, LEASE_TTL)
-            except StoreUnavailable:
-                continue  # keep trying within the TTL; the lease may still be ours
+            except StoreUnavailable as exc:
+                # Keep trying within the TTL; the lease may still be ours.
+                logger.debug("app %s: replayer lease not renewed: %s", app, exc)
+                continue
             if not renewed:
+                logger.info("app %s: replayer lease lost; another edge takes over", app)
                 lost.set()
                 return
 
@@ -238,7 +259,3 @@ class Replayer:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def log(message: str) -> None:
-    print(f"edge replayer: {message}", file=sys.stderr, flush=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
+import logging
 import time
 from collections.abc import Callable
 
@@ -23,6 +23,8 @@ RETRY_MIN = 0.2
 RETRY_MAX = 5.0
 # Region changes carry no route epoch, so the region is re-read at this pace.
 REGION_REFRESH = 2.0
+
+logger = logging.getLogger(__name__)
 
 
 class RouteFollower:
@@ -79,8 +81,10 @@ class RouteFollower:
     async def _watch_region(self) -> None:
         """Region changes carry no route epoch: re-read the region every REGION_REFRESH."""
         while True:
-            with contextlib.suppress(ControlPlaneError, OSError, TimeoutError):
+            try:
                 self.region = await self.client.get_region()
+            except (ControlPlaneError, OSError, TimeoutError) as exc:  # the feed reports it
+                logger.debug("region not refreshed: %s", exc)
             await asyncio.sleep(REGION_REFRESH)
 
     async def _follow_forever(self) -> None:
@@ -99,6 +103,7 @@ class RouteFollower:
                 pause = RETRY_MIN
             except Gone:
                 # The feed no longer holds our epoch: resync; the current table keeps serving.
+                logger.debug("routes: the feed no longer holds our epoch; resyncing")
                 self.resyncs += 1
                 self.resync_needed = True
                 self._contact()
@@ -106,12 +111,13 @@ class RouteFollower:
                 self.failures += 1
                 if not self.stale:
                     self.stale = True
-                    print(
-                        f"edge routes: control plane unreachable ({exc}); serving the last "
-                        f"table (epoch {self.table.epoch if self.table else 'none'})",
-                        file=sys.stderr,
-                        flush=True,
+                    logger.warning(
+                        "routes: control plane unreachable (%s); serving the last table (epoch %s)",
+                        exc,
+                        self.table.epoch if self.table else "none",
                     )
+                else:
+                    logger.debug("routes: control plane still unreachable: %s", exc)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, RETRY_MAX)
 
@@ -119,7 +125,7 @@ class RouteFollower:
         self.last_contact = self.clock()
         if self.stale:
             self.stale = False
-            print("edge routes: control plane reachable again", file=sys.stderr, flush=True)
+            logger.info("routes: control plane reachable again")
 
     async def _resync(self) -> None:
         snapshot = await self.client.route_snapshot()
@@ -142,7 +148,10 @@ class RouteFollower:
         self._contact()
         result = apply_changes(self.table, feed.changes, self.clock())
         self.refused += result.refused
+        if result.refused:
+            logger.debug("routes: %d change(s) refused (old route epoch)", result.refused)
         if result.outcome is Outcome.GAP:
+            logger.debug("routes: gap after epoch %d; resyncing", self.table.epoch)
             self.resyncs += 1
             await self._resync()
         elif result.outcome is Outcome.APPLIED:
@@ -150,6 +159,7 @@ class RouteFollower:
             await self._ack()
 
     def _publish(self, table: RouteTable) -> None:
+        logger.debug("routes: table at epoch %d", table.epoch)
         self.table = table
         self.on_table(table)
 

@@ -9,7 +9,15 @@ import time
 import urllib.error
 import urllib.request
 
-from edge.server.config import Config, ConfigError, effective_config, load_config, replay_apps
+from edge.server.config import (
+    Config,
+    ConfigError,
+    LogSection,
+    effective_config,
+    load_config,
+    replay_apps,
+)
+from edge.server.logging_setup import LEVELS, setup_logging
 from scheduler_client.config_file import parse_address, render_toml
 
 
@@ -44,11 +52,18 @@ def _durability_warning(config: Config) -> str | None:
     )
 
 
-def _check(path: str) -> int:
+def _load(path: str) -> Config | None:
+    """The config, or None once the problem is printed (the caller exits 2)."""
     try:
-        config = load_config(path)
+        return load_config(path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        return None
+
+
+def _check(path: str) -> int:
+    config = _load(path)
+    if config is None:
         return 2
     warning = _durability_warning(config)
     if warning:
@@ -74,10 +89,8 @@ def _admin_call(config: Config, method: str, path: str) -> bytes:
 
 
 def _reload(path: str) -> int:
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    config = _load(path)
+    if config is None:
         return 2
     try:
         print(json.loads(_admin_call(config, "POST", "/admin/reload")))
@@ -111,10 +124,8 @@ def _rejections(metrics: str) -> dict[str, int]:
 def _status(path: str, as_json: bool, window: float) -> int:
     """Budget in use per tenant, apps by wake state, held requests, 503s by reason
     (since start, and over the last `window` seconds)."""
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    config = _load(path)
+    if config is None:
         return 2
     try:
         earlier = _admin_call(config, "GET", "/metrics").decode() if window > 0 else ""
@@ -188,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="start the edge")
     run.add_argument("--config", required=True)
     run.add_argument("--workers", type=int, default=None)
+    run.add_argument("--log-level", choices=LEVELS, help="overrides [log] level")
     check = commands.add_parser("check", help="validate a config and print it with defaults")
     check.add_argument("file")
     reload = commands.add_parser("reload", help="apply a changed config without a restart")
@@ -204,12 +216,14 @@ def main(argv: list[str] | None = None) -> int:
         "controlplane", help="run the local control plane (apps as subprocesses)"
     )
     controlplane.add_argument("--config", required=True)
+    controlplane.add_argument("--log-level", choices=LEVELS, default="info")
     worker = commands.add_parser("worker", help=argparse.SUPPRESS)
     worker.add_argument("--config", required=True)
     worker.add_argument("--index", type=int, default=0)
     worker.add_argument("--workers", type=int, default=1)
     worker.add_argument("--stats-dir", default=None)
     worker.add_argument("--supervised", action="store_true")
+    worker.add_argument("--log-level", choices=LEVELS)
     args = parser.parse_args(argv)
 
     if args.command == "check":
@@ -220,17 +234,31 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 <= args.window <= 60:
             parser.error("--window must be between 0 and 60 seconds")
         return _status(args.config, args.json, args.window)
-    if args.command == "run":
-        from edge.server.supervisor import run as run_edge
-
-        return run_edge(args.config, args.workers)
     if args.command == "controlplane":
         from scheduler_client.local.server import run as run_controlplane
 
+        setup_logging(LogSection(), "controlplane", args.log_level)
         return run_controlplane(args.config)
-    from edge.server.worker import run_worker
+    config = _load(args.config)
+    if config is None:
+        return 2
+    if args.command == "run":
+        from edge.server.supervisor import run as run_edge
 
-    return run_worker(args.config, args.index, args.workers, args.stats_dir, args.supervised)
+        setup_logging(config.log, "edge", args.log_level)
+        return run_edge(args.config, config, args.workers, args.log_level)
+    from edge.server.worker import process_name, run_worker
+
+    setup_logging(config.log, process_name(args.index), args.log_level)
+    return run_worker(
+        args.config,
+        config,
+        args.index,
+        args.workers,
+        args.stats_dir,
+        args.supervised,
+        args.log_level,
+    )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -10,23 +11,29 @@ import sys
 import tempfile
 import time
 
-from edge.server.config import ConfigError, check_store_for_workers, load_config
+from edge.server.config import Config, ConfigError, LogLevel, check_store_for_workers, load_config
+from edge.server.logging_setup import setup_logging
 from edge.server.worker import listen_socket
 
 RESTART_BACKOFF = 1.0
 CRASH_LOOP_LIMIT = 5  # quick exits in a row before the supervisor gives up
 QUICK_EXIT = 2.0
 
-
-def _say(message: str) -> None:
-    print(f"edge: {message}", file=sys.stderr, flush=True)
+logger = logging.getLogger(__name__)
 
 
 class Supervisor:
-    def __init__(self, config_path: str, workers: int, shutdown_timeout: float) -> None:
+    def __init__(
+        self,
+        config_path: str,
+        workers: int,
+        shutdown_timeout: float,
+        log_level: LogLevel | None = None,
+    ) -> None:
         self.config_path = config_path
         self.workers = workers
         self.shutdown_timeout = shutdown_timeout
+        self.log_level = log_level  # --log-level, passed on to every worker
         self.stats_dir = tempfile.mkdtemp(prefix="edge-stats-")
         self.procs: dict[int, subprocess.Popen] = {}
         self.started_at: dict[int, float] = {}
@@ -50,8 +57,11 @@ class Supervisor:
             self.stats_dir,
             "--supervised",
         ]
+        if self.log_level is not None:
+            command += ["--log-level", self.log_level]
         self.procs[index] = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         self.started_at[index] = time.monotonic()
+        logger.debug("started worker %d, pid %d", index, self.procs[index].pid)
 
     def signal_all(self, signum: int) -> None:
         for proc in self.procs.values():
@@ -61,11 +71,12 @@ class Supervisor:
     def reload(self) -> None:
         self.reload_requested = False
         try:
-            load_config(self.config_path)
+            config = load_config(self.config_path)
         except ConfigError as exc:
-            _say(f"reload refused, keeping the running config: {exc}")
+            logger.error("reload refused, keeping the running config: %s", exc)
             return
-        _say("reloading workers")
+        setup_logging(config.log, "edge", self.log_level)
+        logger.info("reloading workers")
         self.signal_all(signal.SIGHUP)
 
     def run(self) -> int:
@@ -97,19 +108,20 @@ class Supervisor:
                     continue
                 quick = time.monotonic() - self.started_at[index] < QUICK_EXIT
                 if code == 2 and quick:
-                    _say(f"worker {index} could not start (exit 2); stopping")
+                    logger.error("worker %d could not start (exit 2); stopping", index)
                     return 2
                 self.quick_exits = self.quick_exits + 1 if quick else 0
                 if self.quick_exits >= CRASH_LOOP_LIMIT:
-                    _say(f"workers keep crashing (last exit {code}); stopping")
+                    logger.error("workers keep crashing (last exit %s); stopping", code)
                     return 1
-                _say(f"worker {index} exited with {code}; restarting")
+                logger.warning("worker %d exited with %s; restarting", index, code)
                 time.sleep(RESTART_BACKOFF if quick else 0)
                 self.spawn(index)
             time.sleep(0.1)
         return 0
 
     def _stop_all(self) -> None:
+        logger.debug("stopping %d worker(s)", len(self.procs))
         self.signal_all(signal.SIGTERM)
         deadline = time.monotonic() + self.shutdown_timeout + 5.0
         for proc in self.procs.values():
@@ -117,6 +129,7 @@ class Supervisor:
             try:
                 proc.wait(timeout=remaining)
             except subprocess.TimeoutExpired:
+                logger.warning("worker pid %d still running at the deadline; killed", proc.pid)
                 proc.kill()
                 proc.wait()
 
@@ -131,26 +144,27 @@ def check_listen_free(address: str) -> str | None:
     return None
 
 
-def run(config_path: str, workers: int | None) -> int:
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+def run(
+    config_path: str, config: Config, workers: int | None, log_level: LogLevel | None = None
+) -> int:
+    """Supervise the workers of a loaded config (logging already set up from it)."""
     count = workers or config.edge.workers
     if count < 1:
-        print(f"{config_path}: --workers must be at least 1", file=sys.stderr)
+        logger.error("%s: --workers must be at least 1", config_path)
         return 2
     problem = check_store_for_workers(config.edge.store, count)
     if problem:
-        print(f"{config_path}: edge.store (with --workers {count}): {problem}", file=sys.stderr)
+        logger.error("%s: edge.store (with --workers %d): %s", config_path, count, problem)
         return 2
     problem = check_listen_free(config.edge.listen)
     if problem:
-        _say(problem)
+        logger.error("%s", problem)
         return 2
-    _say(
-        f"listening on {config.edge.listen} with {count} worker(s), admin on "
-        f"{config.edge.admin_listen}, pid {os.getpid()}"
+    logger.info(
+        "listening on %s with %d worker(s), admin on %s, pid %d",
+        config.edge.listen,
+        count,
+        config.edge.admin_listen,
+        os.getpid(),
     )
-    return Supervisor(config_path, count, config.edge.shutdown_timeout).run()
+    return Supervisor(config_path, count, config.edge.shutdown_timeout, log_level).run()

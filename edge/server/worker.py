@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import resource
 import signal
 import socket
 import ssl
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,7 +22,8 @@ from edge.queue.durable_queue import DurableQueue
 from edge.queue.replayer import Replayer
 from edge.routing.route_follower import RouteFollower
 from edge.routing.route_table import RouteTable
-from edge.server.config import Config, ConfigError, load_config, replay_apps
+from edge.server.config import Config, ConfigError, LogLevel, load_config, replay_apps
+from edge.server.logging_setup import setup_logging
 from edge.server.worker_context import WorkerContext, budget_limits, wake_specs
 from scheduler_client.client import ControlPlaneClient
 from scheduler_client.config_file import parse_address, read_secret
@@ -32,6 +33,8 @@ from wake.store.url import open_store
 SWEEP_INTERVAL = 0.25
 SNAPSHOT_EVERY = 2  # sweeps
 WAKE_UPKEEP_EVERY = 4  # sweeps: last-seen flush, hot refresh, idle-to-sleep once a second
+
+logger = logging.getLogger(__name__)
 
 
 def listen_socket(address: str) -> socket.socket:
@@ -114,21 +117,27 @@ def _app_in_flight(ctx: WorkerContext, app: str) -> int:
     return peer.in_flight if peer is not None else 0
 
 
-async def _wake_upkeep(wake: WakeController, index: int) -> None:
+async def _wake_upkeep(wake: WakeController) -> None:
     try:
         await wake.upkeep()
     except Exception as exc:  # the store or control plane is down: try again next second
-        log(index, f"wake upkeep failed: {exc!r}")
+        logger.warning("wake upkeep failed: %r", exc)
 
 
-def log(index: int, message: str) -> None:
-    print(f"edge worker {index}: {message}", file=sys.stderr, flush=True)
+def process_name(index: int) -> str:
+    """How this worker's log lines name it."""
+    return f"edge worker {index}"
 
 
 async def serve(
-    config_path: str, index: int, workers: int, stats_dir: Path, supervised: bool
+    config_path: str,
+    config: Config,
+    index: int,
+    workers: int,
+    stats_dir: Path,
+    supervised: bool,
+    log_level: LogLevel | None = None,
 ) -> int:
-    config = load_config(config_path)
     raise_open_file_limit()
     loop = asyncio.get_running_loop()
     client = control_plane_client(config, config_path)
@@ -166,7 +175,7 @@ async def serve(
     try:
         sock = listen_socket(config.edge.listen)
     except OSError as exc:
-        log(index, f"cannot listen on {config.edge.listen}: {exc.strerror}")
+        logger.error("cannot listen on %s: %s", config.edge.listen, exc.strerror)
         return 2
     server = await loop.create_server(
         lambda: FrontConnection(ctx), sock=sock, ssl=tls_context(config), backlog=4096
@@ -179,10 +188,18 @@ async def serve(
                 admin_state, config.edge.admin_listen, config.edge.admin_bearer_token()
             )
         except OSError as exc:
-            log(index, f"cannot listen on admin {config.edge.admin_listen}: {exc.strerror}")
+            logger.error("cannot listen on admin %s: %s", config.edge.admin_listen, exc.strerror)
             server.close()
             return 2
     admin_state.serving = True
+    logger.debug(
+        "serving %d app(s) on %s; store %s://; control plane %s; replay %s",
+        len(config.apps),
+        config.edge.listen,
+        config.edge.store.partition("://")[0],  # not the URL: it may carry a password
+        config.control_plane.url or "none",
+        ", ".join(replay_apps(config)) or "none",
+    )
 
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -192,11 +209,12 @@ async def serve(
         try:
             new = load_config(config_path)
         except ConfigError as exc:
-            log(index, f"reload refused, keeping the running config: {exc}")
+            logger.error("reload refused, keeping the running config: %s", exc)
             return
+        setup_logging(new.log, process_name(index), log_level)
         ctx.apply(new)
         start_replay()
-        log(index, "config reloaded")
+        logger.info("config reloaded")
 
     loop.add_signal_handler(signal.SIGHUP, reload)
 
@@ -218,13 +236,14 @@ async def serve(
                     ctx.access_log.flush()
             due = wake is not None and tick % WAKE_UPKEEP_EVERY == 0
             if due and (wake_upkeep is None or wake_upkeep.done()):
-                wake_upkeep = loop.create_task(_wake_upkeep(wake, index))  # type: ignore[arg-type]
+                wake_upkeep = loop.create_task(_wake_upkeep(wake))  # type: ignore[arg-type]
 
     write_snapshot(stats_dir, ctx.stats.snapshot())
     upkeep_task = loop.create_task(upkeep())
     await stop.wait()
 
     # Graceful stop: no new connections, idle ones closed, in-flight ones finish.
+    logger.debug("stopping: %d connection(s) open", len(ctx.connections))
     ctx.draining = True
     server.close()
     for conn in list(ctx.connections):
@@ -232,6 +251,10 @@ async def serve(
     deadline = loop.time() + config.edge.shutdown_timeout
     while ctx.connections and loop.time() < deadline:
         await asyncio.sleep(0.05)
+    if ctx.connections:
+        logger.warning(
+            "%d connection(s) still open after shutdown_timeout; closed", len(ctx.connections)
+        )
     for conn in list(ctx.connections):
         conn._close(abort=True)
     upkeep_task.cancel()
@@ -262,14 +285,19 @@ async def serve(
 
 def run_worker(
     config_path: str,
+    config: Config,
     index: int,
     workers: int,
     stats_dir: str | None,
     supervised: bool,
+    log_level: LogLevel | None = None,
 ) -> int:
+    """Serve a loaded config until SIGTERM (logging already set up from it)."""
     directory = Path(stats_dir) if stats_dir else Path(tempfile.mkdtemp(prefix="edge-stats-"))
     try:
-        return uvloop.run(serve(config_path, index, workers, directory, supervised))
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        return uvloop.run(
+            serve(config_path, config, index, workers, directory, supervised, log_level)
+        )
+    except ConfigError as exc:  # e.g. the control plane token is missing
+        logger.error("%s", exc)
         return 2

@@ -56,6 +56,7 @@ def budget_limits(config: Config) -> BudgetLimits:
         max_concurrent_wakes=budget.max_concurrent_wakes,
         max_wakes_per_second=budget.max_wakes_per_second,
         tenant_max_concurrent_wakes=budget.tenant_max_concurrent_wakes,
+        slot_ttl=float(budget.wake_slot_ttl),
     )
 
 

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import signal
@@ -51,6 +52,8 @@ _POLL_MAX = 0.01
 _PROBE_TIMEOUT = 1.0
 _SESSIONS_TIMEOUT = 1.0
 _KILL_WAIT = 5.0
+
+logger = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -233,6 +236,7 @@ class AppProcess:
         finally:
             if not isinstance(log, int):
                 log.close()  # the child holds its own copy of the descriptor
+        logger.debug("allocation %s: started pid %d on port %d", allocation_id, popen.pid, port)
         return cls(popen.pid, port, popen)
 
     @classmethod
@@ -357,6 +361,7 @@ class AppProcess:
             await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, _POLL_MAX)
         if self._group_alive():
+            logger.debug("pid %d still running %.1fs after SIGTERM; killing it", self.pid, grace)
             self._kill_all()
             kill_deadline = time.monotonic() + _KILL_WAIT
             while self.poll() is None and time.monotonic() < kill_deadline:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,6 +38,8 @@ from scheduler_client.models import (
 )
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _encoder = msgspec.json.Encoder()
 
@@ -114,7 +116,7 @@ def _middlewares(token: str) -> list:
             code = {404: "not_found", 405: "bad_request"}.get(exc.status, "bad_request")
             return _error(exc.status, code, exc.reason)
         except Exception as exc:  # a bug, still answered in the protocol's shape
-            print(f"controlplane: internal error on {request.path}: {exc!r}", file=sys.stderr)
+            logger.error("internal error on %s: %r", request.path, exc, exc_info=exc)
             return _error(500, "internal", "internal error")
 
     @web.middleware
@@ -260,14 +262,13 @@ async def serve(config_path: str) -> int:
     try:
         await web.TCPSite(runner, host, port, reuse_address=True).start()
     except OSError as exc:
-        print(f"controlplane: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        logger.error("cannot listen on %s:%d: %s", host, port, exc.strerror)
         await cp.close()
         return 2
-    print(
-        f"controlplane: listening on {config.controlplane.listen}, state in "
-        f"{config.controlplane.state_file}",
-        file=sys.stderr,
-        flush=True,
+    logger.info(
+        "listening on %s, state in %s",
+        config.controlplane.listen,
+        config.controlplane.state_file,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -286,5 +287,5 @@ def run(config_path: str) -> int:
     try:
         return uvloop.run(serve(config_path))
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        logger.error("%s", exc)
         return 2
