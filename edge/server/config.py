@@ -189,6 +189,11 @@ class AppConfig(_Section):
         rules = [*self.rules, *shared_rules]
         return self.scale_to_zero and any(r.request_class == "queue" for r in rules)
 
+    def unsafe_replay_policy_exists(self, shared_rules: list[RuleConfig]) -> bool:
+        """The Wake gate, checked at load: every class a request can get resolves to hold,
+        reject or queue, so an app whose rules can queue has a replay policy."""
+        return self.replay is not None or not self.can_queue(shared_rules)
+
 
 class Config(_Section):
     edge: EdgeSection = EdgeSection()
@@ -342,7 +347,7 @@ def _check_app(
     store = config.edge.store
     for j, rule in enumerate(app.rules):
         _check_rule(rule, f"{where}.rules[{j}]", store, fail)
-    if app.can_queue(config.classification) and app.replay is None:
+    if not app.unsafe_replay_policy_exists(config.classification):
         fail(
             f"{where}.replay",
             f"app {app.name!r} has rules that queue requests but no replay policy: add "
