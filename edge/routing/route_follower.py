@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from edge.routing.route_table import Outcome, RouteTable, apply_changes, from_snapshot
+from scheduler_client import backoff
 from scheduler_client.client import ControlPlaneClient
 from scheduler_client.models import ControlPlaneError, Gone, Region
 
@@ -88,7 +89,7 @@ class RouteFollower:
             await asyncio.sleep(REGION_REFRESH)
 
     async def _follow_forever(self) -> None:
-        pause = RETRY_MIN
+        failed_in_a_row = 0
         registered = False
         while True:
             try:
@@ -100,7 +101,7 @@ class RouteFollower:
                 else:
                     await self._follow()
                 self._contact()
-                pause = RETRY_MIN
+                failed_in_a_row = 0
             except Gone:
                 # The feed no longer holds our epoch: resync; the current table keeps serving.
                 logger.debug("routes: the feed no longer holds our epoch; resyncing")
@@ -118,8 +119,8 @@ class RouteFollower:
                     )
                 else:
                     logger.debug("routes: control plane still unreachable: %s", exc)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, RETRY_MAX)
+                await asyncio.sleep(backoff.delay(failed_in_a_row, RETRY_MIN, RETRY_MAX))
+                failed_in_a_row += 1
 
     def _contact(self) -> None:
         self.last_contact = self.clock()

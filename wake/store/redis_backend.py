@@ -26,6 +26,7 @@ from collections.abc import Iterable
 
 import msgspec
 
+from scheduler_client import backoff
 from wake.budget import BudgetDecision, BudgetLimits, BudgetUsage
 from wake.store import redis_scripts
 from wake.store.protocol import AppWakeState, Lease, StoreUnavailable, Transition
@@ -37,6 +38,8 @@ JOURNAL_LIMIT = 10_000
 # Journal entries fetched per round trip when filtering by app.
 _JOURNAL_PAGE = 500
 _MAX_U64 = 2**64 - 1
+PUBSUB_RETRY_MIN = 0.05
+PUBSUB_RETRY_MAX = 2.0
 
 
 def _ms(seconds: float) -> int:
@@ -315,13 +318,13 @@ class RedisStore:
 
     async def _listen(self) -> None:
         """One pattern subscription for the whole store; reconnects with back-off."""
-        backoff = 0.05
+        failed_in_a_row = 0
         while not self._closed:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 async with asyncio.timeout(self._op_timeout):
                     await pubsub.psubscribe(self._pattern)
-                backoff = 0.05
+                failed_in_a_row = 0
                 # Messages sent while we were not subscribed are gone: re-read everything.
                 self._kick(list(self._watches))
                 while not self._closed:
@@ -336,7 +339,7 @@ class RedisStore:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis down or reset: polling covers us meanwhile
-                log.debug("wake store pub/sub: %s; reconnecting in %.2fs", exc, backoff)
+                log.debug("wake store pub/sub: %s; reconnecting", exc)
                 # Poll now rather than at the next interval, so waiters learn of an
                 # outage (or of a change whose message was lost) at once.
                 self._kick(list(self._watches))
@@ -346,8 +349,8 @@ class RedisStore:
                         await pubsub.aclose()
             if self._closed:
                 break
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+            await asyncio.sleep(backoff.delay(failed_in_a_row, PUBSUB_RETRY_MIN, PUBSUB_RETRY_MAX))
+            failed_in_a_row += 1
 
     # ------------------------------------------------------------------ budget
 
