@@ -55,7 +55,7 @@ async def test_metrics_count_requests_by_app_and_status(start_edge, upstream, cl
     assert await get(client, edge.url + "/echo", host="unknown.localhost") == 404
 
     def counted() -> bool:
-        text = edge.ops.metrics()
+        text = edge.metrics()
         return (
             metric_sum(text, "edge_requests_total", app="echo", status="200") == 5
             and metric_sum(text, "edge_requests_total", app="echo", status="503") == 2
@@ -64,7 +64,7 @@ async def test_metrics_count_requests_by_app_and_status(start_edge, upstream, cl
         )
 
     await eventually(counted, timeout=10, what="edge_requests_total to count every request")
-    text = edge.ops.metrics()
+    text = edge.metrics()
     # Nothing counted twice, and no request invented.
     assert metric_sum(text, "edge_requests_total") == 11
     # Latency histogram: one observation per answered request of the app.
@@ -85,14 +85,14 @@ async def test_open_connections_gauge(start_edge, upstream) -> None:
             await send(writer, request_bytes("GET", "/echo"))
             assert (await read_response(reader)).status == 200
         await eventually(
-            lambda: metric_sum(edge.ops.metrics(), "edge_open_connections") == 3,
+            lambda: metric_sum(edge.metrics(), "edge_open_connections") == 3,
             what="edge_open_connections == 3 with three keep-alive clients",
         )
     finally:
         for _, writer in conns:
             await close(writer)
     await eventually(
-        lambda: metric_sum(edge.ops.metrics(), "edge_open_connections") == 0,
+        lambda: metric_sum(edge.metrics(), "edge_open_connections") == 0,
         what="edge_open_connections back to 0",
     )
 
@@ -108,11 +108,11 @@ async def test_client_leaving_mid_request_does_not_count_as_held(start_edge, ups
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()
     await eventually(
-        lambda: metric_sum(edge.ops.metrics(), "edge_requests_total", status="499") == 3,
+        lambda: metric_sum(edge.metrics(), "edge_requests_total", status="499") == 3,
         what="three requests counted as abandoned by the client",
     )
     await asyncio.sleep(0.8)  # a stats snapshot later
-    assert metric_sum(edge.ops.metrics(), "edge_held_requests") == 0
+    assert metric_sum(edge.metrics(), "edge_held_requests") == 0
 
 
 async def test_metrics_cover_all_workers(start_edge, upstream, redis_server) -> None:
@@ -127,7 +127,7 @@ async def test_metrics_cover_all_workers(start_edge, upstream, redis_server) -> 
             assert await get(session, edge.url + f"/echo?n={i}") == 200
     assert len(upstream.log()) == n
     await eventually(
-        lambda: metric_sum(edge.ops.metrics(), "edge_requests_total", app="echo") == n,
+        lambda: metric_sum(edge.metrics(), "edge_requests_total", app="echo") == n,
         timeout=15,
         interval=0.2,
         what=f"/metrics to count all {n} requests across both workers",

@@ -157,7 +157,7 @@ async def test_queued_webhook_is_accepted_then_delivered_once(
     assert delivery["signature"] == "t=1,v1=abc" and delivery["attempt"] == "1"
     await asyncio.sleep(1.5)
     assert len(hooks.deliveries()) == 1
-    metrics = edge.ops.metrics()
+    metrics = edge.metrics()
     assert metric_sum(metrics, "edge_queue_events_total", app="shop", event="accepted") == 1
     assert metric_sum(metrics, "edge_queue_events_total", app="shop", event="delivered") == 1
     assert metric_sum(metrics, "edge_queue_depth", app="shop") == 0
@@ -185,8 +185,7 @@ async def test_duplicate_sends_are_one_delivery(
     bodies = [d["body"] for d in hooks.deliveries()]
     assert sorted(bodies) == sorted(['{"try": 0}', '{"same": "body"}']), bodies
     assert (
-        metric_sum(edge.ops.metrics(), "edge_queue_events_total", app="shop", event="dedupe_hit")
-        == 3
+        metric_sum(edge.metrics(), "edge_queue_events_total", app="shop", event="dedupe_hit") == 3
     )
 
 
@@ -205,7 +204,7 @@ async def test_500_twice_then_200_is_three_attempts_one_success(
         (500, "2", queued_id),
         (200, "3", queued_id),
     ]
-    metrics = edge.ops.metrics()
+    metrics = edge.metrics()
     assert metric_sum(metrics, "edge_queue_events_total", app="shop", event="retried") == 2
     assert metric_sum(metrics, "edge_queue_events_total", app="shop", event="delivered") == 1
     assert metric_sum(metrics, "edge_queue_dead_letters", app="shop") == 0
@@ -252,7 +251,7 @@ async def test_400_is_dead_lettered_listed_and_replayed_after_the_fix(
         (200, replayed["queued_id"]),
     ]
     assert await dead_lettered() == []
-    metrics = edge.ops.metrics()
+    metrics = edge.metrics()
     assert metric_sum(metrics, "edge_queue_events_total", app="shop", event="dead_lettered") == 1
 
 
@@ -276,7 +275,7 @@ async def test_purge_removes_queued_and_dead_requests(
     }
     assert (await admin(session, edge, "DELETE", "/admin/queues/shop/queued"))[1]["purged"] == 2
     assert (await admin(session, edge, "GET", "/admin/queues"))[1]["queues"][0]["queued"] == 0
-    assert metric_sum(edge.ops.metrics(), "edge_queue_depth", app="shop") == 0
+    assert metric_sum(edge.metrics(), "edge_queue_depth", app="shop") == 0
 
 
 async def test_oversized_body_is_413_and_nothing_is_queued(
@@ -300,7 +299,7 @@ async def test_oversized_body_is_413_and_nothing_is_queued(
     assert (await send(session, edge, "evt_fits", b"z" * (64 * 1024)))[0] == 202
     _, overview = await admin(session, edge, "GET", "/admin/queues")
     assert overview["queues"][0]["queued"] == 1
-    assert metric_sum(edge.ops.metrics(), "edge_held_requests") == 0
+    assert metric_sum(edge.metrics(), "edge_held_requests") == 0
 
 
 async def test_redis_down_answers_503_never_202(
@@ -363,7 +362,7 @@ async def test_two_edges_replaying_one_app_deliver_each_once_in_order(
     deliveries = hooks.deliveries()
     assert [json.loads(d["body"])["n"] for d in deliveries] == list(range(60))
     delivered_by = [
-        metric_sum(edge.ops.metrics(), "edge_queue_events_total", app="shop", event="delivered")
+        metric_sum(edge.metrics(), "edge_queue_events_total", app="shop", event="delivered")
         for edge in edges
     ]
     assert sum(delivered_by) == 60
@@ -385,9 +384,7 @@ async def test_replayer_killed_mid_replay_is_taken_over_in_order(
         return [
             i
             for i, edge in enumerate(edges)
-            if metric_sum(
-                edge.ops.metrics(), "edge_queue_events_total", app="shop", event="retried"
-            )
+            if metric_sum(edge.metrics(), "edge_queue_events_total", app="shop", event="retried")
         ]
 
     await eventually(lambda: len(retrying()) == 1, timeout=30, what="one edge retrying")
@@ -415,7 +412,7 @@ async def test_reload_that_adds_a_queue_rule_starts_queueing(
     status, headers, _ = await send(session, edge, "evt_before")
     assert status == 503 and headers["X-Edge-Error"] == "not_safe_to_hold"
     await asyncio.sleep(4)  # the wake that refusal started is over; let the app go to sleep
-    config = dict(edge.server.config)
+    config = dict(edge.config)
     config["apps"] = [shop(idle_timeout="1s")]
     edge.config_path.write_text(to_toml(config))
     edge.proc.send_signal(signal.SIGHUP)

@@ -16,7 +16,7 @@ async def _status_for(client, edge, host: str) -> int:
 async def test_sighup_applies_new_routes(start_edge, upstream, client) -> None:
     edge = start_edge()
     assert await _status_for(client, edge, "new.localhost") == 404
-    config = dict(edge.server.config)
+    config = dict(edge.config)
     config["apps"] = [
         *config["apps"],
         app_entry("fresh", ["new.localhost"], upstream),
@@ -48,7 +48,7 @@ async def test_invalid_reload_keeps_running_config(start_edge, client) -> None:
 
 async def test_edge_reload_command(start_edge, upstream, client) -> None:
     edge = start_edge(edge={"admin_token": "s3cret"})
-    config = dict(edge.server.config)
+    config = dict(edge.config)
     config["apps"] = [*config["apps"], app_entry("later", ["later.localhost"], upstream)]
     edge.config_path.write_text(to_toml(config))
     result = run_edge_cli("reload", "--config", str(edge.config_path))

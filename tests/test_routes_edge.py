@@ -223,7 +223,7 @@ async def test_connection_failure_moves_an_idempotent_request_to_another_allocat
         assert await serving(edge, session) == second
 
     def retried() -> bool:
-        return 'kind="retried_elsewhere"' in edge.ops.metrics()
+        return 'kind="retried_elsewhere"' in edge.metrics()
 
     await eventually(retried, timeout=5, what="the retry on another allocation counted")
 

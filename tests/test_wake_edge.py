@@ -295,7 +295,7 @@ async def test_wake_metrics_count_transitions_and_rejections(
     assert status == 200
 
     def counted() -> bool:
-        text = edge.ops.metrics()
+        text = edge.metrics()
         return (
             "edge_wake_transitions_total" in text
             and 'from="readiness_wait",to="hot"' in text

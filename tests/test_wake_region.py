@@ -215,7 +215,7 @@ async def test_live_budget_change_drops_nothing(
 
     loaders = [asyncio.ensure_future(load()) for _ in range(8)]
     await asyncio.sleep(0.5)
-    config = dict(edge.server.config)
+    config = dict(edge.config)
     config["budget"] = {"max_concurrent_wakes": 3, "max_wakes_per_second": 2.5}
     edge.config_path.write_text(to_toml(config))
     edge.proc.send_signal(signal.SIGHUP)
