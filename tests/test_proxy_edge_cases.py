@@ -30,7 +30,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import _http_get, _stop_process
 from helpers import (
     TESTS,
     Closed,
@@ -49,6 +48,7 @@ from helpers import (
     send,
 )
 from raw_upstream import eof_body
+from stack import http_get, stop_process
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -138,7 +138,7 @@ def raw_servers(tmp_path_factory) -> Iterator[dict[str, Raw]]:
         yield servers
     finally:
         for server in servers.values():
-            _stop_process(server.proc, group=False)
+            stop_process(server.proc, group=False)
 
 
 @pytest.fixture
@@ -463,13 +463,13 @@ def test_upload_to_slow_upstream_memory_bound(proxy, raw) -> None:
 
 
 def test_health_and_ready_public_metrics_need_token(proxy) -> None:
-    assert _http_get(proxy.admin_url + "/healthz")[0] == 200
-    assert _http_get(proxy.admin_url + "/readyz")[0] == 200
-    assert _http_get(proxy.admin_url + "/metrics")[0] == 401
+    assert http_get(proxy.admin_url + "/healthz")[0] == 200
+    assert http_get(proxy.admin_url + "/readyz")[0] == 200
+    assert http_get(proxy.admin_url + "/metrics")[0] == 401
     wrong = {"Authorization": "Bearer nope"}
-    assert _http_get(proxy.admin_url + "/metrics", headers=wrong)[0] == 401
+    assert http_get(proxy.admin_url + "/metrics", headers=wrong)[0] == 401
     good = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    status, body = _http_get(proxy.admin_url + "/metrics", headers=good)
+    status, body = http_get(proxy.admin_url + "/metrics", headers=good)
     assert status == 200 and b"edge_requests" in body
 
 
@@ -978,7 +978,7 @@ async def test_client_abort_during_connect_releases_in_flight(proxy, raw_servers
         await asyncio.sleep(0.8)  # every pending connect has hit connect_timeout (500 ms)
         os.kill(paused.proc.pid, signal.SIGUSR1)
         await eventually(
-            lambda: _http_get(f"http://{paused.address}/__stats")[0] == 200,
+            lambda: http_get(f"http://{paused.address}/__stats")[0] == 200,
             what="the paused upstream to accept",
         )
     finally:
