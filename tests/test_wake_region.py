@@ -163,32 +163,30 @@ async def test_lease_holder_killed_mid_wake_is_replaced(
 
 
 async def test_redis_down_mid_wake(start_control_plane, start_edge, client, own_redis) -> None:
-    own = own_redis
-    if True:
-        slow = sample_app_spec(
-            "cold", command=sample_app_spec("cold")["command"] + ["--start-delay", "2"]
-        )
-        cp = start_control_plane(apps=[slow, tiny_app_spec("warm")])
-        edge = start_region_edge(start_edge, cp, own.url, [cold_app("cold"), cold_app("warm")])
+    slow = sample_app_spec(
+        "cold", command=sample_app_spec("cold")["command"] + ["--start-delay", "2"]
+    )
+    cp = start_control_plane(apps=[slow, tiny_app_spec("warm")])
+    edge = start_region_edge(start_edge, cp, own_redis.url, [cold_app("cold"), cold_app("warm")])
+    status, _ = await fetch(client, edge, "warm.localhost")
+    assert status == 200  # warm is hot now
+    held = asyncio.ensure_future(fetch(client, edge, "cold.localhost"))
+    await asyncio.sleep(0.5)
+    own_redis.stop()
+    started = time.monotonic()
+    status, headers = await held
+    assert status == 503 and "Retry-After" in headers, headers
+    assert time.monotonic() - started < 15  # promptly, well inside the 20 s hold
+    for _ in range(20):  # hot apps keep serving with the store gone
         status, _ = await fetch(client, edge, "warm.localhost")
-        assert status == 200  # warm is hot now
-        held = asyncio.ensure_future(fetch(client, edge, "cold.localhost"))
-        await asyncio.sleep(0.5)
-        own.stop()
-        started = time.monotonic()
-        status, headers = await held
-        assert status == 503 and "Retry-After" in headers, headers
-        assert time.monotonic() - started < 15  # promptly, well inside the 20 s hold
-        for _ in range(20):  # hot apps keep serving with the store gone
-            status, _ = await fetch(client, edge, "warm.localhost")
-            assert status == 200
-        own.start()
+        assert status == 200
+    own_redis.start()
 
-        async def recovered() -> bool:
-            status, _ = await fetch(client, edge, "cold.localhost")
-            return status == 200
+    async def recovered() -> bool:
+        status, _ = await fetch(client, edge, "cold.localhost")
+        return status == 200
 
-        await eventually(recovered, timeout=30, interval=0.5, what="wakes after Redis returns")
+    await eventually(recovered, timeout=30, interval=0.5, what="wakes after Redis returns")
 
 
 async def test_live_budget_change_drops_nothing(
