@@ -66,12 +66,12 @@ from stampede import (
     http_get,
     install_signal_handlers,
     raise_open_file_limit,
-    to_toml,
     wait_until,
 )
 from throughput import find_tool, machine_info, parse_wrk, tool_version
 
 from edge.routing.route_table import apply_changes, from_snapshot
+from scheduler_client.config_file import render_toml
 from scheduler_client.models import AppRoute, Region, RouteChange, RouteSnapshot, RouteTarget
 
 REPO = Path(__file__).resolve().parent.parent
@@ -322,7 +322,7 @@ def start_all(procs: Processes, tmp: Path, state_dir: Path, storm_apps: int) -> 
         "apps": [app_spec(HOT_APP), *(app_spec(n) for n in names)],
     }
     cp_path = tmp / "controlplane.toml"
-    cp_path.write_text(to_toml(cp_config))
+    cp_path.write_text(render_toml(cp_config))
     procs.cp_state_file = state_file
     cp_proc, cp_log = procs.start(
         "controlplane", [edge_binary(), "controlplane", "--config", str(cp_path)], env
@@ -366,7 +366,7 @@ def start_all(procs: Processes, tmp: Path, state_dir: Path, storm_apps: int) -> 
         ],
     }
     edge_path = tmp / "edge.toml"
-    edge_path.write_text(to_toml(edge_config))
+    edge_path.write_text(render_toml(edge_config))
     argv = [edge_binary(), "run", "--config", str(edge_path), "--workers", "1"]
     edge_proc, edge_log = procs.start("edge", argv, env)
 
