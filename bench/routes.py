@@ -151,7 +151,7 @@ def rss_probe(wire_path: str) -> int:
     raw = Path(wire_path).read_bytes()
     gc.collect()
     before = _rss_bytes()
-    table = from_snapshot(decoder.decode(raw), time.monotonic())
+    table = from_snapshot(decoder.decode(raw))
     gc.collect()
     after = _rss_bytes()
     print(json.dumps({"rss_before": before, "rss_after": after, "apps": len(table.apps)}))
@@ -177,7 +177,7 @@ def snapshot_part(n: int, runs: int, tmp: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         decoded = decoder.decode(raw)
         t1 = time.perf_counter()
-        table = from_snapshot(decoded, time.monotonic())
+        table = from_snapshot(decoded)
         t2 = time.perf_counter()
         decode_ms.append((t1 - t0) * 1000)
         build_ms.append((t2 - t1) * 1000)
@@ -188,7 +188,7 @@ def snapshot_part(n: int, runs: int, tmp: Path) -> dict[str, Any]:
     gc.collect()
     tracemalloc.start()
     decoded = decoder.decode(raw)
-    table = from_snapshot(decoded, time.monotonic())
+    table = from_snapshot(decoded)
     del decoded
     gc.collect()
     retained, peak = tracemalloc.get_traced_memory()
@@ -216,13 +216,13 @@ def snapshot_part(n: int, runs: int, tmp: Path) -> dict[str, Any]:
     names = list(table.apps)
     batch = build_changes(table.epoch, names, 1000)
     one = batch[:1]
-    results = [apply_changes(table, batch, 0.0), apply_changes(table, one, 0.0)]
+    results = [apply_changes(table, batch), apply_changes(table, one)]
     if any(r.outcome.value != "applied" or r.refused for r in results):
         raise RuntimeError(f"change batch not applied cleanly: {results[0].outcome}")
     if results[0].table.epoch != table.epoch + 1000:
         raise RuntimeError("change batch applied to the wrong epoch")
-    batch_ms = timed_ms(lambda: apply_changes(table, batch, 0.0), runs * 3)
-    single_ms = timed_ms(lambda: apply_changes(table, one, 0.0), runs * 3)
+    batch_ms = timed_ms(lambda: apply_changes(table, batch), runs * 3)
+    single_ms = timed_ms(lambda: apply_changes(table, one), runs * 3)
     batch_wire = msgspec.json.encode(batch)
     batch_decode_ms = timed_ms(lambda: changes_decoder.decode(batch_wire), runs * 3)
 

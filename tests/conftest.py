@@ -99,7 +99,8 @@ def upstream2(upstream2_server: Upstream) -> Upstream:
 
 @pytest.fixture
 def start_edge(tmp_path: Path, upstream: Upstream) -> Iterator[EdgeLauncher]:
-    """Factory: start_edge(apps=, edge=, limits=, upstream=, workers=, env=) -> EdgeProcess.
+    """Factory: start_edge(apps=, edge=, limits=, upstream=, sections=, workers=, env=)
+    -> EdgeProcess, once it is ready.
 
     By default one app "echo" (hosts app.localhost and *.example.localhost) proxies
     to the `upstream` fixture. Every edge started is SIGTERMed at teardown.

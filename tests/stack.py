@@ -106,7 +106,7 @@ class RedisProcess:
     AOF is on (fsync every write), as a production queue needs: a restart keeps the data.
     """
 
-    def __init__(self, workdir: Path, *, appendonly: bool = True) -> None:
+    def __init__(self, workdir: Path) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail(
@@ -116,7 +116,6 @@ class RedisProcess:
             )
         self.binary = binary
         self.workdir = workdir
-        self.appendonly = appendonly
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -136,7 +135,7 @@ class RedisProcess:
                     "--port", str(self.port),
                     "--bind", "127.0.0.1",
                     "--save", "",
-                    "--appendonly", "yes" if self.appendonly else "no",
+                    "--appendonly", "yes",
                     "--appendfsync", "always",
                     "--daemonize", "no",
                     "--dir", str(self.workdir),
@@ -169,12 +168,6 @@ class RedisProcess:
         """Forget the data (while stopped): the next start is an empty server."""
         assert self.proc is None, "stop the server before wiping its data"
         shutil.rmtree(self.workdir / "appendonlydir", ignore_errors=True)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.proc = None
 
     def pause(self) -> None:
         assert self.proc is not None
@@ -364,9 +357,7 @@ class EdgeLauncher:
         upstream: dict[str, Any] | None = None,
         sections: dict[str, Any] | None = None,
         workers: int | None = None,
-        args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
-        wait_ready: bool = True,
     ) -> EdgeProcess:
         config = self.build_config(
             apps=apps, edge=edge, limits=limits, upstream=upstream, sections=sections
@@ -378,7 +369,6 @@ class EdgeLauncher:
         cmd = [sys.executable, "-m", "edge", "run", "--config", str(config_path)]
         if workers is not None:
             cmd += ["--workers", str(workers)]
-        cmd += list(args)
         full_env = {k: v for k, v in os.environ.items() if k != "EDGE_ADMIN_TOKEN"}
         full_env.update(env or {})
         with open(log_path, "wb") as log:
@@ -395,8 +385,7 @@ class EdgeLauncher:
         token = config["edge"].get("admin_token") or full_env.get("EDGE_ADMIN_TOKEN", "")
         edge_proc = EdgeProcess(port, admin_port, proc, config_path, log_path, config, token)
         self.started.append(edge_proc)
-        if wait_ready:
-            self._wait_ready(edge_proc)
+        self._wait_ready(edge_proc)
         return edge_proc
 
     def _wait_ready(self, edge_proc: EdgeProcess) -> None:
@@ -456,7 +445,7 @@ class ControlPlaneProcess:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
-    def start(self, wait: bool = True) -> None:
+    def start(self) -> None:
         env = {**os.environ, "CONTROL_PLANE_TOKEN": self.token}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -467,8 +456,6 @@ class ControlPlaneProcess:
                 env=env,
                 start_new_session=True,
             )
-        if not wait:
-            return
         deadline = time.monotonic() + START_TIMEOUT
         while http_get(self.url + "/healthz", 0.5)[0] != 200:
             if self.proc.poll() is not None:

@@ -127,7 +127,7 @@ class RouteFollower:
         self.resync_needed = False
         if snapshot.region is not None:
             self.region = snapshot.region
-        self._publish(from_snapshot(snapshot, self.clock()))
+        self._publish(from_snapshot(snapshot))
         await self._ack()
 
     async def _follow(self) -> None:
@@ -140,7 +140,7 @@ class RouteFollower:
         finally:
             self._poll_started = None
         self._contact()
-        result = apply_changes(self.table, feed.changes, self.clock())
+        result = apply_changes(self.table, feed.changes)
         self.refused += result.refused
         if result.outcome is Outcome.GAP:
             self.resyncs += 1

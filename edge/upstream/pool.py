@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Protocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -311,9 +311,6 @@ class UpstreamPool:
                 host.strip("[]"), int(port), self.max_idle, self.max_conns
             )
         return peer
-
-    def peers(self) -> Iterable[UpstreamPeer]:
-        return self._peers.values()
 
     async def connect(self, peer: UpstreamPeer) -> UpstreamConnection:
         """Open a new connection; raises TimeoutError or OSError."""
