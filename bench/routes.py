@@ -66,12 +66,12 @@ from stampede import (
     http_get,
     install_signal_handlers,
     raise_open_file_limit,
-    to_toml,
     wait_until,
 )
 from throughput import find_tool, machine_info, parse_wrk, tool_version
 
 from edge.routing.route_table import apply_changes, from_snapshot
+from scheduler_client.config_file import render_toml
 from scheduler_client.models import AppRoute, Region, RouteChange, RouteSnapshot, RouteTarget
 
 REPO = Path(__file__).resolve().parent.parent
@@ -151,7 +151,7 @@ def rss_probe(wire_path: str) -> int:
     raw = Path(wire_path).read_bytes()
     gc.collect()
     before = _rss_bytes()
-    table = from_snapshot(decoder.decode(raw), time.monotonic())
+    table = from_snapshot(decoder.decode(raw))
     gc.collect()
     after = _rss_bytes()
     print(json.dumps({"rss_before": before, "rss_after": after, "apps": len(table.apps)}))
@@ -177,7 +177,7 @@ def snapshot_part(n: int, runs: int, tmp: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         decoded = decoder.decode(raw)
         t1 = time.perf_counter()
-        table = from_snapshot(decoded, time.monotonic())
+        table = from_snapshot(decoded)
         t2 = time.perf_counter()
         decode_ms.append((t1 - t0) * 1000)
         build_ms.append((t2 - t1) * 1000)
@@ -188,7 +188,7 @@ def snapshot_part(n: int, runs: int, tmp: Path) -> dict[str, Any]:
     gc.collect()
     tracemalloc.start()
     decoded = decoder.decode(raw)
-    table = from_snapshot(decoded, time.monotonic())
+    table = from_snapshot(decoded)
     del decoded
     gc.collect()
     retained, peak = tracemalloc.get_traced_memory()
@@ -216,13 +216,13 @@ def snapshot_part(n: int, runs: int, tmp: Path) -> dict[str, Any]:
     names = list(table.apps)
     batch = build_changes(table.epoch, names, 1000)
     one = batch[:1]
-    results = [apply_changes(table, batch, 0.0), apply_changes(table, one, 0.0)]
+    results = [apply_changes(table, batch), apply_changes(table, one)]
     if any(r.outcome.value != "applied" or r.refused for r in results):
         raise RuntimeError(f"change batch not applied cleanly: {results[0].outcome}")
     if results[0].table.epoch != table.epoch + 1000:
         raise RuntimeError("change batch applied to the wrong epoch")
-    batch_ms = timed_ms(lambda: apply_changes(table, batch, 0.0), runs * 3)
-    single_ms = timed_ms(lambda: apply_changes(table, one, 0.0), runs * 3)
+    batch_ms = timed_ms(lambda: apply_changes(table, batch), runs * 3)
+    single_ms = timed_ms(lambda: apply_changes(table, one), runs * 3)
     batch_wire = msgspec.json.encode(batch)
     batch_decode_ms = timed_ms(lambda: changes_decoder.decode(batch_wire), runs * 3)
 
@@ -322,7 +322,7 @@ def start_all(procs: Processes, tmp: Path, state_dir: Path, storm_apps: int) -> 
         "apps": [app_spec(HOT_APP), *(app_spec(n) for n in names)],
     }
     cp_path = tmp / "controlplane.toml"
-    cp_path.write_text(to_toml(cp_config))
+    cp_path.write_text(render_toml(cp_config))
     procs.cp_state_file = state_file
     cp_proc, cp_log = procs.start(
         "controlplane", [edge_binary(), "controlplane", "--config", str(cp_path)], env
@@ -366,7 +366,7 @@ def start_all(procs: Processes, tmp: Path, state_dir: Path, storm_apps: int) -> 
         ],
     }
     edge_path = tmp / "edge.toml"
-    edge_path.write_text(to_toml(edge_config))
+    edge_path.write_text(render_toml(edge_config))
     argv = [edge_binary(), "run", "--config", str(edge_path), "--workers", "1"]
     edge_proc, edge_log = procs.start("edge", argv, env)
 

@@ -1,185 +1,32 @@
-"""Fixtures: a throwaway redis-server, real upstream servers, and the edge as a subprocess.
+"""Fixtures: a throwaway redis-server, real upstream servers, the edge as a subprocess,
+the local control plane, and HTTP client sessions.
 
-Everything binds 127.0.0.1 on a free port, every wait is bounded, and every process
-started here is stopped here. The fixtures are synchronous (subprocess + polling)
-so they work at any scope from both sync and async tests.
+The processes and their helpers live in stack.py (and controlplane_client.py for the
+control plane's API); every process a fixture starts is stopped at its teardown.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from helpers import ROOT, TESTS, app_entry, free_port, to_toml
-
-UPSTREAM_APP = TESTS / "upstream_app.py"
-START_TIMEOUT = 15.0
-STOP_TIMEOUT = 10.0
-
-
-def _tail(path: Path, limit: int = 4000) -> str:
-    try:
-        return path.read_text(errors="replace")[-limit:]
-    except OSError:
-        return "<no output>"
-
-
-def _http_get(url: str, timeout: float = 1.0, headers: dict[str, str] | None = None):
-    """(status, body) for a GET, or (None, error) if nothing answered."""
-    req = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except (OSError, ValueError) as exc:
-        return None, repr(exc).encode()
-
-
-def _stop_process(proc: subprocess.Popen, group: bool) -> None:
-    """SIGTERM the process itself, wait, then SIGKILL its process group (ours) if needed."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                if group:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                else:
-                    proc.kill()
-            proc.wait(5)
-    if group:
-        # Workers of an edge that exited without stopping them: give them a moment, then kill.
-        for _ in range(20):
-            try:
-                os.killpg(proc.pid, 0)
-            except (ProcessLookupError, PermissionError):
-                return
-            time.sleep(0.1)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
+from controlplane_client import Api, app
+from stack import (
+    ControlPlaneProcess,
+    EdgeLauncher,
+    RedisProcess,
+    Upstream,
+    control_plane_process,
+    default_apps,
+    kill_leftover_apps,
+    start_upstream,
+    stop_process,
+)
 
 # --------------------------------------------------------------------------- redis
-
-
-def _redis_pong(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-class RedisProcess:
-    """A redis-server of our own on 127.0.0.1: startable, stoppable, restartable on its port.
-
-    AOF is on (fsync every write), as a production queue needs: a restart keeps the data.
-    """
-
-    def __init__(self, workdir: Path, *, appendonly: bool = True) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail(
-                "redis-server is not installed; `make test` installs it "
-                "(or: apt-get install redis-server)",
-                pytrace=False,
-            )
-        self.binary = binary
-        self.workdir = workdir
-        self.appendonly = appendonly
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "redis.log"
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    self.binary,
-                    "--port", str(self.port),
-                    "--bind", "127.0.0.1",
-                    "--save", "",
-                    "--appendonly", "yes" if self.appendonly else "no",
-                    "--appendfsync", "always",
-                    "--daemonize", "no",
-                    "--dir", str(self.workdir),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        deadline = time.monotonic() + START_TIMEOUT
-        while not _redis_pong(self.port):
-            if self.proc.poll() is not None:
-                pytest.fail(
-                    f"redis-server exited with {self.proc.returncode}:\n{_tail(self.log_path)}"
-                )
-            if time.monotonic() > deadline:
-                pytest.fail(f"redis-server did not answer PING:\n{_tail(self.log_path)}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)  # in case a test left it stopped
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def wipe(self) -> None:
-        """Forget the data (while stopped): the next start is an empty server."""
-        assert self.proc is None, "stop the server before wiping its data"
-        shutil.rmtree(self.workdir / "appendonlydir", ignore_errors=True)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.proc = None
-
-    def pause(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGCONT)
 
 
 @pytest.fixture(scope="session")
@@ -219,81 +66,18 @@ def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
 # --------------------------------------------------------------------------- upstream
 
 
-@dataclass
-class Upstream:
-    """A running tests/upstream_app.py; what it received is readable via .log()."""
-
-    name: str
-    port: int
-    proc: subprocess.Popen
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _call(self, method: str, path: str) -> bytes:
-        req = urllib.request.Request(self.url + path, method=method)
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.read()
-
-    def log(self) -> list[dict[str, Any]]:
-        """Requests seen since the last reset (method, path, headers, complete, body_len)."""
-        return json.loads(self._call("GET", "/log"))
-
-    def paths(self) -> list[str]:
-        return [entry["path"] for entry in self.log()]
-
-    def reset(self) -> None:
-        self._call("POST", "/reset")
-
-    def state(self, key: str) -> str:
-        """'waiting', 'finished', 'cancelled' or 'unknown' for a /stream or /hold id."""
-        return self._call("GET", f"/state?id={key}").decode()
-
-    def release(self, key: str) -> None:
-        self._call("POST", f"/release?id={key}")
-
-
-def _start_upstream(name: str, log_dir: Path) -> Upstream:
-    port = free_port()
-    log_path = log_dir / f"upstream-{name}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(UPSTREAM_APP), "--port", str(port), "--name", name],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=TESTS,
-        )
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"upstream {name} exited with {proc.returncode}:\n{_tail(log_path)}")
-        status, _ = _http_get(f"http://127.0.0.1:{port}/healthz")
-        if status == 200:
-            return Upstream(name, port, proc, log_path)
-        if time.monotonic() > deadline:
-            _stop_process(proc, group=False)
-            raise RuntimeError(f"upstream {name} did not become healthy:\n{_tail(log_path)}")
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="session")
 def upstream_server(tmp_path_factory) -> Iterator[Upstream]:
-    up = _start_upstream("a", tmp_path_factory.mktemp("upstream-a"))
+    up = start_upstream("a", tmp_path_factory.mktemp("upstream-a"))
     yield up
-    _stop_process(up.proc, group=False)
+    stop_process(up.proc, group=False)
 
 
 @pytest.fixture(scope="session")
 def upstream2_server(tmp_path_factory) -> Iterator[Upstream]:
-    up = _start_upstream("b", tmp_path_factory.mktemp("upstream-b"))
+    up = start_upstream("b", tmp_path_factory.mktemp("upstream-b"))
     yield up
-    _stop_process(up.proc, group=False)
+    stop_process(up.proc, group=False)
 
 
 @pytest.fixture
@@ -313,185 +97,10 @@ def upstream2(upstream2_server: Upstream) -> Upstream:
 # --------------------------------------------------------------------------- edge
 
 
-def _loopback(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    if host in ("0.0.0.0", "", "localhost"):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    return host, int(port)
-
-
-@dataclass
-class EdgeProcess:
-    port: int
-    admin_port: int
-    proc: subprocess.Popen
-    config_path: Path
-    log_path: Path
-    config: dict[str, Any]
-    admin_token: str = ""
-    stopped: bool = field(default=False)
-
-    @property
-    def url(self) -> str:
-        scheme = "https" if self.config["edge"].get("tls") else "http"
-        return f"{scheme}://127.0.0.1:{self.port}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
-
-    def admin_headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
-
-    def admin_get(self, path: str, timeout: float = 5.0) -> tuple[int | None, bytes]:
-        return _http_get(self.admin_url + path, timeout, self.admin_headers())
-
-    def metrics(self) -> str:
-        status, body = self.admin_get("/metrics")
-        assert status == 200, f"/metrics answered {status}: {body[:300]!r}"
-        return body.decode()
-
-    def output(self) -> str:
-        return _tail(self.log_path)
-
-    def wait(self, timeout: float = STOP_TIMEOUT) -> int:
-        """Wait for the process to exit (bounded); its exit status."""
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"edge still running after {timeout}s:\n{self.output()}") from None
-
-    def stop(self) -> None:
-        if not self.stopped:
-            self.stopped = True
-            _stop_process(self.proc, group=True)
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in (extra or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-class EdgeLauncher:
-    """Writes a config, starts `python -m edge run`, waits for /readyz, stops on close."""
-
-    def __init__(self, tmp_dir: Path, default_apps: list[dict[str, Any]]) -> None:
-        self.tmp_dir = tmp_dir
-        self.default_apps = default_apps
-        self.started: list[EdgeProcess] = []
-        self.count = 0
-
-    def build_config(
-        self,
-        *,
-        apps: list[dict[str, Any]] | None = None,
-        edge: dict[str, Any] | None = None,
-        limits: dict[str, Any] | None = None,
-        upstream: dict[str, Any] | None = None,
-        sections: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        base_edge = {
-            "listen": f"127.0.0.1:{free_port()}",
-            "admin_listen": f"127.0.0.1:{free_port()}",
-            "workers": 1,
-            "store": "memory://",
-            "shutdown_timeout": "5s",
-        }
-        return {
-            "edge": _merge(base_edge, edge),
-            "limits": dict(limits or {}),
-            "upstream": dict(upstream or {}),
-            **(sections or {}),
-            "apps": self.default_apps if apps is None else apps,
-        }
-
-    def __call__(
-        self,
-        *,
-        apps: list[dict[str, Any]] | None = None,
-        edge: dict[str, Any] | None = None,
-        limits: dict[str, Any] | None = None,
-        upstream: dict[str, Any] | None = None,
-        sections: dict[str, Any] | None = None,
-        workers: int | None = None,
-        args: tuple[str, ...] = (),
-        env: dict[str, str] | None = None,
-        wait_ready: bool = True,
-    ) -> EdgeProcess:
-        config = self.build_config(
-            apps=apps, edge=edge, limits=limits, upstream=upstream, sections=sections
-        )
-        self.count += 1
-        config_path = self.tmp_dir / f"edge-{self.count}.toml"
-        config_path.write_text(to_toml(config))
-        log_path = self.tmp_dir / f"edge-{self.count}.log"
-        cmd = [sys.executable, "-m", "edge", "run", "--config", str(config_path)]
-        if workers is not None:
-            cmd += ["--workers", str(workers)]
-        cmd += list(args)
-        full_env = {k: v for k, v in os.environ.items() if k != "EDGE_ADMIN_TOKEN"}
-        full_env.update(env or {})
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                env=full_env,
-                start_new_session=True,  # its own process group, so workers can be reaped
-            )
-        _, port = _loopback(config["edge"]["listen"])
-        _, admin_port = _loopback(config["edge"]["admin_listen"])
-        token = config["edge"].get("admin_token") or full_env.get("EDGE_ADMIN_TOKEN", "")
-        edge_proc = EdgeProcess(port, admin_port, proc, config_path, log_path, config, token)
-        self.started.append(edge_proc)
-        if wait_ready:
-            self._wait_ready(edge_proc)
-        return edge_proc
-
-    def _wait_ready(self, edge_proc: EdgeProcess) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        last: tuple[int | None, bytes] = (None, b"")
-        while True:
-            if edge_proc.proc.poll() is not None:
-                pytest.fail(
-                    f"edge exited with {edge_proc.proc.returncode} before /readyz answered 200;"
-                    f" config {edge_proc.config_path}:\n{edge_proc.output()}",
-                    pytrace=False,
-                )
-            if last[0] != 200:
-                last = edge_proc.admin_get("/readyz", timeout=1.0)
-            if last[0] == 200 and _accepts(edge_proc.port):
-                return
-            if time.monotonic() > deadline:
-                edge_proc.stop()
-                pytest.fail(
-                    f"edge not ready within {START_TIMEOUT}s (last /readyz: {last[0]} "
-                    f"{last[1][:200]!r}):\n{edge_proc.output()}",
-                    pytrace=False,
-                )
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        for edge_proc in self.started:
-            edge_proc.stop()
-
-
-def default_apps(up: Upstream) -> list[dict[str, Any]]:
-    return [app_entry("echo", ["app.localhost", "*.example.localhost"], up)]
-
-
 @pytest.fixture
 def start_edge(tmp_path: Path, upstream: Upstream) -> Iterator[EdgeLauncher]:
-    """Factory: start_edge(apps=, edge=, limits=, upstream=, workers=, env=) -> EdgeProcess.
+    """Factory: start_edge(apps=, edge=, limits=, upstream=, sections=, workers=, env=)
+    -> EdgeProcess, once it is ready.
 
     By default one app "echo" (hosts app.localhost and *.example.localhost) proxies
     to the `upstream` fixture. Every edge started is SIGTERMed at teardown.
@@ -511,130 +120,29 @@ def module_edge_launcher(tmp_path_factory, upstream_server: Upstream) -> Iterato
 
 @pytest.fixture
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    """An aiohttp client session with a bounded total timeout."""
-    timeout = aiohttp.ClientTimeout(total=60, sock_connect=10)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    """An aiohttp client session: a bounded total timeout, no cap on open connections
+    (a stampede test sends thousands of requests at once)."""
+    timeout = aiohttp.ClientTimeout(total=90)
+    async with aiohttp.ClientSession(
+        timeout=timeout, connector=aiohttp.TCPConnector(limit=0)
+    ) as session:
         yield session
 
 
 # ------------------------------------------------------------------ control plane
 
-CONTROL_PLANE_TOKEN = "test-control-plane-token"
-SAMPLE_APP = ROOT / "bench" / "apps" / "sample_app.py"
-
-
-@dataclass
-class ControlPlaneProcess:
-    """`python -m edge controlplane` as a subprocess; restartable on the same state file."""
-
-    config_path: Path
-    log_path: Path
-    port: int
-    token: str
-    proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-    def start(self, wait: bool = True) -> None:
-        env = {**os.environ, "CONTROL_PLANE_TOKEN": self.token}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "edge", "controlplane", "--config", str(self.config_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                env=env,
-                start_new_session=True,
-            )
-        if not wait:
-            return
-        deadline = time.monotonic() + START_TIMEOUT
-        while _http_get(self.url + "/healthz", 0.5)[0] != 200:
-            if self.proc.poll() is not None:
-                pytest.fail(f"control plane exited {self.proc.returncode}:\n{self.output()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"control plane not healthy in {START_TIMEOUT}s:\n{self.output()}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        """SIGTERM the control plane (its app processes live on in their own sessions)."""
-        if self.proc is not None and self.proc.poll() is None:
-            _stop_process(self.proc, group=False)
-
-    def wipe(self) -> None:
-        """Forget the data (while stopped): the next start is an empty server."""
-        assert self.proc is None, "stop the server before wiping its data"
-        shutil.rmtree(self.workdir / "appendonlydir", ignore_errors=True)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def output(self) -> str:
-        return _tail(self.log_path)
-
-
-def control_plane_config(
-    port: int, state_file: Path, apps: list[dict[str, Any]], **section: Any
-) -> dict[str, Any]:
-    return {
-        "controlplane": {
-            "listen": f"127.0.0.1:{port}",
-            "state_file": str(state_file),
-            **section,
-        },
-        "apps": apps,
-    }
-
-
-def sample_app_spec(name: str = "hello", **overrides: Any) -> dict[str, Any]:
-    """An [[apps]] entry running bench/apps/sample_app.py."""
-    spec = {
-        "name": name,
-        "command": ["{python}", str(SAMPLE_APP), "--port", "{port}", "--name", "{allocation}"],
-        "artifact": str(SAMPLE_APP),
-        "readiness_path": "/healthz",
-        "start_timeout": "15s",
-        "drain_grace": "2s",
-    }
-    spec.update(overrides)
-    return spec
-
-
-def _kill_leftover_apps(state_file: Path) -> None:
-    """App processes outlive the control plane by design; reap the ones a test left."""
-    import sqlite3
-
-    if not state_file.exists():
-        return
-    with contextlib.suppress(sqlite3.Error), sqlite3.connect(state_file) as db:
-        for (pid,) in db.execute("SELECT pid FROM allocations WHERE pid IS NOT NULL"):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-
 
 @pytest.fixture
-def start_control_plane(tmp_path: Path) -> Iterator[Any]:
-    """Factory: start_control_plane(apps=[...], **controlplane_section) -> ControlPlaneProcess."""
+def start_control_plane(tmp_path: Path) -> Iterator[Callable[..., ControlPlaneProcess]]:
+    """Factory: start_control_plane(apps=[...], **controlplane_section) -> ControlPlaneProcess.
+
+    Each one is healthy when returned and stopped at teardown, and the app processes it
+    left behind are killed.
+    """
     started: list[ControlPlaneProcess] = []
 
     def start(apps: list[dict[str, Any]] | None = None, **section: Any) -> ControlPlaneProcess:
-        index = len(started)
-        port = free_port()
-        config = control_plane_config(
-            port, tmp_path / f"cp-{index}.sqlite", apps if apps is not None else [], **section
-        )
-        config_path = tmp_path / f"cp-{index}.toml"
-        config_path.write_text(to_toml(config))
-        cp = ControlPlaneProcess(
-            config_path, tmp_path / f"cp-{index}.log", port, CONTROL_PLANE_TOKEN
-        )
+        cp = control_plane_process(tmp_path, len(started), apps or [], **section)
         started.append(cp)
         cp.start()
         return cp
@@ -642,4 +150,34 @@ def start_control_plane(tmp_path: Path) -> Iterator[Any]:
     yield start
     for cp in started:
         cp.stop()
-        _kill_leftover_apps(Path(cp.config_path.parent / f"{cp.config_path.stem}.sqlite"))
+        kill_leftover_apps(cp.state_file)
+
+
+@pytest.fixture
+def control_plane(start_control_plane: Any) -> Iterator[Callable[..., ControlPlaneProcess]]:
+    """start_control_plane with the sample app by default; at the end, its output must
+    show no internal error and no traceback (a crashed background task included)."""
+    started: list[ControlPlaneProcess] = []
+
+    def start(apps: list[dict[str, Any]] | None = None, **section: Any) -> ControlPlaneProcess:
+        cp = start_control_plane(apps=[app()] if apps is None else apps, **section)
+        started.append(cp)
+        return cp
+
+    yield start
+    for cp in started:
+        output = cp.output()
+        assert "internal error" not in output, output
+        assert "Traceback" not in output, output
+
+
+@pytest.fixture
+async def api_for(
+    control_plane: Callable[..., ControlPlaneProcess], client: aiohttp.ClientSession
+) -> Callable[..., Api]:
+    """api_for(apps=None, **controlplane_section) -> Api on a freshly started control plane."""
+
+    def make(apps: list[dict[str, Any]] | None = None, **section: Any) -> Api:
+        return Api(client, control_plane(apps, **section))
+
+    return make

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import CONTROL_PLANE_TOKEN, sample_app_spec
 from helpers import exchange
+from stack import CONTROL_PLANE_TOKEN, sample_app_spec
 
 HOST = "shop.localhost"
 

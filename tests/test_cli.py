@@ -9,6 +9,7 @@ import signal
 import uuid
 from pathlib import Path
 
+import aiohttp
 import pytest
 from helpers import (
     app_entry,
@@ -23,6 +24,7 @@ from helpers import (
     send,
     to_toml,
 )
+from stack import CONTROL_PLANE_TOKEN, sample_app_spec
 
 
 def test_run_with_bad_config_exits_2(tmp_path: Path, upstream) -> None:
@@ -178,10 +180,6 @@ async def test_two_workers_both_serve(start_edge, upstream, redis_server) -> Non
 
 
 async def test_status_prints_every_app(start_control_plane, start_edge, upstream) -> None:
-    import aiohttp
-    from conftest import CONTROL_PLANE_TOKEN, sample_app_spec
-    from helpers import app_entry, run_edge_cli
-
     slow = sample_app_spec("slow")
     slow["command"] = [*slow["command"], "--start-delay", "30"]  # starting for the whole test
     cp = start_control_plane(apps=[sample_app_spec("shop"), sample_app_spec("cart"), slow])

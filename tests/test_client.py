@@ -19,8 +19,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import sample_app_spec
 from helpers import free_port
+from stack import sample_app_spec
 
 from scheduler_client.client import ControlPlaneClient
 from scheduler_client.models import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import run_edge_cli
+from helpers import ROOT, run_edge_cli
 
 from edge.server.config import ConfigError, effective_config, load_config, load_config_text
 from scheduler_client.config_file import parse_duration, parse_size, render_toml
@@ -619,8 +619,6 @@ def test_check_warns_when_redis_has_no_aof(tmp_path: Path, own_redis) -> None:
 
 
 def test_shipped_configs_load() -> None:
-    from helpers import ROOT
-
     from edge.server.config import replay_apps
 
     production = load_config(ROOT / "configs" / "production.example.toml")

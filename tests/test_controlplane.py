@@ -1,6 +1,6 @@
 """The local control plane (`edge controlplane`) against real subprocesses.
 
-Every test starts the real server (tests/conftest.py `start_control_plane`) on a
+Every test starts the real server (the conftest.py fixture `start_control_plane`) on a
 free 127.0.0.1 port with its own SQLite file, and the allocations it creates are
 real bench/apps/sample_app.py processes. The journal (GET /v1/journal) is the
 witness of the exact sequence of states each machine went through. Waits poll
@@ -26,19 +26,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import json
 import os
 import signal
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import SAMPLE_APP, sample_app_spec
+from controlplane_client import POLL, WAIT, app
+from stack import SAMPLE_APP
 
 from scheduler_client.local.store import ControlPlaneStore
 from scheduler_client.machine_move import JournalEntry
@@ -46,8 +44,6 @@ from scheduler_client.models import Region
 
 pytestmark = pytest.mark.timeout(90)
 
-WAIT = 20.0  # upper bound of any single wait for a state; never a speed assertion
-POLL = 0.05
 ALLOCATION_HAPPY_PATH = ["planned", "pulling", "starting", "ready", "draining", "stopped"]
 PROMOTION_HAPPY_PATH = ["requested", "policy_check", "route_cas", "edge_propagating", "healthy"]
 HOST_DRAIN_PATH = [
@@ -60,172 +56,6 @@ HOST_DRAIN_PATH = [
     "uncordoned",
 ]
 REGION_BRINGUP = ["requested", "provisioning", "binding_services", "replicating_artifacts"]
-
-
-def app(name: str = "hello", *extra_args: str, **overrides: Any) -> dict[str, Any]:
-    """A sample-app [[apps]] entry with short deadlines; extra_args go to sample_app.py."""
-    spec = sample_app_spec(name, **{"start_timeout": "10s", "drain_grace": "1s", **overrides})
-    spec["command"] = [*spec["command"], *extra_args]
-    return spec
-
-
-# ------------------------------------------------------------------- plumbing
-
-
-class Api:
-    """Plain aiohttp calls to one control plane; every answer must be JSON."""
-
-    def __init__(self, session: aiohttp.ClientSession, cp: Any) -> None:
-        self.session = session
-        self.cp = cp
-
-    async def call(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        *,
-        data: bytes | str | None = None,
-        headers: dict[str, str] | None = None,
-        auth: bool = True,
-    ) -> tuple[int, Any]:
-        """(status, decoded JSON body); fails the test on a non-JSON answer or a 500."""
-        sent = dict(self.cp.headers()) if auth else {}
-        sent.update(headers or {})
-        kwargs: dict[str, Any] = {}
-        if body is not None:
-            kwargs["json"] = body
-        if data is not None:
-            kwargs["data"] = data
-        async with self.session.request(method, self.cp.url + path, headers=sent, **kwargs) as resp:
-            raw = await resp.read()
-            status, content_type = resp.status, resp.content_type
-        assert status < 500 or status == 503, f"{method} {path} -> {status} {raw[:300]!r}"
-        assert content_type == "application/json", f"{method} {path}: {content_type} {raw[:200]!r}"
-        return status, json.loads(raw)
-
-    async def ok(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:
-        status, data = await self.call(method, path, body, **kw)
-        assert status in (200, 201), f"{method} {path} -> {status} {data}"
-        return data
-
-    async def error(
-        self,
-        status: int,
-        method: str,
-        path: str,
-        body: Any = None,
-        reason_code: str = "",
-        **kw: Any,
-    ) -> str:
-        """Assert an error answer of `status` (and `reason_code`) in the protocol's shape."""
-        got, data = await self.call(method, path, body, **kw)
-        assert got == status, f"{method} {path}: expected {status}, got {got} {data}"
-        assert_error_body(data)
-        assert data.get("reason_code", "") == reason_code, data
-        return data["message"]
-
-    # ---- resources
-
-    async def create(self, app_name: str = "hello", key: str | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"app": app_name}
-        if key is not None:
-            body["idempotency_key"] = key
-        return await self.ok("POST", "/v1/allocations", body)
-
-    async def allocation(self, allocation_id: str) -> dict[str, Any]:
-        return await self.ok("GET", f"/v1/allocations/{allocation_id}")
-
-    async def allocations(self) -> list[dict[str, Any]]:
-        return (await self.ok("GET", "/v1/allocations"))["allocations"]
-
-    async def promotion(self, promotion_id: str) -> dict[str, Any]:
-        return await self.ok("GET", f"/v1/promotions/{promotion_id}")
-
-    async def host(self, name: str = "local") -> dict[str, Any]:
-        return await self.ok("GET", f"/v1/hosts/{name}")
-
-    async def region(self) -> dict[str, Any]:
-        return await self.ok("GET", "/v1/region")
-
-    async def routes(self) -> dict[str, Any]:
-        return await self.ok("GET", "/v1/routes")
-
-    async def route_of(self, app_name: str = "hello") -> dict[str, Any] | None:
-        for route in (await self.routes())["apps"]:
-            if route["app"] == app_name:
-                return route
-        return None
-
-    async def promote(self, allocation_id: str, app_name: str = "hello", **extra: Any) -> Any:
-        body = {"app": app_name, "allocation_id": allocation_id, **extra}
-        status, data = await self.call("POST", "/v1/promotions", body)
-        assert status == 201, data
-        return data
-
-    async def journal(self, subject: str, machine: str | None = None) -> list[dict[str, Any]]:
-        entries = (await self.ok("GET", f"/v1/journal?subject={subject}"))["entries"]
-        assert all(e["subject"] == subject for e in entries), entries
-        return [e for e in entries if machine is None or e["machine"] == machine]
-
-    async def path(self, subject: str, machine: str | None = None) -> list[str]:
-        """The states `subject` (of `machine`) went through, in order, from the journal.
-
-        Rows that record an event without a move (from_state == to_state) are left out.
-        """
-        entries = await self.journal(subject, machine)
-        entries = [e for e in entries if e["from_state"] != e["to_state"]]
-        for before, after in itertools.pairwise(entries):
-            assert before["to_state"] == after["from_state"], f"gap in the journal: {entries}"
-        return [e["to_state"] for e in entries]
-
-    # ---- waiting
-
-    async def until(
-        self,
-        fetch: Callable[[], Awaitable[dict[str, Any]]],
-        done: Callable[[dict[str, Any]], bool],
-        what: str,
-        timeout: float = WAIT,
-    ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = await fetch()
-            if done(value):
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"timed out after {timeout}s waiting for {what}; last: {value}\n"
-                    f"control plane output:\n{self.cp.output()}"
-                )
-            await asyncio.sleep(POLL)
-
-    async def alloc_until(self, allocation_id: str, *states: str, **kw: Any) -> dict[str, Any]:
-        return await self.until(
-            lambda: self.allocation(allocation_id),
-            lambda a: a["state"] in states,
-            f"allocation {allocation_id} in {states}",
-            **kw,
-        )
-
-    async def promotion_until(self, promotion_id: str, *states: str) -> dict[str, Any]:
-        return await self.until(
-            lambda: self.promotion(promotion_id),
-            lambda p: p["state"] in states,
-            f"promotion {promotion_id} in {states}",
-        )
-
-    async def ready(self, app_name: str = "hello") -> dict[str, Any]:
-        alloc = await self.create(app_name)
-        return await self.alloc_until(alloc["id"], "ready")
-
-
-def assert_error_body(data: Any) -> None:
-    assert isinstance(data, dict) and set(data) - {"reason_code"} == {"error", "message"}, data
-    assert isinstance(data["error"], str) and data["error"], data
-    assert isinstance(data["message"], str) and data["message"], data
-    # Present only when the error names a gate or failure mode (machines.py).
-    assert data.get("reason_code", "x"), data
 
 
 def pid_alive(pid: int) -> bool:
@@ -265,36 +95,6 @@ async def app_get(
 ) -> tuple[int, dict[str, str], bytes]:
     async with session.get(f"http://{alloc['address']}{path}") as resp:
         return resp.status, dict(resp.headers), await resp.read()
-
-
-@pytest.fixture
-def control_plane(start_control_plane: Any) -> Iterator[Callable[..., Any]]:
-    """start_control_plane with the sample app by default; at the end, its output must
-    show no internal error and no traceback (a crashed background task included)."""
-    started: list[Any] = []
-
-    def start(apps: list[dict[str, Any]] | None = None, **section: Any) -> Any:
-        cp = start_control_plane(apps=[app()] if apps is None else apps, **section)
-        started.append(cp)
-        return cp
-
-    yield start
-    for cp in started:
-        output = cp.output()
-        assert "internal error" not in output, output
-        assert "Traceback" not in output, output
-
-
-@pytest.fixture
-async def api_for(
-    control_plane: Callable[..., Any], client: aiohttp.ClientSession
-) -> Callable[..., Api]:
-    """api_for(apps=None, **controlplane_section) -> Api on a freshly started control plane."""
-
-    def make(apps: list[dict[str, Any]] | None = None, **section: Any) -> Api:
-        return Api(client, control_plane(apps, **section))
-
-    return make
 
 
 # ----------------------------------------------------------- allocation machine

@@ -5,7 +5,7 @@ max_body (413), missing or wrong bearer tokens (401), unknown ids (404), bad
 query parameters (400). Every answer is `{"error", "message"}` JSON (with a
 `reason_code` when it names a gate or failure mode) and never a 500; the control
 plane's output must not mention an internal error afterwards
-(the `control_plane` fixture of test_controlplane.py checks that).
+(the `control_plane` fixture of conftest.py checks that).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import json
 from typing import Any
 
 import pytest
+from controlplane_client import Api, app, assert_error_body
 from helpers import close, connect, exchange, request_bytes, send
-from test_controlplane import Api, api_for, app, assert_error_body, control_plane  # noqa: F401
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -66,7 +66,7 @@ BODY_ENDPOINTS = [
 
 
 @pytest.fixture
-async def api(api_for) -> tuple[Api, dict[str, str]]:  # noqa: F811
+async def api(api_for) -> tuple[Api, dict[str, str]]:
     """A control plane with a ready allocation, a promotion of it and a registered edge."""
     api = api_for([app("hello")])
     alloc = await api.ready()

@@ -1,5 +1,6 @@
 """Edge cases of the proxy core against raw upstreams: timeouts, stale pooled connections,
-trailers, memory bounds, HTTP/1.0, Expect, pipelining, tunnels, and reviewer-found bugs.
+trailers, memory bounds, HTTP/1.0, Expect, pipelining, tunnels, request smuggling and
+connection reuse after a broken exchange.
 
 Most tests share one edge (module scope) in front of `tests/raw_upstream.py`
 processes whose every byte is under test control; a few need their own config.
@@ -30,7 +31,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import _http_get, _stop_process
 from helpers import (
     TESTS,
     Closed,
@@ -49,6 +49,7 @@ from helpers import (
     send,
 )
 from raw_upstream import eof_body
+from stack import http_get, stop_process
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -138,7 +139,7 @@ def raw_servers(tmp_path_factory) -> Iterator[dict[str, Raw]]:
         yield servers
     finally:
         for server in servers.values():
-            _stop_process(server.proc, group=False)
+            stop_process(server.proc, group=False)
 
 
 @pytest.fixture
@@ -463,13 +464,13 @@ def test_upload_to_slow_upstream_memory_bound(proxy, raw) -> None:
 
 
 def test_health_and_ready_public_metrics_need_token(proxy) -> None:
-    assert _http_get(proxy.admin_url + "/healthz")[0] == 200
-    assert _http_get(proxy.admin_url + "/readyz")[0] == 200
-    assert _http_get(proxy.admin_url + "/metrics")[0] == 401
+    assert http_get(proxy.admin_url + "/healthz")[0] == 200
+    assert http_get(proxy.admin_url + "/readyz")[0] == 200
+    assert http_get(proxy.admin_url + "/metrics")[0] == 401
     wrong = {"Authorization": "Bearer nope"}
-    assert _http_get(proxy.admin_url + "/metrics", headers=wrong)[0] == 401
+    assert http_get(proxy.admin_url + "/metrics", headers=wrong)[0] == 401
     good = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    status, body = _http_get(proxy.admin_url + "/metrics", headers=good)
+    status, body = http_get(proxy.admin_url + "/metrics", headers=good)
     assert status == 200 and b"edge_requests" in body
 
 
@@ -512,12 +513,10 @@ async def test_http10_client_keep_alive(proxy, raw) -> None:
 async def test_close_delimited_response_to_http11_client_is_rechunked(proxy, raw) -> None:
     """Upstream body ends by closing; an HTTP/1.1 client needs it chunked, and complete.
 
-    Suspected bug: edge/http/front_protocol.py upstream_lost() (~line 522) treats the
-    upstream's close as the normal end only when `response_eof` is set, which
-    build_response_head sets for HTTP/1.0 clients only; for an HTTP/1.1 client the
-    end of a close-delimited body is counted as 'reset_mid_response' and the client
-    connection is aborted before the last chunk. (httptools never calls
-    on_message_complete for a close-delimited body: it has no feed_eof.)
+    The upstream's close is the normal end of a close-delimited body for an HTTP/1.1
+    client too, not a reset mid-response: the client gets every byte, chunked, and the
+    last chunk. (httptools never reports the end of a close-delimited body: it has no
+    feed_eof, so the edge has to take the close as the end.)
     """
     n = 300_000
     reader, writer = await connect(proxy.port)
@@ -608,11 +607,9 @@ async def test_pipelined_unknown_host_answered_after_first(proxy, raw) -> None:
 async def test_pipelined_malformed_request_answered_after_first(proxy, raw) -> None:
     """A malformed request pipelined behind a good one: the good one's response first.
 
-    Suspected bug: edge/http/front_protocol.py _reject() (~line 606-630). The parse error
-    happens while `self.parsing` is None (the bad request never reached
-    headers-complete), so _reject builds a fresh Exchange, writes the 400 to the
-    client at once and closes; the in-flight response to the first request is
-    discarded, so the client sees '400' as the answer to its first request.
+    The parse error comes before the bad request's head is complete, while the first
+    request is still in flight: the client gets the first request's 200, then the 400
+    for the malformed one, never the 400 in place of the 200.
     """
     reader, writer = await connect(proxy.port)
     try:
@@ -635,10 +632,9 @@ async def test_pipelined_malformed_request_answered_after_first(proxy, raw) -> N
 async def test_pipelined_expect_continue_not_sent_before_earlier_response(proxy, raw) -> None:
     """'100 Continue' for a pipelined request must not precede the response ahead of it.
 
-    Suspected bug: edge/http/front_protocol.py _prepare() (~line 362-364) appends the
-    100 Continue to the shared `self.out` when the pipelined request's head is
-    parsed; the next flush writes it before (or into the middle of) the response
-    to the earlier request.
+    The second request's head (with Expect: 100-continue) is parsed while the first is
+    in flight; the first status line on the wire is the first request's 200, not the
+    interim 100 written before (or into the middle of) it.
     """
     body = b"12345"
     reader, writer = await connect(proxy.port)
@@ -688,9 +684,8 @@ async def test_pipelined_head_then_get(proxy, raw) -> None:
     "te_headers",
     [
         [("Transfer-Encoding", "gzip, chunked")],
-        # Suspected bug: edge/http/forward_headers.py RequestFields (~line 420-422) keeps only the
-        # last Transfer-Encoding field, so 'gzip' in an earlier field is silently dropped
-        # and the request is forwarded as plain chunked.
+        # Every Transfer-Encoding field counts: 'gzip' in an earlier field is not dropped
+        # in favour of the last one, so the request is not forwarded as plain chunked.
         [("Transfer-Encoding", "gzip"), ("Transfer-Encoding", "chunked")],
     ],
     ids=["one-field", "two-fields"],
@@ -773,17 +768,16 @@ async def test_websocket_large_frames(proxy, upstream) -> None:
         assert await asyncio.wait_for(ws.receive_str(), 10) == text
 
 
-# =========================================================================== Part 2: review
+# ========================================== Part 2: smuggling, pool poisoning, bounds, accounting
 
 
 async def test_early_bytes_after_upgrade_request_not_smuggled(proxy, raw_servers) -> None:
     """Bytes after an Upgrade request must not reach the upstream before it says 101.
 
-    Suspected bug: edge/http/front_protocol.py data_received() (~line 210-218) stashes
-    everything after an Upgrade request's head in `early_tunnel`, and _send()
-    (~line 435-437) writes it raw to the upstream right after the head. An upstream
-    that does not switch protocols parses it as another request: it bypasses
-    routing and header rewriting (no X-Request-Id, a spoofed X-Forwarded-For).
+    The client sends a second request (with a spoofed X-Forwarded-For) right behind
+    the Upgrade request's head, and the upstream answers 200 without switching. Every
+    request the upstream sees went through the edge's routing and header rewriting:
+    an X-Request-Id, and X-Forwarded-For set by the edge.
     """
     upstream = raw_servers["smuggle"]
     smuggled = (
@@ -814,11 +808,9 @@ async def test_early_bytes_after_upgrade_request_not_smuggled(proxy, raw_servers
 async def test_failed_upgrade_connection_not_reused_for_another_client(proxy, raw_servers) -> None:
     """After an upgrade the upstream refused, its connection must not serve another client.
 
-    Suspected bug: edge/http/front_protocol.py upstream_end() (~line 490) returns the
-    connection to the pool when the upstream answered a non-101 to an Upgrade
-    request, although raw client bytes (early_tunnel) were written on it. Here they
-    are a slow request; its response then goes to the next client using the
-    connection (response queue poisoning).
+    The client sends a slow request right behind its Upgrade request, and the
+    upstream answers the upgrade with 200. The next client of that upstream gets the
+    response to its own request, not the slow request's (no response queue poisoning).
     """
     host = "poison.localhost"
     smuggled = b"GET /slow?delay=0.6&tag=smuggled HTTP/1.1\r\nHost: poison.localhost\r\n\r\n"
@@ -847,13 +839,11 @@ async def test_failed_upgrade_connection_not_reused_for_another_client(proxy, ra
 async def test_bytes_after_response_end_poison_no_pooled_connection(proxy, raw_servers) -> None:
     """Bytes beyond a response's end, in the same read, must make the connection unusable.
 
-    Suspected bug: edge/upstream/pool.py on_message_complete() -> front upstream_end()
-    (~line 490) gives the connection back to the pool from inside the parser callback;
-    httptools then parses the rest of the same read (here the head of a response
-    nobody asked for) with no owner, leaving the pooled connection's parser mid-body.
-    The next client's response is then forwarded as raw body bytes of that phantom
-    response: unparsed and unrewritten (its hop-by-hop Keep-Alive field leaks).
-    (Extra bytes in a *later* read are caught by the owner-is-None check.)
+    /ghost writes a complete response and, in the same write, the head of a response
+    nobody asked for. The next client of that upstream gets its own response, parsed
+    and re-framed by the edge (the upstream's hop-by-hop Keep-Alive field does not
+    leak), not raw body bytes of the phantom response. (Bytes arriving in a later
+    read, on an idle pooled connection, make the pool drop that connection.)
     """
     host = "ghost.localhost"
     ghost = await roundtrip(proxy.port, raw_request("GET", "/ghost", host=host))
@@ -872,11 +862,8 @@ async def test_bytes_after_response_end_poison_no_pooled_connection(proxy, raw_s
 async def test_101_to_a_request_that_did_not_ask_is_not_a_tunnel(proxy, raw_servers) -> None:
     """An upstream switching protocols unasked must not turn the client connection into a tunnel.
 
-    Suspected bug: edge/upstream/pool.py data_received() (~line 88-90) treats any
-    101 as an upgrade, and front upstream_upgraded() (~line 496-508) makes the
-    client connection a raw tunnel without checking `ex.upgrade`; upstream_head()
-    has already sent the client a '101' head with 'Transfer-Encoding: chunked'.
-    Everything the client sends next goes to the upstream unparsed.
+    The request has no Upgrade header and the upstream answers 101 anyway: the client
+    gets a 502, not a '101' head followed by a raw tunnel to the upstream.
     """
     key = uuid.uuid4().hex
     reader, writer = await connect(proxy.port)
@@ -894,11 +881,8 @@ async def test_101_to_a_request_that_did_not_ask_is_not_a_tunnel(proxy, raw_serv
 
 
 async def test_options_asterisk_without_host_is_400(proxy, raw) -> None:
-    """Suspected bug: edge/http/front_protocol.py _absolute_form() (~line 700) returns the
-    Host value (None here) for '*', and _prepare() (~line 340) calls
-    ctx.route_for(None) -> host_from_header(None) -> AttributeError inside the
-    parser callback; data_received re-raises it (~line 224), so the worker logs a
-    fatal protocol error and drops the connection without an answer."""
+    """`OPTIONS *` with no Host header is answered 400 by the edge and reaches no
+    upstream; the connection is not dropped without an answer."""
     resp = await exchange(proxy.port, b"OPTIONS * HTTP/1.1\r\n\r\n")
     assert_edge_error(resp, 400)
     assert raw.log() == []
@@ -907,9 +891,9 @@ async def test_options_asterisk_without_host_is_400(proxy, raw) -> None:
 async def test_oversized_head_counted_once(proxy, raw) -> None:
     """One rejected request, one count in edge_requests.
 
-    Suspected bug: edge/http/front_protocol.py data_received() (~line 219-229): after a
-    _Reject raised inside a parser callback is handled there is no `return`, so the
-    head-size check below runs too and _reject() records the same request again.
+    A head of ~43 KB in one write is rejected with 431, and edge_requests_total for
+    431 grows by exactly one: the rejection is not recorded a second time by the
+    head-size check.
     """
 
     def count() -> float:
@@ -926,10 +910,9 @@ async def test_oversized_head_counted_once(proxy, raw) -> None:
 def test_request_trailer_section_is_bounded(proxy, raw) -> None:
     """Trailer fields of a chunked request must be size-limited like header fields.
 
-    Suspected bug: edge/http/front_protocol.py on_header() (~line 256) ignores trailers
-    without counting them, and data_received() counts `head_bytes` only while no
-    body is being parsed; httptools accumulates an unterminated field value in
-    memory, so a client can make the worker buffer any amount (here 24 MiB).
+    A client sends a 24 MiB trailer field value; the worker's peak RSS grows by less
+    than MEMORY_BOUND, so trailer bytes are counted against the head limit and not
+    buffered without bound.
     """
     pid = the_worker(proxy)
     assert download(proxy.port, "/zeros?n=1000000&id=warm") == 1_000_000
@@ -954,12 +937,7 @@ def test_request_trailer_section_is_bounded(proxy, raw) -> None:
 async def test_client_abort_during_connect_releases_in_flight(proxy, raw_servers) -> None:
     """A client that resets while its upstream connect is pending must not leak `in_flight`.
 
-    Suspected bug: edge/http/front_protocol.py connection_lost() (~line 170-178) calls
-    _release_peer only when `ex.upstream` is set; while connecting it is None, and
-    neither _connect_then_send() (~line 411-413, client gone) nor _upstream_failed()
-    (~line 582, returns early) releases it later. The leaked count skews
-    AppRoute.pick (least in flight) forever.
-
+    A leaked in-flight count would skew the least-in-flight choice of peer forever.
     Peer P's accept queue is full, so connects to it hang; five clients reset
     while waiting. P then starts accepting, and four concurrent requests to an app
     on [P, Q] should split 2/2 (least in flight); with the leak all go to Q.
@@ -978,7 +956,7 @@ async def test_client_abort_during_connect_releases_in_flight(proxy, raw_servers
         await asyncio.sleep(0.8)  # every pending connect has hit connect_timeout (500 ms)
         os.kill(paused.proc.pid, signal.SIGUSR1)
         await eventually(
-            lambda: _http_get(f"http://{paused.address}/__stats")[0] == 200,
+            lambda: http_get(f"http://{paused.address}/__stats")[0] == 200,
             what="the paused upstream to accept",
         )
     finally:
@@ -1014,10 +992,9 @@ def short_edge(start_edge, raw):
 async def test_steady_response_body_outlives_idle_timeout(short_edge, raw) -> None:
     """A body that keeps flowing (1 KB every 0.25 s for 3 s) is not idle.
 
-    Suspected bug: edge/http/front_protocol.py upstream_body() (~line 474-481) never
-    pushes the EXCHANGE deadline forward (only upstream_head() sets it, ~line 453),
-    so idle_timeout bounds the whole response body, not the silence in it; any
-    download longer than idle_timeout is aborted.
+    The upstream idle_timeout (1 s) bounds the silence in a response body, not the
+    whole body: every body chunk pushes the deadline forward, and the 3 s download
+    arrives complete.
     """
     reader, writer = await connect(short_edge.port)
     try:
@@ -1035,10 +1012,9 @@ async def test_steady_response_body_outlives_idle_timeout(short_edge, raw) -> No
 async def test_pipelined_partial_head_gets_header_deadline(short_edge, raw) -> None:
     """A partial request head pipelined behind a complete request must meet header_timeout.
 
-    Suspected bug: edge/http/front_protocol.py on_message_begin() (~line 247) arms the
-    header deadline only from IDLE; a head begun during an exchange gets none, and
-    _complete() (~line 566) then arms IDLE with keepalive_timeout (30 s here), so
-    a slowloris head survives 30 s instead of 1 s.
+    The head begins while the first exchange is in flight; once that one is answered
+    the connection is closed (or answered 408) within the 1 s header_timeout, not
+    kept for the 30 s keepalive_timeout.
     """
     reader, writer = await connect(short_edge.port)
     try:

@@ -11,10 +11,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import pytest
-from conftest import CONTROL_PLANE_TOKEN, sample_app_spec
-from helpers import eventually, free_port, metric_sum
+from helpers import eventually, free_port, metric_sum, to_toml
+from stack import CONTROL_PLANE_TOKEN, sample_app_spec
 
 HOST = "shop.localhost"
 QUEUE_RULES = [{"class": "queue", "methods": ["POST"], "path_prefix": "/hooks/"}]
@@ -74,15 +72,6 @@ class WebhookApp:
         return [json.loads(line) for line in self.record.read_text().splitlines() if line]
 
 
-@pytest.fixture
-async def session():
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(
-        timeout=timeout, connector=aiohttp.TCPConnector(limit=200)
-    ) as s:
-        yield s
-
-
 def start_queue_edge(start_edge, cp, store: str, app: dict[str, Any], **edge: Any):
     return start_edge(
         apps=[app],
@@ -118,31 +107,31 @@ async def delivered(app: WebhookApp, count: int, timeout: float = 30) -> list[di
 
 
 async def test_webhook_with_reject_policy_gets_503_and_starts_the_wake(
-    start_control_plane, start_edge, fresh_redis, session, tmp_path
+    start_control_plane, start_edge, fresh_redis, client, tmp_path
 ) -> None:
     hooks = WebhookApp(tmp_path)
     cp = start_control_plane(apps=[hooks.spec])
     rules = [{"class": "reject", "methods": ["POST"], "header": "X-Signature"}]
     edge = start_queue_edge(start_edge, cp, fresh_redis, shop(rules=rules))
-    status, headers, body = await send(session, edge, "evt_1")
+    status, headers, body = await send(client, edge, "evt_1")
     assert status == 503, body
     assert int(headers["Retry-After"]) >= 1
     assert body.count(b"\n") == 1 and b"starting" in body
 
     async def woke() -> bool:
-        return (await send(session, edge, "evt_1"))[0] == 200
+        return (await send(client, edge, "evt_1"))[0] == 200
 
     await eventually(woke, timeout=30, interval=0.3, what="the sender's retry finds the app hot")
     assert [d["status"] for d in hooks.deliveries()] == [200]
 
 
 async def test_queued_webhook_is_accepted_then_delivered_once(
-    start_control_plane, start_edge, fresh_redis, session, tmp_path
+    start_control_plane, start_edge, fresh_redis, client, tmp_path
 ) -> None:
     hooks = WebhookApp(tmp_path, start_delay=1.5)
     cp = start_control_plane(apps=[hooks.spec])
     edge = start_queue_edge(start_edge, cp, fresh_redis, shop())
-    status, headers, body = await send(session, edge, "evt_1", b'{"n": 1}')
+    status, headers, body = await send(client, edge, "evt_1", b'{"n": 1}')
     assert status == 202, body
     answer = json.loads(body)
     assert answer["queued_id"] == headers["X-Edge-Queued-Id"] and not answer["duplicate"]
@@ -162,23 +151,23 @@ async def test_queued_webhook_is_accepted_then_delivered_once(
     assert metric_sum(metrics, "edge_queue_events_total", app="shop", event="delivered") == 1
     assert metric_sum(metrics, "edge_queue_depth", app="shop") == 0
     # Hot now: the same request is proxied, not queued.
-    status, _, body = await send(session, edge, "evt_2")
+    status, _, body = await send(client, edge, "evt_2")
     assert status == 200 and body == b"webhook 200\n"
 
 
 async def test_duplicate_sends_are_one_delivery(
-    start_control_plane, start_edge, fresh_redis, session, tmp_path
+    start_control_plane, start_edge, fresh_redis, client, tmp_path
 ) -> None:
     hooks = WebhookApp(tmp_path, start_delay=2)
     cp = start_control_plane(apps=[hooks.spec])
     edge = start_queue_edge(start_edge, cp, fresh_redis, shop())
-    answers = [await send(session, edge, "evt_same", b'{"try": %d}' % i) for i in range(3)]
+    answers = [await send(client, edge, "evt_same", b'{"try": %d}' % i) for i in range(3)]
     assert [status for status, _, _ in answers] == [202, 202, 202]
     ids = {json.loads(body)["queued_id"] for _, _, body in answers}
     assert len(ids) == 1
     assert [json.loads(body)["duplicate"] for _, _, body in answers] == [False, True, True]
     # Without a key header the hash of method, path and body is the key.
-    keyless = [await send(session, edge, "", b'{"same": "body"}') for _ in range(2)]
+    keyless = [await send(client, edge, "", b'{"same": "body"}') for _ in range(2)]
     assert keyless[0][2] != b"" and json.loads(keyless[1][2])["duplicate"]
     await delivered(hooks, 2)
     await asyncio.sleep(1)
@@ -190,12 +179,12 @@ async def test_duplicate_sends_are_one_delivery(
 
 
 async def test_500_twice_then_200_is_three_attempts_one_success(
-    start_control_plane, start_edge, fresh_redis, session, tmp_path
+    start_control_plane, start_edge, fresh_redis, client, tmp_path
 ) -> None:
     hooks = WebhookApp(tmp_path, statuses="500 500 200")
     cp = start_control_plane(apps=[hooks.spec])
     edge = start_queue_edge(start_edge, cp, fresh_redis, shop())
-    status, _, body = await send(session, edge, "evt_retry")
+    status, _, body = await send(client, edge, "evt_retry")
     assert status == 202
     queued_id = json.loads(body)["queued_id"]
     deliveries = await delivered(hooks, 1)
@@ -211,38 +200,38 @@ async def test_500_twice_then_200_is_three_attempts_one_success(
 
 
 async def test_400_is_dead_lettered_listed_and_replayed_after_the_fix(
-    start_control_plane, start_edge, fresh_redis, session, tmp_path
+    start_control_plane, start_edge, fresh_redis, client, tmp_path
 ) -> None:
     hooks = WebhookApp(tmp_path, statuses="400")
     cp = start_control_plane(apps=[hooks.spec])
     edge = start_queue_edge(start_edge, cp, fresh_redis, shop(), admin_token="admin-secret")
-    status, _, body = await send(session, edge, "evt_bad")
+    status, _, body = await send(client, edge, "evt_bad")
     assert status == 202
     queued_id = json.loads(body)["queued_id"]
 
     async def dead_lettered() -> list[dict[str, Any]]:
-        _, listing = await admin(session, edge, "GET", "/admin/queues/shop/dead")
+        _, listing = await admin(client, edge, "GET", "/admin/queues/shop/dead")
         return listing["dead"]
 
     await eventually(dead_lettered, timeout=30, interval=0.2, what="a dead letter")
     [dead] = await dead_lettered()
     assert (dead["queued_id"], dead["status"], dead["attempts"]) == (queued_id, 400, 1)
     assert len(hooks.deliveries()) == 1  # a 4xx is not retried
-    status, overview = await admin(session, edge, "GET", "/admin/queues")
+    status, overview = await admin(client, edge, "GET", "/admin/queues")
     assert overview["queues"] == [{"app": "shop", "queued": 0, "dead_letters": 1}]
     # Unauthenticated, unknown or malformed requests are refused cleanly.
-    async with session.get(edge.admin_url + "/admin/queues/shop/dead") as resp:
+    async with client.get(edge.admin_url + "/admin/queues/shop/dead") as resp:
         assert resp.status == 401
-    assert (await admin(session, edge, "GET", "/admin/queues/nope/dead"))[0] == 404
-    assert (await admin(session, edge, "GET", "/admin/queues/shop/dead?limit=0"))[0] == 400
-    bad = await admin(session, edge, "POST", "/admin/queues/shop/dead/x/replay")
+    assert (await admin(client, edge, "GET", "/admin/queues/nope/dead"))[0] == 404
+    assert (await admin(client, edge, "GET", "/admin/queues/shop/dead?limit=0"))[0] == 400
+    bad = await admin(client, edge, "POST", "/admin/queues/shop/dead/x/replay")
     assert bad[0] == 400
-    missing = await admin(session, edge, "POST", "/admin/queues/shop/dead/1-1/replay")
+    missing = await admin(client, edge, "POST", "/admin/queues/shop/dead/1-1/replay")
     assert missing[0] == 404
 
     hooks.status_file.write_text("200")  # the app is fixed
     status, replayed = await admin(
-        session, edge, "POST", f"/admin/queues/shop/dead/{dead['id']}/replay"
+        client, edge, "POST", f"/admin/queues/shop/dead/{dead['id']}/replay"
     )
     assert status == 200, replayed
     deliveries = await delivered(hooks, 1)
@@ -256,79 +245,77 @@ async def test_400_is_dead_lettered_listed_and_replayed_after_the_fix(
 
 
 async def test_purge_removes_queued_and_dead_requests(
-    start_control_plane, start_edge, fresh_redis, session, tmp_path
+    start_control_plane, start_edge, fresh_redis, client, tmp_path
 ) -> None:
     hooks = WebhookApp(tmp_path, start_delay=30)  # stays cold for the whole test
     cp = start_control_plane(apps=[hooks.spec])
     edge = start_queue_edge(start_edge, cp, fresh_redis, shop())
     for i in range(3):
-        assert (await send(session, edge, f"evt_{i}"))[0] == 202
-    status, listing = await admin(session, edge, "GET", "/admin/queues/shop/queued?limit=2")
+        assert (await send(client, edge, f"evt_{i}"))[0] == 202
+    status, listing = await admin(client, edge, "GET", "/admin/queues/shop/queued?limit=2")
     assert status == 200 and len(listing["queued"]) == 2
     first = listing["queued"][0]
     assert first["method"] == "POST" and first["path"] == "/hooks/pay" and first["body_bytes"] == 15
-    assert (await admin(session, edge, "DELETE", f"/admin/queues/shop/queued/{first['id']}"))[
-        1
-    ] == {
+    assert (await admin(client, edge, "DELETE", f"/admin/queues/shop/queued/{first['id']}"))[1] == {
         "app": "shop",
         "purged": 1,
     }
-    assert (await admin(session, edge, "DELETE", "/admin/queues/shop/queued"))[1]["purged"] == 2
-    assert (await admin(session, edge, "GET", "/admin/queues"))[1]["queues"][0]["queued"] == 0
+    assert (await admin(client, edge, "DELETE", "/admin/queues/shop/queued"))[1]["purged"] == 2
+    assert (await admin(client, edge, "GET", "/admin/queues"))[1]["queues"][0]["queued"] == 0
     assert metric_sum(edge.metrics(), "edge_queue_depth", app="shop") == 0
 
 
 async def test_oversized_body_is_413_and_nothing_is_queued(
-    start_control_plane, start_edge, fresh_redis, session, tmp_path
+    start_control_plane, start_edge, fresh_redis, client, tmp_path
 ) -> None:
     hooks = WebhookApp(tmp_path, start_delay=30)
     cp = start_control_plane(apps=[hooks.spec])
     edge = start_queue_edge(start_edge, cp, fresh_redis, shop())
     big = b"x" * (64 * 1024 + 1)
-    status, _, _ = await send(session, edge, "evt_big", big)
+    status, _, _ = await send(client, edge, "evt_big", big)
     assert status == 413
 
     async def chunks():
         for _ in range(5):
             yield b"y" * 20_000
 
-    async with session.post(
+    async with client.post(
         edge.url + "/hooks/pay", data=chunks(), headers={"Host": HOST, "X-Event-Id": "evt_chunked"}
     ) as resp:
         assert resp.status == 413
-    assert (await send(session, edge, "evt_fits", b"z" * (64 * 1024)))[0] == 202
-    _, overview = await admin(session, edge, "GET", "/admin/queues")
+    assert (await send(client, edge, "evt_fits", b"z" * (64 * 1024)))[0] == 202
+    _, overview = await admin(client, edge, "GET", "/admin/queues")
     assert overview["queues"][0]["queued"] == 1
     assert metric_sum(edge.metrics(), "edge_held_requests") == 0
 
 
 async def test_redis_down_answers_503_never_202(
-    start_control_plane, start_edge, session, tmp_path, own_redis
+    start_control_plane, start_edge, client, tmp_path, own_redis
 ) -> None:
     hooks = WebhookApp(tmp_path, start_delay=30)
     cp = start_control_plane(apps=[hooks.spec])
     edge = start_queue_edge(start_edge, cp, own_redis.url, shop())
-    assert (await send(session, edge, "evt_before"))[0] == 202
+    assert (await send(client, edge, "evt_before"))[0] == 202
     own_redis.stop()
     for i in range(3):
-        status, headers, body = await send(session, edge, f"evt_down_{i}")
+        status, headers, body = await send(client, edge, f"evt_down_{i}")
         assert status == 503, body
         assert int(headers["Retry-After"]) >= 1
         assert headers["X-Edge-Error"] == "queue_unavailable"
     own_redis.start()  # AOF: what was acknowledged is still there
-    status, _, body = await send(session, edge, "evt_before")
+    status, _, body = await send(client, edge, "evt_before")
     assert status == 202 and json.loads(body)["duplicate"]
 
 
 async def test_edge_killed_after_202s_then_restarted_delivers_all_exactly_once(
-    start_control_plane, start_edge, fresh_redis, session, tmp_path
+    start_control_plane, start_edge, fresh_redis, client, tmp_path
 ) -> None:
     hooks = WebhookApp(tmp_path, start_delay=3)
     cp = start_control_plane(apps=[hooks.spec])
     listen = {"listen": f"127.0.0.1:{free_port()}", "admin_listen": f"127.0.0.1:{free_port()}"}
     edge = start_queue_edge(start_edge, cp, fresh_redis, shop(), **listen)
     answers = await asyncio.gather(
-        *(send(session, edge, f"evt_{i}", b'{"n": %d}' % i) for i in range(100))
+        *(send(client, edge, f"evt_{i}", b'{"n": %d}' % i) for i in range(100))
     )
     assert [status for status, _, _ in answers] == [202] * 100
     os.killpg(edge.proc.pid, signal.SIGKILL)
@@ -344,18 +331,18 @@ async def test_edge_killed_after_202s_then_restarted_delivers_all_exactly_once(
     assert sorted(bodies) == list(range(100)), f"{len(bodies)} deliveries"
     queued_ids = {json.loads(body)["queued_id"] for _, _, body in answers}
     assert {d["queued_id"] for d in deliveries} == queued_ids
-    _, overview = await admin(session, restarted, "GET", "/admin/queues")
+    _, overview = await admin(client, restarted, "GET", "/admin/queues")
     assert overview["queues"] == [{"app": "shop", "queued": 0, "dead_letters": 0}]
 
 
 async def test_two_edges_replaying_one_app_deliver_each_once_in_order(
-    start_control_plane, start_edge, fresh_redis, session, tmp_path
+    start_control_plane, start_edge, fresh_redis, client, tmp_path
 ) -> None:
     hooks = WebhookApp(tmp_path, start_delay=2)
     cp = start_control_plane(apps=[hooks.spec])
     edges = [start_queue_edge(start_edge, cp, fresh_redis, shop()) for _ in range(2)]
     for i in range(60):  # one after another, alternating edges: this is the order
-        status, _, _ = await send(session, edges[i % 2], f"evt_{i}", b'{"n": %d}' % i)
+        status, _, _ = await send(client, edges[i % 2], f"evt_{i}", b'{"n": %d}' % i)
         assert status == 202
     deliveries = await delivered(hooks, 60, timeout=60)
     await asyncio.sleep(1)
@@ -369,7 +356,7 @@ async def test_two_edges_replaying_one_app_deliver_each_once_in_order(
 
 
 async def test_replayer_killed_mid_replay_is_taken_over_in_order(
-    start_control_plane, start_edge, fresh_redis, session, tmp_path
+    start_control_plane, start_edge, fresh_redis, client, tmp_path
 ) -> None:
     hooks = WebhookApp(tmp_path, statuses="500")  # every delivery fails until fixed
     cp = start_control_plane(apps=[hooks.spec])
@@ -377,7 +364,7 @@ async def test_replayer_killed_mid_replay_is_taken_over_in_order(
     app["replay"] = replay_policy(max_attempts=100, claim_idle="6s")
     edges = [start_queue_edge(start_edge, cp, fresh_redis, app) for _ in range(2)]
     for i in range(5):
-        status, _, _ = await send(session, edges[0], f"evt_{i}", b'{"n": %d}' % i)
+        status, _, _ = await send(client, edges[0], f"evt_{i}", b'{"n": %d}' % i)
         assert status == 202
 
     def retrying() -> list[int]:
@@ -402,14 +389,12 @@ async def test_replayer_killed_mid_replay_is_taken_over_in_order(
 
 
 async def test_reload_that_adds_a_queue_rule_starts_queueing(
-    start_control_plane, start_edge, fresh_redis, session, tmp_path
+    start_control_plane, start_edge, fresh_redis, client, tmp_path
 ) -> None:
-    from helpers import to_toml
-
     hooks = WebhookApp(tmp_path, start_delay=2)
     cp = start_control_plane(apps=[hooks.spec])
     edge = start_queue_edge(start_edge, cp, fresh_redis, shop(rules=[]))
-    status, headers, _ = await send(session, edge, "evt_before")
+    status, headers, _ = await send(client, edge, "evt_before")
     assert status == 503 and headers["X-Edge-Error"] == "not_safe_to_hold"
     await asyncio.sleep(4)  # the wake that refusal started is over; let the app go to sleep
     config = dict(edge.config)
@@ -418,18 +403,18 @@ async def test_reload_that_adds_a_queue_rule_starts_queueing(
     edge.proc.send_signal(signal.SIGHUP)
 
     async def asleep() -> bool:
-        _, listing = await admin(session, edge, "GET", "/admin/apps")
+        _, listing = await admin(client, edge, "GET", "/admin/apps")
         return listing["apps"][0]["state"] in ("sleeping", "cold")
 
     await eventually(asleep, timeout=30, interval=0.3, what="the app asleep (1 s idle timeout)")
-    status, _, body = await send(session, edge, "evt_after")
+    status, _, body = await send(client, edge, "evt_after")
     assert status == 202, body
     await delivered(hooks, 1)
     assert [d["queued_id"] for d in hooks.deliveries()] == [json.loads(body)["queued_id"]]
 
 
 async def test_a_stalled_upload_is_408_and_gives_back_what_it_reserved(
-    start_control_plane, start_edge, fresh_redis, session, tmp_path
+    start_control_plane, start_edge, fresh_redis, client, tmp_path
 ) -> None:
     from helpers import connect, read_response
     from helpers import send as send_raw
@@ -453,7 +438,7 @@ async def test_a_stalled_upload_is_408_and_gives_back_what_it_reserved(
         response = await read_response(reader)
         assert response.status == 408
         writer.close()
-    status, _, _ = await send(session, edge, "evt_after")
+    status, _, _ = await send(client, edge, "evt_after")
     assert status == 202  # not 503 hold_cap: nothing leaked
-    _, overview = await admin(session, edge, "GET", "/admin/queues")
+    _, overview = await admin(client, edge, "GET", "/admin/queues")
     assert overview["queues"][0]["queued"] == 1

@@ -9,9 +9,8 @@ import signal
 from typing import Any
 
 import aiohttp
-import pytest
-from conftest import CONTROL_PLANE_TOKEN, sample_app_spec
 from helpers import eventually
+from stack import CONTROL_PLANE_TOKEN, sample_app_spec
 
 HOST = "shop.localhost"
 
@@ -67,14 +66,8 @@ async def serving(edge, session) -> str:
         return resp.headers["X-Allocation-Id"]
 
 
-@pytest.fixture
-async def session():
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-        yield s
-
-
 async def test_edges_apply_and_ack_and_a_promotion_goes_healthy(
-    start_control_plane, start_edge, session
+    start_control_plane, start_edge, client
 ) -> None:
     cp = start_control_plane(apps=[sample_app_spec("shop")])
     first = await new_ready_allocation(cp)
@@ -82,7 +75,7 @@ async def test_edges_apply_and_ack_and_a_promotion_goes_healthy(
     for edge in edges:
         ready = admin_json(edge, "/readyz")
         assert ready["ready"] and ready["route_epoch"] >= 1
-        assert await serving(edge, session) == first
+        assert await serving(edge, client) == first
     second = await new_ready_allocation(cp)
     _, snapshot = await api(cp, "GET", "/v1/routes")
     status, promotion = await api(
@@ -105,18 +98,18 @@ async def test_edges_apply_and_ack_and_a_promotion_goes_healthy(
     # After the ack no request is served by the old allocation.
     for edge in edges:
         for _ in range(10):
-            assert await serving(edge, session) == second
+            assert await serving(edge, client) == second
     _, listed = await api(cp, "GET", "/v1/edges")
     assert all(e["acked_epoch"] >= current["to_epoch"] for e in listed["edges"])
 
 
 async def test_promotion_rolls_back_when_an_edge_never_acks(
-    start_control_plane, start_edge, session
+    start_control_plane, start_edge, client
 ) -> None:
     cp = start_control_plane(apps=[sample_app_spec("shop")])
     first = await new_ready_allocation(cp)
     alive, frozen = start(start_edge, cp), start(start_edge, cp)
-    assert await serving(alive, session) == first
+    assert await serving(alive, client) == first
     workers = [int(p) for p in os.popen(f"pgrep -P {frozen.proc.pid}").read().split()]
     for pid in workers:
         os.kill(pid, signal.SIGSTOP)  # registered and live, but acks nothing
@@ -137,7 +130,7 @@ async def test_promotion_rolls_back_when_an_edge_never_acks(
         # The previous route is restored: the live edge follows it back.
 
         async def back_on_first() -> bool:
-            return await serving(alive, session) == first
+            return await serving(alive, client) == first
 
         await eventually(back_on_first, timeout=10, what="routes restored")
     finally:
@@ -145,9 +138,7 @@ async def test_promotion_rolls_back_when_an_edge_never_acks(
             os.kill(pid, signal.SIGCONT)
 
 
-async def test_410_from_the_feed_triggers_a_resync(
-    start_control_plane, start_edge, session
-) -> None:
+async def test_410_from_the_feed_triggers_a_resync(start_control_plane, start_edge, client) -> None:
     cp = start_control_plane(apps=[sample_app_spec("shop")], route_history=1)
     await new_ready_allocation(cp)
     edge = start(start_edge, cp)
@@ -170,13 +161,13 @@ async def test_410_from_the_feed_triggers_a_resync(
 
 
 async def test_control_plane_outage_keeps_hot_apps_serving(
-    start_control_plane, start_edge, session
+    start_control_plane, start_edge, client
 ) -> None:
     """The control plane is gone for 30 s under load: every request still answers 200."""
     cp = start_control_plane(apps=[sample_app_spec("shop")])
     allocation = await new_ready_allocation(cp)
     edge = start(start_edge, cp)
-    assert await serving(edge, session) == allocation
+    assert await serving(edge, client) == allocation
     stop = asyncio.Event()
     statuses: list[int] = []
 
@@ -184,7 +175,7 @@ async def test_control_plane_outage_keeps_hot_apps_serving(
         for _ in range(20_000):
             if stop.is_set():
                 return
-            async with session.get(edge.url + "/", headers={"Host": HOST}) as resp:
+            async with client.get(edge.url + "/", headers={"Host": HOST}) as resp:
                 await resp.read()
                 statuses.append(resp.status)
             await asyncio.sleep(0.01)
@@ -211,7 +202,7 @@ async def test_control_plane_outage_keeps_hot_apps_serving(
 
 
 async def test_connection_failure_moves_an_idempotent_request_to_another_allocation(
-    start_control_plane, start_edge, session
+    start_control_plane, start_edge, client
 ) -> None:
     cp = start_control_plane(apps=[sample_app_spec("shop")])
     first = await new_ready_allocation(cp)
@@ -220,7 +211,7 @@ async def test_connection_failure_moves_an_idempotent_request_to_another_allocat
     _, gone = await api(cp, "GET", f"/v1/allocations/{first}")
     os.killpg(gone["pid"], signal.SIGKILL)  # dies without the edge hearing of it yet
     for _ in range(10):
-        assert await serving(edge, session) == second
+        assert await serving(edge, client) == second
 
     def retried() -> bool:
         return 'kind="retried_elsewhere"' in edge.metrics()
@@ -229,24 +220,24 @@ async def test_connection_failure_moves_an_idempotent_request_to_another_allocat
 
 
 async def test_draining_allocation_gets_no_new_requests(
-    start_control_plane, start_edge, session
+    start_control_plane, start_edge, client
 ) -> None:
     cp = start_control_plane(apps=[sample_app_spec("shop")])
     first = await new_ready_allocation(cp)
     second = await new_ready_allocation(cp)
     edge = start(start_edge, cp)
-    seen = {await serving(edge, session) for _ in range(20)}
+    seen = {await serving(edge, client) for _ in range(20)}
     assert seen <= {first, second}
     await api(cp, "POST", f"/v1/allocations/{first}/drain", {"deadline_s": 5})
 
     async def only_second() -> bool:
-        return {await serving(edge, session) for _ in range(10)} == {second}
+        return {await serving(edge, client) for _ in range(10)} == {second}
 
     await eventually(only_second, timeout=10, what="draining allocation left out")
 
 
 async def test_promotion_under_load_switches_without_errors(
-    start_control_plane, start_edge, session
+    start_control_plane, start_edge, client
 ) -> None:
     cp = start_control_plane(apps=[sample_app_spec("shop")])
     first = await new_ready_allocation(cp)
@@ -272,7 +263,7 @@ async def test_promotion_under_load_switches_without_errors(
                 return
             started = loop.time()
             try:
-                async with session.get(edge.url + "/", headers={"Host": HOST}) as resp:
+                async with client.get(edge.url + "/", headers={"Host": HOST}) as resp:
                     await resp.read()
                     results.append((started, resp.status, resp.headers.get("X-Allocation-Id", "")))
             except aiohttp.ClientError as exc:
@@ -298,21 +289,21 @@ async def test_promotion_under_load_switches_without_errors(
 
 
 async def test_drain_closes_websockets_with_1001_at_the_deadline(
-    start_control_plane, start_edge, session
+    start_control_plane, start_edge, client
 ) -> None:
     cp = start_control_plane(apps=[sample_app_spec("shop", drain_grace="2s")])
     first = await new_ready_allocation(cp)
     edge = start(start_edge, cp)
     second = await new_ready_allocation(cp)
-    assert await serving(edge, session) in (first, second)
+    assert await serving(edge, client) in (first, second)
     sockets = []
     for _ in range(6):
-        ws = await session.ws_connect(edge.url + "/ws", headers={"Host": HOST})
+        ws = await client.ws_connect(edge.url + "/ws", headers={"Host": HOST})
         sockets.append(ws)
     loop = asyncio.get_running_loop()
     await api(cp, "POST", f"/v1/allocations/{first}/drain", {"deadline_s": 2})
     drained_at = loop.time()
-    statuses = [await serving_status(edge, session) for _ in range(30)]
+    statuses = [await serving_status(edge, client) for _ in range(30)]
     assert set(statuses) == {200}  # plain requests never fail during the drain
 
     async def close_frame(ws: aiohttp.ClientWebSocketResponse) -> aiohttp.WSMessage | None:
@@ -338,7 +329,7 @@ async def serving_status(edge, session) -> int:
 
 
 async def test_disabled_region_answers_503_and_never_wakes(
-    start_control_plane, start_edge, session
+    start_control_plane, start_edge, client
 ) -> None:
     cp = start_control_plane(apps=[sample_app_spec("shop")])
     edge = start(start_edge, cp)
@@ -346,7 +337,7 @@ async def test_disabled_region_answers_503_and_never_wakes(
     assert status == 200
 
     async def refused() -> bool:
-        async with session.get(edge.url + "/", headers={"Host": HOST}) as resp:
+        async with client.get(edge.url + "/", headers={"Host": HOST}) as resp:
             body = await resp.read()
             return (
                 resp.status == 503
@@ -360,7 +351,7 @@ async def test_disabled_region_answers_503_and_never_wakes(
     await api(cp, "PUT", "/v1/region", {"state": "eligible"})
 
     async def serves() -> bool:
-        async with session.get(edge.url + "/", headers={"Host": HOST}) as resp:
+        async with client.get(edge.url + "/", headers={"Host": HOST}) as resp:
             await resp.read()
             return resp.status == 200
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import sample_app_spec
 from helpers import eventually
+from stack import sample_app_spec
 
 from scheduler_client.client import ControlPlaneClient
 from scheduler_client.models import Allocation

@@ -10,9 +10,8 @@ import asyncio
 from typing import Any
 
 import aiohttp
-import pytest
-from conftest import CONTROL_PLANE_TOKEN, sample_app_spec
 from helpers import eventually
+from stack import CONTROL_PLANE_TOKEN, sample_app_spec
 
 HOST = "shop.localhost"
 
@@ -51,46 +50,36 @@ async def get(session: aiohttp.ClientSession, edge, host: str = HOST, path: str 
         return resp.status, dict(resp.headers), await resp.read()
 
 
-@pytest.fixture
-async def session():
-    timeout = aiohttp.ClientTimeout(total=60)
-    connector = aiohttp.TCPConnector(limit=500)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as s:
-        yield s
-
-
-async def test_cold_get_is_held_woken_and_served(start_control_plane, start_edge, session) -> None:
+async def test_cold_get_is_held_woken_and_served(start_control_plane, start_edge, client) -> None:
     cp = start_control_plane(apps=[sample_app_spec("shop")])
     edge = edge_for(start_edge, cp, [scale_to_zero_app()])
-    status, headers, body = await get(session, edge)
+    status, headers, body = await get(client, edge)
     assert status == 200, body
     assert headers["Server-Timing"].startswith("wake;dur=")
     allocated = await allocations(cp)
     assert len(allocated) == 1 and allocated[0]["state"] == "ready"
     assert headers["X-Allocation-Id"] == allocated[0]["id"]
     # Hot now: no wait, same allocation.
-    status, headers, _ = await get(session, edge)
+    status, headers, _ = await get(client, edge)
     assert status == 200 and "Server-Timing" not in headers
     assert headers["X-Allocation-Id"] == allocated[0]["id"]
 
 
-async def test_stampede_in_one_process_is_one_wake(
-    start_control_plane, start_edge, session
-) -> None:
+async def test_stampede_in_one_process_is_one_wake(start_control_plane, start_edge, client) -> None:
     cp = start_control_plane(apps=[sample_app_spec("shop")])
     edge = edge_for(start_edge, cp, [scale_to_zero_app()])
-    results = await asyncio.gather(*(get(session, edge) for _ in range(300)))
+    results = await asyncio.gather(*(get(client, edge) for _ in range(300)))
     assert [status for status, _, _ in results] == [200] * 300
     assert len({headers["X-Allocation-Id"] for _, headers, _ in results}) == 1
     assert len(await allocations(cp)) == 1
 
 
 async def test_unsafe_request_is_refused_but_starts_the_wake(
-    start_control_plane, start_edge, session
+    start_control_plane, start_edge, client
 ) -> None:
     cp = start_control_plane(apps=[sample_app_spec("shop")])
     edge = edge_for(start_edge, cp, [scale_to_zero_app()])
-    async with session.post(
+    async with client.post(
         edge.url + "/echo", data=b"payload", headers={"Host": HOST, "Stripe-Signature": "t=1"}
     ) as resp:
         assert resp.status == 503
@@ -101,18 +90,18 @@ async def test_unsafe_request_is_refused_but_starts_the_wake(
         return any(a["state"] == "ready" for a in await allocations(cp))
 
     await eventually(woke, timeout=20, what="the wake started by the refused POST")
-    async with session.post(edge.url + "/echo", data=b"payload", headers={"Host": HOST}) as resp:
+    async with client.post(edge.url + "/echo", data=b"payload", headers={"Host": HOST}) as resp:
         assert resp.status == 200  # the sender's retry finds the app hot
         assert await resp.read() == b"payload"
     assert len(await allocations(cp)) == 1
 
 
 async def test_request_with_idempotency_key_is_held(
-    start_control_plane, start_edge, session
+    start_control_plane, start_edge, client
 ) -> None:
     cp = start_control_plane(apps=[sample_app_spec("shop")])
     edge = edge_for(start_edge, cp, [scale_to_zero_app()])
-    async with session.post(
+    async with client.post(
         edge.url + "/echo",
         data=b"order-42",
         headers={"Host": HOST, "Idempotency-Key": "k-42"},
@@ -123,7 +112,7 @@ async def test_request_with_idempotency_key_is_held(
 
 
 async def test_readiness_timeout_fails_and_backs_off(
-    start_control_plane, start_edge, session
+    start_control_plane, start_edge, client
 ) -> None:
     slow = sample_app_spec(
         "shop",
@@ -132,12 +121,12 @@ async def test_readiness_timeout_fails_and_backs_off(
     )
     cp = start_control_plane(apps=[slow])
     edge = edge_for(start_edge, cp, [scale_to_zero_app(readiness_timeout="1s")])
-    status, headers, body = await get(session, edge)
+    status, headers, body = await get(client, edge)
     assert status == 503, body
     assert headers["X-Edge-Error"] == "readiness_timeout"
     assert int(headers["Retry-After"]) >= 1
     # Inside the back-off the next request is refused at once, and no new wake starts.
-    status, headers, _ = await get(session, edge)
+    status, headers, _ = await get(client, edge)
     assert status == 503 and headers["X-Edge-Error"] == "wake_backoff"
     allocated = await allocations(cp)
     assert len(allocated) == 1
@@ -149,19 +138,19 @@ async def test_readiness_timeout_fails_and_backs_off(
 
 
 async def test_hold_timeout_answers_503_and_the_wake_completes(
-    start_control_plane, start_edge, session
+    start_control_plane, start_edge, client
 ) -> None:
     slow = sample_app_spec(
         "shop", command=sample_app_spec("shop")["command"] + ["--start-delay", "2"]
     )
     cp = start_control_plane(apps=[slow])
     edge = edge_for(start_edge, cp, [scale_to_zero_app(hold_timeout="500ms")])
-    status, headers, _ = await get(session, edge)
+    status, headers, _ = await get(client, edge)
     assert status == 503 and headers["X-Edge-Error"] == "hold_timeout"
     assert int(headers["Retry-After"]) >= 1
 
     async def hot() -> bool:
-        status, _, _ = await get(session, edge)
+        status, _, _ = await get(client, edge)
         return status == 200
 
     await eventually(hot, timeout=30, interval=0.5, what="the app hot after the hold timeout")
@@ -169,7 +158,7 @@ async def test_hold_timeout_answers_503_and_the_wake_completes(
 
 
 async def test_a_hold_longer_than_the_upstream_idle_timeout_ends_with_503(
-    start_control_plane, start_edge, session
+    start_control_plane, start_edge, client
 ) -> None:
     # The upstream idle timeout bounds exchanges with an upstream; a held request has
     # none yet, and its own bound (the hold timeout) decides: 503 + Retry-After, never 504.
@@ -181,16 +170,16 @@ async def test_a_hold_longer_than_the_upstream_idle_timeout_ends_with_503(
         start_edge, cp, [scale_to_zero_app(hold_timeout="2500ms")], upstream={"idle_timeout": "1s"}
     )
     started = asyncio.get_running_loop().time()
-    status, headers, _ = await get(session, edge)
+    status, headers, _ = await get(client, edge)
     assert status == 503 and headers["X-Edge-Error"] == "hold_timeout", headers
     assert int(headers["Retry-After"]) >= 1
     assert asyncio.get_running_loop().time() - started >= 2.0
 
 
-async def test_idle_app_sleeps_and_wakes_again(start_control_plane, start_edge, session) -> None:
+async def test_idle_app_sleeps_and_wakes_again(start_control_plane, start_edge, client) -> None:
     cp = start_control_plane(apps=[sample_app_spec("shop", drain_grace="1s")])
     edge = edge_for(start_edge, cp, [scale_to_zero_app(idle_timeout="1s")])
-    status, headers, _ = await get(session, edge)
+    status, headers, _ = await get(client, edge)
     assert status == 200
     first = headers["X-Allocation-Id"]
 
@@ -205,36 +194,36 @@ async def test_idle_app_sleeps_and_wakes_again(start_control_plane, start_edge, 
         return status == 200 and apps["shop"]["state"] == "cold"
 
     await eventually(cold, timeout=10, what="wake state cold")
-    status, headers, _ = await get(session, edge)
+    status, headers, _ = await get(client, edge)
     assert status == 200 and headers["X-Allocation-Id"] != first
     assert "Server-Timing" in headers
     assert len(await allocations(cp)) == 2
 
 
-async def test_unknown_path_for_static_apps_unchanged(start_edge, upstream, session) -> None:
+async def test_unknown_path_for_static_apps_unchanged(start_edge, upstream, client) -> None:
     """Static apps never touch the wake machinery (no control plane configured)."""
     edge = start_edge()
-    status, headers, _ = await get(session, edge, host="app.localhost", path="/echo")
+    status, headers, _ = await get(client, edge, host="app.localhost", path="/echo")
     assert status == 200 and "Server-Timing" not in headers
 
 
-async def test_browser_gets_a_starting_page(start_control_plane, start_edge, session) -> None:
+async def test_browser_gets_a_starting_page(start_control_plane, start_edge, client) -> None:
     slow = sample_app_spec(
         "shop", command=sample_app_spec("shop")["command"] + ["--start-delay", "2"]
     )
     cp = start_control_plane(apps=[slow])
     edge = edge_for(start_edge, cp, [scale_to_zero_app(starting_page_after="200ms")])
-    status, headers, body = await get(session, edge, Accept="text/html,application/xhtml+xml")
+    status, headers, body = await get(client, edge, Accept="text/html,application/xhtml+xml")
     assert status == 503
     assert headers["Content-Type"].startswith("text/html")
     assert b'http-equiv="refresh"' in body and b"shop is starting" in body
     # A non-browser client keeps waiting instead.
-    status, headers, _ = await get(session, edge, Accept="application/json")
+    status, headers, _ = await get(client, edge, Accept="application/json")
     assert status == 200 and "Server-Timing" in headers
 
 
 async def test_old_route_epoch_is_never_routed_and_the_wake_retries(
-    start_control_plane, start_edge, session
+    start_control_plane, start_edge, client
 ) -> None:
     slow = sample_app_spec(
         "shop", command=sample_app_spec("shop")["command"] + ["--start-delay", "2"]
@@ -257,7 +246,7 @@ async def test_old_route_epoch_is_never_routed_and_the_wake_retries(
         ) as resp:
             assert resp.status == 200
         edge = edge_for(start_edge, cp, [scale_to_zero_app()])
-        held = asyncio.ensure_future(get(session, edge))
+        held = asyncio.ensure_future(get(client, edge))
 
         async def wake_starting() -> bool:
             return any(a["id"] != promoted for a in await allocations(cp))
@@ -285,13 +274,13 @@ async def test_old_route_epoch_is_never_routed_and_the_wake_retries(
 
 
 async def test_wake_metrics_count_transitions_and_rejections(
-    start_control_plane, start_edge, session
+    start_control_plane, start_edge, client
 ) -> None:
     cp = start_control_plane(apps=[sample_app_spec("shop")])
     edge = edge_for(start_edge, cp, [scale_to_zero_app()])
-    async with session.delete(edge.url + "/x", headers={"Host": HOST}) as resp:
+    async with client.delete(edge.url + "/x", headers={"Host": HOST}) as resp:
         assert resp.status == 503
-    status, _, _ = await get(session, edge)
+    status, _, _ = await get(client, edge)
     assert status == 200
 
     def counted() -> bool:
@@ -305,13 +294,13 @@ async def test_wake_metrics_count_transitions_and_rejections(
     await eventually(counted, timeout=10, what="wake metrics")
 
 
-async def test_held_request_cap_answers_503(start_control_plane, start_edge, session) -> None:
+async def test_held_request_cap_answers_503(start_control_plane, start_edge, client) -> None:
     slow = sample_app_spec(
         "shop", command=sample_app_spec("shop")["command"] + ["--start-delay", "1"]
     )
     cp = start_control_plane(apps=[slow])
     edge = edge_for(start_edge, cp, [scale_to_zero_app(max_held=2)])
-    results = await asyncio.gather(*(get(session, edge) for _ in range(6)))
+    results = await asyncio.gather(*(get(client, edge) for _ in range(6)))
     statuses = sorted(status for status, _, _ in results)
     assert statuses == [200, 200, 503, 503, 503, 503]
     for status, headers, _ in results:
@@ -321,7 +310,7 @@ async def test_held_request_cap_answers_503(start_control_plane, start_edge, ses
 
 
 async def test_wake_slower_than_hold_is_refused_at_once(
-    start_control_plane, start_edge, session
+    start_control_plane, start_edge, client
 ) -> None:
     slow = sample_app_spec(
         "shop",
@@ -330,7 +319,7 @@ async def test_wake_slower_than_hold_is_refused_at_once(
     )
     cp = start_control_plane(apps=[slow])
     edge = edge_for(start_edge, cp, [scale_to_zero_app(hold_timeout="1s", idle_timeout="1s")])
-    status, headers, _ = await get(session, edge)
+    status, headers, _ = await get(client, edge)
     assert status == 503 and headers["X-Edge-Error"] == "hold_timeout"
 
     def state_is(wanted: str):
@@ -344,13 +333,13 @@ async def test_wake_slower_than_hold_is_refused_at_once(
     await eventually(state_is("hot"), timeout=20, what="the first wake to finish")
     await eventually(state_is("cold"), timeout=30, interval=0.3, what="the app asleep again")
     # The app is known to take ~2 s to wake, more than the 1 s hold: no point holding.
-    status, headers, _ = await get(session, edge)
+    status, headers, _ = await get(client, edge)
     assert status == 503 and headers["X-Edge-Error"] == "wake_slower_than_hold"
     assert int(headers["Retry-After"]) >= 2
 
 
 async def test_classification_rules_decide_hold_or_reject(
-    start_control_plane, start_edge, session
+    start_control_plane, start_edge, client
 ) -> None:
     cp = start_control_plane(apps=[sample_app_spec("shop")])
     rules = [
@@ -358,9 +347,9 @@ async def test_classification_rules_decide_hold_or_reject(
         {"class": "hold", "methods": ["POST"], "header": "X-Retry-Safe"},
     ]
     edge = edge_for(start_edge, cp, [scale_to_zero_app(rules=rules)])
-    status, headers, _ = await get(session, edge, path="/admin/panel")
+    status, headers, _ = await get(client, edge, path="/admin/panel")
     assert status == 503 and headers["X-Edge-Error"] == "not_safe_to_hold"
-    async with session.post(
+    async with client.post(
         edge.url + "/echo", data=b"retry-me", headers={"Host": HOST, "X-Retry-Safe": "1"}
     ) as resp:
         assert resp.status == 200 and await resp.read() == b"retry-me"

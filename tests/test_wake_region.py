@@ -14,8 +14,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import CONTROL_PLANE_TOKEN, ROOT, sample_app_spec
-from helpers import eventually, to_toml
+from helpers import ROOT, eventually, to_toml
+from stack import CONTROL_PLANE_TOKEN, sample_app_spec
 
 TINY_APP = ROOT / "bench" / "apps" / "tiny_app.py"
 
@@ -48,13 +48,6 @@ def _many_files() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-@pytest.fixture
-async def session():
-    timeout = aiohttp.ClientTimeout(total=90)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as s:
-        yield s
 
 
 def start_region_edge(start_edge, cp, store: str, apps, **sections: Any):
@@ -91,12 +84,12 @@ def worker_pids(edge) -> list[int]:
 
 
 async def test_stampede_across_two_edges_is_one_wake(
-    start_control_plane, start_edge, fresh_redis, session
+    start_control_plane, start_edge, fresh_redis, client
 ) -> None:
     cp = start_control_plane(apps=[tiny_app_spec("shop")])
     edges = [start_region_edge(start_edge, cp, fresh_redis, [cold_app("shop")]) for _ in range(2)]
     results = await asyncio.gather(
-        *(fetch(session, edges[i % 2], "shop.localhost") for i in range(2000))
+        *(fetch(client, edges[i % 2], "shop.localhost") for i in range(2000))
     )
     statuses = [status for status, _ in results]
     assert statuses.count(200) == 2000, {s: statuses.count(s) for s in set(statuses)}
@@ -121,7 +114,7 @@ def max_concurrent_starts(entries: list[dict[str, Any]]) -> int:
 
 
 async def test_fleet_wake_never_exceeds_the_budget(
-    start_control_plane, start_edge, fresh_redis, session
+    start_control_plane, start_edge, fresh_redis, client
 ) -> None:
     names = [f"app{i:03d}" for i in range(200)]
     cp = start_control_plane(apps=[tiny_app_spec(n) for n in names], max_allocations=300)
@@ -130,7 +123,7 @@ async def test_fleet_wake_never_exceeds_the_budget(
     edges = [start_region_edge(start_edge, cp, fresh_redis, apps, budget=budget) for _ in range(2)]
     started = time.monotonic()
     results = await asyncio.gather(
-        *(fetch(session, edges[i % 2], f"{n}.localhost") for i, n in enumerate(names))
+        *(fetch(client, edges[i % 2], f"{n}.localhost") for i, n in enumerate(names))
     )
     elapsed = time.monotonic() - started
     for status, headers in results:
@@ -142,7 +135,7 @@ async def test_fleet_wake_never_exceeds_the_budget(
 
 
 async def test_lease_holder_killed_mid_wake_is_replaced(
-    start_control_plane, start_edge, fresh_redis, session
+    start_control_plane, start_edge, fresh_redis, client
 ) -> None:
     slow = sample_app_spec(
         "shop", command=sample_app_spec("shop")["command"] + ["--start-delay", "4"]
@@ -153,7 +146,7 @@ async def test_lease_holder_killed_mid_wake_is_replaced(
         start_region_edge(start_edge, cp, fresh_redis, [cold_app("shop")], budget=budget)
         for _ in range(2)
     )
-    held = asyncio.ensure_future(fetch(session, first, "shop.localhost"))
+    held = asyncio.ensure_future(fetch(client, first, "shop.localhost"))
 
     async def wake_started() -> bool:
         return bool((await cp_get(cp, "/v1/allocations?app=shop"))["allocations"])
@@ -163,47 +156,45 @@ async def test_lease_holder_killed_mid_wake_is_replaced(
         os.kill(pid, signal.SIGKILL)
     status, _ = await held
     assert status != 200  # its holder died with the request
-    status, headers = await fetch(session, second, "shop.localhost")
+    status, headers = await fetch(client, second, "shop.localhost")
     assert status == 200, headers
     transitions = (await cp_get(cp, "/v1/allocations?app=shop"))["allocations"]
     assert headers["X-Allocation-Id"] in {a["id"] for a in transitions}
 
 
-async def test_redis_down_mid_wake(start_control_plane, start_edge, session, own_redis) -> None:
-    own = own_redis
-    if True:
-        slow = sample_app_spec(
-            "cold", command=sample_app_spec("cold")["command"] + ["--start-delay", "2"]
-        )
-        cp = start_control_plane(apps=[slow, tiny_app_spec("warm")])
-        edge = start_region_edge(start_edge, cp, own.url, [cold_app("cold"), cold_app("warm")])
-        status, _ = await fetch(session, edge, "warm.localhost")
-        assert status == 200  # warm is hot now
-        held = asyncio.ensure_future(fetch(session, edge, "cold.localhost"))
-        await asyncio.sleep(0.5)
-        own.stop()
-        started = time.monotonic()
-        status, headers = await held
-        assert status == 503 and "Retry-After" in headers, headers
-        assert time.monotonic() - started < 15  # promptly, well inside the 20 s hold
-        for _ in range(20):  # hot apps keep serving with the store gone
-            status, _ = await fetch(session, edge, "warm.localhost")
-            assert status == 200
-        own.start()
+async def test_redis_down_mid_wake(start_control_plane, start_edge, client, own_redis) -> None:
+    slow = sample_app_spec(
+        "cold", command=sample_app_spec("cold")["command"] + ["--start-delay", "2"]
+    )
+    cp = start_control_plane(apps=[slow, tiny_app_spec("warm")])
+    edge = start_region_edge(start_edge, cp, own_redis.url, [cold_app("cold"), cold_app("warm")])
+    status, _ = await fetch(client, edge, "warm.localhost")
+    assert status == 200  # warm is hot now
+    held = asyncio.ensure_future(fetch(client, edge, "cold.localhost"))
+    await asyncio.sleep(0.5)
+    own_redis.stop()
+    started = time.monotonic()
+    status, headers = await held
+    assert status == 503 and "Retry-After" in headers, headers
+    assert time.monotonic() - started < 15  # promptly, well inside the 20 s hold
+    for _ in range(20):  # hot apps keep serving with the store gone
+        status, _ = await fetch(client, edge, "warm.localhost")
+        assert status == 200
+    own_redis.start()
 
-        async def recovered() -> bool:
-            status, _ = await fetch(session, edge, "cold.localhost")
-            return status == 200
+    async def recovered() -> bool:
+        status, _ = await fetch(client, edge, "cold.localhost")
+        return status == 200
 
-        await eventually(recovered, timeout=30, interval=0.5, what="wakes after Redis returns")
+    await eventually(recovered, timeout=30, interval=0.5, what="wakes after Redis returns")
 
 
 async def test_live_budget_change_drops_nothing(
-    start_control_plane, start_edge, fresh_redis, session
+    start_control_plane, start_edge, fresh_redis, client
 ) -> None:
     cp = start_control_plane(apps=[tiny_app_spec("shop")])
     edge = start_region_edge(start_edge, cp, fresh_redis, [cold_app("shop")])
-    assert (await fetch(session, edge, "shop.localhost"))[0] == 200
+    assert (await fetch(client, edge, "shop.localhost"))[0] == 200
     stop = asyncio.Event()
     statuses: list[int] = []
 
@@ -211,7 +202,7 @@ async def test_live_budget_change_drops_nothing(
         for _ in range(5000):
             if stop.is_set():
                 return
-            statuses.append((await fetch(session, edge, "shop.localhost"))[0])
+            statuses.append((await fetch(client, edge, "shop.localhost"))[0])
 
     loaders = [asyncio.ensure_future(load()) for _ in range(8)]
     await asyncio.sleep(0.5)
@@ -232,7 +223,7 @@ async def test_live_budget_change_drops_nothing(
 
 
 async def test_budget_slot_is_kept_while_the_control_plane_cannot_confirm_the_start(
-    start_control_plane, start_edge, fresh_redis, session
+    start_control_plane, start_edge, fresh_redis, client
 ) -> None:
     # The edge's probe sees the app ready while the control plane does not (its
     # readiness path never answers 2xx) and then stops answering (paused): the slot
@@ -244,7 +235,7 @@ async def test_budget_slot_is_kept_while_the_control_plane_cannot_confirm_the_st
         start_edge, cp, fresh_redis, [cold_app("shop", readiness_timeout="20s")],
         control_plane={"url": cp.url, "timeout": "1s", "retries": 0},
     )  # fmt: skip
-    status, _ = await fetch(session, edge, "shop.localhost")
+    status, _ = await fetch(client, edge, "shop.localhost")
     assert status == 200  # hot through the edge's own probe
     os.kill(cp.proc.pid, signal.SIGSTOP)
     try:

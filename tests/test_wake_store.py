@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from conftest import RedisProcess
 from redis.crc import key_slot
+from stack import RedisProcess
 
 from wake.budget import BudgetLimits
 from wake.store.memory import MemoryStore

@@ -48,10 +48,6 @@ def pattern_chunks(n: int, chunk: int = CHUNK) -> Iterator[bytes]:
         offset += size
 
 
-def pattern_bytes(n: int) -> bytes:
-    return b"".join(pattern_chunks(n))
-
-
 def pattern_sha256(n: int) -> str:
     digest = hashlib.sha256()
     for part in pattern_chunks(n):

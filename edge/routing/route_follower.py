@@ -134,7 +134,7 @@ class RouteFollower:
         self.resync_needed = False
         if snapshot.region is not None:
             self.region = snapshot.region
-        self._publish(from_snapshot(snapshot, self.clock()))
+        self._publish(from_snapshot(snapshot))
         await self._ack()
 
     async def _follow(self) -> None:
@@ -147,7 +147,7 @@ class RouteFollower:
         finally:
             self._poll_started = None
         self._contact()
-        result = apply_changes(self.table, feed.changes, self.clock())
+        result = apply_changes(self.table, feed.changes)
         self.refused += result.refused
         if result.refused:
             logger.debug("routes: %d change(s) refused (old route epoch)", result.refused)

@@ -28,7 +28,6 @@ class Outcome(Enum):
 class RouteTable(msgspec.Struct, frozen=True):
     epoch: int
     apps: Mapping[str, AppRoute]
-    applied_at: float  # when this table was built (the worker's monotonic clock)
     # Per app, its routable targets, filtered once per table rather than per request.
     ready: Mapping[str, tuple[RouteTarget, ...]]
 
@@ -61,16 +60,15 @@ def _routable_targets(route: AppRoute) -> tuple[RouteTarget, ...]:
     return tuple(t for t in route.targets if routable(t))
 
 
-def from_snapshot(snapshot: RouteSnapshot, now: float) -> RouteTable:
+def from_snapshot(snapshot: RouteSnapshot) -> RouteTable:
     return RouteTable(
         epoch=snapshot.epoch,
         apps={route.app: route for route in snapshot.apps},
-        applied_at=now,
         ready={route.app: _routable_targets(route) for route in snapshot.apps},
     )
 
 
-def apply_changes(table: RouteTable, changes: Iterable[RouteChange], now: float) -> ApplyResult:
+def apply_changes(table: RouteTable, changes: Iterable[RouteChange]) -> ApplyResult:
     """Apply a batch atomically: all of it, or (on a gap) none of it."""
     apps: dict[str, AppRoute] | None = None
     ready: dict[str, tuple[RouteTarget, ...]] = {}
@@ -90,5 +88,5 @@ def apply_changes(table: RouteTable, changes: Iterable[RouteChange], now: float)
         epoch = change.epoch
     if apps is None:
         return ApplyResult(table, Outcome.NOTHING, refused)
-    new = RouteTable(epoch=epoch, apps=apps, applied_at=now, ready=ready)
+    new = RouteTable(epoch=epoch, apps=apps, ready=ready)
     return ApplyResult(new, Outcome.APPLIED, refused)

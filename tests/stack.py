@@ -1,0 +1,520 @@
+"""The stack as processes: a throwaway redis-server, upstream servers, the edge, the local
+control plane.
+
+Everything binds 127.0.0.1 on a free port, every wait is bounded, and whoever starts a
+process here stops it (conftest.py's fixtures do, at teardown). Synchronous (subprocess +
+polling), so it works at any fixture scope from both sync and async tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import ROOT, TESTS, app_entry, free_port, to_toml
+
+UPSTREAM_APP = TESTS / "upstream_app.py"
+SAMPLE_APP = ROOT / "bench" / "apps" / "sample_app.py"
+CONTROL_PLANE_TOKEN = "test-control-plane-token"
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 10.0
+
+
+def tail(path: Path, limit: int = 4000) -> str:
+    """The last `limit` characters of a process's output file."""
+    try:
+        return path.read_text(errors="replace")[-limit:]
+    except OSError:
+        return "<no output>"
+
+
+def http_get(url: str, timeout: float = 1.0, headers: dict[str, str] | None = None):
+    """(status, body) for a GET, or (None, error) if nothing answered."""
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (OSError, ValueError) as exc:
+        return None, repr(exc).encode()
+
+
+def stop_process(proc: subprocess.Popen, group: bool) -> None:
+    """SIGTERM the process itself, wait, then SIGKILL its process group (ours) if needed."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                if group:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:
+                    proc.kill()
+            proc.wait(5)
+    if group:
+        # Workers of an edge that exited without stopping them: give them a moment, then kill.
+        for _ in range(20):
+            try:
+                os.killpg(proc.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- redis
+
+
+def _redis_pong(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+class RedisProcess:
+    """A redis-server of our own on 127.0.0.1: startable, stoppable, restartable on its port.
+
+    AOF is on (fsync every write), as a production queue needs: a restart keeps the data.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail(
+                "redis-server is not installed; `make test` installs it "
+                "(or: apt-get install redis-server)",
+                pytrace=False,
+            )
+        self.binary = binary
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "redis.log"
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    self.binary,
+                    "--port", str(self.port),
+                    "--bind", "127.0.0.1",
+                    "--save", "",
+                    "--appendonly", "yes",
+                    "--appendfsync", "always",
+                    "--daemonize", "no",
+                    "--dir", str(self.workdir),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + START_TIMEOUT
+        while not _redis_pong(self.port):
+            if self.proc.poll() is not None:
+                pytest.fail(
+                    f"redis-server exited with {self.proc.returncode}:\n{tail(self.log_path)}"
+                )
+            if time.monotonic() > deadline:
+                pytest.fail(f"redis-server did not answer PING:\n{tail(self.log_path)}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # in case a test left it stopped
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def wipe(self) -> None:
+        """Forget the data (while stopped): the next start is an empty server."""
+        assert self.proc is None, "stop the server before wiping its data"
+        shutil.rmtree(self.workdir / "appendonlydir", ignore_errors=True)
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+
+# --------------------------------------------------------------------------- upstream
+
+
+@dataclass
+class Upstream:
+    """A running tests/upstream_app.py; what it received is readable via .log()."""
+
+    name: str
+    port: int
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _call(self, method: str, path: str) -> bytes:
+        req = urllib.request.Request(self.url + path, method=method)
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.read()
+
+    def log(self) -> list[dict[str, Any]]:
+        """Requests seen since the last reset (method, path, headers, complete, body_len)."""
+        return json.loads(self._call("GET", "/log"))
+
+    def paths(self) -> list[str]:
+        return [entry["path"] for entry in self.log()]
+
+    def reset(self) -> None:
+        self._call("POST", "/reset")
+
+    def state(self, key: str) -> str:
+        """'waiting', 'finished', 'cancelled' or 'unknown' for a /stream or /hold id."""
+        return self._call("GET", f"/state?id={key}").decode()
+
+    def release(self, key: str) -> None:
+        self._call("POST", f"/release?id={key}")
+
+
+def start_upstream(name: str, log_dir: Path) -> Upstream:
+    """tests/upstream_app.py named `name`, once it answers /healthz."""
+    port = free_port()
+    log_path = log_dir / f"upstream-{name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(UPSTREAM_APP), "--port", str(port), "--name", name],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=TESTS,
+        )
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"upstream {name} exited with {proc.returncode}:\n{tail(log_path)}")
+        status, _ = http_get(f"http://127.0.0.1:{port}/healthz")
+        if status == 200:
+            return Upstream(name, port, proc, log_path)
+        if time.monotonic() > deadline:
+            stop_process(proc, group=False)
+            raise RuntimeError(f"upstream {name} did not become healthy:\n{tail(log_path)}")
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- edge
+
+
+def _loopback(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if host in ("0.0.0.0", "", "localhost"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return host, int(port)
+
+
+@dataclass
+class EdgeProcess:
+    port: int
+    admin_port: int
+    proc: subprocess.Popen
+    config_path: Path
+    log_path: Path
+    config: dict[str, Any]
+    admin_token: str = ""
+    stopped: bool = field(default=False)
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.config["edge"].get("tls") else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+
+    def admin_get(self, path: str, timeout: float = 5.0) -> tuple[int | None, bytes]:
+        return http_get(self.admin_url + path, timeout, self.admin_headers())
+
+    def metrics(self) -> str:
+        status, body = self.admin_get("/metrics")
+        assert status == 200, f"/metrics answered {status}: {body[:300]!r}"
+        return body.decode()
+
+    def output(self) -> str:
+        return tail(self.log_path)
+
+    def wait(self, timeout: float = STOP_TIMEOUT) -> int:
+        """Wait for the process to exit (bounded); its exit status."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"edge still running after {timeout}s:\n{self.output()}") from None
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            stop_process(self.proc, group=True)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class EdgeLauncher:
+    """Writes a config, starts `python -m edge run`, waits for /readyz, stops on close."""
+
+    def __init__(self, tmp_dir: Path, default_apps: list[dict[str, Any]]) -> None:
+        self.tmp_dir = tmp_dir
+        self.default_apps = default_apps
+        self.started: list[EdgeProcess] = []
+        self.count = 0
+
+    def build_config(
+        self,
+        *,
+        apps: list[dict[str, Any]] | None = None,
+        edge: dict[str, Any] | None = None,
+        limits: dict[str, Any] | None = None,
+        upstream: dict[str, Any] | None = None,
+        sections: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        base_edge = {
+            "listen": f"127.0.0.1:{free_port()}",
+            "admin_listen": f"127.0.0.1:{free_port()}",
+            "workers": 1,
+            "store": "memory://",
+            "shutdown_timeout": "5s",
+        }
+        return {
+            "edge": _merge(base_edge, edge),
+            "limits": dict(limits or {}),
+            "upstream": dict(upstream or {}),
+            **(sections or {}),
+            "apps": self.default_apps if apps is None else apps,
+        }
+
+    def __call__(
+        self,
+        *,
+        apps: list[dict[str, Any]] | None = None,
+        edge: dict[str, Any] | None = None,
+        limits: dict[str, Any] | None = None,
+        upstream: dict[str, Any] | None = None,
+        sections: dict[str, Any] | None = None,
+        workers: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> EdgeProcess:
+        config = self.build_config(
+            apps=apps, edge=edge, limits=limits, upstream=upstream, sections=sections
+        )
+        self.count += 1
+        config_path = self.tmp_dir / f"edge-{self.count}.toml"
+        config_path.write_text(to_toml(config))
+        log_path = self.tmp_dir / f"edge-{self.count}.log"
+        cmd = [sys.executable, "-m", "edge", "run", "--config", str(config_path)]
+        if workers is not None:
+            cmd += ["--workers", str(workers)]
+        full_env = {k: v for k, v in os.environ.items() if k != "EDGE_ADMIN_TOKEN"}
+        full_env.update(env or {})
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=full_env,
+                start_new_session=True,  # its own process group, so workers can be reaped
+            )
+        _, port = _loopback(config["edge"]["listen"])
+        _, admin_port = _loopback(config["edge"]["admin_listen"])
+        token = config["edge"].get("admin_token") or full_env.get("EDGE_ADMIN_TOKEN", "")
+        edge_proc = EdgeProcess(port, admin_port, proc, config_path, log_path, config, token)
+        self.started.append(edge_proc)
+        self._wait_ready(edge_proc)
+        return edge_proc
+
+    def _wait_ready(self, edge_proc: EdgeProcess) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        last: tuple[int | None, bytes] = (None, b"")
+        while True:
+            if edge_proc.proc.poll() is not None:
+                pytest.fail(
+                    f"edge exited with {edge_proc.proc.returncode} before /readyz answered 200;"
+                    f" config {edge_proc.config_path}:\n{edge_proc.output()}",
+                    pytrace=False,
+                )
+            if last[0] != 200:
+                last = edge_proc.admin_get("/readyz", timeout=1.0)
+            if last[0] == 200 and _accepts(edge_proc.port):
+                return
+            if time.monotonic() > deadline:
+                edge_proc.stop()
+                pytest.fail(
+                    f"edge not ready within {START_TIMEOUT}s (last /readyz: {last[0]} "
+                    f"{last[1][:200]!r}):\n{edge_proc.output()}",
+                    pytrace=False,
+                )
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        for edge_proc in self.started:
+            edge_proc.stop()
+
+
+def default_apps(up: Upstream) -> list[dict[str, Any]]:
+    """One app "echo" (hosts app.localhost and *.example.localhost) proxying to `up`."""
+    return [app_entry("echo", ["app.localhost", "*.example.localhost"], up)]
+
+
+# ------------------------------------------------------------------ control plane
+
+
+@dataclass
+class ControlPlaneProcess:
+    """`python -m edge controlplane` as a subprocess; restartable on the same state file."""
+
+    config_path: Path
+    log_path: Path
+    port: int
+    token: str
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def state_file(self) -> Path:
+        return self.config_path.with_suffix(".sqlite")
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def start(self) -> None:
+        env = {**os.environ, "CONTROL_PLANE_TOKEN": self.token}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edge", "controlplane", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=env,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while http_get(self.url + "/healthz", 0.5)[0] != 200:
+            if self.proc.poll() is not None:
+                pytest.fail(f"control plane exited {self.proc.returncode}:\n{self.output()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"control plane not healthy in {START_TIMEOUT}s:\n{self.output()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM the control plane (its app processes live on in their own sessions)."""
+        if self.proc is not None and self.proc.poll() is None:
+            stop_process(self.proc, group=False)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def output(self) -> str:
+        return tail(self.log_path)
+
+
+def control_plane_process(
+    tmp_dir: Path, index: int, apps: list[dict[str, Any]], **section: Any
+) -> ControlPlaneProcess:
+    """A control plane (not started yet) on a free port, its files cp-INDEX.* in `tmp_dir`."""
+    port = free_port()
+    config_path = tmp_dir / f"cp-{index}.toml"
+    config = {
+        "controlplane": {
+            "listen": f"127.0.0.1:{port}",
+            "state_file": str(config_path.with_suffix(".sqlite")),
+            **section,
+        },
+        "apps": apps,
+    }
+    config_path.write_text(to_toml(config))
+    return ControlPlaneProcess(config_path, tmp_dir / f"cp-{index}.log", port, CONTROL_PLANE_TOKEN)
+
+
+def sample_app_spec(name: str = "hello", **overrides: Any) -> dict[str, Any]:
+    """An [[apps]] entry running bench/apps/sample_app.py."""
+    spec = {
+        "name": name,
+        "command": ["{python}", str(SAMPLE_APP), "--port", "{port}", "--name", "{allocation}"],
+        "artifact": str(SAMPLE_APP),
+        "readiness_path": "/healthz",
+        "start_timeout": "15s",
+        "drain_grace": "2s",
+    }
+    spec.update(overrides)
+    return spec
+
+
+def kill_leftover_apps(state_file: Path) -> None:
+    """App processes outlive the control plane by design; reap the ones a test left."""
+    if not state_file.exists():
+        return
+    with contextlib.suppress(sqlite3.Error), sqlite3.connect(state_file) as db:
+        for (pid,) in db.execute("SELECT pid FROM allocations WHERE pid IS NOT NULL"):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
