@@ -358,6 +358,7 @@ class EdgeLauncher:
         sections: dict[str, Any] | None = None,
         workers: int | None = None,
         env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
     ) -> EdgeProcess:
         config = self.build_config(
             apps=apps, edge=edge, limits=limits, upstream=upstream, sections=sections
@@ -369,6 +370,7 @@ class EdgeLauncher:
         cmd = [sys.executable, "-m", "edge", "run", "--config", str(config_path)]
         if workers is not None:
             cmd += ["--workers", str(workers)]
+        cmd += list(args)  # extra `edge run` flags, e.g. --log-level
         full_env = {k: v for k, v in os.environ.items() if k != "EDGE_ADMIN_TOKEN"}
         full_env.update(env or {})
         with open(log_path, "wb") as log:

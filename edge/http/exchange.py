@@ -81,3 +81,32 @@ class Exchange:
         self.queue_waiting = False
         self.waited_ms = -1.0
         self.html = False
+
+
+# What the sweeper does when a connection's deadline has passed.
+CLOSE = "close"  # nothing in progress (or a forward with no exchange): close
+HEADER_TIMEOUT = "header_timeout"  # 408: the head never arrived whole
+BODY_TIMEOUT = "body_timeout"  # 408: a body to queue stalled
+EXTEND = "extend"  # a held request: its own bound applies, look again in a second
+ABORT = "abort"  # a response in progress stalled: cut it so the client sees it
+UPSTREAM_TIMEOUT = "upstream_timeout"  # 504: the upstream did not answer in time
+NOTHING = "nothing"
+
+
+def deadline_action(kind: int, parsing: bool, ex: Exchange | None) -> str:
+    """The sweeper's move for a connection whose `kind` deadline passed."""
+    if kind == IDLE:
+        return CLOSE if not parsing and ex is None else NOTHING
+    if kind == HEADERS:
+        return HEADER_TIMEOUT
+    if kind != EXCHANGE:
+        return NOTHING
+    if ex is None:
+        return CLOSE
+    if ex.queue_waiting:
+        return BODY_TIMEOUT
+    if ex.held >= 0 and ex.upstream is None:
+        # Held while its app wakes (or being queued): that wait has its own bound
+        # (the hold timeout, the store's call timeout), not this one.
+        return EXTEND
+    return ABORT if ex.response_started else UPSTREAM_TIMEOUT

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import time
 from collections import deque
@@ -35,7 +34,20 @@ from httptools import (
     HttpRequestParser,
 )
 
-from edge.http.exchange import DRAINING, EXCHANGE, HEADERS, IDLE, Exchange
+from edge.http.exchange import (
+    ABORT,
+    BODY_TIMEOUT,
+    CLOSE,
+    DRAINING,
+    EXCHANGE,
+    EXTEND,
+    HEADER_TIMEOUT,
+    HEADERS,
+    IDLE,
+    UPSTREAM_TIMEOUT,
+    Exchange,
+    deadline_action,
+)
 from edge.http.forward_headers import (
     BODY_CHUNKED,
     BODY_EOF,
@@ -48,11 +60,31 @@ from edge.http.forward_headers import (
     starting_page,
 )
 from edge.http.host_pattern import host_from_header
+from edge.http.request_head import (
+    CHUNKED,
+    Refused,
+    body_framing,
+    check_head,
+    no_route,
+    origin_form,
+    parse_error_status,
+    sends_continue,
+)
+from edge.http.websocket import going_away_frames
 from edge.queue.durable_queue import QueueFull
 from edge.queue.replay_policy import body_key
-from edge.routing.admission import ColdRequest, Queue, Reject, admit
+from edge.routing.admission import (
+    ColdRequest,
+    Queue,
+    Reject,
+    admit,
+    after_hold_timeout,
+    hold_wait,
+    wake_failed,
+)
 from edge.routing.classification import facts_from
 from edge.upstream.pool import UpstreamConnection
+from edge.upstream.retry_policy import retry_elsewhere, retry_on_stale_connection
 from wake.controller import WakeRefused
 from wake.store.protocol import StoreUnavailable
 
@@ -60,17 +92,8 @@ if TYPE_CHECKING:
     from edge.http.front_services import FrontServices
     from edge.routing.app_upstreams import AppUpstreams
 
-_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 logger = logging.getLogger(__name__)
 __all__ = ["DRAINING", "EXCHANGE", "HEADERS", "IDLE", "Exchange", "FrontConnection"]
-
-
-class _Reject(Exception):
-    def __init__(self, status: int, reason: str, kind: str, retry_after: float = 1.0) -> None:
-        self.status = status
-        self.reason = reason
-        self.kind = kind
-        self.retry_after = retry_after
 
 
 class FrontConnection(asyncio.Protocol):
@@ -181,17 +204,17 @@ class FrontConnection(asyncio.Protocol):
             return
         except HttpParserCallbackError as exc:
             reject = exc.__context__
-            if not isinstance(reject, _Reject):
+            if not isinstance(reject, Refused):
                 logger.error("internal error in a request callback: %r", reject)
-                reject = _Reject(500, "internal error", "internal")
+                reject = Refused(500, "internal error", "internal")
             self._reject(reject)
             return
         except HttpParserError as exc:
-            self._reject(_Reject(_parse_error_status(exc), f"bad request: {exc}", "malformed"))
+            self._reject(Refused(parse_error_status(str(exc)), f"bad request: {exc}", "malformed"))
             return
         if self.in_head:
             if self.head_bytes > self.limits.max_head_bytes:
-                self._reject(_Reject(431, "request header fields too large", "headers"))
+                self._reject(Refused(431, "request header fields too large", "headers"))
         elif parsing is not None and self.parsing is parsing:
             # Mid-body bytes that carried no body (chunk lines, trailers) are bounded
             # like a head, since httptools buffers a trailer field whole.
@@ -201,7 +224,7 @@ class FrontConnection(asyncio.Protocol):
             else:
                 self.bytes_without_body += len(data)
                 if self.bytes_without_body > self.limits.max_head_bytes:
-                    self._reject(_Reject(431, "request trailer section too large", "headers"))
+                    self._reject(Refused(431, "request trailer section too large", "headers"))
 
     def _hold_tunnel_bytes(self, rest: bytes) -> None:
         """Bytes after an Upgrade request wait until the upstream agrees to switch."""
@@ -234,7 +257,7 @@ class FrontConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self.url += url
         if len(self.url) > self.limits.max_request_line:
-            raise _Reject(414, "request target too long", "url")
+            raise Refused(414, "request target too long", "url")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.parsing is not None:
@@ -243,9 +266,9 @@ class FrontConnection(asyncio.Protocol):
         headers.append((name, value))
         self.header_bytes += len(name) + len(value) + 4
         if self.header_bytes > self.limits.max_header_bytes:
-            raise _Reject(431, "request header fields too large", "headers")
+            raise Refused(431, "request header fields too large", "headers")
         if len(headers) > self.limits.max_headers:
-            raise _Reject(431, "too many request header fields", "headers")
+            raise Refused(431, "too many request header fields", "headers")
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -266,7 +289,7 @@ class FrontConnection(asyncio.Protocol):
             return
         try:
             self._prepare(ex)
-        except _Reject as reject:
+        except Refused as reject:
             # Answered in order, after the responses ahead of it.
             ex.status = reject.status
             ex.keep_alive = False
@@ -287,7 +310,7 @@ class FrontConnection(asyncio.Protocol):
         ex.body_seen += len(data)
         self.body_progress = True
         if ex.body_seen > self.limits.max_body:
-            raise _Reject(413, "request body too large", "body")
+            raise Refused(413, "request body too large", "body")
         conn = ex.upstream
         if conn is not None and ex is self.current:
             if ex.body_chunked:
@@ -302,7 +325,7 @@ class FrontConnection(asyncio.Protocol):
             ex.body_buffered += len(data)
             if ex.queue_limit:
                 if ex.body_buffered > ex.queue_limit:
-                    raise _Reject(413, "request body too large to queue", "body")
+                    raise Refused(413, "request body too large to queue", "body")
                 if ex is self.current:  # reading it is the exchange: progress extends it
                     self.deadline = self.loop.time() + self.ctx.upstream_idle_timeout
             elif ex.body_buffered > 65536:
@@ -323,48 +346,19 @@ class FrontConnection(asyncio.Protocol):
     # ----------------------------------------------------------------- routing
 
     def _prepare(self, ex: Exchange) -> None:
-        """Route and build the upstream head; raises _Reject for requests the edge refuses."""
+        """Route and build the upstream head; raises Refused for requests the edge refuses."""
         ctx = self.ctx
         method = ex.method
-        if method == b"CONNECT":
-            raise _Reject(400, "CONNECT is not supported: this is not a forward proxy", "connect")
         fields = RequestFields(self.headers, self.trusted)
-        if fields.host_count > 1:
-            raise _Reject(400, "more than one Host header", "host")
-        if fields.transfer_encoding is not None and not fields.chunked:
-            raise _Reject(501, "only chunked transfer-coding is supported", "te")
-        target = self.url
-        host_value = fields.host
-        if target[:1] != b"/":
-            target, host_value = _absolute_form(target, host_value)
-            if host_value is not None and ctx.route_for(host_value) is None:
-                raise _Reject(400, "absolute-form target names a host not served here", "host")
-        if host_value is None:
-            raise _Reject(400, "missing Host header", "host")
-        app = ctx.route_for(host_value)
+        check_head(method, fields)
+        target, host_value = origin_form(self.url, fields.host)
+        app = ctx.route_for(host_value) if host_value is not None else None
         if app is None:
-            if host_from_header(host_value) is None:
-                raise _Reject(400, "malformed Host header", "host")
-            raise _Reject(404, "no app serves this host", "no_route")
+            raise no_route(host_value, self.url[:1] != b"/")
         ex.app = app.name
-        if fields.content_length is not None:
-            length = int(fields.content_length)
-            if length > self.limits.max_body:
-                raise _Reject(413, "request body too large", "body")
-            framing = b"Content-Length: " + fields.content_length
-            ex.body_done = not length
-        elif fields.chunked:
-            ex.body_chunked = True
-            framing = b"Transfer-Encoding: chunked"
-        else:
-            framing = b""
-            ex.body_done = True
-        if fields.expect is not None:
-            if fields.expect.strip().lower() != b"100-continue":
-                raise _Reject(417, "unsupported expectation", "expect")
-            # The edge reads the body itself, so it answers the expectation itself,
-            # in order: when this exchange starts.
-            ex.send_continue = not ex.http10 and not ex.body_done
+        framing, ex.body_done = body_framing(fields, self.limits.max_body)
+        ex.body_chunked = framing is CHUNKED
+        ex.send_continue = sends_continue(fields, ex.http10, ex.body_done)
         ex.upgrade = bool(fields.upgrade) and self.parser.should_upgrade()
         ex.request_id = fields.request_id or ctx.next_request_id()
         ex.peer = app.pick()
@@ -470,7 +464,7 @@ class FrontConnection(asyncio.Protocol):
                 ctx.stats.queue_event(app.name, "too_large")
             else:
                 ctx.stats.rejection(app.name, decision.kind)
-            raise _Reject(decision.status, decision.reason, decision.kind, decision.retry_after)
+            raise Refused(decision.status, decision.reason, decision.kind, decision.retry_after)
         ctx.holds.reserve(app.name, decision.reserve)
         ex.held = decision.reserve
         if isinstance(decision, Queue):
@@ -488,32 +482,30 @@ class FrontConnection(asyncio.Protocol):
         """Wait for the app to be hot (bounded by its hold timeout), then forward."""
         ctx = self.ctx
         app = ctx.apps[ex.app]
-        wait_for = app.spec.hold_timeout - (self.loop.time() - ex.started_at)
-        if ex.html:
-            wait_for = min(wait_for, app.spec.starting_page_after)
+        wait_for = hold_wait(app.admission, self.loop.time() - ex.started_at, ex.html)
         try:
-            target = await app.wake.ensure_hot(ex.app, max(0.0, wait_for))  # type: ignore[union-attr]
+            target = await app.wake.ensure_hot(ex.app, wait_for)  # type: ignore[union-attr]
         except WakeRefused as refused:
             self._unhold(ex)
             self._refuse_held(ex, refused.reason, refused.kind, refused.retry_after)
             return
         except TimeoutError:
             self._unhold(ex)
-            if ex.html and self.current is ex and not self.closed:
+            expected = app.wake.expected_wake(ex.app)  # type: ignore[union-attr]
+            outcome = after_hold_timeout(app.admission, ex.html, expected)
+            if isinstance(outcome, Reject):
+                self._refuse_held(ex, outcome.reason, outcome.kind, outcome.retry_after)
+            elif self.current is ex and not self.closed:
                 ex.status = 503
                 ex.keep_alive = ex.keep_alive and ex.body_done
                 self.ctx.stats.rejection(ex.app, "starting_page")
-                self.out.append(starting_page(ex.app, 2.0))
+                self.out.append(starting_page(ex.app, outcome.refresh))
                 self._complete(ex)
-                return
-            expected = app.wake.expected_wake(ex.app) or app.spec.hold_timeout  # type: ignore[union-attr]
-            self._refuse_held(
-                ex, f"app {ex.app} did not start within the hold timeout", "hold_timeout", expected
-            )
             return
         except Exception as exc:  # the store or control plane failed: answer, never hang
             self._unhold(ex)
-            self._refuse_held(ex, f"wake failed: {type(exc).__name__}", "wake_error", 5.0)
+            failed = wake_failed(exc)
+            self._refuse_held(ex, failed.reason, failed.kind, failed.retry_after)
             return
         self._unhold(ex)
         if self.current is not ex or self.closed:
@@ -570,7 +562,7 @@ class FrontConnection(asyncio.Protocol):
     def _retry_elsewhere(self, ex: Exchange) -> bool:
         """Once per request: an idempotent request whose response had not started moves to
         another ready allocation of its app."""
-        if ex.retried or ex.method not in _IDEMPOTENT or not _replayable(ex):
+        if not retry_elsewhere(ex.method, ex.body_done, ex.body_seen, ex.retried):
             return False
         route = self.ctx.apps.get(ex.app)
         failed = ex.peer
@@ -753,8 +745,9 @@ class FrontConnection(asyncio.Protocol):
             self.upstream_flush()
             self._close(abort=True)
             return
-        if conn.reused and not conn.got_bytes and ex.method in _IDEMPOTENT and _replayable(ex):
-            # A pooled connection the upstream had already closed: safe to try once more.
+        if retry_on_stale_connection(
+            ex.method, ex.body_done, ex.body_seen, conn.reused, conn.got_bytes
+        ):
             self._acquire_connection(ex)
             return
         if not conn.got_bytes and self._retry_elsewhere(ex):
@@ -836,7 +829,7 @@ class FrontConnection(asyncio.Protocol):
         ):
             ctx.access_log.write(ex, self.client_ip, elapsed)
 
-    def _reject(self, reject: _Reject) -> None:
+    def _reject(self, reject: Refused) -> None:
         """Refuse the request being parsed; input stops and the connection closes after it.
 
         With a response already in progress, the refusal waits its turn in the
@@ -912,31 +905,25 @@ class FrontConnection(asyncio.Protocol):
 
     def on_deadline(self, now: float) -> None:
         """Called by the sweeper once `deadline` has passed."""
-        kind = self.deadline_kind
-        if kind == IDLE:
-            if self.parsing is None and self.current is None:
-                self._close()
-        elif kind == HEADERS:
-            self._reject(_Reject(408, "timed out reading the request head", "header_timeout"))
-        elif kind == EXCHANGE:
-            ex = self.current
-            if ex is None:
-                self._close()
-            elif ex.queue_waiting:  # the client stalled while sending a body to queue
-                self._reject(_Reject(408, "timed out reading the request body", "body_timeout"))
-            elif ex.held >= 0 and ex.upstream is None:
-                # Held while its app wakes (or being queued): that wait has its own
-                # bound (the hold timeout, the store's call timeout), not this one.
-                self.deadline = now + 1.0
-            elif ex.response_started:
-                self.ctx.stats.upstream_error(ex.app, "idle_timeout")
-                self._close(abort=True)
-            else:
-                conn, ex.upstream = ex.upstream, None
-                if conn is not None:
-                    conn.abort()
-                kind_name = "response_header_timeout" if ex.waiting_head else "idle_timeout"
-                self._upstream_failed(ex, 504, f"upstream {kind_name.replace('_', ' ')}", kind_name)
+        ex = self.current
+        action = deadline_action(self.deadline_kind, self.parsing is not None, ex)
+        if action == CLOSE:
+            self._close()
+        elif action == HEADER_TIMEOUT:
+            self._reject(Refused(408, "timed out reading the request head", "header_timeout"))
+        elif action == BODY_TIMEOUT:
+            self._reject(Refused(408, "timed out reading the request body", "body_timeout"))
+        elif action == EXTEND:
+            self.deadline = now + 1.0
+        elif action == ABORT:
+            self.ctx.stats.upstream_error(ex.app, "idle_timeout")  # type: ignore[union-attr]
+            self._close(abort=True)
+        elif action == UPSTREAM_TIMEOUT:
+            conn, ex.upstream = ex.upstream, None  # type: ignore[union-attr]
+            if conn is not None:
+                conn.abort()
+            kind_name = "response_header_timeout" if ex.waiting_head else "idle_timeout"  # type: ignore[union-attr]
+            self._upstream_failed(ex, 504, f"upstream {kind_name.replace('_', ' ')}", kind_name)  # type: ignore[arg-type]
 
     def close_tunnel_going_away(self) -> None:
         """The allocation behind this tunnel reached its drain deadline: WebSocket 1001 both
@@ -944,10 +931,9 @@ class FrontConnection(asyncio.Protocol):
         tunnel = self.tunnel
         if tunnel is None or self.closed:
             return
-        self.transport.write(b"\x88\x02\x03\xe9")  # type: ignore[union-attr]
-        mask = os.urandom(4)
-        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(b"\x03\xe9"))
-        tunnel.write(b"\x88\x82" + mask + payload)
+        to_client, to_upstream = going_away_frames()
+        self.transport.write(to_client)  # type: ignore[union-attr]
+        tunnel.write(to_upstream)
         self.tunnel = None
         tunnel.owner = None
         if tunnel.transport is not None:
@@ -960,34 +946,3 @@ class FrontConnection(asyncio.Protocol):
             self._close()
         elif self.current is not None:
             self.current.keep_alive = False
-
-
-def _replayable(ex: Exchange) -> bool:
-    return ex.body_done and ex.body_seen == 0
-
-
-def _absolute_form(target: bytes, host_value: bytes | None) -> tuple[bytes, bytes]:
-    """'http://host/path?q' -> (b'/path?q', b'host'); the authority overrides Host."""
-    lower = target[:8].lower()
-    if lower.startswith(b"http://"):
-        rest = target[7:]
-    elif lower.startswith(b"https://"):
-        rest = target[8:]
-    elif target == b"*":
-        return target, host_value  # type: ignore[return-value]
-    else:
-        raise _Reject(400, "request target must be origin-form or absolute-form", "target")
-    slash = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
-    authority, path = rest[:slash], rest[slash:]
-    if b"@" in authority or not authority:
-        raise _Reject(400, "absolute-form target with bad authority", "target")
-    if not path.startswith(b"/"):
-        path = b"/" + path
-    return path, authority
-
-
-def _parse_error_status(exc: HttpParserError) -> int:
-    text = str(exc)
-    if "header" in text.lower() and "overflow" in text.lower():
-        return 431
-    return 400

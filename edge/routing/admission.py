@@ -158,3 +158,41 @@ def _hold_cap(app: AppAdmission) -> Reject:
     return Reject(
         503, "hold_cap", f"too many requests held for app {app.name}", HOLD_CAP_RETRY_AFTER
     )
+
+
+STARTING_PAGE_REFRESH = 2.0
+WAKE_ERROR_RETRY_AFTER = 5.0
+
+
+def hold_wait(app: AppAdmission, waited: float, starting_page: bool) -> float:
+    """How much longer a held request may wait for its app: the rest of the hold timeout,
+    or of the starting-page delay for a browser that gets one."""
+    wait_for = app.hold_timeout - waited
+    if starting_page:
+        wait_for = min(wait_for, app.starting_page_after)
+    return max(0.0, wait_for)
+
+
+class StartingPage(msgspec.Struct, frozen=True):
+    """A browser gets a page that reloads itself every `refresh` seconds (503)."""
+
+    refresh: float = STARTING_PAGE_REFRESH
+
+
+def after_hold_timeout(
+    app: AppAdmission, starting_page: bool, expected_wake: float
+) -> StartingPage | Reject:
+    """What a request held past its bound gets: the starting page, or 503 hold_timeout."""
+    if starting_page:
+        return StartingPage()
+    return Reject(
+        503,
+        "hold_timeout",
+        f"app {app.name} did not start within the hold timeout",
+        expected_wake or app.hold_timeout,
+    )
+
+
+def wake_failed(error: BaseException) -> Reject:
+    """The store or control plane failed while a request was held: answer, never hang."""
+    return Reject(503, "wake_error", f"wake failed: {type(error).__name__}", WAKE_ERROR_RETRY_AFTER)
