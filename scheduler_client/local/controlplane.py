@@ -57,7 +57,6 @@ MONITOR_INTERVAL = 0.2
 APPROVAL_TIMEOUT = 3600.0
 PROMOTION_DRAIN_DEADLINE = 10.0
 EVACUATION_SLACK = 10.0
-_LIVE_TARGET_STATES = ("ready", "draining")
 
 Record = TypeVar("Record", Allocation, Promotion, Host, Region)
 
