@@ -122,6 +122,7 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
             cwd=ROOT,
             environ=_environ() if environ is None else environ,
             log_path=tmp_path / f"{allocation_id}.log",
+            home=tmp_path / "homes" / (spec or sample_spec()).name,
         )
         started.append(proc)
         return proc
@@ -233,11 +234,36 @@ async def test_spawn_environment(spawn: Spawn, tmp_path: Path) -> None:
         env={"MODE": "demo", "SHARED": "from-spec"},
         secrets=["DB_PASSWORD"],
     )
-    environ = {**_environ(), "DB_PASSWORD": "s3cret", "SHARED": "from-environ", "PORT": "1"}
+    environ = {
+        **_environ(),
+        "DB_PASSWORD": "s3cret",
+        "SHARED": "from-environ",
+        "PORT": "1",
+        "CONTROL_PLANE_TOKEN": "platform-token",
+        "OTHER_APP_SECRET": "not-yours",
+        "PATH": "/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "HOME": "/home/operator",
+    }
     proc = spawn(spec, allocation_id="envapp-1", environ=environ)
     await eventually(lambda: proc.poll() is not None, timeout=20, what="the script to exit")
     assert proc.poll() == 0
     env = json.loads(out.read_text())
+    # Only a minimal base, the app's own env and secrets, and its allocation's names:
+    # nothing else of the control plane's environment (its token, other apps' secrets).
+    assert set(env) == {
+        "PATH",
+        "LANG",
+        "HOME",
+        "DB_PASSWORD",
+        "MODE",
+        "SHARED",
+        "ALLOCATION_ID",
+        "PORT",
+    }, sorted(env)
+    assert env["PATH"] == "/usr/bin:/bin" and env["LANG"] == "C.UTF-8"
+    assert env["HOME"] == str(tmp_path / "homes" / "envapp")  # its own, not the operator's
+    assert Path(env["HOME"]).is_dir()
     assert env["DB_PASSWORD"] == "s3cret"
     assert env["MODE"] == "demo"
     assert env["SHARED"] == "from-spec"  # spec.env over the environment

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sqlite3
@@ -195,6 +196,43 @@ async def test_digest_mismatch_and_missing_secret_fail_while_pulling(api_for) ->
         assert (await api.allocation(alloc["id"]))["pid"] is None
         assert app_processes(alloc["id"]) == []
     assert await api.route_of("tampered") is None and await api.route_of("secretive") is None
+
+
+async def test_an_app_gets_its_own_environment_not_the_platforms(
+    api_for, client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the control plane's own environment holds besides its token: a platform
+    # secret, and the secrets of two apps.
+    monkeypatch.setenv("PLATFORM_DB_PASSWORD", "platform-only")
+    monkeypatch.setenv("HELLO_API_KEY", "for-hello")
+    monkeypatch.setenv("OTHER_API_KEY", "for-other")
+    api = api_for(
+        [
+            app("hello", env={"MODE": "demo"}, secrets=["HELLO_API_KEY"]),
+            app("other", secrets=["OTHER_API_KEY"]),
+        ]
+    )
+    hello = await api.alloc_until((await api.create("hello"))["id"], "ready")
+    other = await api.alloc_until((await api.create("other"))["id"], "ready")
+    seen = {}
+    for alloc in (hello, other):
+        status, _, body = await app_get(client, alloc, "/env")
+        assert status == 200, body
+        seen[alloc["app"]] = json.loads(body)
+    names = set(seen["hello"]["names"])
+    for platform in ("CONTROL_PLANE_TOKEN", "PLATFORM_DB_PASSWORD", "OTHER_API_KEY"):
+        assert platform not in names, (platform, sorted(names))
+    assert {"HELLO_API_KEY", "MODE", "ALLOCATION_ID", "PORT", "PATH", "HOME"} <= names, names
+    assert "CONTROL_PLANE_TOKEN" not in seen["other"]["names"]
+    assert "HELLO_API_KEY" not in seen["other"]["names"]
+    assert "OTHER_API_KEY" in seen["other"]["names"]
+    # A HOME of each app's own under the control plane's state folder, not the operator's.
+    state_dir = Path(api.cp.state_file).parent.resolve()
+    homes = [Path(seen[name]["home"]) for name in ("hello", "other")]
+    assert homes[0] != homes[1], homes
+    for home in homes:
+        assert home.is_dir() and state_dir in home.parents, (home, state_dir)
+        assert home != Path(os.path.expanduser("~"))
 
 
 async def test_runner_crash_fails_and_removes_the_route_target(api_for, client) -> None:

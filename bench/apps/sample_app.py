@@ -11,6 +11,8 @@ allocation id; the environment variable ALLOCATION_ID overrides it). Binds
     *    /echo             the request body streamed back, same Content-Type
     GET  /ws               WebSocket echo (text and binary)
     GET  /sessions         {"active": <open websockets>, "in_flight": <other requests>}
+    GET  /env              {"names": <its environment variables' names>, "home": $HOME,
+                           "cwd": <working directory>}: what the control plane gave it
     GET  /leak?mb=N        allocate N MiB and keep it (provokes a memory limit)
     GET  /crash?code=N     answer, then exit the process with code N
     GET  /slow?seconds=S   sleep S seconds, then answer
@@ -137,6 +139,13 @@ async def sessions(request: web.Request) -> web.Response:
     # not counting this one.
     active = sum(1 for ws in state.websockets if not ws.closed)
     return web.json_response({"active": active, "in_flight": state.in_flight - active - 1})
+
+
+async def environment(_: web.Request) -> web.Response:
+    # Names only: the values may be secrets, and a test needs to know what is there.
+    return web.json_response(
+        {"names": sorted(os.environ), "home": os.environ.get("HOME", ""), "cwd": os.getcwd()}
+    )
 
 
 def _number(request: web.Request, key: str, default: float, limit: float) -> float:
@@ -272,6 +281,7 @@ def make_app(
         "/": index,
         "/ws": websocket,
         "/sessions": sessions,
+        "/env": environment,
         "/leak": leak,
         "/crash": crash,
         "/slow": slow,

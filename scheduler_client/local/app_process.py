@@ -75,6 +75,25 @@ def render_command(
     return [_PLACEHOLDER.sub(lambda m: values[m.group(1)], part) for part in spec.command]
 
 
+def app_environment(
+    spec: AppSpec,
+    environ: Mapping[str, str],
+    *,
+    allocation_id: str,
+    port: int,
+    home: str | os.PathLike[str],
+) -> dict[str, str]:
+    """The whole environment an app starts with: nothing of `environ` but PATH, LANG and
+    the app's declared secrets, then HOME, spec.env, ALLOCATION_ID and PORT."""
+    # Never the control plane's whole environment: it holds the control plane's
+    # token and every other app's secrets, and an app may be hostile.
+    base = {"PATH": environ.get("PATH") or os.defpath, "HOME": os.fspath(home)}
+    if environ.get("LANG"):
+        base["LANG"] = environ["LANG"]
+    secrets = {name: environ[name] for name in spec.secrets if environ.get(name)}
+    return {**base, **secrets, **spec.env, "ALLOCATION_ID": allocation_id, "PORT": str(port)}
+
+
 def missing_secrets(spec: AppSpec, environ: Mapping[str, str]) -> list[str]:
     """Declared secrets absent from `environ`; an empty value counts as absent."""
     return [name for name in spec.secrets if not environ.get(name)]
@@ -209,16 +228,18 @@ class AppProcess:
         allocation_id: str,
         cwd: str | os.PathLike[str],
         environ: Mapping[str, str],
+        home: str | os.PathLike[str],
         log_path: str | os.PathLike[str] | None = None,
         python: str = sys.executable,
     ) -> AppProcess:
         """Start the app in its own session; raises OSError when the command cannot start.
 
-        Environment: `environ` (where declared secrets come from), then spec.env,
-        then ALLOCATION_ID and PORT. Output goes to `log_path` (appended) or nowhere.
+        Environment: `app_environment` (declared secrets and PATH/LANG from `environ`;
+        `home`, created 0700, as HOME). Output goes to `log_path` (appended) or nowhere.
         """
         argv = render_command(spec, port=port, allocation_id=allocation_id, python=python)
-        env = {**environ, **spec.env, "ALLOCATION_ID": allocation_id, "PORT": str(port)}
+        Path(home).mkdir(mode=0o700, parents=True, exist_ok=True)
+        env = app_environment(spec, environ, allocation_id=allocation_id, port=port, home=home)
         log: IO[bytes] | int
         log = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
         try:

@@ -107,9 +107,12 @@ class ControlPlane:
         self.config = config
         self.section = config.controlplane
         self.store = store
+        # Where declared secrets (and PATH, LANG) come from; an app sees nothing else of it.
         self.environ = dict(os.environ if environ is None else environ)
         self.cwd = cwd or os.getcwd()
         self.log_dir = Path(self.section.state_file).parent / "app-logs"
+        # Each app's own HOME: not the operator's, where the platform's files are.
+        self.home_dir = Path(self.section.state_file).parent / "app-homes"
         self.processes: dict[str, AppProcess] = {}
         self.changed = Broadcast()
         self._tasks: set[asyncio.Task] = set()
@@ -299,6 +302,7 @@ class ControlPlane:
                 allocation_id=alloc.id,
                 cwd=self.cwd,
                 environ=self.environ,
+                home=self.home_dir / spec.name,
                 log_path=str(self.log_dir / f"{alloc.id}.log"),
             )
         except OSError as exc:
