@@ -388,6 +388,12 @@ class EdgeLauncher:
         edge_proc = EdgeProcess(port, admin_port, proc, config_path, log_path, config, token)
         self.started.append(edge_proc)
         self._wait_ready(edge_proc)
+        if not token:
+            # Mutating admin calls always need a token: the one the edge generated.
+            from edge.ops.admin_token import client_admin_token
+            from edge.server.config import load_config
+
+            edge_proc.admin_token = client_admin_token(load_config(config_path).edge, config_path)
         return edge_proc
 
     def _wait_ready(self, edge_proc: EdgeProcess) -> None:

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
+import stat
 import struct
+import time
+import urllib.error
+import urllib.request
 import uuid
+from pathlib import Path
 
 import aiohttp
 from helpers import (
@@ -23,6 +30,9 @@ from helpers import (
     send,
     to_toml,
 )
+
+from edge.ops.admin_token import admin_token_path
+from edge.server.config import load_config
 
 HOST = {"Host": "app.localhost"}
 
@@ -213,3 +223,115 @@ def test_admin_token_from_environment(start_edge) -> None:
     assert edge.admin_get("/metrics")[0] == 200
     edge.admin_token = ""
     assert edge.admin_get("/metrics")[0] == 401
+
+
+# ------------------------------------------------- mutating calls: a token always
+
+
+def _admin_call(edge, method: str, path: str, token: str | None) -> int | None:
+    """The status of one admin call, with `Authorization: Bearer <token>` unless None."""
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    request = urllib.request.Request(edge.admin_url + path, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+MUTATING = [
+    ("POST", "/admin/reload"),
+    ("DELETE", "/admin/queues/echo/queued"),
+    ("DELETE", "/admin/queues/echo/dead/1-1"),
+    ("POST", "/admin/queues/echo/dead/1-1/replay"),
+]
+READS = ["/healthz", "/readyz", "/metrics", "/admin/apps", "/admin/queues", "/admin/routes"]
+
+
+def test_mutating_admin_calls_need_the_generated_token(start_edge) -> None:
+    # Loopback, no admin_token: anything on the host (the apps fronted included)
+    # reaches this listener, so only reads are open.
+    edge = start_edge()
+    for method, path in MUTATING:
+        assert _admin_call(edge, method, path, None) == 401, (method, path)
+        assert _admin_call(edge, method, path, "wrong") == 401, (method, path)
+    for path in READS:
+        assert _admin_call(edge, "GET", path, None) == 200, path
+
+    # The token the edge generated at start, in a file only its user can read.
+    token_file = admin_token_path(load_config(edge.config_path).edge, edge.config_path)
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(token_file.parent.stat().st_mode) == 0o700
+    token = token_file.read_text().strip()
+    assert len(token) >= 32
+    assert token not in edge.output(), "the token itself was logged"
+    assert str(token_file) in edge.output(), "the log does not say where the token is"
+    assert _admin_call(edge, "POST", "/admin/reload", token) == 200
+    # Past the token check: this edge has no queue for the app.
+    assert _admin_call(edge, "DELETE", "/admin/queues/echo/queued", token) == 404
+    # The operator's tools find it with no extra step.
+    result = run_edge_cli("reload", "--config", str(edge.config_path))
+    assert result.returncode == 0, result.stderr
+    edge.stop()
+    assert not token_file.exists(), "a generated token outlived its edge"
+
+
+def test_workers_agree_on_the_token_and_a_restarted_worker_keeps_it(
+    start_edge, redis_server
+) -> None:
+    edge = start_edge(workers=2, edge={"store": redis_server})
+    token_file = admin_token_path(load_config(edge.config_path).edge, edge.config_path)
+    token = token_file.read_text().strip()
+    assert _admin_call(edge, "POST", "/admin/reload", token) == 200
+    # Worker 0 serves the admin listener; killed, the supervisor starts another.
+    worker0 = _worker_pid(edge.proc.pid, 0)
+    os.kill(worker0, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while _worker_pid(edge.proc.pid, 0) in (None, worker0) or edge.admin_get("/readyz")[0] != 200:
+        assert time.monotonic() < deadline, edge.output()
+        time.sleep(0.1)
+    assert token_file.read_text().strip() == token
+    assert _admin_call(edge, "POST", "/admin/reload", None) == 401
+    assert _admin_call(edge, "POST", "/admin/reload", token) == 200
+
+
+def _worker_pid(supervisor: int, index: int) -> int | None:
+    """The live `edge worker --index N` child of the supervisor, from /proc."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat_line = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        fields = stat_line[stat_line.rfind(")") + 2 :].split()
+        if fields[0] in ("Z", "X") or int(fields[1]) != supervisor:
+            continue
+        if (
+            b"worker" in argv
+            and b"--index" in argv
+            and argv[argv.index(b"--index") + 1] == str(index).encode()
+        ):
+            return int(entry.name)
+    return None
+
+
+def test_admin_token_from_a_file(start_edge, tmp_path) -> None:
+    given = tmp_path / "given.token"
+    given.write_text("from-the-operator-file\n")
+    given.chmod(0o600)
+    edge = start_edge(edge={"admin_token_file": str(given)})
+    assert _admin_call(edge, "POST", "/admin/reload", None) == 401
+    assert _admin_call(edge, "POST", "/admin/reload", "from-the-operator-file") == 200
+    assert _admin_call(edge, "GET", "/metrics", None) == 200
+    assert run_edge_cli("reload", "--config", str(edge.config_path)).returncode == 0
+    edge.stop()
+    assert given.read_text() == "from-the-operator-file\n", "the operator's file was changed"
+
+    # Named but absent: generated and written there (0600), and removed at the end.
+    absent = tmp_path / "absent" / "admin.token"
+    edge = start_edge(edge={"admin_token_file": str(absent)})
+    assert stat.S_IMODE(absent.stat().st_mode) == 0o600
+    assert _admin_call(edge, "POST", "/admin/reload", absent.read_text().strip()) == 200
+    assert _admin_call(edge, "POST", "/admin/reload", None) == 401

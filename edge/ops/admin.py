@@ -1,4 +1,5 @@
-"""Admin listener (worker 0): health, readiness, metrics and reload, bearer-token guarded."""
+"""Admin listener (worker 0): health, readiness, metrics, reload and queues; a bearer token
+guards every mutating call (and every read when the operator set the token)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
+from edge.ops.admin_token import AdminToken, admin_may
 from edge.ops.metrics import render_metrics
 from edge.ops.worker_stats import StatsSnapshot, read_snapshots
 from edge.queue.durable_queue import DurableQueue
@@ -23,7 +25,6 @@ from edge.server.worker_context import WorkerContext
 from scheduler_client.config_file import parse_address
 from wake.store.protocol import StoreUnavailable
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 MAX_LIST = 1000
 STALE_AFTER = 5.0
 
@@ -96,26 +97,29 @@ class AdminState:
         )
 
 
-def _auth_middleware(token: str) -> Callable:
-    expected = f"Bearer {token}".encode()
+def _auth_middleware(token: AdminToken) -> Callable:
+    expected = f"Bearer {token.value}".encode()
 
     @web.middleware
     async def check(request: web.Request, handler: Callable[..., Awaitable]) -> web.StreamResponse:
-        if request.path not in PUBLIC_PATHS:
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return web.Response(
-                    status=401,
-                    text="admin: bearer token required\n",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
+        given = request.headers.get("Authorization", "").encode()
+        authorized = hmac.compare_digest(given, expected)
+        if not admin_may(request.method, request.path, authorized, token.reads_open):
+            where = f" (in {token.path})" if token.path else ""
+            return web.Response(
+                status=401,
+                text=f"admin: bearer token required{where}\n",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         return await handler(request)
 
     return check
 
 
-def build_admin_app(state: AdminState, token: str) -> web.Application:
-    app = web.Application(middlewares=[_auth_middleware(token)] if token else [])
+def build_admin_app(state: AdminState, token: AdminToken) -> web.Application:
+    if not token.value:
+        raise ValueError("the admin listener needs a token")  # mutating calls need one, always
+    app = web.Application(middlewares=[_auth_middleware(token)])
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -317,7 +321,7 @@ def build_admin_app(state: AdminState, token: str) -> web.Application:
     return app
 
 
-async def start_admin(state: AdminState, listen: str, token: str) -> web.AppRunner:
+async def start_admin(state: AdminState, listen: str, token: AdminToken) -> web.AppRunner:
     runner = web.AppRunner(build_admin_app(state, token), access_log=None)
     await runner.setup()
     host, port = parse_address(listen)

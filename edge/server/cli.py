@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 
+from edge.ops.admin_token import client_admin_token
 from edge.server.config import (
     Config,
     ConfigError,
@@ -73,15 +74,16 @@ def _check(path: str) -> int:
     return 0
 
 
-def _admin_call(config: Config, method: str, path: str) -> bytes:
-    """One admin API call (bearer token from the config); raises urllib/OS errors."""
+def _admin_call(config: Config, config_path: str, method: str, path: str) -> bytes:
+    """One admin API call (bearer token from the config or the edge's token file);
+    raises urllib/OS errors."""
     host, port = parse_address(config.edge.admin_listen)
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     host = f"[{host}]" if ":" in host else host
     url = f"http://{host}:{port}{path}"
     request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
-    token = config.edge.admin_bearer_token()
+    token = client_admin_token(config.edge, config_path)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     with urllib.request.urlopen(request, timeout=10) as response:
@@ -93,7 +95,7 @@ def _reload(path: str) -> int:
     if config is None:
         return 2
     try:
-        print(json.loads(_admin_call(config, "POST", "/admin/reload")))
+        print(json.loads(_admin_call(config, path, "POST", "/admin/reload")))
         return 0
     except urllib.error.HTTPError as exc:
         print(f"reload refused: {exc.read().decode(errors='replace')}", file=sys.stderr)
@@ -128,10 +130,10 @@ def _status(path: str, as_json: bool, window: float) -> int:
     if config is None:
         return 2
     try:
-        earlier = _admin_call(config, "GET", "/metrics").decode() if window > 0 else ""
+        earlier = _admin_call(config, path, "GET", "/metrics").decode() if window > 0 else ""
         time.sleep(window)
-        apps = json.loads(_admin_call(config, "GET", "/admin/apps"))
-        metrics = _admin_call(config, "GET", "/metrics").decode()
+        apps = json.loads(_admin_call(config, path, "GET", "/admin/apps"))
+        metrics = _admin_call(config, path, "GET", "/metrics").decode()
     except urllib.error.HTTPError as exc:
         print(
             f"admin API refused: {exc.code} {exc.read().decode(errors='replace')}", file=sys.stderr

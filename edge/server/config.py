@@ -54,6 +54,9 @@ class EdgeSection(_Section):
     admin_listen: str = "127.0.0.1:9090"
     # Required when admin_listen is not loopback; may also come from EDGE_ADMIN_TOKEN.
     admin_token: str = ""
+    # Without admin_token: the token is read from this file, or generated and written
+    # there at start (edge/ops/admin_token.py); "" is a file per admin address.
+    admin_token_file: str = ""
 
     def admin_bearer_token(self) -> str:
         return self.admin_token or os.environ.get(ADMIN_TOKEN_ENV, "")
@@ -271,11 +274,12 @@ def _check_edge(edge: EdgeSection, fail: Callable[[str, str], None]) -> None:
         except ValueError as exc:
             fail(f"edge.{key}", str(exc))
     admin_host, _ = parse_address(edge.admin_listen)
-    if not is_loopback(admin_host) and not edge.admin_bearer_token():
+    if not is_loopback(admin_host) and not (edge.admin_bearer_token() or edge.admin_token_file):
         fail(
             "edge.admin_token",
             f"admin_listen {edge.admin_listen} is not loopback: set admin_token "
-            f"(or the {ADMIN_TOKEN_ENV} environment variable) so the admin API is not open",
+            f"(or the {ADMIN_TOKEN_ENV} environment variable, or admin_token_file) "
+            "so the admin API is not open",
         )
     memory_store_problem = check_store_for_workers(edge.store, edge.workers)
     if memory_store_problem:

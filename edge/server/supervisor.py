@@ -11,6 +11,12 @@ import sys
 import tempfile
 import time
 
+from edge.ops.admin_token import (
+    WORKER_TOKEN_ENV,
+    AdminToken,
+    remove_generated,
+    resolve_admin_token,
+)
 from edge.server.config import Config, ConfigError, LogLevel, check_store_for_workers, load_config
 from edge.server.logging_setup import setup_logging
 from edge.server.worker import listen_socket
@@ -29,8 +35,10 @@ class Supervisor:
         workers: int,
         shutdown_timeout: float,
         log_level: LogLevel | None = None,
+        admin_token: AdminToken | None = None,
     ) -> None:
         self.config_path = config_path
+        self.admin_token = admin_token
         self.workers = workers
         self.shutdown_timeout = shutdown_timeout
         self.log_level = log_level  # --log-level, passed on to every worker
@@ -59,7 +67,11 @@ class Supervisor:
         ]
         if self.log_level is not None:
             command += ["--log-level", self.log_level]
-        self.procs[index] = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        env = None
+        if self.admin_token is not None and self.admin_token.path:
+            # One token for every worker, and the same after a restart: resolved once here.
+            env = {**os.environ, WORKER_TOKEN_ENV: self.admin_token.value}
+        self.procs[index] = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)
         self.started_at[index] = time.monotonic()
         logger.debug("started worker %d, pid %d", index, self.procs[index].pid)
 
@@ -96,6 +108,8 @@ class Supervisor:
         finally:
             self._stop_all()
             shutil.rmtree(self.stats_dir, ignore_errors=True)
+            if self.admin_token is not None:
+                remove_generated(self.admin_token)
         return code
 
     def _watch(self) -> int:
@@ -160,6 +174,11 @@ def run(
     if problem:
         logger.error("%s", problem)
         return 2
+    try:
+        token = resolve_admin_token(config.edge, config_path)
+    except OSError as exc:
+        logger.error("%s: admin token file: %s", config_path, exc)
+        return 2
     logger.info(
         "listening on %s with %d worker(s), admin on %s, pid %d",
         config.edge.listen,
@@ -167,4 +186,9 @@ def run(
         config.edge.admin_listen,
         os.getpid(),
     )
-    return Supervisor(config_path, count, config.edge.shutdown_timeout, log_level).run()
+    if token.path:
+        # The path, never the token: logs travel further than a 0600 file.
+        made = "generated, in" if token.generated else "from"
+        logger.info("admin token (mutating admin calls need it): %s %s", made, token.path)
+    supervisor = Supervisor(config_path, count, config.edge.shutdown_timeout, log_level, token)
+    return supervisor.run()

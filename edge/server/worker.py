@@ -17,6 +17,7 @@ import uvloop
 from edge.http.access_log import open_access_log
 from edge.http.front_protocol import FrontConnection
 from edge.ops.admin import AdminState, start_admin
+from edge.ops.admin_token import remove_generated, worker_admin_token
 from edge.ops.worker_stats import write_snapshot
 from edge.queue.durable_queue import DurableQueue
 from edge.queue.replayer import Replayer
@@ -184,9 +185,13 @@ async def serve(
     admin_runner = None
     if index == 0:
         try:
-            admin_runner = await start_admin(
-                admin_state, config.edge.admin_listen, config.edge.admin_bearer_token()
-            )
+            token = worker_admin_token(config.edge, config_path)
+        except OSError as exc:
+            logger.error("admin token file: %s", exc)
+            server.close()
+            return 2
+        try:
+            admin_runner = await start_admin(admin_state, config.edge.admin_listen, token)
         except OSError as exc:
             logger.error("cannot listen on admin %s: %s", config.edge.admin_listen, exc.strerror)
             server.close()
@@ -280,6 +285,7 @@ async def serve(
         ctx.access_log.close()
     if admin_runner is not None:
         await admin_runner.cleanup()
+        remove_generated(token)  # only an unsupervised worker generates its own
     return 0
 
 
