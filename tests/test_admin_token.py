@@ -97,3 +97,13 @@ def test_a_token_file_is_enough_off_loopback_and_guards_reads(tmp_path: Path, mo
     config = load_config_text(text + APP, str(tmp_path / "edge.toml"))
     token = resolve_admin_token(config.edge, tmp_path / "edge.toml")
     assert token.path == str(file) and not token.reads_open
+
+
+def test_a_folder_others_can_write_is_refused(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("EDGE_ADMIN_TOKEN", raising=False)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(PermissionError):
+        resolve_admin_token(EdgeSection(admin_token_file="shared/t"), tmp_path / "edge.toml")
+    assert not (shared / "t").exists()

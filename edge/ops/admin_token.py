@@ -77,14 +77,15 @@ def read_token_file(path: Path) -> str:
 
 
 def _private_folder(folder: Path) -> None:
-    """Create `folder` 0700, or refuse one that someone else could read or replace."""
+    """Create `folder` 0700, or refuse one that another user could write to."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = folder.lstat()
+    # In a shared temp folder someone else may have made it first, or a symlink:
+    # they could then swap the token file for one they know.
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
         raise PermissionError(f"{folder} is not a folder of this user's")
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        # A shared temp folder: another user must not list or swap the token file.
-        folder.chmod(0o700)
+    if stat.S_IMODE(info.st_mode) & 0o022:
+        raise PermissionError(f"{folder} is writable by other users")
 
 
 def write_token_file(path: Path, token: str) -> None:
