@@ -391,3 +391,27 @@ def test_the_edge_survived_the_fuzzing_without_errors_or_leaks(fuzz_edge) -> Non
     assert metric_sum(fuzz_edge.metrics(), "edge_open_connections") == 0
     log = fuzz_edge.log_path.read_text(errors="replace")
     assert "Traceback" not in log and "internal error" not in log, log[-3000:]
+
+
+def test_a_refusal_while_the_upstream_connection_is_being_opened(
+    start_edge, recording_upstream
+) -> None:
+    """A chunked POST whose bad chunk arrives in the same write as its head: the edge has
+    started opening an upstream connection when it refuses the request; the connect that
+    follows must not act on the finished exchange (found by `make fuzz`)."""
+    address, _ = recording_upstream
+    edge = start_edge(apps=[app_entry("fuzz", [HOST.decode()], address)])
+    for _ in range(3):
+        answer = talk(
+            edge.port,
+            b"POST /fz/0 HTTP/1.1\r\nHost: fuzz.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"zz\r\n",
+            [],
+        )
+        check = ResponseCheck()
+        check.feed(answer.data)
+        assert check.statuses == [400], answer
+    time.sleep(0.5)  # the connect attempts finish
+    log = edge.log_path.read_text(errors="replace")
+    assert "Traceback" not in log and "never retrieved" not in log, log[-2000:]
+    assert metric_sum(edge.metrics(), "edge_open_connections") == 0
