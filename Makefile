@@ -14,13 +14,14 @@ ARGS   ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv install install-test install-bench redis lint fmt test run bench stampede clean
+.PHONY: help venv install install-test install-bench redis lint fmt test fuzz run bench stampede clean
 
 help:
 	@echo "make run     start a demo app on :9001 and the edge on :8080 (configs/local.toml)"
 	@echo "make test    ruff check, ruff format --check, pytest (needs redis-server)"
 	@echo "make bench   throughput comparison -> bench/results/throughput.json"
 	@echo "make stampede  locust wake stampede + fleet wake reports -> bench/results/stampede-*/"
+	@echo "make fuzz    hostile byte streams at the front, a long soak (FUZZ_EXAMPLES=5000)"
 	@echo "make lint    ruff check + ruff format --check"
 	@echo "make fmt     ruff format + ruff check --fix"
 	@echo "make venv    create .venv only"
@@ -79,6 +80,10 @@ test: install-test redis
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q -n 3 --dist loadfile
+
+# The property test of `make test` (120 fixed examples), as a soak with fresh examples.
+fuzz: install-test
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-5000} $(BIN)/pytest -q tests/test_front_fuzz.py
 
 run: install
 	bash scripts/run-local $(ARGS)

@@ -83,7 +83,7 @@ from edge.routing.admission import (
     wake_failed,
 )
 from edge.routing.classification import facts_from
-from edge.upstream.pool import UpstreamConnection
+from edge.upstream.pool import UpstreamConnection, UpstreamPeer
 from edge.upstream.retry_policy import retry_elsewhere, retry_on_stale_connection
 from wake.controller import WakeRefused
 from wake.store.protocol import StoreUnavailable
@@ -418,7 +418,7 @@ class FrontConnection(asyncio.Protocol):
         if conn is not None:
             self._send(ex, conn)
         elif peer.reserve():  # type: ignore[union-attr]
-            self.loop.create_task(self._connect_then_send(ex))
+            self.loop.create_task(self._connect_then_send(ex, peer))
         else:
             peer.wait(lambda conn: self._peer_ready(ex, conn))  # type: ignore[union-attr]
 
@@ -427,7 +427,7 @@ class FrontConnection(asyncio.Protocol):
         if self.current is not ex or self.closed or ex.status:
             return False
         if conn is None:
-            self.loop.create_task(self._connect_then_send(ex))
+            self.loop.create_task(self._connect_then_send(ex, ex.peer))
         else:
             self._send(ex, conn)
             if self.out:
@@ -590,20 +590,24 @@ class FrontConnection(asyncio.Protocol):
         )
         self._complete(ex)
 
-    async def _connect_then_send(self, ex: Exchange) -> None:
-        peer = ex.peer
+    async def _connect_then_send(self, ex: Exchange, peer: UpstreamPeer) -> None:
+        """Open a connection in the room reserved at `peer` (the exchange's peer when the
+        room was reserved: the exchange may have ended and let go of it since)."""
+        if self.current is not ex or self.closed:
+            peer.release()  # refused or gone before the connect began: give the room back
+            return
         try:
-            conn = await self.ctx.pool.connect(peer)  # type: ignore[arg-type]
+            conn = await self.ctx.pool.connect(peer)
         except TimeoutError:
-            peer.release()  # type: ignore[union-attr]
+            peer.release()
             self._upstream_failed(ex, 504, "upstream connect timeout", "connect_timeout")
             return
         except OSError as exc:
-            peer.release()  # type: ignore[union-attr]
+            peer.release()
             route = self.ctx.apps.get(ex.app)
             if route is not None and route.wake is not None:
                 # The allocation is gone: the next request re-reads the wake state.
-                route.wake.forget_hot(ex.app, peer.address)  # type: ignore[union-attr]
+                route.wake.forget_hot(ex.app, peer.address)
             if self._retry_elsewhere(ex):
                 return
             reason = f"upstream connect failed: {exc.strerror or exc}"
