@@ -1,0 +1,189 @@
+"""Faults while webhooks are queued and replayed, on the real stack: an edge on a real
+Redis (AOF, fsync always), the local control plane running the sample app, which records
+every delivery.
+
+Each case checks the queue's promise: every request answered 202 is delivered exactly
+once; a request the edge could not queue is answered 503 with Retry-After, never a 202
+that is then lost; every answer arrives within its bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import eventually
+from stack import CONTROL_PLANE_TOKEN, sample_app_spec
+
+pytestmark = pytest.mark.timeout(150)
+
+HOST = "shop.localhost"
+ANSWER_BOUND = 15.0
+
+
+def hooks_app(tmp: Path, start_delay: float) -> tuple[dict[str, Any], Path]:
+    """The sample app recording every /hooks/ delivery to a file."""
+    record = tmp / "deliveries.jsonl"
+    spec = sample_app_spec("shop")
+    spec["command"] = [
+        *spec["command"],
+        "--start-delay",
+        str(start_delay),
+        "--record",
+        str(record),
+    ]
+    return spec, record
+
+
+def deliveries(record: Path) -> list[dict[str, Any]]:
+    if not record.exists():
+        return []
+    return [json.loads(line) for line in record.read_text().splitlines() if line]
+
+
+def queueing_shop() -> dict[str, Any]:
+    return {
+        "name": "shop",
+        "hosts": [HOST],
+        "scale_to_zero": True,
+        "hold_timeout": "20s",
+        "readiness_timeout": "15s",
+        "rules": [{"class": "queue", "methods": ["POST"], "path_prefix": "/hooks/"}],
+        "replay": {
+            "max_attempts": 5,
+            "retention": "1h",
+            "dedupe_key": "header:X-Event-Id",
+            "max_body": "64KiB",
+            "attempt_timeout": "5s",
+            "backoff_initial": "100ms",
+            "backoff_max": "500ms",
+            "claim_idle": "6s",
+        },
+    }
+
+
+def queue_edge(start_edge, cp, store: str):
+    return start_edge(
+        apps=[queueing_shop()],
+        edge={"store": store},
+        sections={"control_plane": {"url": cp.url}, "budget": {"wake_lease_ttl": "2s"}},
+        env={"CONTROL_PLANE_TOKEN": CONTROL_PLANE_TOKEN},
+    )
+
+
+async def post(client, edge, event: str) -> tuple[int, dict[str, str], float]:
+    started = time.monotonic()
+    headers = {"Host": HOST, "X-Event-Id": event, "Content-Type": "application/json"}
+    body = json.dumps({"event": event}).encode()
+    try:
+        async with client.post(edge.url + "/hooks/pay", data=body, headers=headers) as resp:
+            await resp.read()
+            return resp.status, dict(resp.headers), time.monotonic() - started
+    except Exception as exc:  # a failed connection is an answer too: it is checked below
+        return 0, {"error": repr(exc)}, time.monotonic() - started
+
+
+def check_answers(answers: dict[str, tuple[int, dict[str, str], float]]) -> set[str]:
+    """Every answer in bound: 202, or 503 with Retry-After; the events answered 202."""
+    accepted = set()
+    for event, (status, headers, seconds) in answers.items():
+        assert seconds < ANSWER_BOUND, (event, status, seconds)
+        assert status in (202, 503), (event, status, headers)
+        if status == 202:
+            accepted.add(event)
+        else:
+            assert "Retry-After" in headers, headers
+    return accepted
+
+
+async def resend_until_accepted(client, edge, events: set[str]) -> None:
+    """What a webhook sender does with a 503: retry the same event until it is 202."""
+    for event in sorted(events):
+
+        async def accepted(event: str = event) -> bool:
+            return (await post(client, edge, event))[0] == 202
+
+        await eventually(accepted, timeout=30, interval=0.5, what=f"{event} accepted")
+
+
+async def each_delivered_once(record: Path, events: set[str]) -> None:
+    def all_there() -> bool:
+        got = {json.loads(d["body"])["event"] for d in deliveries(record) if d["status"] == 200}
+        return events <= got
+
+    await eventually(all_there, timeout=60, interval=0.25, what="every accepted event delivered")
+    await asyncio.sleep(2.0)  # a duplicate would arrive now
+    counts = Counter(
+        json.loads(d["body"])["event"] for d in deliveries(record) if d["status"] == 200
+    )
+    assert set(counts) == events, set(counts) ^ events
+    repeated = [d for d in deliveries(record) if counts[json.loads(d["body"])["event"]] > 1]
+    assert max(counts.values()) == 1, repeated
+
+
+def redis_cli(redis, *args: str) -> None:
+    port = redis.url.rsplit(":", 1)[1].split("/", 1)[0]
+    subprocess.run(["redis-cli", "-p", port, *args], check=True, capture_output=True, timeout=10)
+
+
+# ------------------------------------------------------------------------------- cases
+
+
+async def test_redis_writes_paused_while_webhooks_arrive(
+    start_control_plane, start_edge, client, own_redis, tmp_path
+) -> None:
+    spec, record = hooks_app(tmp_path, start_delay=2.0)
+    cp = start_control_plane(apps=[spec])
+    edge = queue_edge(start_edge, cp, own_redis.url)
+    events = {f"evt_{i}" for i in range(20)}
+    redis_cli(own_redis, "CLIENT", "PAUSE", "4000", "WRITE")
+    results = await asyncio.gather(*(post(client, edge, e) for e in sorted(events)))
+    answers = dict(zip(sorted(events), results, strict=True))
+    accepted = check_answers(answers)
+    await resend_until_accepted(client, edge, events - accepted)
+    await each_delivered_once(record, events)
+
+
+async def test_redis_killed_and_restarted_mid_replay(
+    start_control_plane, start_edge, client, own_redis, tmp_path
+) -> None:
+    spec, record = hooks_app(tmp_path, start_delay=2.0)
+    cp = start_control_plane(apps=[spec])
+    edge = queue_edge(start_edge, cp, own_redis.url)
+    events = {f"evt_{i}" for i in range(40)}
+    results = await asyncio.gather(*(post(client, edge, e) for e in sorted(events)))
+    accepted = check_answers(dict(zip(sorted(events), results, strict=True)))
+    assert accepted == events  # Redis was up: all queued
+
+    await eventually(lambda: len(deliveries(record)) >= 3, timeout=30, interval=0.05)
+    own_redis.proc.kill()  # SIGKILL mid-replay: the AOF (fsync always) is what survives
+    own_redis.proc.wait(5)
+    own_redis.proc = None
+    await asyncio.sleep(1.0)
+    own_redis.start()
+    await each_delivered_once(record, events)
+
+
+async def test_queueing_while_the_app_is_cold_and_redis_restarts(
+    start_control_plane, start_edge, client, own_redis, tmp_path
+) -> None:
+    spec, record = hooks_app(tmp_path, start_delay=4.0)
+    cp = start_control_plane(apps=[spec])
+    edge = queue_edge(start_edge, cp, own_redis.url)
+    first = {f"evt_a{i}" for i in range(10)}
+    results = await asyncio.gather(*(post(client, edge, e) for e in sorted(first)))
+    accepted = check_answers(dict(zip(sorted(first), results, strict=True)))
+    own_redis.stop()
+    during = {f"evt_b{i}" for i in range(5)}
+    results = await asyncio.gather(*(post(client, edge, e) for e in sorted(during)))
+    refused = dict(zip(sorted(during), results, strict=True))
+    assert check_answers(refused) == set()  # never a 202 while Redis is gone
+    own_redis.start()
+    await resend_until_accepted(client, edge, (first - accepted) | during)
+    await each_delivered_once(record, first | during)
