@@ -1,4 +1,4 @@
-"""The durable queue against a real redis-server (AOF on): dedupe, order, done records,
+"""The durable queue against a real redis-server (AOF on): dedupe records, order,
 dead letters, claiming abandoned entries, purge; and the replay rules (sans-I/O)."""
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ async def queue(redis_server: str) -> AsyncIterator[DurableQueue]:
     await q.close()
 
 
-async def put(q: DurableQueue, key: str, body: bytes = b"{}", max_queued: int = 100):
+async def put(
+    q: DurableQueue, key: str, body: bytes = b"{}", max_queued: int = 100, retention: float = 60
+):
     return await q.enqueue(
         "shop",
         method=b"POST",
@@ -91,7 +93,7 @@ async def put(q: DurableQueue, key: str, body: bytes = b"{}", max_queued: int = 
         body=body,
         key=key,
         arrived=1.5,
-        retention=60,
+        retention=retention,
         max_queued=max_queued,
     )
 
@@ -134,8 +136,8 @@ async def test_batches_keep_order_and_done_entries_are_never_delivered_again(
     assert [e.id for e in again] == ids[:3]  # type: ignore[union-attr]
     first = again[0]  # type: ignore[index]
     assert await queue.begin("shop", first) == 1
-    await queue.finish("shop", first, retention=60)
-    # A crash after the done record: the entry comes back, and begin says "done already".
+    await queue.finish("shop", first)
+    # Begun again from a stale batch: begin says "done already".
     assert await queue.begin("shop", first) == 0
     assert await queue.depth("shop") == (4, 0)
     second = again[1]  # type: ignore[index]
@@ -156,7 +158,7 @@ async def test_other_consumers_pending_entries_wait_then_are_claimed(queue: Dura
     claimed = await queue.next_batch("shop", "live-edge", claim_idle=0.2, count=10)
     assert [e.id for e in claimed] == ids[:2]  # type: ignore[union-attr]
     for entry in claimed:  # type: ignore[union-attr]
-        await queue.finish("shop", entry, retention=60)
+        await queue.finish("shop", entry)
     fresh = await queue.next_batch("shop", "live-edge", claim_idle=0.2, count=10)
     assert [e.id for e in fresh] == ids[2:]  # type: ignore[union-attr]
 
@@ -274,13 +276,37 @@ async def test_finish_can_begin_the_next_entry(queue: DurableQueue) -> None:
     batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)
     first, second, third = batch  # type: ignore[misc]
     assert await queue.begin("shop", first) == 1
-    assert await queue.finish("shop", first, 60, then=second) == 1
+    assert await queue.finish("shop", first, then=second) == 1
     assert await queue.begin("shop", second) == 2  # the finish counted its first attempt
-    await queue.finish("shop", second, 60)
-    # The next entry was delivered already (a crash after its done record): 0, and acked.
-    await queue.finish("shop", third, 60)
+    await queue.finish("shop", second)
+    # The next entry was delivered already: 0, and acked.
+    await queue.finish("shop", third)
     assert (await put(queue, "k9")).id > ids[2]
     [fourth] = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)  # type: ignore[misc]
     assert await queue.begin("shop", fourth) == 1
-    assert await queue.finish("shop", fourth, 60, then=third) == 0
+    assert await queue.finish("shop", fourth, then=third) == 0
     assert await queue.depth("shop") == (0, 0)
+
+
+async def test_a_resend_answered_as_new_is_delivered_never_silently_retired(
+    queue: DurableQueue,
+) -> None:
+    """Issue 12: one dedupe record, one lifetime from the first arrival. A resend inside
+    it is a duplicate (delivered or not); past it the resend is new, and new means delivered."""
+    retention = 1.0
+    first = await put(queue, "h:evt", retention=retention)
+    await asyncio.sleep(0.5)  # delivered half-way through the retention
+    [entry] = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)  # type: ignore[misc]
+    assert await queue.begin("shop", entry) == 1
+    await queue.finish("shop", entry)
+    again = await put(queue, "h:evt", retention=retention)
+    assert again.duplicate and again.id == first.id  # within the window, after delivery
+    await asyncio.sleep(0.7)  # past the first arrival's retention, not the delivery's
+    resend = await put(queue, "h:evt", retention=retention)
+    if resend.duplicate:
+        assert resend.id == first.id
+        assert await queue.depth("shop") == (0, 0)
+    else:  # answered 202 "duplicate": false: it must reach the app
+        [entry2] = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)  # type: ignore[misc]
+        assert entry2.id == resend.id
+        assert await queue.begin("shop", entry2) == 1, "accepted as new, then silently retired"

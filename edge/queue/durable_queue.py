@@ -2,10 +2,12 @@
 
 Keys carry the app's hash tag like the wake store's (`edge:{app}:...`):
 `queue` (the stream, consumer group `replay`), `dead` (dead letters), `attempts`
-(HASH id -> deliveries tried), `key:<dedupe key>` (first queued id, for the
-retention), `done:<dedupe key>` (delivered; written with the ack in one script),
-`replayer` + `replayer_fence` (the lease of the one edge replaying the app, so
-per-app order holds while several edges share the apps).
+(HASH id -> deliveries tried), `key:<dedupe key>` (the dedupe record: the first
+queued id, then `<id> delivered` once delivered; it lives `retention` from the first
+arrival, and that one record decides both whether a resend is a duplicate and
+whether an entry was delivered, so the two can never disagree), `replayer` +
+`replayer_fence` (the lease of the one edge replaying the app, so per-app order
+holds while several edges share the apps).
 
 Every call is bounded in time and any Redis failure raises `StoreUnavailable`.
 """
@@ -27,8 +29,8 @@ PURGE_PAGE = 500
 # KEYS: queue, dedupe. ARGV: retention_ms, max_queued, method, path, head, body, key, arrived.
 # {'new', id} | {'dup', first id} | {'full', ''}
 _ENQUEUE = """
-local first = redis.call('GET', KEYS[2])
-if first then return {'dup', first} end
+local record = redis.call('GET', KEYS[2])
+if record then return {'dup', string.match(record, '^%S+')} end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('XGROUP', 'CREATE', KEYS[1], 'replay', '0', 'MKSTREAM')
 elseif redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[2]) then
@@ -41,16 +43,18 @@ return {'new', id}
 """
 
 # Shared by the scripts below: an entry leaves the queue (acked, deleted, its attempt
-# count dropped); `begin` counts a delivery attempt, or retires an entry already
-# delivered (done record) or purged, answering 0.
+# count dropped); `begin` counts a delivery attempt, or retires an entry its dedupe
+# record marks delivered, or one purged, answering 0. Only the record of this very id
+# retires it: an entry accepted as new (its own record) is always delivered.
 _ENTRY_LIB = """
 local function retire(queue, attempts, id)
   redis.call('XACK', queue, 'replay', id)
   redis.call('XDEL', queue, id)
   redis.call('HDEL', attempts, id)
 end
-local function begin(queue, done, attempts, id)
-  if redis.call('EXISTS', done) == 1 or #redis.call('XRANGE', queue, id, id) == 0 then
+local function begin(queue, record, attempts, id)
+  if redis.call('GET', record) == id .. ' delivered'
+      or #redis.call('XRANGE', queue, id, id) == 0 then
     retire(queue, attempts, id)
     return 0
   end
@@ -58,20 +62,24 @@ local function begin(queue, done, attempts, id)
 end
 """
 
-# KEYS: queue, done, attempts. ARGV: id. This delivery's attempt number, or 0.
+# KEYS: queue, record, attempts. ARGV: id. This delivery's attempt number, or 0.
 _BEGIN = _ENTRY_LIB + "return begin(KEYS[1], KEYS[2], KEYS[3], ARGV[1])\n"
 
-# KEYS: queue, done, attempts[, next done]. ARGV: id, retention_ms[, next id].
-# Delivered: the done record and the ack in one step, so no edge can die between
-# them. With a next entry, also its `begin` (saving a round trip and an fsync):
-# returns its attempt number (0: delivered already), else -1.
+# KEYS: queue, record, attempts[, next record]. ARGV: id[, next id].
+# Delivered: the dedupe record marked and the ack in one step, so no edge can die
+# between them. The record keeps its lifetime (KEEPTTL): it still ends `retention`
+# after the first arrival; one gone already is not revived. With a next entry, also
+# its `begin` (saving a round trip and an fsync): returns its attempt number
+# (0: delivered already), else -1.
 _FINISH = (
     _ENTRY_LIB
     + """
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[1] .. ' delivered', 'KEEPTTL')
+end
 retire(KEYS[1], KEYS[3], ARGV[1])
-if not ARGV[3] then return -1 end
-return begin(KEYS[1], KEYS[4], KEYS[3], ARGV[3])
+if not ARGV[2] then return -1 end
+return begin(KEYS[1], KEYS[4], KEYS[3], ARGV[2])
 """
 )
 
@@ -367,7 +375,7 @@ class DurableQueue:
     def _entry_keys(self, app: str, entry: QueuedRequest) -> list[str]:
         return [
             self.key(app, "queue"),
-            self.key(app, f"done:{entry.key}"),
+            self.key(app, f"key:{entry.key}"),
             self.key(app, "attempts"),
         ]
 
@@ -377,18 +385,14 @@ class DurableQueue:
             return int(await self._begin(self._entry_keys(app, entry), [entry.id]))
 
     async def finish(
-        self,
-        app: str,
-        entry: QueuedRequest,
-        retention: float,
-        then: QueuedRequest | None = None,
+        self, app: str, entry: QueuedRequest, then: QueuedRequest | None = None
     ) -> int | None:
-        """Delivered: record it done (for the retention) and ack, atomically; with `then`,
+        """Delivered: mark its dedupe record delivered and ack, atomically; with `then`,
         also `begin` that entry and return its attempt number."""
         keys = self._entry_keys(app, entry)
-        args: list[str | int] = [entry.id, round(retention * 1000)]
+        args: list[str | int] = [entry.id]
         if then is not None:
-            keys.append(self.key(app, f"done:{then.key}"))
+            keys.append(self.key(app, f"key:{then.key}"))
             args.append(then.id)
         async with self._guard("finish"):
             attempt = int(await self._finish(keys, args))

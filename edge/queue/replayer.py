@@ -5,7 +5,7 @@ once a second (and at once after it queued something). An app with queued
 requests is woken; once it is hot, the worker that wins the app's replayer lease
 delivers entries one at a time, oldest first, so per-app order holds while the
 apps of a region spread over every edge. Each delivery is counted before it is
-sent (`begin`); a 2xx writes the done record and acks in one script; 4xx goes to
+sent (`begin`); a 2xx marks the dedupe record delivered and acks in one script; 4xx goes to
 the dead letters; 5xx, timeouts and connection errors are retried with back-off
 until max_attempts, then dead-lettered. A replayer that dies leaves its entries
 pending; the next lease holder claims them once idle for `claim_idle` (or at once
@@ -217,7 +217,7 @@ class Replayer:
                 outcome.value,
             )
             if outcome is Outcome.DONE:
-                then = await self.queue.finish(app.name, entry, float(policy.retention), after)
+                then = await self.queue.finish(app.name, entry, after)
                 return target, then
             if outcome is Outcome.DEAD:
                 reason = error if attempt < policy.max_attempts else f"{attempt} attempts: {error}"
