@@ -10,7 +10,14 @@ import pytest
 import redis.asyncio as aioredis
 
 from edge.queue.durable_queue import DurableQueue, QueueFull
-from edge.queue.replay_policy import Outcome, body_key, header_key, outcome_of, retry_delay
+from edge.queue.replay_policy import (
+    Outcome,
+    body_key,
+    header_key,
+    identity_of,
+    outcome_of,
+    retry_delay,
+)
 from wake.store.protocol import StoreUnavailable
 
 HEAD = b"POST /hooks/pay HTTP/1.1\r\nHost: shop.localhost\r\n\r\n"
@@ -43,6 +50,42 @@ def test_body_key_hashes_method_path_and_body() -> None:
     assert base != body_key(b"PUT", b"/hooks/a", b"{}")
     assert base != body_key(b"POST", b"/hooks/b", b"{}")
     assert base != body_key(b"POST", b"/hooks/a", b"{ }")
+    # Length-prefixed parts: moving bytes between method, path and body changes the key.
+    assert body_key(b"POST", b"/a", b"b") != body_key(b"POST", b"/ab", b"")
+
+
+def head(*lines: str) -> bytes:
+    return ("POST /hooks/a HTTP/1.1\r\n" + "".join(f"{x}\r\n" for x in lines) + "\r\n").encode()
+
+
+def test_body_key_tells_senders_apart() -> None:
+    """Issue 12: Host, Authorization and the identity headers are hashed; the rest of the
+    head (per-request ids, forwarding headers, signatures) is not."""
+    common = ("Host: shop.localhost", "X-Request-Id: 1", "X-Signature: t=1")
+
+    def key(*lines: str, identity: tuple[str, ...] = ("X-Api-Key",)) -> str:
+        return body_key(b"POST", b"/hooks/a", b"{}", head(*common, *lines), identity)
+
+    alice = key("Authorization: Bearer alice")
+    assert alice == body_key(
+        b"POST",
+        b"/hooks/a",
+        b"{}",
+        head("host: shop.localhost", "X-Request-Id: 2", "authorization:  Bearer alice"),
+        ("X-Api-Key",),
+    )
+    assert alice != key("Authorization: Bearer bob")
+    assert alice != key()
+    assert alice != key("Authorization: Bearer alice", "X-Api-Key: k1")
+    assert key("X-Api-Key: k1") != key("X-Api-Key: k2")
+    assert key("Cookie: s=1", identity=()) == key("Cookie: s=2", identity=())
+    assert key("Cookie: s=1", identity=("cookie",)) != key("Cookie: s=2", identity=("cookie",))
+    other_host = body_key(b"POST", b"/hooks/a", b"{}", head("Host: b.localhost"), ())
+    assert other_host != body_key(b"POST", b"/hooks/a", b"{}", head("Host: a.localhost"), ())
+    assert identity_of(head("Authorization: x", "Cookie: c", "Accept: */*"), ["Cookie"]) == [
+        (b"authorization", b"x"),
+        (b"cookie", b"c"),
+    ]
 
 
 @pytest.mark.parametrize(

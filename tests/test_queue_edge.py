@@ -442,3 +442,38 @@ async def test_a_stalled_upload_is_408_and_gives_back_what_it_reserved(
     assert status == 202  # not 503 hold_cap: nothing leaked
     _, overview = await admin(client, edge, "GET", "/admin/queues")
     assert overview["queues"][0]["queued"] == 1
+
+
+async def test_hash_dedupe_never_merges_two_senders(
+    start_control_plane, start_edge, fresh_redis, client, tmp_path
+) -> None:
+    """Issue 12: `dedupe_key = "hash"` covers who sent the request (Authorization and the
+    policy's identity_headers), so two senders of one body get two deliveries."""
+    hooks = WebhookApp(tmp_path, start_delay=2)
+    cp = start_control_plane(apps=[hooks.spec])
+    app = shop()
+    app["replay"] = replay_policy(dedupe_key="hash")
+    edge = start_queue_edge(start_edge, cp, fresh_redis, app)
+    body = b'{"transfer": 100}'
+
+    async def post(headers: dict[str, str]) -> dict[str, Any]:
+        async with client.post(
+            edge.url + "/hooks/pay", data=body, headers={"Host": HOST, **headers}
+        ) as resp:
+            assert resp.status == 202
+            return await resp.json()
+
+    alice = await post({"Authorization": "Bearer alice"})
+    bob = await post({"Authorization": "Bearer bob"})
+    carol = await post({"Authorization": "Bearer alice", "X-Api-Key": "carol"})
+    assert not bob["duplicate"] and bob["queued_id"] != alice["queued_id"]
+    assert not carol["duplicate"] and carol["queued_id"] not in (
+        alice["queued_id"],
+        bob["queued_id"],
+    )
+    again = await post({"Authorization": "Bearer alice"})  # a real resend is still one
+    assert again == {**alice, "duplicate": True}
+    await delivered(hooks, 3)
+    await asyncio.sleep(1)
+    signed = sorted(d["queued_id"] for d in hooks.deliveries())
+    assert signed == sorted(x["queued_id"] for x in (alice, bob, carol))
