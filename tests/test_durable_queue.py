@@ -254,18 +254,18 @@ async def test_expired_entries_are_dead_lettered_and_dead_letters_are_capped(
         await put(queue, f"old{i}")
     await asyncio.sleep(0.3)
     fresh = await put(queue, "fresh")
-    assert await queue.expire("shop", retention=0.2, max_dead=1000) == 5
+    assert await queue.expire("shop", retention=0.2, max_dead=1000) == (5, [])
     assert [e.id for e in await queue.list("shop", "queued", 10)] == [fresh.id]
     dead = await queue.list("shop", "dead", 10)
     assert [d.reason for d in dead] == ["expired"] * 5
-    assert await queue.expire("shop", retention=60, max_dead=1000) == 0
+    assert await queue.expire("shop", retention=60, max_dead=1000) == (0, [])
     for i in range(300):
         await put(queue, f"many{i}", max_queued=1000)
     batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=400)
     for entry in batch:  # type: ignore[union-attr]
         await queue.dead_letter("shop", entry, "status 400", 400, 1, 100)
     queued, dead_count = await queue.depth("shop")
-    assert queued == 0 and 100 <= dead_count < 300  # MAXLEN ~: about the newest 100
+    assert queued == 0 and dead_count == 100  # exactly the newest 100
 
 
 async def test_replayer_lease_is_exclusive(queue: DurableQueue) -> None:
@@ -353,3 +353,24 @@ async def test_a_resend_answered_as_new_is_delivered_never_silently_retired(
         [entry2] = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)  # type: ignore[misc]
         assert entry2.id == resend.id
         assert await queue.begin("shop", entry2) == 1, "accepted as new, then silently retired"
+
+
+async def test_dead_letters_over_the_cap_are_trimmed_exactly_and_reported(
+    queue: DurableQueue,
+) -> None:
+    """Issue 12: the cap is exact, and each dead letter it drops is handed back (for the
+    metric and the log), whether a delivery or an expiry dead-lettered the newcomer."""
+    ids = [(await put(queue, f"k{i}")).id for i in range(5)]
+    batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)
+    dropped = []
+    for entry in batch[:4]:  # type: ignore[index]
+        dropped += await queue.dead_letter("shop", entry, "status 400", 400, 1, 2)
+    assert [(d.queued_id, d.key, d.reason) for d in dropped] == [
+        (ids[0], "k0", "status 400"),
+        (ids[1], "k1", "status 400"),
+    ]
+    assert [d.queued_id for d in await queue.list("shop", "dead", 10)] == ids[2:4]
+    await asyncio.sleep(0.3)
+    moved, dropped = await queue.expire("shop", retention=0.2, max_dead=2)
+    assert moved == 1 and [d.queued_id for d in dropped] == [ids[2]]
+    assert [d.queued_id for d in await queue.list("shop", "dead", 10)] == [ids[3], ids[4]]

@@ -477,3 +477,29 @@ async def test_hash_dedupe_never_merges_two_senders(
     await asyncio.sleep(1)
     signed = sorted(d["queued_id"] for d in hooks.deliveries())
     assert signed == sorted(x["queued_id"] for x in (alice, bob, carol))
+
+
+async def test_dead_letters_beyond_the_cap_are_counted_and_logged(
+    start_control_plane, start_edge, fresh_redis, client, tmp_path
+) -> None:
+    """Issue 12: max_dead_letters drops the oldest dead letters, never silently."""
+    hooks = WebhookApp(tmp_path, statuses="400", start_delay=0.5)
+    cp = start_control_plane(apps=[hooks.spec])
+    app = shop()
+    app["replay"] = replay_policy(max_dead_letters=2)
+    edge = start_queue_edge(start_edge, cp, fresh_redis, app)
+    answers = [json.loads((await send(client, edge, f"evt_{i}"))[2]) for i in range(4)]
+
+    def trimmed() -> float:
+        return metric_sum(
+            edge.metrics(), "edge_queue_events_total", app="shop", event="dead_letter_trimmed"
+        )
+
+    await eventually(lambda: trimmed() == 2, timeout=30, what="two dead letters trimmed")
+    assert metric_sum(edge.metrics(), "edge_queue_dead_letters", app="shop") == 2
+    await eventually(
+        lambda: all(a["queued_id"] in edge.output() for a in answers[:2]),
+        timeout=5,
+        what="the trimmed dead letters' ids in the log",
+    )
+    assert "max_dead_letters" in edge.output()

@@ -52,6 +52,25 @@ local function retire(queue, attempts, id)
   redis.call('XDEL', queue, id)
   redis.call('HDEL', attempts, id)
 end
+-- Keeps the dead letters to `max` exactly: drops the oldest (at most 1000 per call, so
+-- a lowered cap never makes one long script), returning each as {id, queued_id, key,
+-- reason} so the edge can count and log every one.
+local function cap_dead(dead, max)
+  local over = math.min(redis.call('XLEN', dead) - tonumber(max), 1000)
+  if over <= 0 then return {} end
+  local gone = {}
+  for _, e in ipairs(redis.call('XRANGE', dead, '-', '+', 'COUNT', over)) do
+    local f, queued_id, key, reason = e[2], '', '', ''
+    for i = 1, #f, 2 do
+      if f[i] == 'queued_id' then queued_id = f[i + 1]
+      elseif f[i] == 'k' then key = f[i + 1]
+      elseif f[i] == 'reason' then reason = f[i + 1] end
+    end
+    table.insert(gone, {e[1], queued_id, key, reason})
+  end
+  redis.call('XTRIM', dead, 'MAXLEN', redis.call('XLEN', dead) - #gone)
+  return gone
+end
 local function begin(queue, record, attempts, id)
   if redis.call('GET', record) == id .. ' delivered'
       or #redis.call('XRANGE', queue, id, id) == 0 then
@@ -84,7 +103,8 @@ return begin(KEYS[1], KEYS[4], KEYS[3], ARGV[2])
 )
 
 # KEYS: queue, dead, attempts. ARGV: id, reason, status, attempts, max dead letters.
-# Moves the entry; the dead letters keep the newest `max dead letters` (approximately).
+# Moves the entry; the dead letters keep the newest `max dead letters`. Returns
+# {moved (0 or 1), the dead letters dropped}.
 _DEAD_LETTER = (
     _ENTRY_LIB
     + """
@@ -99,22 +119,22 @@ if #found == 1 then
   table.insert(fields, ARGV[3])
   table.insert(fields, 'attempts')
   table.insert(fields, ARGV[4])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', unpack(fields))
+  redis.call('XADD', KEYS[2], '*', unpack(fields))
 end
 retire(KEYS[1], KEYS[3], ARGV[1])
-return #found
+return {#found, cap_dead(KEYS[2], ARGV[5])}
 """
 )
 
 # KEYS: queue, dead, attempts. ARGV: retention_ms, count, max dead letters. Moves up to
 # `count` entries queued longer than the retention (by server time) to the dead
-# letters as "expired"; how many it moved.
+# letters as "expired". Returns {how many it moved, the dead letters dropped}.
 _EXPIRE = (
     _ENTRY_LIB
     + """
 local t = redis.call('TIME')
 local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[1])
-if cutoff <= 0 then return 0 end
+if cutoff <= 0 then return {0, {}} end
 local old = redis.call('XRANGE', KEYS[1], '-', tostring(cutoff), 'COUNT', ARGV[2])
 for _, e in ipairs(old) do
   local fields = e[2]
@@ -123,10 +143,10 @@ for _, e in ipairs(old) do
   for _, v in ipairs(extra) do
     table.insert(fields, v)
   end
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
+  redis.call('XADD', KEYS[2], '*', unpack(fields))
   retire(KEYS[1], KEYS[3], e[1])
 end
-return #old
+return {#old, cap_dead(KEYS[2], ARGV[3])}
 """
 )
 
@@ -183,6 +203,19 @@ class QueuedSummary(msgspec.Struct, frozen=True, kw_only=True):
     queued_id: str = ""
     reason: str = ""
     status: int = 0
+
+
+class DroppedDeadLetter(msgspec.Struct, frozen=True):
+    """A dead letter dropped to keep the app's max_dead_letters: its ids, key and reason."""
+
+    id: str
+    queued_id: str
+    key: str
+    reason: str
+
+
+def _dropped(raw: list) -> list[DroppedDeadLetter]:
+    return [DroppedDeadLetter(*(_text(v) for v in item)) for item in raw]
 
 
 class Enqueued(msgspec.Struct, frozen=True):
@@ -406,16 +439,25 @@ class DurableQueue:
         status: int,
         attempts: int,
         max_dead: int,
-    ) -> None:
+    ) -> list[DroppedDeadLetter]:
+        """Move the entry to the dead letters; the oldest dead letters dropped to keep
+        `max_dead`."""
         keys = [self.key(app, "queue"), self.key(app, "dead"), self.key(app, "attempts")]
         async with self._guard("dead_letter"):
-            await self._dead_letter(keys, [entry.id, reason, status, attempts, max_dead])
+            _, dropped = await self._dead_letter(
+                keys, [entry.id, reason, status, attempts, max_dead]
+            )
+        return _dropped(dropped)
 
-    async def expire(self, app: str, retention: float, max_dead: int, count: int = 100) -> int:
-        """Dead-letter up to `count` entries queued longer than `retention`; how many."""
+    async def expire(
+        self, app: str, retention: float, max_dead: int, count: int = 100
+    ) -> tuple[int, list[DroppedDeadLetter]]:
+        """Dead-letter up to `count` entries queued longer than `retention`: how many, and
+        the oldest dead letters dropped to keep `max_dead`."""
         keys = [self.key(app, "queue"), self.key(app, "dead"), self.key(app, "attempts")]
         async with self._guard("expire"):
-            return int(await self._expire(keys, [round(retention * 1000), count, max_dead]))
+            moved, dropped = await self._expire(keys, [round(retention * 1000), count, max_dead])
+        return int(moved), _dropped(dropped)
 
     # -------------------------------------------------------------- operators
 
@@ -484,6 +526,7 @@ class DurableQueue:
 
 
 __all__ = [
+    "DroppedDeadLetter",
     "DurableQueue",
     "Enqueued",
     "QueueFull",

@@ -20,7 +20,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from edge.queue.durable_queue import DurableQueue, QueuedRequest, id_ms
+from edge.queue.durable_queue import DroppedDeadLetter, DurableQueue, QueuedRequest, id_ms
 from edge.queue.replay_delivery import DeliveryFailed, ReplayConnection
 from edge.queue.replay_policy import Outcome, outcome_of, retry_delay
 from edge.server.config import AppConfig
@@ -90,11 +90,12 @@ class Replayer:
             assert policy is not None
             # Before any wake: what waited past its retention is dead-lettered even
             # while the app cannot be woken, so the queue never fills with the expired.
-            expired = await self.queue.expire(
+            expired, dropped = await self.queue.expire(
                 app.name, float(policy.retention), policy.max_dead_letters
             )
             for _ in range(expired):
                 self.count(app.name, "dead_lettered")
+            self._dropped(app, dropped)
             target = await self.wake.ensure_hot(app.name, float(app.hold_timeout))
             lease = await self.queue.acquire_replayer(app.name, self.owner, LEASE_TTL)
             if lease is None:
@@ -147,9 +148,10 @@ class Replayer:
                         return
                     if now_ms - id_ms(entry.id) > policy.retention * 1000:
                         logger.debug("app %s: %s expired in the queue", app.name, entry.id)
-                        await self.queue.dead_letter(
+                        dropped = await self.queue.dead_letter(
                             app.name, entry, "expired", 0, 0, policy.max_dead_letters
                         )
+                        self._dropped(app, dropped)
                         self.count(app.name, "dead_lettered")
                         begun = None
                         continue
@@ -221,9 +223,10 @@ class Replayer:
                 return target, then
             if outcome is Outcome.DEAD:
                 reason = error if attempt < policy.max_attempts else f"{attempt} attempts: {error}"
-                await self.queue.dead_letter(
+                dropped = await self.queue.dead_letter(
                     app.name, entry, reason, status or 0, attempt, policy.max_dead_letters
                 )
+                self._dropped(app, dropped)
                 return target, None
             delay = retry_delay(attempt, float(policy.backoff_initial), float(policy.backoff_max))
             with contextlib.suppress(TimeoutError):
@@ -232,6 +235,25 @@ class Replayer:
             if self._stopping:
                 return target, None
             target = await self.wake.ensure_hot(app.name, float(app.hold_timeout))
+
+    def _dropped(self, app: AppConfig, dropped: list[DroppedDeadLetter]) -> None:
+        """Dead letters dropped by the cap: each is counted and logged, since its request
+        is gone for good (nothing else records it)."""
+        if not dropped:
+            return
+        for _ in dropped:
+            self.count(app.name, "dead_letter_trimmed")
+        cap = app.replay.max_dead_letters if app.replay is not None else 0
+        logger.warning(
+            "app %s: %d dead letter(s) dropped, over max_dead_letters = %d: %s",
+            app.name,
+            len(dropped),
+            cap,
+            "; ".join(
+                f"queued id {d.queued_id} (dead letter {d.id}, key {d.key}, {d.reason})"
+                for d in dropped
+            ),
+        )
 
     async def _renew(self, app: str, lost: asyncio.Event) -> None:
         while True:
