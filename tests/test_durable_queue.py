@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from edge.queue.durable_queue import DurableQueue, QueueFull
+from edge.queue.durable_queue import DurableQueue, LeaseLost, QueueFull, lease_value
 from edge.queue.replay_policy import (
     Outcome,
     body_key,
@@ -18,7 +18,7 @@ from edge.queue.replay_policy import (
     outcome_of,
     retry_delay,
 )
-from wake.store.protocol import StoreUnavailable
+from wake.store.protocol import Lease, StoreUnavailable
 
 HEAD = b"POST /hooks/pay HTTP/1.1\r\nHost: shop.localhost\r\n\r\n"
 
@@ -115,10 +115,16 @@ def test_retry_delay_doubles_up_to_the_ceiling() -> None:
 # --------------------------------------------------------------------- redis
 
 
+# The replayer lease the `queue` fixture holds for app "shop" (its token is fixed below).
+LEASE = Lease("edge-a/1", 0)
+
+
 @pytest.fixture
 async def queue(redis_server: str) -> AsyncIterator[DurableQueue]:
+    """An empty queue whose "shop" lease is held as LEASE, so replay writes pass the fence."""
     client = aioredis.from_url(redis_server)
     await client.flushall()
+    await client.set("edge:{shop}:replayer", lease_value(LEASE), px=600_000)
     await client.aclose()
     q = DurableQueue(redis_server)
     yield q
@@ -178,13 +184,13 @@ async def test_batches_keep_order_and_done_entries_are_never_delivered_again(
     again = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)
     assert [e.id for e in again] == ids[:3]  # type: ignore[union-attr]
     first = again[0]  # type: ignore[index]
-    assert await queue.begin("shop", first) == 1
-    await queue.finish("shop", first)
+    assert await queue.begin("shop", first, LEASE) == 1
+    await queue.finish("shop", first, LEASE)
     # Begun again from a stale batch: begin says "done already".
-    assert await queue.begin("shop", first) == 0
+    assert await queue.begin("shop", first, LEASE) == 0
     assert await queue.depth("shop") == (4, 0)
     second = again[1]  # type: ignore[index]
-    assert [await queue.begin("shop", second) for _ in range(3)] == [1, 2, 3]
+    assert [await queue.begin("shop", second, LEASE) for _ in range(3)] == [1, 2, 3]
     rest = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)
     assert [e.id for e in rest] == ids[1:3]  # type: ignore[union-attr]
     listed = await queue.list("shop", "queued", 10)
@@ -201,7 +207,7 @@ async def test_other_consumers_pending_entries_wait_then_are_claimed(queue: Dura
     claimed = await queue.next_batch("shop", "live-edge", claim_idle=0.2, count=10)
     assert [e.id for e in claimed] == ids[:2]  # type: ignore[union-attr]
     for entry in claimed:  # type: ignore[union-attr]
-        await queue.finish("shop", entry)
+        await queue.finish("shop", entry, LEASE)
     fresh = await queue.next_batch("shop", "live-edge", claim_idle=0.2, count=10)
     assert [e.id for e in fresh] == ids[2:]  # type: ignore[union-attr]
 
@@ -209,7 +215,7 @@ async def test_other_consumers_pending_entries_wait_then_are_claimed(queue: Dura
 async def test_dead_letters_are_listed_requeued_and_purged(queue: DurableQueue) -> None:
     ids = [(await put(queue, f"k{i}")).id for i in range(3)]
     batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)
-    await queue.dead_letter("shop", batch[0], "status 400", 400, 1, 1000)  # type: ignore[index]
+    await queue.dead_letter("shop", batch[0], LEASE, "status 400", 400, 1, 1000)  # type: ignore[index]
     assert await queue.depth("shop") == (2, 1)
     [dead] = await queue.list("shop", "dead", 10)
     assert (dead.queued_id, dead.reason, dead.status, dead.attempts, dead.key) == (
@@ -240,7 +246,7 @@ async def test_purged_entries_are_not_delivered_and_large_purges_page(
     await put(queue, "a")
     [entry] = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)  # type: ignore[misc]
     assert await queue.purge("shop", "queued", entry.id) == 1
-    assert await queue.begin("shop", entry) == 0  # in a replayer's batch already: skipped
+    assert await queue.begin("shop", entry, LEASE) == 0  # in a replayer's batch already: skipped
     for i in range(1203):
         await put(queue, f"bulk{i}", max_queued=2000)
     assert await queue.purge("shop", "queued") == 1203
@@ -254,26 +260,31 @@ async def test_expired_entries_are_dead_lettered_and_dead_letters_are_capped(
         await put(queue, f"old{i}")
     await asyncio.sleep(0.3)
     fresh = await put(queue, "fresh")
-    assert await queue.expire("shop", retention=0.2, max_dead=1000) == (5, [])
+    assert await queue.expire("shop", retention=0.2, max_dead=1000, lease=LEASE) == (5, [])
     assert [e.id for e in await queue.list("shop", "queued", 10)] == [fresh.id]
     dead = await queue.list("shop", "dead", 10)
     assert [d.reason for d in dead] == ["expired"] * 5
-    assert await queue.expire("shop", retention=60, max_dead=1000) == (0, [])
+    assert await queue.expire("shop", retention=60, max_dead=1000, lease=LEASE) == (0, [])
     for i in range(300):
         await put(queue, f"many{i}", max_queued=1000)
     batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=400)
     for entry in batch:  # type: ignore[union-attr]
-        await queue.dead_letter("shop", entry, "status 400", 400, 1, 100)
+        await queue.dead_letter("shop", entry, LEASE, "status 400", 400, 1, 100)
     queued, dead_count = await queue.depth("shop")
     assert queued == 0 and dead_count == 100  # exactly the newest 100
 
 
 async def test_replayer_lease_is_exclusive(queue: DurableQueue) -> None:
-    assert await queue.acquire_replayer("shop", "a", 5) is not None
+    await queue.release_replayer("shop", LEASE)
+    a = await queue.acquire_replayer("shop", "a", 5)
+    assert a is not None
     assert await queue.acquire_replayer("shop", "b", 5) is None
-    assert await queue.renew_replayer("shop", "a", 5)
-    assert not await queue.renew_replayer("shop", "b", 5)
-    await queue.release_replayer("shop", "a")
+    assert await queue.renew_replayer("shop", a, 5)
+    assert not await queue.renew_replayer("shop", Lease("b", a.token), 5)
+    assert not await queue.renew_replayer("shop", Lease("a", a.token - 1), 5)
+    await queue.release_replayer("shop", Lease("a", a.token - 1))  # not the current one
+    assert await queue.acquire_replayer("shop", "b", 5) is None
+    await queue.release_replayer("shop", a)
     assert await queue.acquire_replayer("shop", "b", 5) is not None
 
 
@@ -318,16 +329,16 @@ async def test_finish_can_begin_the_next_entry(queue: DurableQueue) -> None:
     ids = [(await put(queue, f"k{i}")).id for i in range(3)]
     batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)
     first, second, third = batch  # type: ignore[misc]
-    assert await queue.begin("shop", first) == 1
-    assert await queue.finish("shop", first, then=second) == 1
-    assert await queue.begin("shop", second) == 2  # the finish counted its first attempt
-    await queue.finish("shop", second)
+    assert await queue.begin("shop", first, LEASE) == 1
+    assert await queue.finish("shop", first, LEASE, then=second) == 1
+    assert await queue.begin("shop", second, LEASE) == 2  # the finish counted its first attempt
+    await queue.finish("shop", second, LEASE)
     # The next entry was delivered already: 0, and acked.
-    await queue.finish("shop", third)
+    await queue.finish("shop", third, LEASE)
     assert (await put(queue, "k9")).id > ids[2]
     [fourth] = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)  # type: ignore[misc]
-    assert await queue.begin("shop", fourth) == 1
-    assert await queue.finish("shop", fourth, then=third) == 0
+    assert await queue.begin("shop", fourth, LEASE) == 1
+    assert await queue.finish("shop", fourth, LEASE, then=third) == 0
     assert await queue.depth("shop") == (0, 0)
 
 
@@ -340,8 +351,8 @@ async def test_a_resend_answered_as_new_is_delivered_never_silently_retired(
     first = await put(queue, "h:evt", retention=retention)
     await asyncio.sleep(0.5)  # delivered half-way through the retention
     [entry] = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)  # type: ignore[misc]
-    assert await queue.begin("shop", entry) == 1
-    await queue.finish("shop", entry)
+    assert await queue.begin("shop", entry, LEASE) == 1
+    await queue.finish("shop", entry, LEASE)
     again = await put(queue, "h:evt", retention=retention)
     assert again.duplicate and again.id == first.id  # within the window, after delivery
     await asyncio.sleep(0.7)  # past the first arrival's retention, not the delivery's
@@ -352,7 +363,9 @@ async def test_a_resend_answered_as_new_is_delivered_never_silently_retired(
     else:  # answered 202 "duplicate": false: it must reach the app
         [entry2] = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)  # type: ignore[misc]
         assert entry2.id == resend.id
-        assert await queue.begin("shop", entry2) == 1, "accepted as new, then silently retired"
+        assert await queue.begin("shop", entry2, LEASE) == 1, (
+            "accepted as new, then silently retired"
+        )
 
 
 async def test_dead_letters_over_the_cap_are_trimmed_exactly_and_reported(
@@ -364,13 +377,57 @@ async def test_dead_letters_over_the_cap_are_trimmed_exactly_and_reported(
     batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)
     dropped = []
     for entry in batch[:4]:  # type: ignore[index]
-        dropped += await queue.dead_letter("shop", entry, "status 400", 400, 1, 2)
+        dropped += await queue.dead_letter("shop", entry, LEASE, "status 400", 400, 1, 2)
     assert [(d.queued_id, d.key, d.reason) for d in dropped] == [
         (ids[0], "k0", "status 400"),
         (ids[1], "k1", "status 400"),
     ]
     assert [d.queued_id for d in await queue.list("shop", "dead", 10)] == ids[2:4]
     await asyncio.sleep(0.3)
-    moved, dropped = await queue.expire("shop", retention=0.2, max_dead=2)
+    moved, dropped = await queue.expire("shop", retention=0.2, max_dead=2, lease=LEASE)
     assert moved == 1 and [d.queued_id for d in dropped] == [ids[2]]
     assert [d.queued_id for d in await queue.list("shop", "dead", 10)] == [ids[3], ids[4]]
+
+
+async def test_replay_writes_are_fenced_by_the_lease(queue: DurableQueue, redis_server) -> None:
+    """Issue 12: after a lease lapse (a failover that lost it, a long pause) and a takeover,
+    the first holder's begin, dead letter and expiry are refused in the script itself, its
+    finish records the delivery it made but begins nothing, and renew/release miss."""
+    for i in range(4):
+        await put(queue, f"k{i}")
+    await queue.release_replayer("shop", LEASE)
+    lease_a = await queue.acquire_replayer("shop", "edge-a", 5)
+    assert lease_a is not None
+    batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)
+    first, second = batch[0], batch[1]  # type: ignore[index]
+    assert await queue.begin("shop", first, lease_a) == 1
+    raw = aioredis.from_url(redis_server)
+    try:
+        assert await raw.get(queue.key("shop", "replayer")) == f"edge-a#{lease_a.token}".encode()
+        await raw.pexpire(queue.key("shop", "replayer"), 1)  # the lease lapses
+        await asyncio.sleep(0.05)
+    finally:
+        await raw.aclose()
+    lease_b = await queue.acquire_replayer("shop", "edge-b", 5)
+    assert lease_b is not None and lease_b.token > lease_a.token
+    with pytest.raises(LeaseLost):
+        await queue.begin("shop", second, lease_a)
+    with pytest.raises(LeaseLost):
+        await queue.dead_letter("shop", second, lease_a, "status 400", 400, 1, 100)
+    with pytest.raises(LeaseLost):
+        await queue.expire("shop", retention=0.001, max_dead=100, lease=lease_a)
+    # Without a lease, expiry runs only while nobody replays the app.
+    assert await queue.expire("shop", retention=0.001, max_dead=100) == (0, [])
+    with pytest.raises(LeaseLost):  # the app answered 2xx to A: recorded, nothing begun
+        await queue.finish("shop", first, lease_a, then=second)
+    assert await queue.depth("shop") == (3, 0)
+    assert not await queue.renew_replayer("shop", lease_a, 5)
+    await queue.release_replayer("shop", lease_a)
+    # B, the holder now, sees the first delivered and has the rest untouched.
+    assert await queue.begin("shop", first, lease_b) == 0
+    assert await queue.begin("shop", second, lease_b) == 1
+    assert await queue.renew_replayer("shop", lease_b, 5)
+    await queue.release_replayer("shop", lease_b)
+    # Nobody replays the app now: expiry without a lease runs.
+    assert (await queue.expire("shop", retention=0.001, max_dead=100))[0] == 3
+    assert await queue.acquire_replayer("shop", "edge-a", 5) is not None

@@ -7,7 +7,9 @@ queued id, then `<id> delivered` once delivered; it lives `retention` from the f
 arrival, and that one record decides both whether a resend is a duplicate and
 whether an entry was delivered, so the two can never disagree), `replayer` +
 `replayer_fence` (the lease of the one edge replaying the app, so per-app order
-holds while several edges share the apps).
+holds while several edges share the apps; its value is `<owner>#<token>`, and every
+replay write checks it in the same script, so an edge whose lease lapsed and was
+taken over can no longer begin, dead-letter or expire anything).
 
 Every call is bounded in time and any Redis failure raises `StoreUnavailable`.
 """
@@ -19,7 +21,6 @@ import contextlib
 import msgspec
 from redis.exceptions import ResponseError
 
-from wake.store import redis_scripts
 from wake.store.protocol import Lease, StoreUnavailable
 from wake.store.redis_connection import bounded_client, guarded
 
@@ -42,11 +43,50 @@ redis.call('SET', KEYS[2], id, 'PX', ARGV[1])
 return {'new', id}
 """
 
+# The replayer lease: value `<owner>#<token>`, the token from the app's fence counter
+# (seeded from server time, so tokens stay above any issued before a data loss).
+# KEYS: lease, fence. ARGV: owner, ttl_ms. The new token, or 0 if held.
+_ACQUIRE_REPLAYER = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  local now = redis.call('TIME')
+  redis.call('SET', KEYS[2], tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. '#' .. token, 'PX', ARGV[2])
+return token
+"""
+
+# KEYS: lease. ARGV: lease value, ttl_ms. 1 if renewed (still ours), else 0.
+_RENEW_REPLAYER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: lease. ARGV: lease value. Deleted only if still ours.
+_RELEASE_REPLAYER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# The fence every replay write starts with: LOST (-2) unless the lease is `value`.
+_FENCE = """
+local LOST = -2
+local function ours(lease, value)
+  return redis.call('GET', lease) == value
+end
+"""
+
 # Shared by the scripts below: an entry leaves the queue (acked, deleted, its attempt
 # count dropped); `begin` counts a delivery attempt, or retires an entry its dedupe
 # record marks delivered, or one purged, answering 0. Only the record of this very id
 # retires it: an entry accepted as new (its own record) is always delivered.
-_ENTRY_LIB = """
+_ENTRY_LIB = (
+    _FENCE
+    + """
 local function retire(queue, attempts, id)
   redis.call('XACK', queue, 'replay', id)
   redis.call('XDEL', queue, id)
@@ -80,16 +120,26 @@ local function begin(queue, record, attempts, id)
   return redis.call('HINCRBY', attempts, id, 1)
 end
 """
+)
 
-# KEYS: queue, record, attempts. ARGV: id. This delivery's attempt number, or 0.
-_BEGIN = _ENTRY_LIB + "return begin(KEYS[1], KEYS[2], KEYS[3], ARGV[1])\n"
+# KEYS: queue, record, attempts, lease. ARGV: id, lease value. This delivery's attempt
+# number, 0 (delivered already), or LOST.
+_BEGIN = (
+    _ENTRY_LIB
+    + """
+if not ours(KEYS[4], ARGV[2]) then return LOST end
+return begin(KEYS[1], KEYS[2], KEYS[3], ARGV[1])
+"""
+)
 
-# KEYS: queue, record, attempts[, next record]. ARGV: id[, next id].
+# KEYS: queue, record, attempts, lease[, next record]. ARGV: id, lease value[, next id].
 # Delivered: the dedupe record marked and the ack in one step, so no edge can die
 # between them. The record keeps its lifetime (KEEPTTL): it still ends `retention`
 # after the first arrival; one gone already is not revived. With a next entry, also
 # its `begin` (saving a round trip and an fsync): returns its attempt number
-# (0: delivered already), else -1.
+# (0: delivered already), else -1. A holder that lost its lease still records the
+# delivery it made (the app has acted on it: a new holder must not send it again)
+# but begins nothing: LOST.
 _FINISH = (
     _ENTRY_LIB
     + """
@@ -97,17 +147,19 @@ if redis.call('GET', KEYS[2]) == ARGV[1] then
   redis.call('SET', KEYS[2], ARGV[1] .. ' delivered', 'KEEPTTL')
 end
 retire(KEYS[1], KEYS[3], ARGV[1])
-if not ARGV[2] then return -1 end
-return begin(KEYS[1], KEYS[4], KEYS[3], ARGV[2])
+if not ours(KEYS[4], ARGV[2]) then return LOST end
+if not ARGV[3] then return -1 end
+return begin(KEYS[1], KEYS[5], KEYS[3], ARGV[3])
 """
 )
 
-# KEYS: queue, dead, attempts. ARGV: id, reason, status, attempts, max dead letters.
-# Moves the entry; the dead letters keep the newest `max dead letters`. Returns
-# {moved (0 or 1), the dead letters dropped}.
+# KEYS: queue, dead, attempts, lease. ARGV: id, reason, status, attempts, max dead
+# letters, lease value. Moves the entry; the dead letters keep the newest `max dead
+# letters`. Returns {moved (0 or 1), the dead letters dropped}, or {LOST}.
 _DEAD_LETTER = (
     _ENTRY_LIB
     + """
+if not ours(KEYS[4], ARGV[6]) then return {LOST} end
 local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
 if #found == 1 then
   local fields = found[1][2]
@@ -126,12 +178,16 @@ return {#found, cap_dead(KEYS[2], ARGV[5])}
 """
 )
 
-# KEYS: queue, dead, attempts. ARGV: retention_ms, count, max dead letters. Moves up to
-# `count` entries queued longer than the retention (by server time) to the dead
-# letters as "expired". Returns {how many it moved, the dead letters dropped}.
+# KEYS: queue, dead, attempts, lease. ARGV: retention_ms, count, max dead letters,
+# lease value. Moves up to `count` entries queued longer than the retention (by server
+# time) to the dead letters as "expired". Returns {how many it moved, the dead letters
+# dropped}. With a lease value: {LOST} unless it is ours. Without one (''): nothing
+# while another edge holds the lease, whose replayer expires entries itself.
 _EXPIRE = (
     _ENTRY_LIB
     + """
+if ARGV[4] ~= '' and not ours(KEYS[4], ARGV[4]) then return {LOST} end
+if ARGV[4] == '' and redis.call('EXISTS', KEYS[4]) == 1 then return {0, {}} end
 local t = redis.call('TIME')
 local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[1])
 if cutoff <= 0 then return {0, {}} end
@@ -227,6 +283,24 @@ class QueueFull(Exception):
     """The app's queue holds max_queued requests."""
 
 
+class LeaseLost(Exception):
+    """The replayer lease lapsed and is no longer ours: this edge must stop replaying."""
+
+
+LOST = -2  # what a fenced script answers when the lease is not ours
+
+
+def lease_value(lease: Lease) -> str:
+    """What the lease key holds while `lease` is current: owner and fencing token."""
+    return f"{lease.owner}#{lease.token}"
+
+
+def _fenced(app: str, result: int) -> int:
+    if result == LOST:
+        raise LeaseLost(f"app {app}: the replayer lease is no longer ours")
+    return result
+
+
 def id_ms(stream_id: str) -> int:
     """The Redis server time (ms) a stream id was created at."""
     return int(stream_id.partition("-")[0])
@@ -285,9 +359,9 @@ class DurableQueue:
         self._dead_letter = r.register_script(_DEAD_LETTER)
         self._requeue = r.register_script(_REQUEUE)
         self._expire = r.register_script(_EXPIRE)
-        self._acquire_lease = r.register_script(redis_scripts.ACQUIRE_LEASE)
-        self._renew_lease = r.register_script(redis_scripts.RENEW_LEASE)
-        self._release_lease = r.register_script(redis_scripts.RELEASE_LEASE)
+        self._acquire_lease = r.register_script(_ACQUIRE_REPLAYER)
+        self._renew_lease = r.register_script(_RENEW_REPLAYER)
+        self._release_lease = r.register_script(_RELEASE_REPLAYER)
         self._closed = False
 
     def key(self, app: str, name: str) -> str:
@@ -351,16 +425,17 @@ class DurableQueue:
             token = int(await self._acquire_lease(keys, [owner, max(1, round(ttl * 1000))]))
         return Lease(owner, token) if token else None
 
-    async def renew_replayer(self, app: str, owner: str, ttl: float) -> bool:
+    async def renew_replayer(self, app: str, lease: Lease, ttl: float) -> bool:
+        """Extend the lease if it is still `lease` (same owner and token)."""
         async with self._guard("renew_replayer"):
             renewed = await self._renew_lease(
-                [self.key(app, "replayer")], [owner, max(1, round(ttl * 1000))]
+                [self.key(app, "replayer")], [lease_value(lease), max(1, round(ttl * 1000))]
             )
         return bool(renewed)
 
-    async def release_replayer(self, app: str, owner: str) -> None:
+    async def release_replayer(self, app: str, lease: Lease) -> None:
         async with self._guard("release_replayer"):
-            await self._release_lease([self.key(app, "replayer")], [owner])
+            await self._release_lease([self.key(app, "replayer")], [lease_value(lease)])
 
     async def next_batch(
         self, app: str, consumer: str, claim_idle: float, count: int
@@ -410,54 +485,72 @@ class DurableQueue:
             self.key(app, "queue"),
             self.key(app, f"key:{entry.key}"),
             self.key(app, "attempts"),
+            self.key(app, "replayer"),
         ]
 
-    async def begin(self, app: str, entry: QueuedRequest) -> int:
-        """This delivery's attempt number; 0 when it was delivered already (now acked)."""
+    async def begin(self, app: str, entry: QueuedRequest, lease: Lease) -> int:
+        """This delivery's attempt number; 0 when it was delivered already (now acked).
+        Raises LeaseLost, counting nothing, when `lease` is no longer the app's."""
         async with self._guard("begin"):
-            return int(await self._begin(self._entry_keys(app, entry), [entry.id]))
+            result = int(
+                await self._begin(self._entry_keys(app, entry), [entry.id, lease_value(lease)])
+            )
+        return _fenced(app, result)
 
     async def finish(
-        self, app: str, entry: QueuedRequest, then: QueuedRequest | None = None
+        self, app: str, entry: QueuedRequest, lease: Lease, then: QueuedRequest | None = None
     ) -> int | None:
         """Delivered: mark its dedupe record delivered and ack, atomically; with `then`,
-        also `begin` that entry and return its attempt number."""
+        also `begin` that entry and return its attempt number. Raises LeaseLost after
+        recording the delivery when `lease` is no longer the app's."""
         keys = self._entry_keys(app, entry)
-        args: list[str | int] = [entry.id]
+        args: list[str | int] = [entry.id, lease_value(lease)]
         if then is not None:
             keys.append(self.key(app, f"key:{then.key}"))
             args.append(then.id)
         async with self._guard("finish"):
-            attempt = int(await self._finish(keys, args))
+            attempt = _fenced(app, int(await self._finish(keys, args)))
         return attempt if then is not None else None
+
+    def _dead_keys(self, app: str) -> list[str]:
+        names = ("queue", "dead", "attempts", "replayer")
+        return [self.key(app, name) for name in names]
 
     async def dead_letter(
         self,
         app: str,
         entry: QueuedRequest,
+        lease: Lease,
         reason: str,
         status: int,
         attempts: int,
         max_dead: int,
     ) -> list[DroppedDeadLetter]:
         """Move the entry to the dead letters; the oldest dead letters dropped to keep
-        `max_dead`."""
-        keys = [self.key(app, "queue"), self.key(app, "dead"), self.key(app, "attempts")]
+        `max_dead`. Raises LeaseLost, moving nothing, when `lease` is not the app's."""
+        args = [entry.id, reason, status, attempts, max_dead, lease_value(lease)]
         async with self._guard("dead_letter"):
-            _, dropped = await self._dead_letter(
-                keys, [entry.id, reason, status, attempts, max_dead]
-            )
-        return _dropped(dropped)
+            result = await self._dead_letter(self._dead_keys(app), args)
+        _fenced(app, int(result[0]))
+        return _dropped(result[1])
 
     async def expire(
-        self, app: str, retention: float, max_dead: int, count: int = 100
+        self,
+        app: str,
+        retention: float,
+        max_dead: int,
+        lease: Lease | None = None,
+        count: int = 100,
     ) -> tuple[int, list[DroppedDeadLetter]]:
         """Dead-letter up to `count` entries queued longer than `retention`: how many, and
-        the oldest dead letters dropped to keep `max_dead`."""
-        keys = [self.key(app, "queue"), self.key(app, "dead"), self.key(app, "attempts")]
+        the oldest dead letters dropped to keep `max_dead`. Without `lease`, only while no
+        edge replays the app; with it, raises LeaseLost unless it is the app's."""
+        value = lease_value(lease) if lease is not None else ""
+        args = [round(retention * 1000), count, max_dead, value]
         async with self._guard("expire"):
-            moved, dropped = await self._expire(keys, [round(retention * 1000), count, max_dead])
-        return int(moved), _dropped(dropped)
+            result = await self._expire(self._dead_keys(app), args)
+        moved = _fenced(app, int(result[0]))
+        return moved, _dropped(result[1])
 
     # -------------------------------------------------------------- operators
 
@@ -529,6 +622,7 @@ __all__ = [
     "DroppedDeadLetter",
     "DurableQueue",
     "Enqueued",
+    "LeaseLost",
     "QueueFull",
     "QueuedRequest",
     "QueuedSummary",
