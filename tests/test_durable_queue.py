@@ -13,6 +13,7 @@ from edge.queue.durable_queue import DurableQueue, LeaseLost, QueueFull, lease_v
 from edge.queue.replay_policy import (
     Outcome,
     body_key,
+    dead_reason,
     header_key,
     identity_of,
     outcome_of,
@@ -106,6 +107,22 @@ def test_body_key_tells_senders_apart() -> None:
 )
 def test_outcome_of_a_delivery(status: int | None, attempts: int, expected: Outcome) -> None:
     assert outcome_of(status, attempts, max_attempts=3) is expected
+
+
+def test_101_1xx_and_garbage_are_final_and_the_reason_says_why() -> None:
+    """Issue 12: an answer that is no usable final response dead-letters at once."""
+    assert outcome_of(101, 1, max_attempts=3) is Outcome.DEAD
+    assert outcome_of(199, 1, max_attempts=3) is Outcome.DEAD
+    assert outcome_of(None, 1, max_attempts=3, final=True) is Outcome.DEAD
+    assert outcome_of(None, 1, max_attempts=3) is Outcome.RETRY
+    assert "switched protocols" in dead_reason(101, "", 1, 3)
+    assert "informational" in dead_reason(103, "", 1, 3)
+    assert dead_reason(None, "malformed response", 1, 3, final=True).startswith(
+        "malformed response"
+    )
+    assert dead_reason(400, "", 1, 3) == "status 400"
+    assert dead_reason(503, "", 3, 3) == "3 attempts: status 503"
+    assert dead_reason(None, "connection reset", 3, 3) == "3 attempts: connection reset"
 
 
 def test_retry_delay_doubles_up_to_the_ceiling() -> None:

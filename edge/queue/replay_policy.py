@@ -75,15 +75,38 @@ def body_key(
 RETRYABLE_4XX = frozenset({408, 425, 429})
 
 
-def outcome_of(status: int | None, attempts: int, max_attempts: int) -> Outcome:
-    """2xx is done; other answers below 500 are final (dead letter); 5xx, 408/425/429,
-    timeouts and connection errors (None) are retried until `attempts` (this one
-    included) reaches `max_attempts`."""
+def outcome_of(
+    status: int | None, attempts: int, max_attempts: int, final: bool = False
+) -> Outcome:
+    """2xx is done; other answers below 500 are final (dead letter), 101 and any other
+    1xx taken as the answer included, and so is a `final` failure (bytes that are not
+    HTTP); 5xx, 408/425/429, timeouts and connection errors (None) are retried until
+    `attempts` (this one included) reaches `max_attempts`."""
     if status is not None and 200 <= status < 300:
         return Outcome.DONE
-    if status is not None and status < 500 and status not in RETRYABLE_4XX:
+    if final or (status is not None and status < 500 and status not in RETRYABLE_4XX):
         return Outcome.DEAD
     return Outcome.RETRY if attempts < max_attempts else Outcome.DEAD
+
+
+def dead_reason(
+    status: int | None, error: str, attempts: int, max_attempts: int, final: bool = False
+) -> str:
+    """Why an entry is dead-lettered, as the dead letter records it (`error` describes a
+    failure without a status)."""
+    if status == 101:
+        why = "status 101: the app switched protocols; a queued request needs a final answer"
+    elif status is not None and status < 200:
+        why = f"status {status}: an informational answer as the final one"
+    elif status is not None:
+        why = f"status {status}"
+    else:
+        why = error
+    if final:
+        return f"{why} (not an HTTP response: not retried)"
+    if attempts >= max_attempts and (status is None or status >= 500 or status in RETRYABLE_4XX):
+        return f"{attempts} attempts: {why}"
+    return why
 
 
 def retry_delay(attempts: int, initial: float, ceiling: float) -> float:

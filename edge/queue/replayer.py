@@ -5,9 +5,11 @@ once a second (and at once after it queued something). An app with queued
 requests is woken; once it is hot, the worker that wins the app's replayer lease
 delivers entries one at a time, oldest first, so per-app order holds while the
 apps of a region spread over every edge. Each delivery is counted before it is
-sent (`begin`); a 2xx marks the dedupe record delivered and acks in one script; 4xx goes to
-the dead letters; 5xx, timeouts and connection errors are retried with back-off
-until max_attempts, then dead-lettered. A replayer that dies leaves its entries
+sent (`begin`); a 2xx marks the dedupe record delivered and acks in one script;
+4xx, a 101 or other 1xx taken as the answer, and bytes that are not HTTP go to the
+dead letters at once (the reason says why), so one entry never blocks the queue;
+5xx, timeouts and connection errors are retried with back-off until max_attempts,
+then dead-lettered. A replayer that dies leaves its entries
 pending; the next lease holder claims them once idle for `claim_idle` (or at once
 when it is the same worker restarted, which reads its own pending entries first).
 Every replay write is fenced by the lease's token (checked in its Lua script): a
@@ -30,7 +32,7 @@ from edge.queue.durable_queue import (
     id_ms,
 )
 from edge.queue.replay_delivery import DeliveryFailed, ReplayConnection
-from edge.queue.replay_policy import Outcome, outcome_of, retry_delay
+from edge.queue.replay_policy import Outcome, dead_reason, outcome_of, retry_delay
 from edge.server.config import AppConfig
 from wake.controller import HotTarget, WakeController
 from wake.store.protocol import Lease, StoreUnavailable
@@ -228,11 +230,12 @@ class Replayer:
                     extra,
                     float(policy.attempt_timeout),
                 )
-                error = f"status {status}"
+                error, final = f"status {status}", False
             except DeliveryFailed as exc:
-                status, error = None, str(exc)
-                self.wake.forget_hot(app.name, target.address)
-            outcome = outcome_of(status, attempt, policy.max_attempts)
+                status, error, final = None, str(exc), exc.final
+                if not final:  # the app answered, badly: it is still there
+                    self.wake.forget_hot(app.name, target.address)
+            outcome = outcome_of(status, attempt, policy.max_attempts, final)
             self.count(app.name, outcome.value)
             logger.debug(
                 "app %s: %s attempt %d: %s -> %s",
@@ -246,7 +249,7 @@ class Replayer:
                 then = await self.queue.finish(app.name, entry, lease, after)
                 return target, then
             if outcome is Outcome.DEAD:
-                reason = error if attempt < policy.max_attempts else f"{attempt} attempts: {error}"
+                reason = dead_reason(status, error, attempt, policy.max_attempts, final)
                 dropped = await self.queue.dead_letter(
                     app.name, entry, lease, reason, status or 0, attempt, policy.max_dead_letters
                 )
