@@ -171,7 +171,7 @@ async def test_enqueue_dedupes_by_key_and_keeps_everything(queue: DurableQueue) 
     other = await put(queue, "h:k2")
     assert other.id != first.id
     assert await queue.depth("shop") == (2, 0)
-    [entry, _] = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)  # type: ignore[misc]
+    [entry, _] = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10, lease=LEASE)  # type: ignore[misc]
     assert (entry.method, entry.path, entry.head, entry.body, entry.key, entry.arrived) == (
         "POST",
         "/hooks/pay",
@@ -195,10 +195,10 @@ async def test_batches_keep_order_and_done_entries_are_never_delivered_again(
     queue: DurableQueue,
 ) -> None:
     ids = [(await put(queue, f"k{i}")).id for i in range(5)]
-    batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=3)
+    batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=3, lease=LEASE)
     assert [e.id for e in batch] == ids[:3]  # type: ignore[union-attr]
     # The same consumer asking again (say, restarted) gets its own unfinished entries first.
-    again = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)
+    again = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10, lease=LEASE)
     assert [e.id for e in again] == ids[:3]  # type: ignore[union-attr]
     first = again[0]  # type: ignore[index]
     assert await queue.begin("shop", first, LEASE) == 1
@@ -208,7 +208,7 @@ async def test_batches_keep_order_and_done_entries_are_never_delivered_again(
     assert await queue.depth("shop") == (4, 0)
     second = again[1]  # type: ignore[index]
     assert [await queue.begin("shop", second, LEASE) for _ in range(3)] == [1, 2, 3]
-    rest = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)
+    rest = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10, lease=LEASE)
     assert [e.id for e in rest] == ids[1:3]  # type: ignore[union-attr]
     listed = await queue.list("shop", "queued", 10)
     assert [(s.id, s.attempts) for s in listed][:2] == [(ids[1], 3), (ids[2], 0)]
@@ -216,22 +216,22 @@ async def test_batches_keep_order_and_done_entries_are_never_delivered_again(
 
 async def test_other_consumers_pending_entries_wait_then_are_claimed(queue: DurableQueue) -> None:
     ids = [(await put(queue, f"k{i}")).id for i in range(3)]
-    taken = await queue.next_batch("shop", "dead-edge", claim_idle=60, count=2)
+    taken = await queue.next_batch("shop", "dead-edge", claim_idle=60, count=2, lease=LEASE)
     assert [e.id for e in taken] == ids[:2]  # type: ignore[union-attr]
     # Not idle long enough: no new entries either, or order would break.
-    assert await queue.next_batch("shop", "live-edge", claim_idle=60, count=10) is None
+    assert await queue.next_batch("shop", "live-edge", claim_idle=60, count=10, lease=LEASE) is None
     await asyncio.sleep(0.3)
-    claimed = await queue.next_batch("shop", "live-edge", claim_idle=0.2, count=10)
+    claimed = await queue.next_batch("shop", "live-edge", claim_idle=0.2, count=10, lease=LEASE)
     assert [e.id for e in claimed] == ids[:2]  # type: ignore[union-attr]
     for entry in claimed:  # type: ignore[union-attr]
         await queue.finish("shop", entry, LEASE)
-    fresh = await queue.next_batch("shop", "live-edge", claim_idle=0.2, count=10)
+    fresh = await queue.next_batch("shop", "live-edge", claim_idle=0.2, count=10, lease=LEASE)
     assert [e.id for e in fresh] == ids[2:]  # type: ignore[union-attr]
 
 
 async def test_dead_letters_are_listed_requeued_and_purged(queue: DurableQueue) -> None:
     ids = [(await put(queue, f"k{i}")).id for i in range(3)]
-    batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)
+    batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10, lease=LEASE)
     await queue.dead_letter("shop", batch[0], LEASE, "status 400", 400, 1, 1000)  # type: ignore[index]
     assert await queue.depth("shop") == (2, 1)
     [dead] = await queue.list("shop", "dead", 10)
@@ -250,18 +250,18 @@ async def test_dead_letters_are_listed_requeued_and_purged(queue: DurableQueue) 
     assert await queue.purge("shop", "queued", ids[1]) == 1
     assert await queue.purge("shop", "queued") == 2
     assert await queue.depth("shop") == (0, 0)
-    assert await queue.next_batch("shop", "edge-a", claim_idle=60, count=10) == []
+    assert await queue.next_batch("shop", "edge-a", claim_idle=60, count=10, lease=LEASE) == []
     # The queue works again after a purge, and a purged request's key queues afresh.
     assert not (await put(queue, "k9")).duplicate
     assert not (await put(queue, "k1")).duplicate
-    assert len(await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)) == 2  # type: ignore[arg-type]
+    assert len(await queue.next_batch("shop", "edge-a", claim_idle=60, count=10, lease=LEASE)) == 2  # type: ignore[arg-type]
 
 
 async def test_purged_entries_are_not_delivered_and_large_purges_page(
     queue: DurableQueue,
 ) -> None:
     await put(queue, "a")
-    [entry] = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)  # type: ignore[misc]
+    [entry] = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10, lease=LEASE)  # type: ignore[misc]
     assert await queue.purge("shop", "queued", entry.id) == 1
     assert await queue.begin("shop", entry, LEASE) == 0  # in a replayer's batch already: skipped
     for i in range(1203):
@@ -284,7 +284,7 @@ async def test_expired_entries_are_dead_lettered_and_dead_letters_are_capped(
     assert await queue.expire("shop", retention=60, max_dead=1000, lease=LEASE) == (0, [])
     for i in range(300):
         await put(queue, f"many{i}", max_queued=1000)
-    batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=400)
+    batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=400, lease=LEASE)
     for entry in batch:  # type: ignore[union-attr]
         await queue.dead_letter("shop", entry, LEASE, "status 400", 400, 1, 100)
     queued, dead_count = await queue.depth("shop")
@@ -344,7 +344,7 @@ async def test_redis_down_is_store_unavailable(own_redis) -> None:
 
 async def test_finish_can_begin_the_next_entry(queue: DurableQueue) -> None:
     ids = [(await put(queue, f"k{i}")).id for i in range(3)]
-    batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)
+    batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10, lease=LEASE)
     first, second, third = batch  # type: ignore[misc]
     assert await queue.begin("shop", first, LEASE) == 1
     assert await queue.finish("shop", first, LEASE, then=second) == 1
@@ -353,7 +353,7 @@ async def test_finish_can_begin_the_next_entry(queue: DurableQueue) -> None:
     # The next entry was delivered already: 0, and acked.
     await queue.finish("shop", third, LEASE)
     assert (await put(queue, "k9")).id > ids[2]
-    [fourth] = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)  # type: ignore[misc]
+    [fourth] = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10, lease=LEASE)  # type: ignore[misc]
     assert await queue.begin("shop", fourth, LEASE) == 1
     assert await queue.finish("shop", fourth, LEASE, then=third) == 0
     assert await queue.depth("shop") == (0, 0)
@@ -367,7 +367,7 @@ async def test_a_resend_answered_as_new_is_delivered_never_silently_retired(
     retention = 1.0
     first = await put(queue, "h:evt", retention=retention)
     await asyncio.sleep(0.5)  # delivered half-way through the retention
-    [entry] = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)  # type: ignore[misc]
+    [entry] = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10, lease=LEASE)  # type: ignore[misc]
     assert await queue.begin("shop", entry, LEASE) == 1
     await queue.finish("shop", entry, LEASE)
     again = await put(queue, "h:evt", retention=retention)
@@ -378,7 +378,7 @@ async def test_a_resend_answered_as_new_is_delivered_never_silently_retired(
         assert resend.id == first.id
         assert await queue.depth("shop") == (0, 0)
     else:  # answered 202 "duplicate": false: it must reach the app
-        [entry2] = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)  # type: ignore[misc]
+        [entry2] = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10, lease=LEASE)  # type: ignore[misc]
         assert entry2.id == resend.id
         assert await queue.begin("shop", entry2, LEASE) == 1, (
             "accepted as new, then silently retired"
@@ -391,7 +391,7 @@ async def test_dead_letters_over_the_cap_are_trimmed_exactly_and_reported(
     """Issue 12: the cap is exact, and each dead letter it drops is handed back (for the
     metric and the log), whether a delivery or an expiry dead-lettered the newcomer."""
     ids = [(await put(queue, f"k{i}")).id for i in range(5)]
-    batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)
+    batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10, lease=LEASE)
     dropped = []
     for entry in batch[:4]:  # type: ignore[index]
         dropped += await queue.dead_letter("shop", entry, LEASE, "status 400", 400, 1, 2)
@@ -408,14 +408,14 @@ async def test_dead_letters_over_the_cap_are_trimmed_exactly_and_reported(
 
 async def test_replay_writes_are_fenced_by_the_lease(queue: DurableQueue, redis_server) -> None:
     """Issue 12: after a lease lapse (a failover that lost it, a long pause) and a takeover,
-    the first holder's begin, dead letter and expiry are refused in the script itself, its
+    the first holder's read, begin, dead letter and expiry are refused in the script, its
     finish records the delivery it made but begins nothing, and renew/release miss."""
     for i in range(4):
         await put(queue, f"k{i}")
     await queue.release_replayer("shop", LEASE)
     lease_a = await queue.acquire_replayer("shop", "edge-a", 5)
     assert lease_a is not None
-    batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10)
+    batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10, lease=lease_a)
     first, second = batch[0], batch[1]  # type: ignore[index]
     assert await queue.begin("shop", first, lease_a) == 1
     raw = aioredis.from_url(redis_server)
@@ -427,6 +427,8 @@ async def test_replay_writes_are_fenced_by_the_lease(queue: DurableQueue, redis_
         await raw.aclose()
     lease_b = await queue.acquire_replayer("shop", "edge-b", 5)
     assert lease_b is not None and lease_b.token > lease_a.token
+    with pytest.raises(LeaseLost):  # reading claims entries: fenced too
+        await queue.next_batch("shop", "edge-a", claim_idle=0.001, count=10, lease=lease_a)
     with pytest.raises(LeaseLost):
         await queue.begin("shop", second, lease_a)
     with pytest.raises(LeaseLost):

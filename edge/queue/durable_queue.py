@@ -9,7 +9,7 @@ whether an entry was delivered, so the two can never disagree), `replayer` +
 `replayer_fence` (the lease of the one edge replaying the app, so per-app order
 holds while several edges share the apps; its value is `<owner>#<token>`, and every
 replay write checks it in the same script, so an edge whose lease lapsed and was
-taken over can no longer begin, dead-letter or expire anything).
+taken over can no longer read (claim), begin, dead-letter or expire anything).
 
 Every call is bounded in time and any Redis failure raises `StoreUnavailable`.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 
 import msgspec
-from redis.exceptions import ResponseError
 
 from wake.store.protocol import Lease, StoreUnavailable
 from wake.store.redis_connection import bounded_client, guarded
@@ -79,6 +78,43 @@ local function ours(lease, value)
   return redis.call('GET', lease) == value
 end
 """
+
+# KEYS: queue, lease. ARGV: consumer, claim_idle_ms, count, lease value. The next
+# entries for the lease holder: its own pending ones, else ones another consumer left
+# idle for claim_idle (claimed), else, only once nothing is pending (per-app order),
+# new ones. {'ok', entries} (ids of deleted entries acked away), {'wait'} while others
+# hold pending entries not yet idle, or {'lost'}: reading claims entries, so it is a
+# replay write too.
+_NEXT_BATCH = (
+    _FENCE
+    + """
+if not ours(KEYS[2], ARGV[4]) then return {'lost'} end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'ok', {}} end
+local function usable(raw)
+  local out, gone = {}, {}
+  for _, e in ipairs(raw) do
+    if e[2] then table.insert(out, e) else table.insert(gone, e[1]) end
+  end
+  if #gone > 0 then redis.call('XACK', KEYS[1], 'replay', unpack(gone)) end
+  return out
+end
+local function read(from)
+  local r = redis.call('XREADGROUP', 'GROUP', 'replay', ARGV[1], 'COUNT', ARGV[3],
+    'STREAMS', KEYS[1], from)
+  if not r then return {} end
+  return usable(r[1][2])
+end
+local entries = read('0')
+if #entries > 0 then return {'ok', entries} end
+-- Redis 7 answers {cursor, entries, deleted ids}; 6.2 has no third part.
+local claimed = redis.call('XAUTOCLAIM', KEYS[1], 'replay', ARGV[1], ARGV[2], '0-0',
+  'COUNT', ARGV[3])
+entries = usable(claimed[2])
+if #entries > 0 then return {'ok', entries} end
+if redis.call('XPENDING', KEYS[1], 'replay')[1] > 0 then return {'wait'} end
+return {'ok', read('>')}
+"""
+)
 
 # Shared by the scripts below: an entry leaves the queue (acked, deleted, its attempt
 # count dropped); `begin` counts a delivery attempt, or retires an entry its dedupe
@@ -312,6 +348,11 @@ def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """A stream entry's fields as a script returns them (name, value, ...) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 def _entry(stream_id: bytes | str, fields: dict[bytes, bytes]) -> QueuedRequest:
     return QueuedRequest(
         id=_text(stream_id),
@@ -354,6 +395,7 @@ class DurableQueue:
         self._redis = bounded_client(url, decode_responses=False, max_connections=max_connections)
         r = self._redis
         self._enqueue = r.register_script(_ENQUEUE)
+        self._next_batch = r.register_script(_NEXT_BATCH)
         self._begin = r.register_script(_BEGIN)
         self._finish = r.register_script(_FINISH)
         self._dead_letter = r.register_script(_DEAD_LETTER)
@@ -438,46 +480,24 @@ class DurableQueue:
             await self._release_lease([self.key(app, "replayer")], [lease_value(lease)])
 
     async def next_batch(
-        self, app: str, consumer: str, claim_idle: float, count: int
+        self, app: str, consumer: str, claim_idle: float, count: int, lease: Lease
     ) -> list[QueuedRequest] | None:
         """The next entries for the replayer holding the app's lease, oldest first.
 
         Its own unfinished entries come first, then entries another consumer read
         and left idle for `claim_idle`; new entries only once nothing is pending,
         so per-app order holds. None: others hold pending entries not yet idle.
+        Raises LeaseLost, reading and claiming nothing, when `lease` is not the app's.
         """
-        queue = self.key(app, "queue")
+        keys = [self.key(app, "queue"), self.key(app, "replayer")]
+        args = [consumer, max(1, round(claim_idle * 1000)), count, lease_value(lease)]
         async with self._guard("next_batch"):
-            try:
-                mine = await self._redis.xreadgroup(GROUP, consumer, {queue: "0"}, count=count)
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                return []
-            entries = await self._usable(app, mine[0][1] if mine else [])
-            if entries:
-                return entries
-            # Redis 7 answers [cursor, entries, deleted ids]; 6.2 has no third part.
-            claimed = (
-                await self._redis.xautoclaim(
-                    queue, GROUP, consumer, max(1, round(claim_idle * 1000)), "0-0", count=count
-                )
-            )[1]
-            entries = await self._usable(app, claimed)
-            if entries:
-                return entries
-            pending = await self._redis.xpending(queue, GROUP)
-            if pending["pending"]:
-                return None
-            fresh = await self._redis.xreadgroup(GROUP, consumer, {queue: ">"}, count=count)
-            return await self._usable(app, fresh[0][1] if fresh else [])
-
-    async def _usable(self, app: str, raw: list) -> list[QueuedRequest]:
-        """Parsed entries, sorted by id; ids whose entry was deleted are acked away."""
-        gone = [stream_id for stream_id, fields in raw if not fields]
-        if gone:
-            await self._redis.xack(self.key(app, "queue"), GROUP, *gone)
-        entries = [_entry(stream_id, fields) for stream_id, fields in raw if fields]
+            answer = await self._next_batch(keys, args)
+        if answer[0] == b"lost":
+            raise LeaseLost(f"app {app}: the replayer lease is no longer ours")
+        if answer[0] == b"wait":
+            return None
+        entries = [_entry(stream_id, _pairs(fields)) for stream_id, fields in answer[1]]
         return sorted(entries, key=lambda e: tuple(int(p) for p in e.id.split("-")))
 
     def _entry_keys(self, app: str, entry: QueuedRequest) -> list[str]:

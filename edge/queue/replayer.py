@@ -165,7 +165,7 @@ class Replayer:
             assert policy is not None
             count = max(1, min(BATCH, BATCH_BYTES // max(1, int(policy.max_body))))
             batch = await self.queue.next_batch(
-                app.name, self.consumer, float(policy.claim_idle), count
+                app.name, self.consumer, float(policy.claim_idle), count, lease
             )
             if batch is None:
                 await asyncio.sleep(PAUSE)
