@@ -442,3 +442,110 @@ async def test_a_stalled_upload_is_408_and_gives_back_what_it_reserved(
     assert status == 202  # not 503 hold_cap: nothing leaked
     _, overview = await admin(client, edge, "GET", "/admin/queues")
     assert overview["queues"][0]["queued"] == 1
+
+
+async def test_hash_dedupe_never_merges_two_senders(
+    start_control_plane, start_edge, fresh_redis, client, tmp_path
+) -> None:
+    """Issue 12: `dedupe_key = "hash"` covers who sent the request (Authorization and the
+    policy's identity_headers), so two senders of one body get two deliveries."""
+    hooks = WebhookApp(tmp_path, start_delay=2)
+    cp = start_control_plane(apps=[hooks.spec])
+    app = shop()
+    app["replay"] = replay_policy(dedupe_key="hash")
+    edge = start_queue_edge(start_edge, cp, fresh_redis, app)
+    body = b'{"transfer": 100}'
+
+    async def post(headers: dict[str, str]) -> dict[str, Any]:
+        async with client.post(
+            edge.url + "/hooks/pay", data=body, headers={"Host": HOST, **headers}
+        ) as resp:
+            assert resp.status == 202
+            return await resp.json()
+
+    alice = await post({"Authorization": "Bearer alice"})
+    bob = await post({"Authorization": "Bearer bob"})
+    carol = await post({"Authorization": "Bearer alice", "X-Api-Key": "carol"})
+    assert not bob["duplicate"] and bob["queued_id"] != alice["queued_id"]
+    assert not carol["duplicate"] and carol["queued_id"] not in (
+        alice["queued_id"],
+        bob["queued_id"],
+    )
+    again = await post({"Authorization": "Bearer alice"})  # a real resend is still one
+    assert again == {**alice, "duplicate": True}
+    await delivered(hooks, 3)
+    await asyncio.sleep(1)
+    signed = sorted(d["queued_id"] for d in hooks.deliveries())
+    assert signed == sorted(x["queued_id"] for x in (alice, bob, carol))
+
+
+async def test_dead_letters_beyond_the_cap_are_counted_and_logged(
+    start_control_plane, start_edge, fresh_redis, client, tmp_path
+) -> None:
+    """Issue 12: max_dead_letters drops the oldest dead letters, never silently."""
+    hooks = WebhookApp(tmp_path, statuses="400", start_delay=0.5)
+    cp = start_control_plane(apps=[hooks.spec])
+    app = shop()
+    app["replay"] = replay_policy(max_dead_letters=2)
+    edge = start_queue_edge(start_edge, cp, fresh_redis, app)
+    answers = [json.loads((await send(client, edge, f"evt_{i}"))[2]) for i in range(4)]
+
+    def trimmed() -> float:
+        return metric_sum(
+            edge.metrics(), "edge_queue_events_total", app="shop", event="dead_letter_trimmed"
+        )
+
+    await eventually(lambda: trimmed() == 2, timeout=30, what="two dead letters trimmed")
+    assert metric_sum(edge.metrics(), "edge_queue_dead_letters", app="shop") == 2
+    await eventually(
+        lambda: all(a["queued_id"] in edge.output() for a in answers[:2]),
+        timeout=5,
+        what="the trimmed dead letters' ids in the log",
+    )
+    assert "max_dead_letters" in edge.output()
+
+
+RAW_UPSTREAM = Path(__file__).parent / "raw_upstream.py"
+
+
+async def test_a_101_answer_is_dead_lettered_and_the_queue_moves_on(
+    start_control_plane, start_edge, fresh_redis, client, tmp_path
+) -> None:
+    """Issue 12: an app that answers a queued request with 101 gave its final answer: the
+    entry is dead-lettered once (the reason says why), and the next entry is delivered."""
+    spec = sample_app_spec("shop")
+    spec["command"] = ["{python}", str(RAW_UPSTREAM), "--port", "{port}", "--name", "{allocation}"]
+    spec["artifact"] = str(RAW_UPSTREAM)
+    cp = start_control_plane(apps=[spec])
+    rules = [{"class": "queue", "methods": ["POST"], "path_prefix": "/"}]
+    edge = start_queue_edge(start_edge, cp, fresh_redis, shop(rules=rules), admin_token="t")
+    queued = []
+    for path in ("/tunnel?id=replayed", "/echo"):
+        status, _, body = await send(client, edge, "", b'{"path": "%b"}' % path.encode(), path)
+        assert status == 202, body
+        queued.append(json.loads(body)["queued_id"])
+
+    async def dead() -> list[dict[str, Any]]:
+        return (await admin(client, edge, "GET", "/admin/queues/shop/dead"))[1]["dead"]
+
+    await eventually(dead, timeout=30, interval=0.2, what="the 101 answer dead-lettered")
+    [letter] = await dead()
+    assert (letter["queued_id"], letter["status"], letter["attempts"]) == (queued[0], 101, 1)
+    assert "101" in letter["reason"] and "switched protocols" in letter["reason"]
+
+    async def app_log() -> list[dict[str, Any]]:
+        async with client.get(edge.url + "/__stats", headers={"Host": HOST}) as resp:
+            return (await resp.json())["log"]
+
+    def queued_id(entry: dict[str, Any]) -> str:
+        return next((v for k, v in entry["headers"] if k == "X-Edge-Queued-Id"), "")
+
+    async def echo_delivered() -> bool:
+        return any(queued_id(e) == queued[1] for e in await app_log())
+
+    await eventually(echo_delivered, timeout=15, interval=0.2, what="the next entry delivered")
+    await asyncio.sleep(1.5)  # a scan or more later: the 101 was not sent again
+    tunnels = [e for e in await app_log() if e["path"].startswith("/tunnel")]
+    assert len(tunnels) == 1
+    _, overview = await admin(client, edge, "GET", "/admin/queues")
+    assert overview["queues"] == [{"app": "shop", "queued": 0, "dead_letters": 1}]

@@ -1,5 +1,6 @@
 """The replay client against raw loopback servers: close-delimited answers, 1xx before
-the final status, 101, a kept-alive connection the app closed, and a silent app."""
+the final status, 101 and garbage (final answers), a kept-alive connection the app
+closed, and a silent app."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from edge.queue.replay_delivery import DeliveryFailed, ReplayConnection, SwitchedProtocols
+from edge.queue.replay_delivery import DeliveryFailed, ReplayConnection
 
 HEAD = b"POST /hooks/a HTTP/1.1\r\nHost: shop.localhost\r\n\r\n"
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -70,13 +71,11 @@ async def test_informational_answers_are_skipped() -> None:
         server.close()
 
 
-@pytest.mark.parametrize(
-    ("headers", "raised"),
-    [(b"Upgrade: x\r\nConnection: Upgrade\r\n", SwitchedProtocols), (b"", DeliveryFailed)],
-)
-async def test_101_ends_the_attempt_at_once(headers: bytes, raised: type[Exception]) -> None:
-    """An upgrade is not a DeliveryFailed (the replayer pauses and re-sends, as it always
-    did), a bare 101 is one; neither waits for the attempt's timeout."""
+@pytest.mark.parametrize("headers", [b"Upgrade: x\r\nConnection: Upgrade\r\n", b""])
+async def test_101_is_a_final_answer_at_once(headers: bytes) -> None:
+    """Issue 12: 101 is the app's answer (the replayer dead-letters it), never an exception
+    the replayer does not expect; no timeout is waited. A 101 without Upgrade is refused
+    by the parser: a final failure, dead-lettered at once too."""
 
     async def handler(reader, writer) -> None:
         await read_request(reader)
@@ -87,9 +86,41 @@ async def test_101_ends_the_attempt_at_once(headers: bytes, raised: type[Excepti
     conn = ReplayConnection()
     started = time.monotonic()
     try:
-        with pytest.raises(raised):
-            await conn.deliver(address, "POST", HEAD, b"{}", b"", 5)
+        if headers:
+            assert await conn.deliver(address, "POST", HEAD, b"{}", b"", 5) == 101
+        else:
+            with pytest.raises(DeliveryFailed) as info:
+                await conn.deliver(address, "POST", HEAD, b"{}", b"", 5)
+            assert info.value.final
         assert time.monotonic() - started < 1
+    finally:
+        conn.close()
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HELLO\r\n\r\n",
+        b"HTTP/1.1 2000 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+    ],
+)
+async def test_garbage_is_a_final_failure(answer: bytes) -> None:
+    """Issue 12: bytes that are not an HTTP response fail the attempt as final (dead letter
+    at once), unlike a reset or a timeout, which are retried."""
+
+    async def handler(reader, writer) -> None:
+        await read_request(reader)
+        writer.write(answer)
+        await asyncio.sleep(10)
+
+    server, address = await serve(handler)
+    conn = ReplayConnection()
+    try:
+        with pytest.raises(DeliveryFailed) as info:
+            await conn.deliver(address, "POST", HEAD, b"{}", b"", 5)
+        assert info.value.final and "malformed" in str(info.value)
     finally:
         conn.close()
         server.close()
@@ -125,8 +156,9 @@ async def test_a_silent_app_times_out() -> None:
     server, address = await serve(handler)
     conn = ReplayConnection()
     try:
-        with pytest.raises(DeliveryFailed):
+        with pytest.raises(DeliveryFailed) as info:
             await conn.deliver(address, "POST", HEAD, b"{}", b"", 0.3)
+        assert not info.value.final
     finally:
         conn.close()
         server.close()
@@ -136,5 +168,6 @@ async def test_connection_refused_fails_the_attempt() -> None:
     server, address = await serve(lambda r, w: asyncio.sleep(0))
     server.close()
     await server.wait_closed()
-    with pytest.raises(DeliveryFailed):
+    with pytest.raises(DeliveryFailed) as info:
         await ReplayConnection().deliver(address, "POST", HEAD, b"{}", b"", 2)
+    assert not info.value.final  # retried

@@ -531,7 +531,8 @@ class FrontConnection(asyncio.Protocol):
                 path=ex.path,
                 head=ex.head,
                 body=body,
-                key=ex.queue_key or body_key(ex.method, ex.path, body),
+                key=ex.queue_key
+                or body_key(ex.method, ex.path, body, ex.head, policy.identity_headers),
                 arrived=time.time(),
                 retention=float(policy.retention),
                 max_queued=policy.max_queued,

@@ -96,7 +96,8 @@ def _queue_families(
     events = CounterMetricFamily(
         "edge_queue_events",
         "Durable queue events: accepted, dedupe_hit, refused_*, too_large, delivered, "
-        "retried, dead_lettered, already_done.",
+        "retried, dead_lettered, already_done, dead_letter_trimmed (dropped over "
+        "max_dead_letters), lease_lost (a replayer fenced off by a newer lease holder).",
         labels=["app", "event"],
     )
     for key, n in sorted(_sum_by(snapshots, "queue").items()):

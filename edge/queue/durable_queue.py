@@ -2,10 +2,14 @@
 
 Keys carry the app's hash tag like the wake store's (`edge:{app}:...`):
 `queue` (the stream, consumer group `replay`), `dead` (dead letters), `attempts`
-(HASH id -> deliveries tried), `key:<dedupe key>` (first queued id, for the
-retention), `done:<dedupe key>` (delivered; written with the ack in one script),
-`replayer` + `replayer_fence` (the lease of the one edge replaying the app, so
-per-app order holds while several edges share the apps).
+(HASH id -> deliveries tried), `key:<dedupe key>` (the dedupe record: the first
+queued id, then `<id> delivered` once delivered; it lives `retention` from the first
+arrival, and that one record decides both whether a resend is a duplicate and
+whether an entry was delivered, so the two can never disagree), `replayer` +
+`replayer_fence` (the lease of the one edge replaying the app, so per-app order
+holds while several edges share the apps; its value is `<owner>#<token>`, and every
+replay write checks it in the same script, so an edge whose lease lapsed and was
+taken over can no longer read (claim), begin, dead-letter or expire anything).
 
 Every call is bounded in time and any Redis failure raises `StoreUnavailable`.
 """
@@ -15,9 +19,7 @@ from __future__ import annotations
 import contextlib
 
 import msgspec
-from redis.exceptions import ResponseError
 
-from wake.store import redis_scripts
 from wake.store.protocol import Lease, StoreUnavailable
 from wake.store.redis_connection import bounded_client, guarded
 
@@ -27,8 +29,8 @@ PURGE_PAGE = 500
 # KEYS: queue, dedupe. ARGV: retention_ms, max_queued, method, path, head, body, key, arrived.
 # {'new', id} | {'dup', first id} | {'full', ''}
 _ENQUEUE = """
-local first = redis.call('GET', KEYS[2])
-if first then return {'dup', first} end
+local record = redis.call('GET', KEYS[2])
+if record then return {'dup', string.match(record, '^%S+')} end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('XGROUP', 'CREATE', KEYS[1], 'replay', '0', 'MKSTREAM')
 elseif redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[2]) then
@@ -40,46 +42,160 @@ redis.call('SET', KEYS[2], id, 'PX', ARGV[1])
 return {'new', id}
 """
 
+# The replayer lease: value `<owner>#<token>`, the token from the app's fence counter
+# (seeded from server time, so tokens stay above any issued before a data loss).
+# KEYS: lease, fence. ARGV: owner, ttl_ms. The new token, or 0 if held.
+_ACQUIRE_REPLAYER = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  local now = redis.call('TIME')
+  redis.call('SET', KEYS[2], tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. '#' .. token, 'PX', ARGV[2])
+return token
+"""
+
+# KEYS: lease. ARGV: lease value, ttl_ms. 1 if renewed (still ours), else 0.
+_RENEW_REPLAYER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: lease. ARGV: lease value. Deleted only if still ours.
+_RELEASE_REPLAYER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# The fence every replay write starts with: LOST (-2) unless the lease is `value`.
+_FENCE = """
+local LOST = -2
+local function ours(lease, value)
+  return redis.call('GET', lease) == value
+end
+"""
+
+# KEYS: queue, lease. ARGV: consumer, claim_idle_ms, count, lease value. The next
+# entries for the lease holder: its own pending ones, else ones another consumer left
+# idle for claim_idle (claimed), else, only once nothing is pending (per-app order),
+# new ones. {'ok', entries} (ids of deleted entries acked away), {'wait'} while others
+# hold pending entries not yet idle, or {'lost'}: reading claims entries, so it is a
+# replay write too.
+_NEXT_BATCH = (
+    _FENCE
+    + """
+if not ours(KEYS[2], ARGV[4]) then return {'lost'} end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'ok', {}} end
+local function usable(raw)
+  local out, gone = {}, {}
+  for _, e in ipairs(raw) do
+    if e[2] then table.insert(out, e) else table.insert(gone, e[1]) end
+  end
+  if #gone > 0 then redis.call('XACK', KEYS[1], 'replay', unpack(gone)) end
+  return out
+end
+local function read(from)
+  local r = redis.call('XREADGROUP', 'GROUP', 'replay', ARGV[1], 'COUNT', ARGV[3],
+    'STREAMS', KEYS[1], from)
+  if not r then return {} end
+  return usable(r[1][2])
+end
+local entries = read('0')
+if #entries > 0 then return {'ok', entries} end
+-- Redis 7 answers {cursor, entries, deleted ids}; 6.2 has no third part.
+local claimed = redis.call('XAUTOCLAIM', KEYS[1], 'replay', ARGV[1], ARGV[2], '0-0',
+  'COUNT', ARGV[3])
+entries = usable(claimed[2])
+if #entries > 0 then return {'ok', entries} end
+if redis.call('XPENDING', KEYS[1], 'replay')[1] > 0 then return {'wait'} end
+return {'ok', read('>')}
+"""
+)
+
 # Shared by the scripts below: an entry leaves the queue (acked, deleted, its attempt
-# count dropped); `begin` counts a delivery attempt, or retires an entry already
-# delivered (done record) or purged, answering 0.
-_ENTRY_LIB = """
+# count dropped); `begin` counts a delivery attempt, or retires an entry its dedupe
+# record marks delivered, or one purged, answering 0. Only the record of this very id
+# retires it: an entry accepted as new (its own record) is always delivered.
+_ENTRY_LIB = (
+    _FENCE
+    + """
 local function retire(queue, attempts, id)
   redis.call('XACK', queue, 'replay', id)
   redis.call('XDEL', queue, id)
   redis.call('HDEL', attempts, id)
 end
-local function begin(queue, done, attempts, id)
-  if redis.call('EXISTS', done) == 1 or #redis.call('XRANGE', queue, id, id) == 0 then
+-- Keeps the dead letters to `max` exactly: drops the oldest (at most 1000 per call, so
+-- a lowered cap never makes one long script), returning each as {id, queued_id, key,
+-- reason} so the edge can count and log every one.
+local function cap_dead(dead, max)
+  local over = math.min(redis.call('XLEN', dead) - tonumber(max), 1000)
+  if over <= 0 then return {} end
+  local gone = {}
+  for _, e in ipairs(redis.call('XRANGE', dead, '-', '+', 'COUNT', over)) do
+    local f, queued_id, key, reason = e[2], '', '', ''
+    for i = 1, #f, 2 do
+      if f[i] == 'queued_id' then queued_id = f[i + 1]
+      elseif f[i] == 'k' then key = f[i + 1]
+      elseif f[i] == 'reason' then reason = f[i + 1] end
+    end
+    table.insert(gone, {e[1], queued_id, key, reason})
+  end
+  redis.call('XTRIM', dead, 'MAXLEN', redis.call('XLEN', dead) - #gone)
+  return gone
+end
+local function begin(queue, record, attempts, id)
+  if redis.call('GET', record) == id .. ' delivered'
+      or #redis.call('XRANGE', queue, id, id) == 0 then
     retire(queue, attempts, id)
     return 0
   end
   return redis.call('HINCRBY', attempts, id, 1)
 end
 """
+)
 
-# KEYS: queue, done, attempts. ARGV: id. This delivery's attempt number, or 0.
-_BEGIN = _ENTRY_LIB + "return begin(KEYS[1], KEYS[2], KEYS[3], ARGV[1])\n"
-
-# KEYS: queue, done, attempts[, next done]. ARGV: id, retention_ms[, next id].
-# Delivered: the done record and the ack in one step, so no edge can die between
-# them. With a next entry, also its `begin` (saving a round trip and an fsync):
-# returns its attempt number (0: delivered already), else -1.
-_FINISH = (
+# KEYS: queue, record, attempts, lease. ARGV: id, lease value. This delivery's attempt
+# number, 0 (delivered already), or LOST.
+_BEGIN = (
     _ENTRY_LIB
     + """
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-retire(KEYS[1], KEYS[3], ARGV[1])
-if not ARGV[3] then return -1 end
-return begin(KEYS[1], KEYS[4], KEYS[3], ARGV[3])
+if not ours(KEYS[4], ARGV[2]) then return LOST end
+return begin(KEYS[1], KEYS[2], KEYS[3], ARGV[1])
 """
 )
 
-# KEYS: queue, dead, attempts. ARGV: id, reason, status, attempts, max dead letters.
-# Moves the entry; the dead letters keep the newest `max dead letters` (approximately).
+# KEYS: queue, record, attempts, lease[, next record]. ARGV: id, lease value[, next id].
+# Delivered: the dedupe record marked and the ack in one step, so no edge can die
+# between them. The record keeps its lifetime (KEEPTTL): it still ends `retention`
+# after the first arrival; one gone already is not revived. With a next entry, also
+# its `begin` (saving a round trip and an fsync): returns its attempt number
+# (0: delivered already), else -1. A holder that lost its lease still records the
+# delivery it made (the app has acted on it: a new holder must not send it again)
+# but begins nothing: LOST.
+_FINISH = (
+    _ENTRY_LIB
+    + """
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[1] .. ' delivered', 'KEEPTTL')
+end
+retire(KEYS[1], KEYS[3], ARGV[1])
+if not ours(KEYS[4], ARGV[2]) then return LOST end
+if not ARGV[3] then return -1 end
+return begin(KEYS[1], KEYS[5], KEYS[3], ARGV[3])
+"""
+)
+
+# KEYS: queue, dead, attempts, lease. ARGV: id, reason, status, attempts, max dead
+# letters, lease value. Moves the entry; the dead letters keep the newest `max dead
+# letters`. Returns {moved (0 or 1), the dead letters dropped}, or {LOST}.
 _DEAD_LETTER = (
     _ENTRY_LIB
     + """
+if not ours(KEYS[4], ARGV[6]) then return {LOST} end
 local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
 if #found == 1 then
   local fields = found[1][2]
@@ -91,22 +207,26 @@ if #found == 1 then
   table.insert(fields, ARGV[3])
   table.insert(fields, 'attempts')
   table.insert(fields, ARGV[4])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', unpack(fields))
+  redis.call('XADD', KEYS[2], '*', unpack(fields))
 end
 retire(KEYS[1], KEYS[3], ARGV[1])
-return #found
+return {#found, cap_dead(KEYS[2], ARGV[5])}
 """
 )
 
-# KEYS: queue, dead, attempts. ARGV: retention_ms, count, max dead letters. Moves up to
-# `count` entries queued longer than the retention (by server time) to the dead
-# letters as "expired"; how many it moved.
+# KEYS: queue, dead, attempts, lease. ARGV: retention_ms, count, max dead letters,
+# lease value. Moves up to `count` entries queued longer than the retention (by server
+# time) to the dead letters as "expired". Returns {how many it moved, the dead letters
+# dropped}. With a lease value: {LOST} unless it is ours. Without one (''): nothing
+# while another edge holds the lease, whose replayer expires entries itself.
 _EXPIRE = (
     _ENTRY_LIB
     + """
+if ARGV[4] ~= '' and not ours(KEYS[4], ARGV[4]) then return {LOST} end
+if ARGV[4] == '' and redis.call('EXISTS', KEYS[4]) == 1 then return {0, {}} end
 local t = redis.call('TIME')
 local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[1])
-if cutoff <= 0 then return 0 end
+if cutoff <= 0 then return {0, {}} end
 local old = redis.call('XRANGE', KEYS[1], '-', tostring(cutoff), 'COUNT', ARGV[2])
 for _, e in ipairs(old) do
   local fields = e[2]
@@ -115,10 +235,10 @@ for _, e in ipairs(old) do
   for _, v in ipairs(extra) do
     table.insert(fields, v)
   end
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
+  redis.call('XADD', KEYS[2], '*', unpack(fields))
   retire(KEYS[1], KEYS[3], e[1])
 end
-return #old
+return {#old, cap_dead(KEYS[2], ARGV[3])}
 """
 )
 
@@ -177,6 +297,19 @@ class QueuedSummary(msgspec.Struct, frozen=True, kw_only=True):
     status: int = 0
 
 
+class DroppedDeadLetter(msgspec.Struct, frozen=True):
+    """A dead letter dropped to keep the app's max_dead_letters: its ids, key and reason."""
+
+    id: str
+    queued_id: str
+    key: str
+    reason: str
+
+
+def _dropped(raw: list) -> list[DroppedDeadLetter]:
+    return [DroppedDeadLetter(*(_text(v) for v in item)) for item in raw]
+
+
 class Enqueued(msgspec.Struct, frozen=True):
     id: str
     duplicate: bool
@@ -184,6 +317,24 @@ class Enqueued(msgspec.Struct, frozen=True):
 
 class QueueFull(Exception):
     """The app's queue holds max_queued requests."""
+
+
+class LeaseLost(Exception):
+    """The replayer lease lapsed and is no longer ours: this edge must stop replaying."""
+
+
+LOST = -2  # what a fenced script answers when the lease is not ours
+
+
+def lease_value(lease: Lease) -> str:
+    """What the lease key holds while `lease` is current: owner and fencing token."""
+    return f"{lease.owner}#{lease.token}"
+
+
+def _fenced(app: str, result: int) -> int:
+    if result == LOST:
+        raise LeaseLost(f"app {app}: the replayer lease is no longer ours")
+    return result
 
 
 def id_ms(stream_id: str) -> int:
@@ -195,6 +346,11 @@ def _text(value: bytes | str | None) -> str:
     if value is None:
         return ""
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """A stream entry's fields as a script returns them (name, value, ...) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _entry(stream_id: bytes | str, fields: dict[bytes, bytes]) -> QueuedRequest:
@@ -239,14 +395,15 @@ class DurableQueue:
         self._redis = bounded_client(url, decode_responses=False, max_connections=max_connections)
         r = self._redis
         self._enqueue = r.register_script(_ENQUEUE)
+        self._next_batch = r.register_script(_NEXT_BATCH)
         self._begin = r.register_script(_BEGIN)
         self._finish = r.register_script(_FINISH)
         self._dead_letter = r.register_script(_DEAD_LETTER)
         self._requeue = r.register_script(_REQUEUE)
         self._expire = r.register_script(_EXPIRE)
-        self._acquire_lease = r.register_script(redis_scripts.ACQUIRE_LEASE)
-        self._renew_lease = r.register_script(redis_scripts.RENEW_LEASE)
-        self._release_lease = r.register_script(redis_scripts.RELEASE_LEASE)
+        self._acquire_lease = r.register_script(_ACQUIRE_REPLAYER)
+        self._renew_lease = r.register_script(_RENEW_REPLAYER)
+        self._release_lease = r.register_script(_RELEASE_REPLAYER)
         self._closed = False
 
     def key(self, app: str, name: str) -> str:
@@ -310,108 +467,110 @@ class DurableQueue:
             token = int(await self._acquire_lease(keys, [owner, max(1, round(ttl * 1000))]))
         return Lease(owner, token) if token else None
 
-    async def renew_replayer(self, app: str, owner: str, ttl: float) -> bool:
+    async def renew_replayer(self, app: str, lease: Lease, ttl: float) -> bool:
+        """Extend the lease if it is still `lease` (same owner and token)."""
         async with self._guard("renew_replayer"):
             renewed = await self._renew_lease(
-                [self.key(app, "replayer")], [owner, max(1, round(ttl * 1000))]
+                [self.key(app, "replayer")], [lease_value(lease), max(1, round(ttl * 1000))]
             )
         return bool(renewed)
 
-    async def release_replayer(self, app: str, owner: str) -> None:
+    async def release_replayer(self, app: str, lease: Lease) -> None:
         async with self._guard("release_replayer"):
-            await self._release_lease([self.key(app, "replayer")], [owner])
+            await self._release_lease([self.key(app, "replayer")], [lease_value(lease)])
 
     async def next_batch(
-        self, app: str, consumer: str, claim_idle: float, count: int
+        self, app: str, consumer: str, claim_idle: float, count: int, lease: Lease
     ) -> list[QueuedRequest] | None:
         """The next entries for the replayer holding the app's lease, oldest first.
 
         Its own unfinished entries come first, then entries another consumer read
         and left idle for `claim_idle`; new entries only once nothing is pending,
         so per-app order holds. None: others hold pending entries not yet idle.
+        Raises LeaseLost, reading and claiming nothing, when `lease` is not the app's.
         """
-        queue = self.key(app, "queue")
+        keys = [self.key(app, "queue"), self.key(app, "replayer")]
+        args = [consumer, max(1, round(claim_idle * 1000)), count, lease_value(lease)]
         async with self._guard("next_batch"):
-            try:
-                mine = await self._redis.xreadgroup(GROUP, consumer, {queue: "0"}, count=count)
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                return []
-            entries = await self._usable(app, mine[0][1] if mine else [])
-            if entries:
-                return entries
-            # Redis 7 answers [cursor, entries, deleted ids]; 6.2 has no third part.
-            claimed = (
-                await self._redis.xautoclaim(
-                    queue, GROUP, consumer, max(1, round(claim_idle * 1000)), "0-0", count=count
-                )
-            )[1]
-            entries = await self._usable(app, claimed)
-            if entries:
-                return entries
-            pending = await self._redis.xpending(queue, GROUP)
-            if pending["pending"]:
-                return None
-            fresh = await self._redis.xreadgroup(GROUP, consumer, {queue: ">"}, count=count)
-            return await self._usable(app, fresh[0][1] if fresh else [])
-
-    async def _usable(self, app: str, raw: list) -> list[QueuedRequest]:
-        """Parsed entries, sorted by id; ids whose entry was deleted are acked away."""
-        gone = [stream_id for stream_id, fields in raw if not fields]
-        if gone:
-            await self._redis.xack(self.key(app, "queue"), GROUP, *gone)
-        entries = [_entry(stream_id, fields) for stream_id, fields in raw if fields]
+            answer = await self._next_batch(keys, args)
+        if answer[0] == b"lost":
+            raise LeaseLost(f"app {app}: the replayer lease is no longer ours")
+        if answer[0] == b"wait":
+            return None
+        entries = [_entry(stream_id, _pairs(fields)) for stream_id, fields in answer[1]]
         return sorted(entries, key=lambda e: tuple(int(p) for p in e.id.split("-")))
 
     def _entry_keys(self, app: str, entry: QueuedRequest) -> list[str]:
         return [
             self.key(app, "queue"),
-            self.key(app, f"done:{entry.key}"),
+            self.key(app, f"key:{entry.key}"),
             self.key(app, "attempts"),
+            self.key(app, "replayer"),
         ]
 
-    async def begin(self, app: str, entry: QueuedRequest) -> int:
-        """This delivery's attempt number; 0 when it was delivered already (now acked)."""
+    async def begin(self, app: str, entry: QueuedRequest, lease: Lease) -> int:
+        """This delivery's attempt number; 0 when it was delivered already (now acked).
+        Raises LeaseLost, counting nothing, when `lease` is no longer the app's."""
         async with self._guard("begin"):
-            return int(await self._begin(self._entry_keys(app, entry), [entry.id]))
+            result = int(
+                await self._begin(self._entry_keys(app, entry), [entry.id, lease_value(lease)])
+            )
+        return _fenced(app, result)
 
     async def finish(
-        self,
-        app: str,
-        entry: QueuedRequest,
-        retention: float,
-        then: QueuedRequest | None = None,
+        self, app: str, entry: QueuedRequest, lease: Lease, then: QueuedRequest | None = None
     ) -> int | None:
-        """Delivered: record it done (for the retention) and ack, atomically; with `then`,
-        also `begin` that entry and return its attempt number."""
+        """Delivered: mark its dedupe record delivered and ack, atomically; with `then`,
+        also `begin` that entry and return its attempt number. Raises LeaseLost after
+        recording the delivery when `lease` is no longer the app's."""
         keys = self._entry_keys(app, entry)
-        args: list[str | int] = [entry.id, round(retention * 1000)]
+        args: list[str | int] = [entry.id, lease_value(lease)]
         if then is not None:
-            keys.append(self.key(app, f"done:{then.key}"))
+            keys.append(self.key(app, f"key:{then.key}"))
             args.append(then.id)
         async with self._guard("finish"):
-            attempt = int(await self._finish(keys, args))
+            attempt = _fenced(app, int(await self._finish(keys, args)))
         return attempt if then is not None else None
+
+    def _dead_keys(self, app: str) -> list[str]:
+        names = ("queue", "dead", "attempts", "replayer")
+        return [self.key(app, name) for name in names]
 
     async def dead_letter(
         self,
         app: str,
         entry: QueuedRequest,
+        lease: Lease,
         reason: str,
         status: int,
         attempts: int,
         max_dead: int,
-    ) -> None:
-        keys = [self.key(app, "queue"), self.key(app, "dead"), self.key(app, "attempts")]
+    ) -> list[DroppedDeadLetter]:
+        """Move the entry to the dead letters; the oldest dead letters dropped to keep
+        `max_dead`. Raises LeaseLost, moving nothing, when `lease` is not the app's."""
+        args = [entry.id, reason, status, attempts, max_dead, lease_value(lease)]
         async with self._guard("dead_letter"):
-            await self._dead_letter(keys, [entry.id, reason, status, attempts, max_dead])
+            result = await self._dead_letter(self._dead_keys(app), args)
+        _fenced(app, int(result[0]))
+        return _dropped(result[1])
 
-    async def expire(self, app: str, retention: float, max_dead: int, count: int = 100) -> int:
-        """Dead-letter up to `count` entries queued longer than `retention`; how many."""
-        keys = [self.key(app, "queue"), self.key(app, "dead"), self.key(app, "attempts")]
+    async def expire(
+        self,
+        app: str,
+        retention: float,
+        max_dead: int,
+        lease: Lease | None = None,
+        count: int = 100,
+    ) -> tuple[int, list[DroppedDeadLetter]]:
+        """Dead-letter up to `count` entries queued longer than `retention`: how many, and
+        the oldest dead letters dropped to keep `max_dead`. Without `lease`, only while no
+        edge replays the app; with it, raises LeaseLost unless it is the app's."""
+        value = lease_value(lease) if lease is not None else ""
+        args = [round(retention * 1000), count, max_dead, value]
         async with self._guard("expire"):
-            return int(await self._expire(keys, [round(retention * 1000), count, max_dead]))
+            result = await self._expire(self._dead_keys(app), args)
+        moved = _fenced(app, int(result[0]))
+        return moved, _dropped(result[1])
 
     # -------------------------------------------------------------- operators
 
@@ -480,8 +639,10 @@ class DurableQueue:
 
 
 __all__ = [
+    "DroppedDeadLetter",
     "DurableQueue",
     "Enqueued",
+    "LeaseLost",
     "QueueFull",
     "QueuedRequest",
     "QueuedSummary",

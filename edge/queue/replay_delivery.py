@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from edge.upstream.client import UpstreamClient, UpstreamFailed
+from edge.upstream.client import MalformedResponse, UpstreamClient, UpstreamFailed
 from scheduler_client.config_file import parse_address
 
 
 class DeliveryFailed(Exception):
-    """Timed out, or the connection failed before a whole response arrived."""
+    """No usable answer: timed out or the connection failed (retried), or, when `final`,
+    the app's bytes were not an HTTP response (dead-lettered at once)."""
 
-
-class SwitchedProtocols(Exception):
-    """The app answered 101. Not a DeliveryFailed: the replayer pauses the app and sends
-    the entry again on its next scan, as before the shared client (issue 12 decides)."""
+    def __init__(self, message: str, final: bool = False) -> None:
+        super().__init__(message)
+        self.final = final
 
 
 class ReplayConnection:
@@ -26,17 +26,20 @@ class ReplayConnection:
         self, address: str, method: str, head: bytes, body: bytes, extra: bytes, timeout: float
     ) -> int:
         """Send `head` (ending in a blank line) with `extra` header lines and `body`;
-        the response status. Raises DeliveryFailed."""
+        the final status the app answered (101 included). Raises DeliveryFailed."""
         host, port = parse_address(address)
         request = head[:-2] + b"Content-Length: %d\r\n" % len(body) + extra + b"\r\n" + body
         try:
             response = await self._client.request(
                 host, port, request, head_only=method == "HEAD", timeout=timeout
             )
+        except MalformedResponse as exc:
+            # The same bytes would come back on every attempt: the app's answer is broken.
+            raise DeliveryFailed(str(exc), final=True) from exc
         except UpstreamFailed as exc:
             raise DeliveryFailed(str(exc)) from exc
-        if response.upgraded:
-            raise SwitchedProtocols(f"{response.status} {response.reason.decode(errors='replace')}")
+        # A 101 (the connection is closed: no tunnel here) is returned like any status;
+        # what it means for the entry is replay_policy's decision.
         return response.status
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Iterable
 
 from scheduler_client import backoff
 
@@ -35,24 +36,77 @@ def header_key(source: str, headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-def body_key(method: bytes, path: bytes, body: bytes) -> str:
-    """The dedupe key of a request without a key header: a hash of method, path and body."""
-    return "x:" + hashlib.sha256(method + b"\0" + path + b"\0" + body).hexdigest()
+# Who sent a request: part of every hashed key, so two senders of one body stay apart.
+AUTHORIZATION = b"authorization"
+# The policy's `identity_headers` when it names none.
+DEFAULT_IDENTITY_HEADERS = ("Cookie", "X-Api-Key")
+
+
+def identity_of(head: bytes, identity_headers: Iterable[str]) -> list[tuple[bytes, bytes]]:
+    """The Host, Authorization and `identity_headers` lines of a request head (as the app
+    would get it), names lowercased, in the order they appear."""
+    wanted = {AUTHORIZATION, b"host", *(name.lower().encode() for name in identity_headers)}
+    found = []
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() in wanted:
+            found.append((name.strip().lower(), value.strip()))
+    return found
+
+
+def body_key(
+    method: bytes,
+    path: bytes,
+    body: bytes,
+    head: bytes = b"",
+    identity_headers: Iterable[str] = DEFAULT_IDENTITY_HEADERS,
+) -> str:
+    """The dedupe key of a request without a key header: a hash of method, path (with its
+    query), body, and from `head` the Host, Authorization and `identity_headers` values."""
+    digest = hashlib.sha256()
+    for part in (method, path, body):
+        digest.update(b"%d:%b" % (len(part), part))  # length-prefixed: no two splits collide
+    for name, value in identity_of(head, identity_headers):
+        digest.update(b"%d:%b%d:%b" % (len(name), name, len(value), value))
+    return "x:" + digest.hexdigest()
 
 
 # "Try again later" answers, retried like 5xx rather than dead-lettered like other 4xx.
 RETRYABLE_4XX = frozenset({408, 425, 429})
 
 
-def outcome_of(status: int | None, attempts: int, max_attempts: int) -> Outcome:
-    """2xx is done; other answers below 500 are final (dead letter); 5xx, 408/425/429,
-    timeouts and connection errors (None) are retried until `attempts` (this one
-    included) reaches `max_attempts`."""
+def outcome_of(
+    status: int | None, attempts: int, max_attempts: int, final: bool = False
+) -> Outcome:
+    """2xx is done; other answers below 500 are final (dead letter), 101 and any other
+    1xx taken as the answer included, and so is a `final` failure (bytes that are not
+    HTTP); 5xx, 408/425/429, timeouts and connection errors (None) are retried until
+    `attempts` (this one included) reaches `max_attempts`."""
     if status is not None and 200 <= status < 300:
         return Outcome.DONE
-    if status is not None and status < 500 and status not in RETRYABLE_4XX:
+    if final or (status is not None and status < 500 and status not in RETRYABLE_4XX):
         return Outcome.DEAD
     return Outcome.RETRY if attempts < max_attempts else Outcome.DEAD
+
+
+def dead_reason(
+    status: int | None, error: str, attempts: int, max_attempts: int, final: bool = False
+) -> str:
+    """Why an entry is dead-lettered, as the dead letter records it (`error` describes a
+    failure without a status)."""
+    if status == 101:
+        why = "status 101: the app switched protocols; a queued request needs a final answer"
+    elif status is not None and status < 200:
+        why = f"status {status}: an informational answer as the final one"
+    elif status is not None:
+        why = f"status {status}"
+    else:
+        why = error
+    if final:
+        return f"{why} (not an HTTP response: not retried)"
+    if attempts >= max_attempts and (status is None or status >= 500 or status in RETRYABLE_4XX):
+        return f"{attempts} attempts: {why}"
+    return why
 
 
 def retry_delay(attempts: int, initial: float, ceiling: float) -> float:

@@ -5,11 +5,15 @@ once a second (and at once after it queued something). An app with queued
 requests is woken; once it is hot, the worker that wins the app's replayer lease
 delivers entries one at a time, oldest first, so per-app order holds while the
 apps of a region spread over every edge. Each delivery is counted before it is
-sent (`begin`); a 2xx writes the done record and acks in one script; 4xx goes to
-the dead letters; 5xx, timeouts and connection errors are retried with back-off
-until max_attempts, then dead-lettered. A replayer that dies leaves its entries
+sent (`begin`); a 2xx marks the dedupe record delivered and acks in one script;
+4xx, a 101 or other 1xx taken as the answer, and bytes that are not HTTP go to the
+dead letters at once (the reason says why), so one entry never blocks the queue;
+5xx, timeouts and connection errors are retried with back-off until max_attempts,
+then dead-lettered. A replayer that dies leaves its entries
 pending; the next lease holder claims them once idle for `claim_idle` (or at once
 when it is the same worker restarted, which reads its own pending entries first).
+Every replay write is fenced by the lease's token (checked in its Lua script): a
+replayer whose lease lapsed and was taken over gets LeaseLost and stops.
 """
 
 from __future__ import annotations
@@ -20,12 +24,18 @@ import logging
 import os
 from collections.abc import Callable
 
-from edge.queue.durable_queue import DurableQueue, QueuedRequest, id_ms
+from edge.queue.durable_queue import (
+    DroppedDeadLetter,
+    DurableQueue,
+    LeaseLost,
+    QueuedRequest,
+    id_ms,
+)
 from edge.queue.replay_delivery import DeliveryFailed, ReplayConnection
-from edge.queue.replay_policy import Outcome, outcome_of, retry_delay
+from edge.queue.replay_policy import Outcome, dead_reason, outcome_of, retry_delay
 from edge.server.config import AppConfig
 from wake.controller import HotTarget, WakeController
-from wake.store.protocol import StoreUnavailable
+from wake.store.protocol import Lease, StoreUnavailable
 
 SCAN_INTERVAL = 1.0
 LEASE_TTL = 10.0
@@ -90,11 +100,12 @@ class Replayer:
             assert policy is not None
             # Before any wake: what waited past its retention is dead-lettered even
             # while the app cannot be woken, so the queue never fills with the expired.
-            expired = await self.queue.expire(
+            expired, dropped = await self.queue.expire(
                 app.name, float(policy.retention), policy.max_dead_letters
             )
             for _ in range(expired):
                 self.count(app.name, "dead_lettered")
+            self._dropped(app, dropped)
             target = await self.wake.ensure_hot(app.name, float(app.hold_timeout))
             lease = await self.queue.acquire_replayer(app.name, self.owner, LEASE_TTL)
             if lease is None:
@@ -102,10 +113,10 @@ class Replayer:
                 return
             logger.debug("app %s: replaying %d queued to %s", app.name, queued, target.address)
             try:
-                await self._replay_holding(app, target)
+                await self._replay_holding(app, target, lease)
             finally:
                 try:
-                    await self.queue.release_replayer(app.name, self.owner)
+                    await self.queue.release_replayer(app.name, lease)
                 except StoreUnavailable as exc:  # the lease runs out by itself
                     logger.debug("app %s: replayer lease not released: %s", app.name, exc)
         except asyncio.CancelledError:
@@ -122,48 +133,64 @@ class Replayer:
             if self._last_problem.pop(app.name, None) is not None:
                 logger.info("replay of app %s resumed", app.name)
 
-    async def _replay_holding(self, app: AppConfig, target: HotTarget) -> None:
+    async def _replay_holding(self, app: AppConfig, target: HotTarget, lease: Lease) -> None:
         lost = asyncio.Event()  # set when the lease is lost, or on shutdown
         self._lost_events.add(lost)
-        renewer = asyncio.get_running_loop().create_task(self._renew(app.name, lost))
+        renewer = asyncio.get_running_loop().create_task(self._renew(app.name, lease, lost))
         connection = ReplayConnection()
         try:
-            while not lost.is_set() and not self._stopping:
-                policy = app.replay
-                assert policy is not None
-                count = max(1, min(BATCH, BATCH_BYTES // max(1, int(policy.max_body))))
-                batch = await self.queue.next_batch(
-                    app.name, self.consumer, float(policy.claim_idle), count
-                )
-                if batch is None:
-                    await asyncio.sleep(PAUSE)
-                    continue
-                if not batch:
-                    return
-                now_ms = await self.queue.server_ms()
-                begun: int | None = None  # the next entry's attempt, begun with a finish
-                for i, entry in enumerate(batch):
-                    if lost.is_set() or self._stopping:
-                        return
-                    if now_ms - id_ms(entry.id) > policy.retention * 1000:
-                        logger.debug("app %s: %s expired in the queue", app.name, entry.id)
-                        await self.queue.dead_letter(
-                            app.name, entry, "expired", 0, 0, policy.max_dead_letters
-                        )
-                        self.count(app.name, "dead_lettered")
-                        begun = None
-                        continue
-                    after = batch[i + 1] if i + 1 < len(batch) else None
-                    target, begun = await self._deliver(
-                        app, entry, target, connection, begun, after, lost
-                    )
-                app = self.apps().get(app.name, app)  # a reload changes the policy
+            await self._replay_batches(app, target, lease, lost, connection)
+        except LeaseLost:
+            # Every replay write checks the lease: one refused means another edge holds
+            # the app now (ours lapsed: a failover, a long pause), and it replays from here.
+            self.count(app.name, "lease_lost")
+            logger.info("app %s: replayer lease lost; another edge takes over", app.name)
         finally:
             self._lost_events.discard(lost)
             connection.close()
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
+
+    async def _replay_batches(
+        self,
+        app: AppConfig,
+        target: HotTarget,
+        lease: Lease,
+        lost: asyncio.Event,
+        connection: ReplayConnection,
+    ) -> None:
+        while not lost.is_set() and not self._stopping:
+            policy = app.replay
+            assert policy is not None
+            count = max(1, min(BATCH, BATCH_BYTES // max(1, int(policy.max_body))))
+            batch = await self.queue.next_batch(
+                app.name, self.consumer, float(policy.claim_idle), count, lease
+            )
+            if batch is None:
+                await asyncio.sleep(PAUSE)
+                continue
+            if not batch:
+                return
+            now_ms = await self.queue.server_ms()
+            begun: int | None = None  # the next entry's attempt, begun with a finish
+            for i, entry in enumerate(batch):
+                if lost.is_set() or self._stopping:
+                    return
+                if now_ms - id_ms(entry.id) > policy.retention * 1000:
+                    logger.debug("app %s: %s expired in the queue", app.name, entry.id)
+                    dropped = await self.queue.dead_letter(
+                        app.name, entry, lease, "expired", 0, 0, policy.max_dead_letters
+                    )
+                    self._dropped(app, dropped)
+                    self.count(app.name, "dead_lettered")
+                    begun = None
+                    continue
+                after = batch[i + 1] if i + 1 < len(batch) else None
+                target, begun = await self._deliver(
+                    app, entry, target, connection, begun, after, lost, lease
+                )
+            app = self.apps().get(app.name, app)  # a reload changes the policy
 
     async def _deliver(
         self,
@@ -174,6 +201,7 @@ class Replayer:
         begun: int | None,
         after: QueuedRequest | None,
         lost: asyncio.Event,
+        lease: Lease,
     ) -> tuple[HotTarget, int | None]:
         """Deliver until done or dead-lettered. Returns the target for the next entry and,
         when the finish began `after` too, its attempt number."""
@@ -182,7 +210,7 @@ class Replayer:
         while True:
             if lost.is_set() or self._stopping:
                 return target, None  # the entry stays pending; whoever replays next has it
-            attempt = begun if begun is not None else await self.queue.begin(app.name, entry)
+            attempt = begun if begun is not None else await self.queue.begin(app.name, entry, lease)
             begun = None
             if attempt == 0:
                 self.count(app.name, "already_done")
@@ -202,11 +230,12 @@ class Replayer:
                     extra,
                     float(policy.attempt_timeout),
                 )
-                error = f"status {status}"
+                error, final = f"status {status}", False
             except DeliveryFailed as exc:
-                status, error = None, str(exc)
-                self.wake.forget_hot(app.name, target.address)
-            outcome = outcome_of(status, attempt, policy.max_attempts)
+                status, error, final = None, str(exc), exc.final
+                if not final:  # the app answered, badly: it is still there
+                    self.wake.forget_hot(app.name, target.address)
+            outcome = outcome_of(status, attempt, policy.max_attempts, final)
             self.count(app.name, outcome.value)
             logger.debug(
                 "app %s: %s attempt %d: %s -> %s",
@@ -217,13 +246,14 @@ class Replayer:
                 outcome.value,
             )
             if outcome is Outcome.DONE:
-                then = await self.queue.finish(app.name, entry, float(policy.retention), after)
+                then = await self.queue.finish(app.name, entry, lease, after)
                 return target, then
             if outcome is Outcome.DEAD:
-                reason = error if attempt < policy.max_attempts else f"{attempt} attempts: {error}"
-                await self.queue.dead_letter(
-                    app.name, entry, reason, status or 0, attempt, policy.max_dead_letters
+                reason = dead_reason(status, error, attempt, policy.max_attempts, final)
+                dropped = await self.queue.dead_letter(
+                    app.name, entry, lease, reason, status or 0, attempt, policy.max_dead_letters
                 )
+                self._dropped(app, dropped)
                 return target, None
             delay = retry_delay(attempt, float(policy.backoff_initial), float(policy.backoff_max))
             with contextlib.suppress(TimeoutError):
@@ -233,11 +263,30 @@ class Replayer:
                 return target, None
             target = await self.wake.ensure_hot(app.name, float(app.hold_timeout))
 
-    async def _renew(self, app: str, lost: asyncio.Event) -> None:
+    def _dropped(self, app: AppConfig, dropped: list[DroppedDeadLetter]) -> None:
+        """Dead letters dropped by the cap: each is counted and logged, since its request
+        is gone for good (nothing else records it)."""
+        if not dropped:
+            return
+        for _ in dropped:
+            self.count(app.name, "dead_letter_trimmed")
+        cap = app.replay.max_dead_letters if app.replay is not None else 0
+        logger.warning(
+            "app %s: %d dead letter(s) dropped, over max_dead_letters = %d: %s",
+            app.name,
+            len(dropped),
+            cap,
+            "; ".join(
+                f"queued id {d.queued_id} (dead letter {d.id}, key {d.key}, {d.reason})"
+                for d in dropped
+            ),
+        )
+
+    async def _renew(self, app: str, lease: Lease, lost: asyncio.Event) -> None:
         while True:
             await asyncio.sleep(LEASE_TTL / 3)
             try:
-                renewed = await self.queue.renew_replayer(app, self.owner, LEASE_TTL)
+                renewed = await self.queue.renew_replayer(app, lease, LEASE_TTL)
             except StoreUnavailable as exc:
                 # Keep trying within the TTL; the lease may still be ours.
                 logger.debug("app %s: replayer lease not renewed: %s", app, exc)

@@ -17,6 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from edge.http.host_pattern import HostPatternError, normalize_host_pattern
+from edge.queue.replay_policy import DEFAULT_IDENTITY_HEADERS
 from scheduler_client.config_file import (
     ByteSize,
     ConfigError,
@@ -153,7 +154,8 @@ class ReplayPolicy(_Section):
     # request waits in the queue before it is dead-lettered as expired.
     retention: PositiveDuration
     # "idempotency-key" (that header, else a hash), "header:NAME" (NAME, else
-    # Idempotency-Key, else a hash) or "hash" (of method, path and body).
+    # Idempotency-Key, else a hash) or "hash" (of method, path, body and the sender's
+    # identity: Host, Authorization and identity_headers).
     dedupe_key: str
     # At most limits.max_body and the held-body caps (checked against them at load).
     max_body: PositiveSize
@@ -165,6 +167,11 @@ class ReplayPolicy(_Section):
     claim_idle: PositiveDuration = PositiveDuration(60.0)
     # Dead letters kept per app (with their bodies); beyond it the oldest go.
     max_dead_letters: Annotated[int, Meta(ge=1)] = 100_000
+    # Headers that tell senders apart, hashed with Host and Authorization into a key
+    # made from the request (so two senders of one body are never merged).
+    identity_headers: list[str] = msgspec.field(
+        default_factory=lambda: list(DEFAULT_IDENTITY_HEADERS)
+    )
 
 
 class AppConfig(_Section):
@@ -265,6 +272,9 @@ def _check_replay(
             f"{where}.dedupe_key",
             f"expected 'idempotency-key', 'hash' or 'header:NAME', got {source!r}",
         )
+    for i, name in enumerate(policy.identity_headers):
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+            fail(f"{where}.identity_headers[{i}]", f"not a header name: {name!r}")
 
 
 def _check_edge(edge: EdgeSection, fail: Callable[[str, str], None]) -> None:

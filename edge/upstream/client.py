@@ -29,6 +29,13 @@ class UpstreamFailed(Exception):
     """Timed out, or the connection failed before a whole response arrived."""
 
 
+class MalformedResponse(UpstreamFailed):
+    """The upstream's bytes are not an HTTP/1.1 response (the parser refused them)."""
+
+
+MALFORMED = "malformed response"
+
+
 class UpstreamClient:
     """One request at a time to one upstream address, on a kept-alive connection.
 
@@ -119,7 +126,7 @@ class UpstreamClient:
             if conn.owner is self:
                 conn.abort()  # timed out or cancelled mid-exchange: never reuse it
         if self._error:
-            raise UpstreamFailed(self._error)
+            raise (MalformedResponse if self._error == MALFORMED else UpstreamFailed)(self._error)
         assert self._response is not None
         return self._response
 
@@ -160,7 +167,7 @@ class UpstreamClient:
 
     def upstream_lost(self, conn: UpstreamConnection, error: str) -> None:
         if error == "bad_response":
-            self._finish("malformed response")
+            self._finish(MALFORMED)
         elif self._response is None:
             self._finish(f"connection {error} before the response")
         elif error != "closed":
