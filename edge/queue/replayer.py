@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from edge.queue.durable_queue import (
     DroppedDeadLetter,
@@ -34,6 +37,7 @@ from edge.queue.durable_queue import (
 from edge.queue.replay_delivery import DeliveryFailed, ReplayConnection
 from edge.queue.replay_policy import Outcome, dead_reason, outcome_of, retry_delay
 from edge.server.config import AppConfig
+from scheduler_client import backoff
 from wake.controller import HotTarget, WakeController
 from wake.store.protocol import Lease, StoreUnavailable
 
@@ -44,6 +48,9 @@ BATCH = 32
 BATCH_BYTES = 8 * 1024 * 1024
 # While another edge's entries wait out claim_idle, or the store is down.
 PAUSE = 0.5
+T = TypeVar("T")
+# How long a delivery's known outcome is retried while the store is away.
+OUTCOME_WRITE_FOR = 60.0
 
 logger = logging.getLogger(__name__)
 
@@ -246,12 +253,24 @@ class Replayer:
                 outcome.value,
             )
             if outcome is Outcome.DONE:
-                then = await self.queue.finish(app.name, entry, lease, after)
+                then = await self._known_outcome(
+                    app.name, functools.partial(self.queue.finish, app.name, entry, lease, after)
+                )
                 return target, then
             if outcome is Outcome.DEAD:
                 reason = dead_reason(status, error, attempt, policy.max_attempts, final)
-                dropped = await self.queue.dead_letter(
-                    app.name, entry, lease, reason, status or 0, attempt, policy.max_dead_letters
+                dropped = await self._known_outcome(
+                    app.name,
+                    functools.partial(
+                        self.queue.dead_letter,
+                        app.name,
+                        entry,
+                        lease,
+                        reason,
+                        status or 0,
+                        attempt,
+                        policy.max_dead_letters,
+                    ),
                 )
                 self._dropped(app, dropped)
                 return target, None
@@ -262,6 +281,22 @@ class Replayer:
             if self._stopping:
                 return target, None
             target = await self.wake.ensure_hot(app.name, float(app.hold_timeout))
+
+    async def _known_outcome(self, app: str, write: Callable[[], Awaitable[T]]) -> T:
+        """Record an outcome the app already gave, riding out a store outage (bounded):
+        forgetting it would send the request again once the store is back."""
+        deadline = asyncio.get_running_loop().time() + OUTCOME_WRITE_FOR
+        for failures in itertools.count():
+            try:
+                return await write()
+            except StoreUnavailable as exc:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0 or self._stopping:
+                    raise
+                if not failures:
+                    logger.warning("app %s: recording a delivery's outcome: %s; retrying", app, exc)
+                await asyncio.sleep(min(left, backoff.delay(failures, 0.1, 2.0)))
+        raise StoreUnavailable("unreachable")  # itertools.count() never ends
 
     def _dropped(self, app: AppConfig, dropped: list[DroppedDeadLetter]) -> None:
         """Dead letters dropped by the cap: each is counted and logged, since its request
