@@ -109,7 +109,7 @@ class WakeController:
         self._flights: dict[str, asyncio.Task[None]] = {}
         self._outcomes: dict[str, asyncio.Future[HotTarget]] = {}
         self._seen: set[str] = set()  # apps with requests since the last flush
-        self.in_flight = in_flight
+        self.in_flight = in_flight  # requests and tunnels open to the app in this process
         self._expected: dict[str, float] = {}
         self._background: set[asyncio.Task] = set()
         self.counters: dict[str, int] = {}
@@ -511,8 +511,12 @@ class WakeController:
     # ------------------------------------------------------------------ upkeep
 
     async def upkeep(self) -> None:
-        """Once a second: publish last-seen, refresh hot views, sleep idle apps."""
+        """Once a second: publish last-seen, refresh hot views, sleep idle apps.
+
+        An app with requests or tunnels in flight here counts as seen: last-seen then
+        stays fresh for every process while anything is in flight anywhere."""
         seen, self._seen = self._seen, set()
+        seen.update(app for app in self.apps if self.in_flight(app) > 0)
         for app in seen:
             await self.store.touch(app)
         for app in list(self._hot):

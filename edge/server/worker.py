@@ -10,6 +10,8 @@ import signal
 import socket
 import ssl
 import tempfile
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import uvloop
@@ -111,10 +113,48 @@ def route_stats(follower: RouteFollower, table: RouteTable | None) -> dict[str, 
     }
 
 
-def _app_in_flight(ctx: WorkerContext, app: str) -> int:
-    route = ctx.apps.get(app)
-    peer = route.pick() if route is not None else None
-    return peer.in_flight if peer is not None else 0
+def in_flight_by_app(
+    addresses: Mapping[str, Iterable[str]],
+    requests: Mapping[str, int],
+    tunnels: Iterable[str],
+) -> dict[str, int]:
+    """Requests plus tunnels in flight per app, from counts per upstream address."""
+    open_tunnels = Counter(tunnels)
+    return {
+        app: sum(requests.get(a, 0) + open_tunnels[a] for a in set(app_addresses))
+        for app, app_addresses in addresses.items()
+    }
+
+
+class AppsInFlight:
+    """What the wake controller asks: requests and tunnels in flight per scale-to-zero app
+    in this worker, counted once per wake upkeep (a pass over peers and tunnels)."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self.counts: dict[str, int] = {}
+
+    def refresh(self) -> None:
+        ctx = self.ctx
+        table = ctx.route_table
+        addresses: dict[str, list[str]] = {}
+        for name, route in ctx.apps.items():
+            if route.wake is None:
+                continue
+            targets = table.targets(name) if table is not None else None
+            found = [t.address for t in targets or ()]
+            hot = route.wake.hot_target(name)
+            if hot is not None:
+                found.append(hot.address)
+            addresses[name] = found
+        requests = {
+            address: ctx.pool.peer(address).in_flight for a in addresses.values() for address in a
+        }
+        tunnels = [c.tunnel.peer.address for c in ctx.tunnels if c.tunnel is not None]
+        self.counts = in_flight_by_app(addresses, requests, tunnels)
+
+    def __call__(self, app: str) -> int:
+        return self.counts.get(app, 0)
 
 
 async def _wake_upkeep(wake: WakeController) -> None:
@@ -148,8 +188,9 @@ async def serve(
         follower = RouteFollower(client, edge_id(config, index), ctx.adopt_route_table)
         ctx.follower = follower
         follow_task = loop.create_task(follower.run())
+    in_flight = AppsInFlight(ctx)
     if wake is not None:
-        wake.in_flight = lambda app: _app_in_flight(ctx, app)
+        wake.in_flight = in_flight
         ctx.stats.wake_events = wake.counters
         ctx.stats.wake_phases = wake.phases
     replayer: Replayer | None = None
@@ -236,6 +277,7 @@ async def serve(
                     ctx.access_log.flush()
             due = wake is not None and tick % WAKE_UPKEEP_EVERY == 0
             if due and (wake_upkeep is None or wake_upkeep.done()):
+                in_flight.refresh()
                 wake_upkeep = loop.create_task(_wake_upkeep(wake))  # type: ignore[arg-type]
 
     write_snapshot(stats_dir, ctx.stats.snapshot())
