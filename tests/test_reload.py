@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import signal
+from pathlib import Path
 
 from helpers import app_entry, eventually, run_edge_cli, to_toml
 
@@ -65,3 +68,52 @@ async def test_edge_reload_command(start_edge, upstream, client) -> None:
     assert refused.returncode == 2
     assert "apps[1].name" in refused.stderr
     assert await _status_for(client, edge, "later.localhost") == 200
+
+
+def edge_code_runs(pid: int) -> bool:
+    """The process is past the interpreter's start: it has loaded msgspec (config.py does)."""
+    try:
+        return "msgspec" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return True  # gone: the caller sees it exit
+
+
+async def test_sighup_during_start_neither_kills_the_edge_nor_a_worker(
+    start_edge, upstream, client, fresh_redis
+) -> None:
+    """SIGHUPs every 50 ms from the moment the edge's own code runs until well after ready:
+    the main process and both workers live on (no worker restarted), and the config they
+    announce applies. (The interpreter's own start, before any edge code, is not covered.)"""
+    launch = asyncio.create_task(
+        asyncio.to_thread(start_edge, edge={"store": fresh_redis}, workers=2)
+    )
+    for _ in range(100):  # the launcher lists the process right after Popen
+        if start_edge.started:
+            break
+        await asyncio.sleep(0.01)
+    edge = start_edge.started[-1]
+    config = dict(edge.config)
+    config["apps"] = [*config["apps"], app_entry("fresh", ["new.localhost"], upstream)]
+    edge.config_path.write_text(to_toml(config))
+    await eventually(
+        lambda: edge_code_runs(edge.proc.pid), timeout=10, interval=0.01, what="edge code"
+    )
+    hups = 0
+    while not launch.done() or hups < 40:
+        if edge.proc.poll() is not None:
+            break
+        os.kill(edge.proc.pid, signal.SIGHUP)
+        hups += 1
+        await asyncio.sleep(0.05)
+    await launch  # fails the test if the edge exited before it was ready
+    assert edge.proc.poll() is None, edge.output()
+
+    async def routed_everywhere() -> bool:
+        statuses = await asyncio.gather(
+            *(_status_for(client, edge, "new.localhost") for _ in range(8))
+        )
+        return statuses == [200] * 8
+
+    await eventually(routed_everywhere, timeout=10, what="the new app on every worker")
+    assert "restarting" not in edge.output(), edge.output()
+    assert edge.proc.poll() is None

@@ -59,7 +59,13 @@ class Supervisor:
         ]
         if self.log_level is not None:
             command += ["--log-level", self.log_level]
-        self.procs[index] = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        # The worker starts with SIGHUP blocked (the mask is inherited) and unblocks it once
+        # its handler is in: a reload forwarded meanwhile waits instead of killing it.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            self.procs[index] = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self.started_at[index] = time.monotonic()
         logger.debug("started worker %d, pid %d", index, self.procs[index].pid)
 
@@ -89,6 +95,8 @@ class Supervisor:
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
+        # Blocked since start (edge/__main__.py): a SIGHUP that came meanwhile is a reload now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         try:
             for index in range(self.workers):
                 self.spawn(index)

@@ -258,6 +258,9 @@ async def serve(
         logger.info("config reloaded")
 
     loop.add_signal_handler(signal.SIGHUP, reload)
+    # Blocked since start (edge/__main__.py, inherited from the supervisor): a reload
+    # forwarded while this worker started is carried out now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     wake_upkeep: asyncio.Task | None = None
 
