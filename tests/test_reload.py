@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 from helpers import app_entry, eventually, run_edge_cli, to_toml
+from stack import CONTROL_PLANE_TOKEN, sample_app_spec
 
 
 async def _status_for(client, edge, host: str) -> int:
@@ -117,3 +118,29 @@ async def test_sighup_during_start_neither_kills_the_edge_nor_a_worker(
     await eventually(routed_everywhere, timeout=10, what="the new app on every worker")
     assert "restarting" not in edge.output(), edge.output()
     assert edge.proc.poll() is None
+
+
+async def test_reload_adding_the_first_scale_to_zero_app_wakes_it(
+    start_edge, start_control_plane, client
+) -> None:
+    """The edge started with a control plane but only static apps; a reload adds a
+    scale-to-zero app: its first request is held, woken and answered."""
+    cp = start_control_plane(apps=[sample_app_spec("shop")])
+    edge = start_edge(
+        sections={"control_plane": {"url": cp.url}},
+        env={"CONTROL_PLANE_TOKEN": CONTROL_PLANE_TOKEN},
+    )
+    config = dict(edge.config)
+    shop = {
+        "name": "shop",
+        "hosts": ["shop.localhost"],
+        "scale_to_zero": True,
+        "hold_timeout": "15s",
+        "readiness_timeout": "10s",
+    }
+    config["apps"] = [*config["apps"], shop]
+    edge.config_path.write_text(to_toml(config))
+    edge.proc.send_signal(signal.SIGHUP)
+    await eventually(lambda: "config reloaded" in edge.output(), timeout=10, what="reload")
+    assert await _status_for(client, edge, "shop.localhost") == 200, edge.output()
+    assert await _status_for(client, edge, "app.localhost") == 200

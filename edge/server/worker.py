@@ -189,10 +189,20 @@ async def serve(
         ctx.follower = follower
         follow_task = loop.create_task(follower.run())
     in_flight = AppsInFlight(ctx)
-    if wake is not None:
+
+    def start_wake(current: Config) -> None:
+        """At start, or on the reload that adds the first scale-to-zero app."""
+        nonlocal wake
+        if wake is None:
+            wake = build_wake_controller(current, client, index)
+        if wake is None:
+            return
+        ctx.wake = wake
         wake.in_flight = in_flight
         ctx.stats.wake_events = wake.counters
         ctx.stats.wake_phases = wake.phases
+
+    start_wake(config)
     replayer: Replayer | None = None
     replay_task: asyncio.Task | None = None
 
@@ -253,6 +263,7 @@ async def serve(
             logger.error("reload refused, keeping the running config: %s", exc)
             return
         setup_logging(new.log, process_name(index), log_level)
+        start_wake(new)  # before apply: the apps' upstreams take the controller
         ctx.apply(new)
         start_replay()
         logger.info("config reloaded")
