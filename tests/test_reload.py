@@ -10,6 +10,8 @@ from pathlib import Path
 from helpers import app_entry, eventually, run_edge_cli, to_toml
 from stack import CONTROL_PLANE_TOKEN, sample_app_spec
 
+from edge.server.config import load_config_text, restart_keys
+
 
 async def _status_for(client, edge, host: str) -> int:
     async with client.get(edge.url + "/echo", headers={"Host": host}) as resp:
@@ -144,3 +146,62 @@ async def test_reload_adding_the_first_scale_to_zero_app_wakes_it(
     await eventually(lambda: "config reloaded" in edge.output(), timeout=10, what="reload")
     assert await _status_for(client, edge, "shop.localhost") == 200, edge.output()
     assert await _status_for(client, edge, "app.localhost") == 200
+
+
+BASE = """
+[edge]
+store = "redis://127.0.0.1:6379/0"
+
+[control_plane]
+url = "http://127.0.0.1:7000"
+
+[[apps]]
+name = "shop"
+hosts = ["shop.localhost"]
+scale_to_zero = true
+"""
+
+
+def test_restart_keys_names_the_settings_read_only_at_start() -> None:
+    running = load_config_text(BASE)
+    live = BASE.replace("scale_to_zero = true", 'scale_to_zero = true\nidle_timeout = "1m"')
+    live += '\n[budget]\nmax_concurrent_wakes = 3\n[log]\nlevel = "debug"\n'
+    assert restart_keys(running, load_config_text(live)) == []
+    changed = (
+        BASE.replace("6379/0", "6379/1")
+        .replace("7000", "7001")
+        .replace("[edge]", '[edge]\nadmin_token = "t0ken"\naccess_log = "-"')
+    )
+    changed += '\n[budget]\nwake_lease_ttl = "20s"\n'
+    changed += "[upstream]\nmax_connections_per_upstream = 8\n"
+    assert restart_keys(running, load_config_text(changed)) == [
+        "edge.admin_token",
+        "edge.store",
+        "edge.access_log",
+        "control_plane.url",
+        "budget.wake_lease_ttl",
+        "upstream.max_connections_per_upstream",
+    ]
+
+
+async def test_reload_of_settings_read_at_start_is_refused_and_says_which(
+    start_edge, start_control_plane, upstream, client
+) -> None:
+    """Adding a control plane needs a restart: `edge reload` and SIGHUP refuse the whole
+    reload and name the keys; the running config stays (the new app is not routed)."""
+    cp = start_control_plane(apps=[sample_app_spec("shop")])
+    edge = start_edge(edge={"admin_token": "s3cret"})
+    config = dict(edge.config)
+    config["control_plane"] = {"url": cp.url}
+    config["apps"] = [*config["apps"], app_entry("later", ["later.localhost"], upstream)]
+    edge.config_path.write_text(to_toml(config))
+    result = run_edge_cli("reload", "--config", str(edge.config_path))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "control_plane.url" in result.stderr and "restart" in result.stderr, result.stderr
+    edge.proc.send_signal(signal.SIGHUP)
+    await eventually(
+        lambda: "need a restart: control_plane.url" in edge.output(), timeout=10, what="refusal"
+    )
+    assert await _status_for(client, edge, "later.localhost") == 404
+    assert await _status_for(client, edge, "app.localhost") == 200
+    assert edge.proc.poll() is None

@@ -11,7 +11,15 @@ import sys
 import tempfile
 import time
 
-from edge.server.config import Config, ConfigError, LogLevel, check_store_for_workers, load_config
+from edge.server.config import (
+    Config,
+    ConfigError,
+    LogLevel,
+    check_store_for_workers,
+    load_config,
+    restart_keys,
+    restart_refusal,
+)
 from edge.server.logging_setup import setup_logging
 from edge.server.worker import listen_socket
 
@@ -26,13 +34,14 @@ class Supervisor:
     def __init__(
         self,
         config_path: str,
+        config: Config,
         workers: int,
-        shutdown_timeout: float,
         log_level: LogLevel | None = None,
     ) -> None:
         self.config_path = config_path
+        self.config = config  # the running config, which a reload is checked against
         self.workers = workers
-        self.shutdown_timeout = shutdown_timeout
+        self.shutdown_timeout = float(config.edge.shutdown_timeout)
         self.log_level = log_level  # --log-level, passed on to every worker
         self.stats_dir = tempfile.mkdtemp(prefix="edge-stats-")
         self.procs: dict[int, subprocess.Popen] = {}
@@ -81,6 +90,12 @@ class Supervisor:
         except ConfigError as exc:
             logger.error("reload refused, keeping the running config: %s", exc)
             return
+        keys = restart_keys(self.config, config)
+        if keys:
+            logger.error("%s", restart_refusal(keys))
+            return
+        self.config = config
+        self.shutdown_timeout = float(config.edge.shutdown_timeout)
         setup_logging(config.log, "edge", self.log_level)
         logger.info("reloading workers")
         self.signal_all(signal.SIGHUP)
@@ -175,4 +190,4 @@ def run(
         config.edge.admin_listen,
         os.getpid(),
     )
-    return Supervisor(config_path, count, config.edge.shutdown_timeout, log_level).run()
+    return Supervisor(config_path, config, count, log_level).run()

@@ -24,7 +24,15 @@ from edge.queue.durable_queue import DurableQueue
 from edge.queue.replayer import Replayer
 from edge.routing.route_follower import RouteFollower
 from edge.routing.route_table import RouteTable
-from edge.server.config import Config, ConfigError, LogLevel, load_config, replay_apps
+from edge.server.config import (
+    Config,
+    ConfigError,
+    LogLevel,
+    load_config,
+    replay_apps,
+    restart_keys,
+    restart_refusal,
+)
 from edge.server.logging_setup import setup_logging
 from edge.server.worker_context import WorkerContext, budget_limits, wake_specs
 from scheduler_client.client import ControlPlaneClient
@@ -262,6 +270,10 @@ async def serve(
         except ConfigError as exc:
             logger.error("reload refused, keeping the running config: %s", exc)
             return
+        keys = restart_keys(ctx.config, new)
+        if keys:  # the supervisor refuses these first; a SIGHUP straight to a worker too
+            logger.error("%s", restart_refusal(keys))
+            return
         setup_logging(new.log, process_name(index), log_level)
         start_wake(new)  # before apply: the apps' upstreams take the controller
         ctx.apply(new)
@@ -304,7 +316,7 @@ async def serve(
     server.close()
     for conn in list(ctx.connections):
         conn.drain()
-    deadline = loop.time() + config.edge.shutdown_timeout
+    deadline = loop.time() + ctx.config.edge.shutdown_timeout  # as last reloaded
     while ctx.connections and loop.time() < deadline:
         await asyncio.sleep(0.05)
     if ctx.connections:
