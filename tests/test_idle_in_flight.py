@@ -4,6 +4,7 @@ worker or edge keep the app awake for every other worker and edge (issue 12, §3
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import aiohttp
@@ -14,8 +15,9 @@ from test_wake_decisions import FakeClock
 from edge.server.worker import in_flight_by_app
 from scheduler_client.client import ControlPlaneClient
 from wake.budget import BudgetLimits
-from wake.controller import WakeAppSpec, WakeController
+from wake.controller import HotTarget, WakeAppSpec, WakeController
 from wake.store.memory import MemoryStore
+from wake.store.protocol import AppWakeState
 
 HOST = "shop.localhost"
 
@@ -90,6 +92,56 @@ async def test_upkeep_marks_apps_in_flight_as_seen() -> None:
         assert await store.idle_for("shop") == 0.0
         assert await store.idle_for("blog") is None
     finally:
+        await wake.close()
+
+
+class StuckDrain(ControlPlaneClient):
+    """A control plane whose drain call does not return (slow, or unreachable with retries)."""
+
+    def __init__(self) -> None:
+        super().__init__("http://127.0.0.1:9", "unused")
+        self.draining = asyncio.Event()
+
+    async def drain_allocation(self, allocation_id: str, deadline: float = 0.0) -> Any:
+        self.draining.set()
+        await asyncio.Event().wait()
+
+
+async def test_in_flight_is_published_while_upkeep_is_busy_putting_another_app_to_sleep() -> None:
+    """Putting one app to sleep can take the upkeep tens of seconds: meanwhile the apps in
+    flight here must still be marked seen, or another process sleeps them."""
+    store_clock = FakeClock(1000.0)
+    store = MemoryStore(clock=store_clock)
+    lease = await store.acquire_lease("idle", "waker", 10.0)
+    assert lease is not None
+    hot = AppWakeState(app="idle", state="hot", address="127.0.0.1:9", allocation_id="a-1")
+    assert await store.write_state(hot, lease.token)
+    await store.release_lease("idle", "waker")
+    await store.touch("idle")
+    busy = {"idle": 0, "busy": 1}
+    client = StuckDrain()
+    wake = WakeController(
+        store,
+        client,
+        edge_id="test-edge",
+        budget=BudgetLimits(),
+        apps={name: WakeAppSpec(name=name, idle_timeout=3.0) for name in busy},
+        in_flight=lambda app: busy[app],
+    )
+    wake._hot["idle"] = HotTarget("127.0.0.1:9", "a-1")  # this process knows it hot
+    store_clock.now += 10.0
+    upkeep = asyncio.create_task(wake.upkeep())
+    try:
+        async with asyncio.timeout(5):
+            await client.draining.wait()  # the upkeep is stuck putting "idle" to sleep
+        store_clock.now += 10.0
+        await wake.mark_seen()
+        assert await store.idle_for("busy") == 0.0
+        assert not upkeep.done()
+    finally:
+        upkeep.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await upkeep
         await wake.close()
 
 

@@ -172,6 +172,13 @@ async def _wake_upkeep(wake: WakeController) -> None:
         logger.warning("wake upkeep failed: %r", exc)
 
 
+async def _mark_seen(wake: WakeController) -> None:
+    try:
+        await wake.mark_seen()
+    except Exception as exc:  # the store is down: try again next second
+        logger.debug("publishing last-seen failed: %r", exc)
+
+
 def process_name(index: int) -> str:
     """How this worker's log lines name it."""
     return f"edge worker {index}"
@@ -286,9 +293,10 @@ async def serve(
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     wake_upkeep: asyncio.Task | None = None
+    marking: asyncio.Task | None = None
 
     async def upkeep() -> None:
-        nonlocal wake_upkeep
+        nonlocal wake_upkeep, marking
         tick = 0
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
@@ -301,10 +309,15 @@ async def serve(
                 write_snapshot(stats_dir, ctx.stats.snapshot())
                 if ctx.access_log is not None:
                     ctx.access_log.flush()
-            due = wake is not None and tick % WAKE_UPKEEP_EVERY == 0
-            if due and (wake_upkeep is None or wake_upkeep.done()):
-                in_flight.refresh()
-                wake_upkeep = loop.create_task(_wake_upkeep(wake))  # type: ignore[arg-type]
+            if wake is None or tick % WAKE_UPKEEP_EVERY != 0:
+                continue
+            in_flight.refresh()
+            if wake_upkeep is None or wake_upkeep.done():
+                wake_upkeep = loop.create_task(_wake_upkeep(wake))
+            elif marking is None or marking.done():
+                # Putting an app to sleep can hold the upkeep for tens of seconds; what is
+                # in flight here must still reach the store, or another process sleeps it.
+                marking = loop.create_task(_mark_seen(wake))
 
     write_snapshot(stats_dir, ctx.stats.snapshot())
     upkeep_task = loop.create_task(upkeep())
