@@ -143,6 +143,7 @@ class AppsInFlight:
         self.counts: dict[str, int] = {}
 
     def refresh(self) -> None:
+        """Count again: the app's routable targets and its hot target, per address."""
         ctx = self.ctx
         table = ctx.route_table
         addresses: dict[str, list[str]] = {}
@@ -156,7 +157,9 @@ class AppsInFlight:
                 found.append(hot.address)
             addresses[name] = found
         requests = {
-            address: ctx.pool.peer(address).in_flight for a in addresses.values() for address in a
+            address: ctx.pool.peer(address).in_flight
+            for app_addresses in addresses.values()
+            for address in app_addresses
         }
         tunnels = [c.tunnel.peer.address for c in ctx.tunnels if c.tunnel is not None]
         self.counts = in_flight_by_app(addresses, requests, tunnels)
