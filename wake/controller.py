@@ -109,7 +109,7 @@ class WakeController:
         self._flights: dict[str, asyncio.Task[None]] = {}
         self._outcomes: dict[str, asyncio.Future[HotTarget]] = {}
         self._seen: set[str] = set()  # apps with requests since the last flush
-        self.in_flight = in_flight
+        self.in_flight = in_flight  # requests and tunnels open to the app in this process
         self._expected: dict[str, float] = {}
         self._background: set[asyncio.Task] = set()
         self.counters: dict[str, int] = {}
@@ -510,11 +510,18 @@ class WakeController:
 
     # ------------------------------------------------------------------ upkeep
 
-    async def upkeep(self) -> None:
-        """Once a second: publish last-seen, refresh hot views, sleep idle apps."""
+    async def mark_seen(self) -> set[str]:
+        """Publish last-seen for apps seen here since the last call, and for every app with
+        requests or tunnels in flight here: it stays fresh while anything is in flight."""
         seen, self._seen = self._seen, set()
+        seen.update(app for app in self.apps if self.in_flight(app) > 0)
         for app in seen:
             await self.store.touch(app)
+        return seen
+
+    async def upkeep(self) -> None:
+        """Once a second: publish last-seen, refresh hot views, sleep idle apps."""
+        seen = await self.mark_seen()
         for app in list(self._hot):
             state = await self.store.read_state(app)
             if not decisions.is_hot(state):

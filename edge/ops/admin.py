@@ -20,7 +20,14 @@ from edge.ops.admin_token import AdminToken, admin_may
 from edge.ops.metrics import render_metrics
 from edge.ops.worker_stats import StatsSnapshot, read_snapshots
 from edge.queue.durable_queue import DurableQueue
-from edge.server.config import AppConfig, ConfigError, load_config, replay_apps
+from edge.server.config import (
+    AppConfig,
+    ConfigError,
+    load_config,
+    replay_apps,
+    restart_keys,
+    restart_refusal,
+)
 from edge.server.worker_context import WorkerContext
 from scheduler_client.config_file import parse_address
 from wake.store.protocol import StoreUnavailable
@@ -154,9 +161,13 @@ def build_admin_app(state: AdminState, token: AdminToken) -> web.Application:
 
     async def reload(_: web.Request) -> web.Response:
         try:
-            load_config(state.config_path)
+            new = load_config(state.config_path)
         except ConfigError as exc:
             return web.json_response({"reloaded": False, "error": str(exc)}, status=400)
+        keys = restart_keys(state.ctx.config, new)
+        if keys:
+            answer = {"reloaded": False, "error": restart_refusal(keys), "restart_needed": keys}
+            return web.json_response(answer, status=409)
         if state.supervised:
             os.kill(os.getppid(), signal.SIGHUP)
         else:

@@ -90,6 +90,18 @@ def _admin_call(config: Config, config_path: str, method: str, path: str) -> byt
         return response.read()
 
 
+def _refusal(body: bytes) -> str:
+    """The admin API's reason for refusing a reload, as one line for the operator."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    error = answer.get("error") if isinstance(answer, dict) else None
+    if not isinstance(error, str):
+        error = body.decode(errors="replace").strip()
+    return error if error.startswith("reload refused") else f"reload refused: {error}"
+
+
 def _reload(path: str) -> int:
     config = _load(path)
     if config is None:
@@ -98,7 +110,14 @@ def _reload(path: str) -> int:
         print(json.loads(_admin_call(config, path, "POST", "/admin/reload")))
         return 0
     except urllib.error.HTTPError as exc:
-        print(f"reload refused: {exc.read().decode(errors='replace')}", file=sys.stderr)
+        if exc.code == 401:  # the token in this file is not the one the edge started with
+            print(
+                "reload refused: the running edge does not accept this config's admin token "
+                "(edge.admin_token is read at start: restart to change it)",
+                file=sys.stderr,
+            )
+            return 2
+        print(_refusal(exc.read()), file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"cannot reach the edge admin at {config.edge.admin_listen}: {exc}", file=sys.stderr)

@@ -224,6 +224,43 @@ def replay_apps(config: Config) -> dict[str, AppConfig]:
     return {app.name: app for app in config.apps if app.replay is not None and app.scale_to_zero}
 
 
+# Read only at start: sockets, the store, the control-plane client, the admin listener's
+# token, TLS, files opened, pool sizes, the wake lease. A section name means all its keys.
+RESTART_KEYS: tuple[str, ...] = (
+    "edge.listen",
+    "edge.admin_listen",
+    "edge.admin_token",
+    "edge.workers",
+    "edge.store",
+    "edge.tls",
+    "edge.access_log",
+    "control_plane",
+    "budget.wake_lease_ttl",
+    "upstream.max_idle_per_upstream",
+    "upstream.max_connections_per_upstream",
+)
+
+
+def restart_keys(running: Config, new: Config) -> list[str]:
+    """The keys a reload from `running` to `new` changes that apply only at a restart."""
+    changed = []
+    for key in RESTART_KEYS:
+        section, _, name = key.partition(".")
+        old_section, new_section = getattr(running, section), getattr(new, section)
+        for field in [name] if name else old_section.__struct_fields__:
+            if getattr(old_section, field) != getattr(new_section, field):
+                changed.append(f"{section}.{field}")
+    return changed
+
+
+def restart_refusal(keys: list[str]) -> str:
+    """What a refused reload says (keys only: values may be secrets)."""
+    return (
+        "reload refused, keeping the running config: these settings are read at start and "
+        f"need a restart: {', '.join(keys)}"
+    )
+
+
 def check_store_for_workers(store: str, workers: int) -> str | None:
     """memory:// lives in one process; several workers would each see a different store."""
     if store.startswith("memory://") and workers > 1:

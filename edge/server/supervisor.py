@@ -17,7 +17,15 @@ from edge.ops.admin_token import (
     remove_generated,
     resolve_admin_token,
 )
-from edge.server.config import Config, ConfigError, LogLevel, check_store_for_workers, load_config
+from edge.server.config import (
+    Config,
+    ConfigError,
+    LogLevel,
+    check_store_for_workers,
+    load_config,
+    restart_keys,
+    restart_refusal,
+)
 from edge.server.logging_setup import setup_logging
 from edge.server.worker import listen_socket
 
@@ -32,15 +40,16 @@ class Supervisor:
     def __init__(
         self,
         config_path: str,
+        config: Config,
         workers: int,
-        shutdown_timeout: float,
         log_level: LogLevel | None = None,
         admin_token: AdminToken | None = None,
     ) -> None:
         self.config_path = config_path
         self.admin_token = admin_token
+        self.config = config  # the running config, which a reload is checked against
         self.workers = workers
-        self.shutdown_timeout = shutdown_timeout
+        self.shutdown_timeout = float(config.edge.shutdown_timeout)
         self.log_level = log_level  # --log-level, passed on to every worker
         self.stats_dir = tempfile.mkdtemp(prefix="edge-stats-")
         self.procs: dict[int, subprocess.Popen] = {}
@@ -71,7 +80,13 @@ class Supervisor:
         if self.admin_token is not None and self.admin_token.path:
             # One token for every worker, and the same after a restart: resolved once here.
             env = {**os.environ, WORKER_TOKEN_ENV: self.admin_token.value}
-        self.procs[index] = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)
+        # The worker starts with SIGHUP blocked (the mask is inherited) and unblocks it once
+        # its handler is in: a reload forwarded meanwhile waits instead of killing it.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            self.procs[index] = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self.started_at[index] = time.monotonic()
         logger.debug("started worker %d, pid %d", index, self.procs[index].pid)
 
@@ -87,6 +102,12 @@ class Supervisor:
         except ConfigError as exc:
             logger.error("reload refused, keeping the running config: %s", exc)
             return
+        keys = restart_keys(self.config, config)
+        if keys:
+            logger.error("%s", restart_refusal(keys))
+            return
+        self.config = config
+        self.shutdown_timeout = float(config.edge.shutdown_timeout)
         setup_logging(config.log, "edge", self.log_level)
         logger.info("reloading workers")
         self.signal_all(signal.SIGHUP)
@@ -101,6 +122,8 @@ class Supervisor:
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
+        # Blocked since start (edge/__main__.py): a SIGHUP that came meanwhile is a reload now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         try:
             for index in range(self.workers):
                 self.spawn(index)
@@ -190,5 +213,5 @@ def run(
         # The path, never the token: logs travel further than a 0600 file.
         made = "generated, in" if token.generated else "from"
         logger.info("admin token (mutating admin calls need it): %s %s", made, token.path)
-    supervisor = Supervisor(config_path, count, config.edge.shutdown_timeout, log_level, token)
+    supervisor = Supervisor(config_path, config, count, log_level, token)
     return supervisor.run()

@@ -10,6 +10,8 @@ import signal
 import socket
 import ssl
 import tempfile
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import uvloop
@@ -23,7 +25,15 @@ from edge.queue.durable_queue import DurableQueue
 from edge.queue.replayer import Replayer
 from edge.routing.route_follower import RouteFollower
 from edge.routing.route_table import RouteTable
-from edge.server.config import Config, ConfigError, LogLevel, load_config, replay_apps
+from edge.server.config import (
+    Config,
+    ConfigError,
+    LogLevel,
+    load_config,
+    replay_apps,
+    restart_keys,
+    restart_refusal,
+)
 from edge.server.logging_setup import setup_logging
 from edge.server.worker_context import WorkerContext, budget_limits, wake_specs
 from scheduler_client.client import ControlPlaneClient
@@ -112,10 +122,51 @@ def route_stats(follower: RouteFollower, table: RouteTable | None) -> dict[str, 
     }
 
 
-def _app_in_flight(ctx: WorkerContext, app: str) -> int:
-    route = ctx.apps.get(app)
-    peer = route.pick() if route is not None else None
-    return peer.in_flight if peer is not None else 0
+def in_flight_by_app(
+    addresses: Mapping[str, Iterable[str]],
+    requests: Mapping[str, int],
+    tunnels: Iterable[str],
+) -> dict[str, int]:
+    """Requests plus tunnels in flight per app, from counts per upstream address."""
+    open_tunnels = Counter(tunnels)
+    return {
+        app: sum(requests.get(a, 0) + open_tunnels[a] for a in set(app_addresses))
+        for app, app_addresses in addresses.items()
+    }
+
+
+class AppsInFlight:
+    """What the wake controller asks: requests and tunnels in flight per scale-to-zero app
+    in this worker, counted once per wake upkeep (a pass over peers and tunnels)."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self.counts: dict[str, int] = {}
+
+    def refresh(self) -> None:
+        """Count again: the app's routable targets and its hot target, per address."""
+        ctx = self.ctx
+        table = ctx.route_table
+        addresses: dict[str, list[str]] = {}
+        for name, route in ctx.apps.items():
+            if route.wake is None:
+                continue
+            targets = table.targets(name) if table is not None else None
+            found = [t.address for t in targets or ()]
+            hot = route.wake.hot_target(name)
+            if hot is not None:
+                found.append(hot.address)
+            addresses[name] = found
+        requests = {
+            address: ctx.pool.peer(address).in_flight
+            for app_addresses in addresses.values()
+            for address in app_addresses
+        }
+        tunnels = [c.tunnel.peer.address for c in ctx.tunnels if c.tunnel is not None]
+        self.counts = in_flight_by_app(addresses, requests, tunnels)
+
+    def __call__(self, app: str) -> int:
+        return self.counts.get(app, 0)
 
 
 async def _wake_upkeep(wake: WakeController) -> None:
@@ -123,6 +174,13 @@ async def _wake_upkeep(wake: WakeController) -> None:
         await wake.upkeep()
     except Exception as exc:  # the store or control plane is down: try again next second
         logger.warning("wake upkeep failed: %r", exc)
+
+
+async def _mark_seen(wake: WakeController) -> None:
+    try:
+        await wake.mark_seen()
+    except Exception as exc:  # the store is down: try again next second
+        logger.debug("publishing last-seen failed: %r", exc)
 
 
 def process_name(index: int) -> str:
@@ -149,10 +207,21 @@ async def serve(
         follower = RouteFollower(client, edge_id(config, index), ctx.adopt_route_table)
         ctx.follower = follower
         follow_task = loop.create_task(follower.run())
-    if wake is not None:
-        wake.in_flight = lambda app: _app_in_flight(ctx, app)
+    in_flight = AppsInFlight(ctx)
+
+    def start_wake(current: Config) -> None:
+        """At start, or on the reload that adds the first scale-to-zero app."""
+        nonlocal wake
+        if wake is None:
+            wake = build_wake_controller(current, client, index)
+        if wake is None:
+            return
+        ctx.wake = wake
+        wake.in_flight = in_flight
         ctx.stats.wake_events = wake.counters
         ctx.stats.wake_phases = wake.phases
+
+    start_wake(config)
     replayer: Replayer | None = None
     replay_task: asyncio.Task | None = None
 
@@ -216,17 +285,26 @@ async def serve(
         except ConfigError as exc:
             logger.error("reload refused, keeping the running config: %s", exc)
             return
+        keys = restart_keys(ctx.config, new)
+        if keys:  # the supervisor refuses these first; a SIGHUP straight to a worker too
+            logger.error("%s", restart_refusal(keys))
+            return
         setup_logging(new.log, process_name(index), log_level)
+        start_wake(new)  # before apply: the apps' upstreams take the controller
         ctx.apply(new)
         start_replay()
         logger.info("config reloaded")
 
     loop.add_signal_handler(signal.SIGHUP, reload)
+    # Blocked since start (edge/__main__.py, inherited from the supervisor): a reload
+    # forwarded while this worker started is carried out now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     wake_upkeep: asyncio.Task | None = None
+    marking: asyncio.Task | None = None
 
     async def upkeep() -> None:
-        nonlocal wake_upkeep
+        nonlocal wake_upkeep, marking
         tick = 0
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
@@ -239,9 +317,15 @@ async def serve(
                 write_snapshot(stats_dir, ctx.stats.snapshot())
                 if ctx.access_log is not None:
                     ctx.access_log.flush()
-            due = wake is not None and tick % WAKE_UPKEEP_EVERY == 0
-            if due and (wake_upkeep is None or wake_upkeep.done()):
-                wake_upkeep = loop.create_task(_wake_upkeep(wake))  # type: ignore[arg-type]
+            if wake is None or tick % WAKE_UPKEEP_EVERY != 0:
+                continue
+            in_flight.refresh()
+            if wake_upkeep is None or wake_upkeep.done():
+                wake_upkeep = loop.create_task(_wake_upkeep(wake))
+            elif marking is None or marking.done():
+                # Putting an app to sleep can hold the upkeep for tens of seconds; what is
+                # in flight here must still reach the store, or another process sleeps it.
+                marking = loop.create_task(_mark_seen(wake))
 
     write_snapshot(stats_dir, ctx.stats.snapshot())
     upkeep_task = loop.create_task(upkeep())
@@ -253,7 +337,7 @@ async def serve(
     server.close()
     for conn in list(ctx.connections):
         conn.drain()
-    deadline = loop.time() + config.edge.shutdown_timeout
+    deadline = loop.time() + ctx.config.edge.shutdown_timeout  # as last reloaded
     while ctx.connections and loop.time() < deadline:
         await asyncio.sleep(0.05)
     if ctx.connections:
