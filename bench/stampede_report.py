@@ -418,6 +418,31 @@ def journal_stats(entries: list[dict[str, Any]], reload_at: float | None) -> dic
     return stats
 
 
+def over_budget(summary: dict[str, Any]) -> list[str]:
+    """Each way the control plane's peak of concurrent starts went over the wake budget.
+
+    With a reload the peaks before and after are held to the budget of their time;
+    otherwise the whole run's peak to the initial budget.
+    """
+    budget = summary["budget"]
+    if budget.get("reloaded_to") is not None and "peak_concurrent_starts_after_reload" in summary:
+        checks = [
+            (
+                "before reload",
+                "peak_concurrent_starts_before_reload",
+                budget["max_concurrent_wakes"],
+            ),
+            ("after reload", "peak_concurrent_starts_after_reload", budget["reloaded_to"]),
+        ]
+    else:
+        checks = [("run", "peak_concurrent_starts", budget["max_concurrent_wakes"])]
+    return [
+        f"{when}: {summary[key]} concurrent starts, budget {limit}"
+        for when, key, limit in checks
+        if limit and summary[key] > limit
+    ]
+
+
 def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
     """Prometheus-style: linear within the bucket holding the q-th observation."""
     buckets = sorted(buckets)
@@ -606,6 +631,7 @@ def run(args: argparse.Namespace, out: Path, tmp: Path, procs: Processes) -> dic
     summary = summarize(
         args, stack, out, sampler.samples, reload_wall[0] if reload_wall else None, status
     )
+    summary["budget_exceeded"] = over_budget(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     budget = f"{args.max_concurrent_wakes or stack.budget}"
     if reload_wall:
@@ -647,8 +673,11 @@ def main(argv: list[str] | None = None) -> int:
     for key in keys:
         print(f"{key:<24} {summary[key]}")
     print(f"report: {args.out}/ (summary.json, chart.png, locust.html)")
+    exceeded = summary["budget_exceeded"]
+    for problem in exceeded:
+        print(f"wake budget exceeded     {problem}")
     clean = summary["lost"] == 0 and summary["unaccounted"] == 0 and summary["unanswered"] == 0
-    return 0 if clean else 1
+    return 0 if clean and not exceeded else 1
 
 
 if __name__ == "__main__":

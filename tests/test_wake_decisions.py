@@ -225,6 +225,59 @@ def test_the_budget_slot_is_held_until_the_allocation_is_past_starting() -> None
         assert decisions.frees_budget_slot(alloc(past))
 
 
+def test_the_slot_is_kept_for_the_readiness_timeout_or_the_slot_lease_whichever_is_longer() -> None:
+    assert decisions.slot_hold_limit(20.0, 30.0) == 30.0
+    assert decisions.slot_hold_limit(45.0, 30.0) == 45.0
+
+
+# ------------------------------------------------- handover between holders
+
+
+def test_a_recorded_allocation_key_is_reused_while_its_allocation_may_come_up() -> None:
+    recorded = state("wake_requested", allocation_key="wake-shop-7-3", version=9)
+    # Nothing created under it yet (the previous holder may still ask): claim the key.
+    assert decisions.allocation_key(recorded, 8, None) == "wake-shop-7-3"
+    for alive in ("planned", "pulling", "starting", "ready"):
+        assert decisions.allocation_key(recorded, 8, alloc(alive)) == "wake-shop-7-3"
+    # Its allocation is gone: a key of this lease and state version, so a new one.
+    for gone in ("draining", "stopped", "failed"):
+        assert decisions.allocation_key(recorded, 8, alloc(gone)) == "wake-shop-8-9"
+    # No key recorded (a wake from cold): a new one.
+    assert decisions.allocation_key(state("cold", version=4), 8, None) == "wake-shop-8-4"
+
+
+@pytest.mark.parametrize(
+    ("stored", "key", "lease_held", "action"),
+    [
+        # A newer holder recovered the wake and goes on with the recorded key.
+        ("wake_requested", "k1", True, decisions.Orphan.LEAVE),
+        ("starting", "k1", True, decisions.Orphan.LEAVE),
+        ("readiness_wait", "k1", True, decisions.Orphan.LEAVE),
+        ("hot", "k1", False, decisions.Orphan.LEAVE),
+        # Recorded, but nobody drives the wake (its holder lost the store): wake to adopt.
+        ("starting", "k1", False, decisions.Orphan.WAKE),
+        ("readiness_wait", "k1", False, decisions.Orphan.WAKE),
+        # The wake failed, or the state moved on to another allocation: nobody owns it.
+        ("failed", "k1", False, decisions.Orphan.DRAIN),
+        ("failed", "k1", True, decisions.Orphan.DRAIN),
+        ("starting", "k2", True, decisions.Orphan.DRAIN),
+        ("hot", "k2", False, decisions.Orphan.DRAIN),
+        ("cold", "", False, decisions.Orphan.DRAIN),
+    ],
+)
+def test_an_allocation_whose_wake_did_not_complete_is_left_adopted_or_drained(
+    stored: str, key: str, lease_held: bool, action: decisions.Orphan
+) -> None:
+    app = state(stored, allocation_key=key)
+    assert decisions.orphan_action(app, "k1", lease_held) is action
+
+
+def test_lease_renewal_comes_sooner_while_the_store_fails() -> None:
+    assert decisions.renew_pause(9.0, failing=False) == 3.0
+    assert decisions.renew_pause(9.0, failing=True) == pytest.approx(0.9)
+    assert decisions.renew_pause(0.1, failing=True) == 0.05
+
+
 # ------------------------------------------------------------- route epoch
 
 

@@ -11,6 +11,14 @@ notifications (with polling). Failures leave the app `failed` with a back-off,
 so a broken app is not woken in a loop. A periodic `upkeep` flushes last-seen
 times, refreshes what this process believes is hot, and puts idle apps to sleep.
 
+Under faults. The renewer rides out store errors (the fencing token, not the
+lease key, guards every write) and stops the wake once another holder has the
+lease. The allocation's idempotency key is stored before the allocation is asked
+for, so the next holder asks with the same key and adopts that allocation, never
+a second. A wake that did not complete leaves its allocation to the holder the
+state records it for, wakes the app to adopt it, or drains it; and its budget
+slot is kept until the control plane has that start settled.
+
 Every choice (recovery of a half-finished wake, the back-off, the budget pauses,
 the old-epoch check, the moving average of wake time, idleness) is a plain
 function in `wake/decisions.py`; this module only carries them out. Two injected
@@ -23,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -38,7 +47,9 @@ from wake import decisions
 from wake.budget import BudgetLimits
 from wake.decisions import Adopt, Refuse, Wait
 from wake.machine import WAKE
-from wake.store.protocol import AppWakeState, Lease, Transition, WakeStore
+from wake.store.protocol import AppWakeState, Lease, StoreUnavailable, Transition, WakeStore
+
+log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 1.0
 OLD_EPOCH_RETRIES = 3
@@ -79,6 +90,18 @@ class WakeRefused(Exception):
 
 class _LeaseLost(Exception):
     """A newer wake took over (our fencing token is stale)."""
+
+
+class _Attempt:
+    """One holder's wake attempt: its budget slot and the allocation it asked for."""
+
+    __slots__ = ("allocation_id", "completed", "holder", "key")
+
+    def __init__(self, holder: str) -> None:
+        self.holder = holder  # the budget slot's holder name
+        self.key = ""  # idempotency key of the allocation asked for ("" before the ask)
+        self.allocation_id = ""  # its id once the control plane answered
+        self.completed = False  # the app went hot through this attempt
 
 
 class WakeController:
@@ -276,22 +299,18 @@ class WakeController:
             return self._adopt(app, state)
         for move in plan.moves:  # recovery of a wake or sleep whose holder died
             state = await self._move(state, move.target, lease, move.reason)
-        holder = f"{app}#{lease.token}"
-        renewer = asyncio.get_running_loop().create_task(self._renew(app, lease, holder))
+        attempt = _Attempt(f"{app}#{lease.token}")
+        loop = asyncio.get_running_loop()
+        work = loop.create_task(self._drive(app, spec, lease, state, attempt))
+        renewer = loop.create_task(self._renew(app, lease, attempt.holder))
         try:
-            waited = self.clock()
-            await self._take_budget(app, spec, holder)
-            self._phase("budget", self.clock() - waited)
-            for _ in range(OLD_EPOCH_RETRIES):
-                state, target = await self._start_allocation(app, spec, lease, state)
-                if target is not None:
-                    # The slot stays taken until the control plane itself sees the
-                    # allocation ready, so its count of starting allocations never
-                    # exceeds the budget; held requests are not kept waiting for that.
-                    self._spawn(self._release_when_ready(holder, target.allocation_id, spec))
-                    holder = ""
-                    return target
-            raise WakeRefused.of(decisions.old_epoch_retries_exhausted(app, spec.hold_timeout))
+            await asyncio.wait((work, renewer), return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():  # the renewer returned: another holder has the lease
+                self._count("lease_lost")
+                raise _LeaseLost()
+            target = work.result()
+            attempt.completed = True
+            return target
         except WakeRefused as refused:
             await self._fail(app, lease, refused.reason, decisions.GALLERY.get(refused.kind, ""))
             raise
@@ -299,48 +318,112 @@ class WakeController:
             await self._fail(app, lease, f"control plane: {exc.message}")
             raise WakeRefused.of(decisions.control_plane_error(app)) from exc
         finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
-            if holder:
-                await self.store.release_budget(holder)
+            for task in (work, renewer):
+                task.cancel()
+            for task in (work, renewer):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await self._end_attempt(app, spec, attempt)
+
+    async def _drive(
+        self, app: str, spec: WakeAppSpec, lease: Lease, state: AppWakeState, attempt: _Attempt
+    ) -> HotTarget:
+        """Budget, then allocation and readiness (retried under a new route epoch)."""
+        waited = self.clock()
+        await self._take_budget(app, spec, attempt.holder)
+        self._phase("budget", self.clock() - waited)
+        for _ in range(OLD_EPOCH_RETRIES):
+            state, target = await self._start_allocation(app, spec, lease, state, attempt)
+            if target is not None:
+                return target
+        raise WakeRefused.of(decisions.old_epoch_retries_exhausted(app, spec.hold_timeout))
+
+    async def _end_attempt(self, app: str, spec: WakeAppSpec, attempt: _Attempt) -> None:
+        """Give the budget slot back, at once if no allocation was asked for, else once the
+        control plane has settled that start: the budget counts starts not yet settled."""
+        if not attempt.key:
+            with contextlib.suppress(Exception):  # a slot the store cannot free expires
+                await self.store.release_budget(attempt.holder)
+            return
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            return  # shutting down: the slot expires by its lease, the next holder adopts
+        self._spawn(self._settle(app, spec, attempt))
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _release_when_ready(self, holder: str, allocation_id: str, spec: WakeAppSpec) -> None:
-        """Hold the budget slot (renewing it) until the control plane has the allocation
-        past starting, or the readiness timeout: a slow or failing control plane must not
-        free the slot early, or the region would start more apps at once than budgeted."""
-        step = max(0.5, min(self.lease_ttl, self.budget.slot_ttl) / 3)
-        renewer = asyncio.get_running_loop().create_task(self._keep_slot(holder))
-        version: int | None = None
+    async def _settle(self, app: str, spec: WakeAppSpec, attempt: _Attempt) -> None:
+        """Hold the attempt's slot (renewing it) until the control plane has its allocation
+        past starting, then give it back. The allocation of a wake that did not complete is
+        left to the holder its key is recorded for, adopted by a new wake, or drained."""
+        keeper = asyncio.get_running_loop().create_task(self._keep_slot(attempt.holder))
+        limit = decisions.slot_hold_limit(spec.readiness_timeout, self.budget.slot_ttl)
         try:
-            # Bounded as a whole: one slow call cannot outlast the readiness timeout.
-            async with asyncio.timeout(spec.readiness_timeout):
-                while True:
-                    try:
-                        if version is None:
-                            alloc = await self.client.get_allocation(allocation_id)
-                        else:
-                            alloc = await self.client.watch_allocation(
-                                allocation_id, version, timeout=step
-                            )
-                        if decisions.frees_budget_slot(alloc):
-                            return
-                        version = alloc.version
-                    except ControlPlaneError:
-                        await asyncio.sleep(0.5)
+            async with asyncio.timeout(limit):
+                alloc = await self._find_allocation(app, attempt)
+                if alloc is not None and not attempt.completed:
+                    action = await self._orphan_action(app, attempt.key)
+                    self._count(f"orphan:{action}")
+                    if action is decisions.Orphan.DRAIN:
+                        alloc = await self._drain_retrying(alloc.id)
+                    elif action is decisions.Orphan.WAKE:
+                        self.start_wake(app)
+                if alloc is not None:
+                    step = max(0.5, min(self.lease_ttl, self.budget.slot_ttl) / 3)
+                    await self._until_settled(alloc, step)
         except TimeoutError:
-            pass
+            log.warning("wake %s: start of %s not settled in %.0fs", app, attempt.key, limit)
         finally:
-            renewer.cancel()
+            keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+                await keeper
             with contextlib.suppress(Exception):
-                await self.store.release_budget(holder)
+                await self.store.release_budget(attempt.holder)
+
+    async def _find_allocation(self, app: str, attempt: _Attempt) -> Allocation | None:
+        """The allocation asked for under the attempt's key; None if the control plane
+        never created one. Asked again until the control plane answers."""
+        while True:
+            try:
+                if attempt.allocation_id:
+                    return await self.client.get_allocation(attempt.allocation_id)
+                return await self._recorded_allocation(app, attempt.key)
+            except ControlPlaneError:
+                await asyncio.sleep(0.5)
+
+    async def _recorded_allocation(self, app: str, key: str) -> Allocation | None:
+        if not key:
+            return None
+        found = [a for a in await self.client.list_allocations(app) if a.idempotency_key == key]
+        return found[0] if found else None
+
+    async def _orphan_action(self, app: str, key: str) -> decisions.Orphan:
+        """Read (until the store answers) who, if anyone, takes over the allocation."""
+        while True:
+            try:
+                state = await self.store.read_state(app)
+                holder = await self.store.lease_owner(app)
+                return decisions.orphan_action(state, key, holder is not None)
+            except StoreUnavailable:
+                await asyncio.sleep(0.5)
+
+    async def _drain_retrying(self, allocation_id: str) -> Allocation:
+        while True:
+            try:
+                return await self.client.drain_allocation(allocation_id, 0.0)
+            except ControlPlaneError:
+                await asyncio.sleep(0.5)
+
+    async def _until_settled(self, alloc: Allocation, step: float) -> None:
+        """Watch the allocation until the control plane has it past starting."""
+        while not decisions.frees_budget_slot(alloc):
+            try:
+                alloc = await self.client.watch_allocation(alloc.id, alloc.version, timeout=step)
+            except ControlPlaneError:
+                await asyncio.sleep(0.5)
 
     async def _keep_slot(self, holder: str) -> None:
         """Renew a budget slot on its own schedule, whatever the calls around it take."""
@@ -350,10 +433,24 @@ class WakeController:
                 await self.store.renew_budget(holder, self.budget)
 
     async def _renew(self, app: str, lease: Lease, holder: str) -> None:
+        """Keep the lease (and the slot) while the wake runs; return once another holder
+        has the lease. Store errors are ridden out: the fencing token still guards writes."""
+        failing = False
         while True:
-            await asyncio.sleep(self.lease_ttl / 3)
-            await self.store.renew_lease(app, lease.owner, self.lease_ttl)
-            await self.store.renew_budget(holder, self.budget)
+            await asyncio.sleep(decisions.renew_pause(self.lease_ttl, failing))
+            try:
+                renewed = await self.store.renew_lease(app, lease.owner, self.lease_ttl)
+            except Exception as exc:  # any: a dead renewer would let the lease lapse
+                if not failing:
+                    log.warning("wake %s: lease renewal failed (%s); retrying", app, exc)
+                failing = True
+                self._count("lease_renew_error")
+                continue
+            failing = False
+            if not renewed:
+                return
+            with contextlib.suppress(Exception):
+                await self.store.renew_budget(holder, self.budget)
 
     async def _take_budget(self, app: str, spec: WakeAppSpec, holder: str) -> None:
         deadline = self.clock() + spec.hold_timeout
@@ -371,15 +468,25 @@ class WakeController:
             await asyncio.sleep(step.seconds)
 
     async def _start_allocation(
-        self, app: str, spec: WakeAppSpec, lease: Lease, state: AppWakeState
+        self, app: str, spec: WakeAppSpec, lease: Lease, state: AppWakeState, attempt: _Attempt
     ) -> tuple[AppWakeState, HotTarget | None]:
         """One allocation attempt: (new state, target) or (state, None) on an old epoch."""
         started = self.clock()
+        recorded = await self._recorded_allocation(app, state.allocation_key)
+        key = decisions.allocation_key(state, lease.token, recorded)
+        # The key is stored (fenced) before the ask: whoever holds the lease next asks
+        # with it and adopts this allocation, whatever becomes of this holder.
         state = await self._move(
-            state, "starting", lease, decisions.BUDGET_GRANTED, wake_started_at=self.wall_clock()
+            state,
+            "starting",
+            lease,
+            decisions.BUDGET_GRANTED,
+            wake_started_at=self.wall_clock(),
+            allocation_key=key,
         )
-        key = f"wake-{app}-{lease.token}-{state.version}"
+        attempt.key, attempt.allocation_id = key, ""
         alloc = await self.client.create_allocation(app, idempotency_key=key)
+        attempt.allocation_id = alloc.id
         deadline = self.clock() + spec.readiness_timeout
         alloc = await self._until_started(alloc, deadline)
         self._phase("allocation", self.clock() - started)
@@ -562,7 +669,14 @@ class WakeController:
                     await self.store.renew_lease(app, owner, self.lease_ttl)
                     alloc = await self.client.watch_allocation(alloc.id, alloc.version, 5.0)
             await self._move(
-                state, "cold", lease, decisions.DRAINED, allocation_id="", address="", route_epoch=0
+                state,
+                "cold",
+                lease,
+                decisions.DRAINED,
+                allocation_id="",
+                allocation_key="",
+                address="",
+                route_epoch=0,
             )
         except _LeaseLost:
             return

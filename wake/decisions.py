@@ -254,6 +254,55 @@ def frees_budget_slot(alloc: Allocation) -> bool:
     return alloc.state not in ("planned", "pulling", "starting")
 
 
+# Allocation states the control plane will never route again.
+GONE = frozenset({"failed", "stopped", "draining"})
+
+
+def allocation_key(state: AppWakeState, token: int, recorded: Allocation | None) -> str:
+    """The idempotency key to ask for the allocation with.
+
+    The key a previous holder recorded is reused while its allocation may still
+    come up (`recorded`: what the control plane has under it, None if nothing yet),
+    so the ask adopts that allocation instead of starting a second one. Otherwise a
+    new key, unique to this lease (`token`) and state version.
+    """
+    if state.allocation_key and (recorded is None or recorded.state not in GONE):
+        return state.allocation_key
+    return f"wake-{state.app}-{token}-{state.version}"
+
+
+class Orphan(enum.StrEnum):
+    """What becomes of an allocation asked for by a wake that did not complete."""
+
+    LEAVE = "leave"  # the stored state records it and a holder is on it (or it is hot)
+    WAKE = "wake"  # the state records it but nobody holds the lease: wake to adopt it
+    DRAIN = "drain"  # nobody records it, or its wake failed: it would run unowned
+
+
+# Stored states in which a recorded allocation is on its way to being routed.
+_ADOPTABLE = frozenset({"wake_requested", "starting", "readiness_wait", "hot"})
+
+
+def orphan_action(state: AppWakeState, key: str, lease_held: bool) -> Orphan:
+    """Who takes care of the allocation asked for under `key` after its wake ended early."""
+    if state.allocation_key != key or state.state not in _ADOPTABLE:
+        return Orphan.DRAIN
+    if state.state == "hot" or lease_held:
+        return Orphan.LEAVE
+    return Orphan.WAKE
+
+
+def slot_hold_limit(readiness_timeout: float, slot_ttl: float) -> float:
+    """How long a wake's slot is kept, at most, waiting for its start to settle."""
+    return max(readiness_timeout, slot_ttl)
+
+
+def renew_pause(lease_ttl: float, failing: bool) -> float:
+    """The pause before the next lease renewal: a third of the lease, or while the store
+    fails a tenth (at least 50 ms), so a renewal lands as soon as the store answers."""
+    return max(0.05, lease_ttl / 10) if failing else lease_ttl / 3
+
+
 def allocation_passes_readiness(status: int) -> bool:
     """Gate "allocation passes readiness": the readiness path answered 2xx."""
     return 200 <= status < 300

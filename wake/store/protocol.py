@@ -25,6 +25,9 @@ class AppWakeState(msgspec.Struct, kw_only=True):
     # Fencing token of the lease holder that wrote this; a lower token never overwrites.
     token: int = 0
     allocation_id: str = ""
+    # The idempotency key of the allocation this wake asked for, written before the ask:
+    # the next holder asks with the same key, so it adopts that allocation, never a second.
+    allocation_key: str = ""
     address: str = ""
     route_epoch: int = 0
     reason: str = ""
