@@ -352,9 +352,10 @@ class FrontConnection(asyncio.Protocol):
         fields = RequestFields(self.headers, self.trusted)
         check_head(method, fields)
         target, host_value = origin_form(self.url, fields.host)
-        app = ctx.route_for(host_value) if host_value is not None else None
-        if app is None:
+        found = ctx.route_for(host_value) if host_value is not None else None
+        if found is None:
             raise no_route(host_value, self.url[:1] != b"/")
+        app, host_value = found
         ex.app = app.name
         framing, ex.body_done = body_framing(fields, self.limits.max_body)
         ex.body_chunked = framing is CHUNKED

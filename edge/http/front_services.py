@@ -71,7 +71,9 @@ class FrontServices(Protocol):
     queue: DurableQueue | None  # set when an app can queue
     replayer: ReplayNudge | None
 
-    def route_for(self, host_value: bytes) -> AppUpstreams | None: ...
+    def route_for(self, host_value: bytes) -> tuple[AppUpstreams, bytes] | None:
+        """The app serving a raw Host value, and the normalised host to forward."""
+        ...
 
     def next_request_id(self) -> bytes: ...
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from edge.http.exchange import DRAINING
 from edge.http.forward_headers import TrustedProxies
 from edge.http.front_services import FrontLimits
-from edge.http.host_pattern import HostTable, host_from_header
+from edge.http.host_pattern import HostTable, host_bytes, parse_host_header
 from edge.ops.worker_stats import WorkerStats
 from edge.routing.app_upstreams import AppUpstreams
 from edge.routing.hold_accounting import HoldAccounting, HoldCaps
@@ -115,7 +115,7 @@ class WorkerContext:
         self.routes = HostTable(
             {host: self.apps[app.name] for app in config.apps for host in app.hosts}
         )
-        self._route_cache: dict[bytes, AppUpstreams] = {}
+        self._route_cache: dict[bytes, tuple[AppUpstreams, bytes]] = {}
         if self.wake is not None:
             self.wake.apply(budget_limits(config), wake_specs(config))
 
@@ -144,17 +144,19 @@ class WorkerContext:
     def region(self) -> Region | None:
         return self.follower.region if self.follower is not None else None
 
-    def route_for(self, host_value: bytes) -> AppUpstreams | None:
-        """Route by a raw Host value; parsed hosts are cached per raw value."""
-        route = self._route_cache.get(host_value)
-        if route is None:
-            host = host_from_header(host_value)
-            route = self.routes.lookup(host) if host is not None else None
+    def route_for(self, host_value: bytes) -> tuple[AppUpstreams, bytes] | None:
+        """The app for a raw Host value and the normalised host to forward; cached per raw
+        value, so a validated host costs one dict lookup."""
+        found = self._route_cache.get(host_value)
+        if found is None:
+            parsed = parse_host_header(host_value)
+            route = self.routes.lookup(parsed[0]) if parsed is not None else None
             if route is None:
                 return None
+            found = (route, host_bytes(*parsed))  # type: ignore[misc]
             if len(self._route_cache) < 4096:
-                self._route_cache[host_value] = route
-        return route
+                self._route_cache[host_value] = found
+        return found
 
     def next_request_id(self) -> bytes:
         return self._id_prefix + b"%x" % next(self._ids)
