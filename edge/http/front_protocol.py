@@ -349,7 +349,7 @@ class FrontConnection(asyncio.Protocol):
         """Route and build the upstream head; raises Refused for requests the edge refuses."""
         ctx = self.ctx
         method = ex.method
-        fields = RequestFields(self.headers, self.trusted)
+        fields = RequestFields(self.headers, self.trusted, ctx.header_classes)
         check_head(method, fields)
         target, host_value = origin_form(self.url, fields.host)
         found = ctx.route_for(host_value) if host_value is not None else None

@@ -10,7 +10,7 @@ from collections.abc import MutableSet
 from typing import Protocol
 
 from edge.http.access_log import AccessLog
-from edge.http.forward_headers import TrustedProxies
+from edge.http.forward_headers import HeaderClasses, TrustedProxies
 from edge.ops.worker_stats import WorkerStats
 from edge.queue.durable_queue import DurableQueue
 from edge.routing.app_upstreams import AppUpstreams
@@ -56,6 +56,7 @@ class FrontServices(Protocol):
     loop: asyncio.AbstractEventLoop
     limits: FrontLimits
     trusted_proxies: TrustedProxies
+    header_classes: HeaderClasses
     scheme: bytes
     draining: bool
     stats: WorkerStats

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from edge.http.forward_headers import DEFAULT_CLIENT_IDENTITY_HEADERS, handled_by_edge
 from edge.http.host_pattern import HostPatternError, normalize_host_pattern
 from scheduler_client.config_file import (
     ByteSize,
@@ -62,6 +63,11 @@ class EdgeSection(_Section):
     store: str = "memory://"
     # Peers whose X-Forwarded-*/Forwarded headers are kept; everyone else's are replaced.
     trusted_proxies: list[str] = []
+    # Fields claiming who the client is (its IP, port, path prefix) that the edge does not
+    # set itself: dropped unless a trusted proxy sent them.
+    client_identity_headers: list[str] = msgspec.field(
+        default_factory=lambda: list(DEFAULT_CLIENT_IDENTITY_HEADERS)
+    )
     shutdown_timeout: Duration = Duration(30.0)
     access_log: str = "off"
     access_log_sample: Annotated[float, Meta(ge=0.0, le=1.0)] = 1.0
@@ -287,6 +293,14 @@ def _check_edge(edge: EdgeSection, fail: Callable[[str, str], None]) -> None:
             ipaddress.ip_network(cidr, strict=False)
         except ValueError as exc:
             fail(f"edge.trusted_proxies[{i}]", str(exc))
+    for i, name in enumerate(edge.client_identity_headers):
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+            fail(f"edge.client_identity_headers[{i}]", f"not a header field name: {name!r}")
+        elif handled_by_edge(name):
+            fail(
+                f"edge.client_identity_headers[{i}]",
+                f"{name} is one the edge handles itself (forwarding, framing or routing)",
+            )
     if edge.tls is not None:
         for key in ("cert_file", "key_file"):
             if not Path(getattr(edge.tls, key)).is_file():

@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 from edge.http.exchange import DRAINING
-from edge.http.forward_headers import TrustedProxies
+from edge.http.forward_headers import HeaderClasses, TrustedProxies
 from edge.http.front_services import FrontLimits
 from edge.http.host_pattern import HostTable, host_bytes, parse_host_header
 from edge.ops.worker_stats import WorkerStats
@@ -102,6 +102,7 @@ class WorkerContext:
         self.limits = FrontLimits(config.limits)
         self.holds.caps = hold_caps(config)
         self.trusted_proxies = TrustedProxies(config.edge.trusted_proxies)
+        self.header_classes = HeaderClasses(config.edge.client_identity_headers)
         self.scheme = b"https" if config.edge.tls is not None else b"http"
         self.upstream_header_timeout = float(config.upstream.response_header_timeout)
         self.upstream_idle_timeout = float(config.upstream.idle_timeout)

@@ -1,0 +1,32 @@
+"""The front's own config keys ([edge] client identity fields, [limits] pipelining and body
+rate, response heads): defaults, validation, and what the worker makes of them."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge.http.forward_headers import DEFAULT_CLIENT_IDENTITY_HEADERS
+from edge.server.config import ConfigError, load_config_text
+
+FILE = "front-test.toml"
+APP = '[[apps]]\nname = "a"\nhosts = ["a.localhost"]\nupstreams = ["127.0.0.1:1"]\n'
+
+
+def error_path(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, FILE)
+    return info.value.path
+
+
+def test_client_identity_headers_default_and_replace() -> None:
+    assert load_config_text(APP, FILE).edge.client_identity_headers == list(
+        DEFAULT_CLIENT_IDENTITY_HEADERS
+    )
+    config = load_config_text('[edge]\nclient_identity_headers = ["X-Tenant-IP"]\n' + APP, FILE)
+    assert config.edge.client_identity_headers == ["X-Tenant-IP"]
+
+
+@pytest.mark.parametrize("name", ["X Real", "X-Forwarded-For", "host", "Content-Length", ""])
+def test_client_identity_headers_must_be_plain_field_names(name: str) -> None:
+    text = f'[edge]\nclient_identity_headers = ["X-Ok", "{name}"]\n' + APP
+    assert error_path(text) == "edge.client_identity_headers[1]"
