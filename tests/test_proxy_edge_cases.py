@@ -533,6 +533,31 @@ async def test_close_delimited_response_to_http11_client_is_rechunked(proxy, raw
     assert resp.body == eof_body(n)
 
 
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+async def test_close_delimited_response_ending_in_a_reset_is_cut_short(
+    proxy, raw, version: str
+) -> None:
+    """A close-delimited body that ends in a reset (not a clean close) was truncated: the
+    client's connection is aborted, so it never sees a complete response (HTTP/1.1: no
+    last chunk; HTTP/1.0: a reset, not a clean end)."""
+    n = 300_000
+    reader, writer = await connect(proxy.port)
+    try:
+        await send(
+            writer, f"GET /eofreset?n={n} HTTP/{version}\r\nHost: raw.localhost\r\n\r\n".encode()
+        )
+        if version == "1.1":
+            with pytest.raises(Closed):
+                resp = await read_response(reader)
+                pytest.fail(f"a truncated body was delivered as complete: {len(resp.body)} bytes")
+        else:
+            with pytest.raises(ConnectionResetError):
+                while await asyncio.wait_for(reader.read(MiB), 10):
+                    pass
+    finally:
+        await close(writer)
+
+
 async def test_close_delimited_response_to_http10_client(proxy, raw) -> None:
     n = 300_000
     reader, writer = await connect(proxy.port)

@@ -21,8 +21,11 @@ sweeper, so the hot path never arms or cancels a timer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import socket
+import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -93,6 +96,7 @@ if TYPE_CHECKING:
     from edge.routing.app_upstreams import AppUpstreams
 
 logger = logging.getLogger(__name__)
+_LINGER_ZERO = struct.pack("ii", 1, 0)
 __all__ = ["DRAINING", "EXCHANGE", "HEADERS", "IDLE", "Exchange", "FrontConnection"]
 
 
@@ -733,7 +737,7 @@ class FrontConnection(asyncio.Protocol):
         if ex is None or ex.upstream is not conn:
             return
         ex.upstream = None
-        if ex.response_eof and ex.response_started:
+        if ex.response_eof and ex.response_started and error == "closed":
             if ex.response_chunked:
                 self.out.append(b"0\r\n\r\n")
             self._complete(ex)  # close-delimited body ended
@@ -884,6 +888,11 @@ class FrontConnection(asyncio.Protocol):
         self.deadline_kind = DRAINING
         if self.transport is not None:
             if abort:
+                # A reset, not a FIN: a close-delimited body would otherwise look complete.
+                sock = self.transport.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
                 self.transport.abort()
             else:
                 self.transport.close()
