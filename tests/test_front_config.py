@@ -30,3 +30,9 @@ def test_client_identity_headers_default_and_replace() -> None:
 def test_client_identity_headers_must_be_plain_field_names(name: str) -> None:
     text = f'[edge]\nclient_identity_headers = ["X-Ok", "{name}"]\n' + APP
     assert error_path(text) == "edge.client_identity_headers[1]"
+
+
+def test_max_pipelined_default_and_bounds() -> None:
+    assert load_config_text(APP, FILE).limits.max_pipelined == 16
+    assert load_config_text("[limits]\nmax_pipelined = 2\n" + APP, FILE).limits.max_pipelined == 2
+    assert error_path("[limits]\nmax_pipelined = 0\n" + APP) == "limits.max_pipelined"

@@ -29,7 +29,9 @@ from edge.http.request_head import (
     no_route,
     origin_form,
     parse_error_status,
+    pipeline_full,
     sends_continue,
+    too_many_pipelined,
 )
 from edge.http.websocket import going_away_frames
 from edge.routing.admission import (
@@ -166,3 +168,12 @@ def test_going_away_frames() -> None:
     assert to_client == b"\x88\x02\x03\xe9"  # close, unmasked, status 1001
     assert to_upstream[:6] == b"\x88\x82\x01\x02\x03\x04"  # close, masked
     assert bytes(b ^ m for b, m in zip(to_upstream[6:], b"\x01\x02", strict=True)) == b"\x03\xe9"
+
+
+def test_pipeline_cap_counts_the_requests_waiting_behind_the_current_one() -> None:
+    assert not pipeline_full(0, 16)
+    assert not pipeline_full(15, 16)
+    assert pipeline_full(16, 16)
+    assert pipeline_full(1, 1)
+    refusal = too_many_pipelined()
+    assert (refusal.status, refusal.kind) == (503, "pipeline")

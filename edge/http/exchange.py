@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from edge.http.forward_headers import RequestFields
+    from edge.routing.admission import ColdRequest
     from edge.upstream.pool import UpstreamConnection, UpstreamPeer
+
+    # What admission needs once a request for a cold app becomes current: the request,
+    # its fields, origin-form target, normalised host and body framing line.
+    ColdPending = tuple[ColdRequest, RequestFields, bytes, bytes, bytes]
 
 # Deadline kinds, checked by the sweeper.
 IDLE = 0  # no request in progress: keep-alive timeout
@@ -24,6 +30,7 @@ class Exchange:
         "body_chunked",
         "body_done",
         "body_seen",
+        "cold",
         "early_tunnel",
         "head",
         "held",
@@ -81,6 +88,7 @@ class Exchange:
         self.queue_waiting = False
         self.waited_ms = -1.0
         self.html = False
+        self.cold: ColdPending | None = None  # admitted only when it becomes current
 
 
 # What the sweeper does when a connection's deadline has passed.

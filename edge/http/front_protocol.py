@@ -71,7 +71,9 @@ from edge.http.request_head import (
     no_route,
     origin_form,
     parse_error_status,
+    pipeline_full,
     sends_continue,
+    too_many_pipelined,
 )
 from edge.http.websocket import going_away_frames
 from edge.queue.durable_queue import QueueFull
@@ -93,7 +95,6 @@ from wake.store.protocol import StoreUnavailable
 
 if TYPE_CHECKING:
     from edge.http.front_services import FrontServices
-    from edge.routing.app_upstreams import AppUpstreams
 
 logger = logging.getLogger(__name__)
 _LINGER_ZERO = struct.pack("ii", 1, 0)
@@ -275,6 +276,12 @@ class FrontConnection(asyncio.Protocol):
             raise Refused(431, "too many request header fields", "headers")
 
     def on_headers_complete(self) -> None:
+        if self.closed:
+            return  # answered and closing: nothing more read from this connection is served
+        if self.current is not None and pipeline_full(
+            len(self.pipeline), self.limits.max_pipelined
+        ):
+            raise too_many_pipelined()
         parser = self.parser
         now = self.loop.time()
         ex = Exchange(parser.get_method(), now)
@@ -370,14 +377,30 @@ class FrontConnection(asyncio.Protocol):
         if app.wake is not None:
             app.wake.seen(app.name)
             if ex.peer is None:
-                self._admit_cold(ex, app, fields, target, host_value)
-        ex.head = build_request_head(
-            method,
+                # Admitted (a hold slot reserved) only once it is the request being answered.
+                request = ColdRequest(
+                    facts=facts_from(
+                        method, target, host_from_header(host_value) or "", self.headers
+                    ),
+                    headers=self.headers,
+                    content_length=int(fields.content_length) if fields.content_length else None,
+                    chunked=fields.chunked,
+                    accepts_html=fields.accepts_html,
+                )
+                ex.cold = (request, fields, target, host_value, framing)
+                return
+        ex.head = self._upstream_head(ex, fields, target, host_value, framing)
+
+    def _upstream_head(
+        self, ex: Exchange, fields: RequestFields, target: bytes, host: bytes, framing: bytes
+    ) -> bytes:
+        return build_request_head(
+            ex.method,
             target,
             fields,
-            host=host_value,
+            host=host,
             client_ip=self.client_ip_bytes,
-            scheme=ctx.scheme,
+            scheme=self.ctx.scheme,
             request_id=ex.request_id,
             # A queued request never goes upstream from here: it is replayed later
             # with its own Content-Length, whatever framing it came with.
@@ -393,6 +416,12 @@ class FrontConnection(asyncio.Protocol):
             self.out.append(ex.head)
             self._complete(ex)
             return
+        if ex.cold is not None:
+            try:
+                self._admit_cold(ex)
+            except Refused as reject:
+                self._refuse_current(ex, reject)
+                return
         if ex.send_continue:
             self.out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
         if ex.queue_limit:
@@ -439,44 +468,64 @@ class FrontConnection(asyncio.Protocol):
                 self.upstream_flush()
         return True
 
-    def _admit_cold(
-        self, ex: Exchange, app: AppUpstreams, fields: RequestFields, target: bytes, host: bytes
-    ) -> None:
-        """Carry out what admission decided for a request to an app that is not hot."""
+    def _admit_cold(self, ex: Exchange) -> None:
+        """Carry out what admission decides for a request for an app that was not hot when
+        it arrived, now that it is current; raises Refused."""
+        request, fields, target, host, framing = ex.cold  # type: ignore[misc]
+        ex.cold = None
         ctx = self.ctx
+        app = ctx.apps.get(ex.app)
+        if app is None:  # a reload removed it while this request waited its turn
+            raise Refused(404, f"app {ex.app} is no longer served here", "no_route")
+        ex.peer = app.pick()
         wake = app.wake
-        request = ColdRequest(
-            facts=facts_from(ex.method, target, host_from_header(host) or "", self.headers),
-            headers=self.headers,
-            content_length=int(fields.content_length) if fields.content_length else None,
-            chunked=fields.chunked,
-            accepts_html=fields.accepts_html,
-        )
-        decision = admit(
-            app.admission,
-            request,
-            ctx.region(),
-            wake.expected_wake(app.name),  # type: ignore[union-attr]
-            ctx.holds,
-            queue_available=ctx.queue is not None,
-        )
-        if decision.start_wake:
-            wake.start_wake(app.name)  # type: ignore[union-attr]
-        if decision.gallery:
-            ctx.stats.gallery(decision.gallery)
-        if isinstance(decision, Reject):
-            if decision.status == 413:
-                ctx.stats.queue_event(app.name, "too_large")
+        if ex.peer is None and wake is not None:
+            decision = admit(
+                app.admission,
+                request,
+                ctx.region(),
+                wake.expected_wake(app.name),
+                ctx.holds,
+                queue_available=ctx.queue is not None,
+            )
+            if decision.start_wake:
+                wake.start_wake(app.name)
+            if decision.gallery:
+                ctx.stats.gallery(decision.gallery)
+            if isinstance(decision, Reject):
+                if decision.status == 413:
+                    ctx.stats.queue_event(app.name, "too_large")
+                else:
+                    ctx.stats.rejection(app.name, decision.kind)
+                raise Refused(decision.status, decision.reason, decision.kind, decision.retry_after)
+            ctx.holds.reserve(app.name, decision.reserve)
+            ex.held = decision.reserve
+            if isinstance(decision, Queue):
+                ex.queue_limit = decision.body_limit
+                ex.queue_key = decision.dedupe_key
+                if ex.body_buffered > ex.queue_limit:
+                    raise Refused(413, "request body too large to queue", "body")
             else:
-                ctx.stats.rejection(app.name, decision.kind)
-            raise Refused(decision.status, decision.reason, decision.kind, decision.retry_after)
-        ctx.holds.reserve(app.name, decision.reserve)
-        ex.held = decision.reserve
-        if isinstance(decision, Queue):
-            ex.queue_limit = decision.body_limit
-            ex.queue_key = decision.dedupe_key
-        else:  # the hold starts now, even if pipelined requests are ahead of it
-            ex.html = decision.starting_page
+                ex.html = decision.starting_page
+        elif ex.peer is None:
+            raise Refused(503, f"app {ex.app} has no upstream", "no_upstream")
+        ex.head = self._upstream_head(ex, fields, target, host, framing)
+
+    def _refuse_current(self, ex: Exchange, reject: Refused) -> None:
+        """Answer the current request with the edge's own refusal; what it reserved goes back."""
+        self._unhold(ex)
+        ex.status = reject.status
+        ex.keep_alive = ex.keep_alive and ex.body_done
+        self.out.append(
+            error_response(
+                reject.status,
+                reject.reason,
+                close=not ex.keep_alive,
+                kind=reject.kind,
+                retry_after=reject.retry_after,
+            )
+        )
+        self._complete(ex)
 
     def _unhold(self, ex: Exchange) -> None:
         if ex.held >= 0:

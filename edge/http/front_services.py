@@ -31,6 +31,7 @@ class FrontLimits:
         "max_head_bytes",
         "max_header_bytes",
         "max_headers",
+        "max_pipelined",
         "max_request_line",
     )
 
@@ -42,6 +43,7 @@ class FrontLimits:
         self.header_timeout = float(limits.header_timeout)
         self.keepalive_timeout = float(limits.keepalive_timeout)
         self.max_connections = limits.max_connections
+        self.max_pipelined = limits.max_pipelined
         # The request line counts toward the head too.
         self.max_head_bytes = int(limits.max_request_line) + int(limits.max_header_bytes)
 

@@ -92,3 +92,13 @@ def parse_error_status(message: str) -> int:
     """431 for a header overflow the parser reports, else 400."""
     text = message.lower()
     return 431 if "header" in text and "overflow" in text else 400
+
+
+def pipeline_full(waiting: int, max_pipelined: int) -> bool:
+    """Whether one more request may not be parsed ahead: `waiting` already wait behind
+    the one being answered."""
+    return waiting >= max_pipelined
+
+
+def too_many_pipelined() -> Refused:
+    return Refused(503, "too many pipelined requests on one connection", "pipeline")

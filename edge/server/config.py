@@ -91,6 +91,9 @@ class LimitsSection(_Section):
     keepalive_timeout: PositiveDuration = PositiveDuration(75.0)
     # Per worker process.
     max_connections: Annotated[int, Meta(ge=1)] = 10_000
+    # Requests parsed ahead of the one being answered on one connection; one more is
+    # refused (503) and the connection closes after the answers ahead of it.
+    max_pipelined: Annotated[int, Meta(ge=1)] = 16
 
 
 class UpstreamSection(_Section):
