@@ -36,3 +36,13 @@ def test_max_pipelined_default_and_bounds() -> None:
     assert load_config_text(APP, FILE).limits.max_pipelined == 16
     assert load_config_text("[limits]\nmax_pipelined = 2\n" + APP, FILE).limits.max_pipelined == 2
     assert error_path("[limits]\nmax_pipelined = 0\n" + APP) == "limits.max_pipelined"
+
+
+def test_body_rate_defaults_and_units() -> None:
+    limits = load_config_text(APP, FILE).limits
+    assert (limits.min_body_rate, limits.body_rate_grace) == (1024, 5.0)
+    text = '[limits]\nmin_body_rate = "10KiB"\nbody_rate_grace = "2s"\n' + APP
+    limits = load_config_text(text, FILE).limits
+    assert (limits.min_body_rate, limits.body_rate_grace) == (10 * 1024, 2.0)
+    off = load_config_text("[limits]\nmin_body_rate = 0\n" + APP, FILE).limits
+    assert off.min_body_rate == 0

@@ -18,6 +18,7 @@ from edge.http.exchange import (
     NOTHING,
     UPSTREAM_TIMEOUT,
     Exchange,
+    body_rate_deadline,
     deadline_action,
 )
 from edge.http.forward_headers import RequestFields
@@ -177,3 +178,16 @@ def test_pipeline_cap_counts_the_requests_waiting_behind_the_current_one() -> No
     assert pipeline_full(1, 1)
     refusal = too_many_pipelined()
     assert (refusal.status, refusal.kind) == (503, "pipeline")
+
+
+def test_body_rate_deadline_is_the_grace_plus_a_second_per_min_rate_bytes() -> None:
+    assert body_rate_deadline(100.0, 0, 5.0, 1024.0) == 105.0
+    assert body_rate_deadline(100.0, 2048, 5.0, 1024.0) == 107.0
+    # A body that keeps the rate never falls behind its deadline.
+    now, received = 100.0, 0
+    for _ in range(60):
+        now += 1.0
+        received += 1024
+        assert now < body_rate_deadline(100.0, received, 5.0, 1024.0)
+    # One that sends less falls behind once the grace is spent.
+    assert body_rate_deadline(100.0, 512 * 11, 5.0, 1024.0) <= 111.0

@@ -87,3 +87,41 @@ async def test_pipelined_gets_to_a_cold_app_do_not_take_its_hold_slots(
     # At most [limits] max_pipelined (16) wait behind the current one; the next is refused.
     assert len(answers) < 500, "every pipelined request was parsed ahead and answered"
     assert answers[-1].status == 503 and answers[-1].header("X-Edge-Error") == "pipeline"
+
+
+async def test_a_trickling_held_body_reserves_only_what_arrived(
+    start_control_plane, start_edge
+) -> None:
+    """A chunked POST that has sent one byte holds one byte of the app's held-body cap,
+    not a whole reserve: another client's 1 KiB POST is held and served, not refused."""
+    cp = start_control_plane(apps=[slow_sample_app()])
+    edge = edge_for(start_edge, cp, [cold_app(max_held_body_bytes="64KiB")])
+    head = request_bytes(
+        "POST",
+        "/echo?slow",
+        host=HOST,
+        headers=[("Idempotency-Key", "slow-1"), ("Transfer-Encoding", "chunked")],
+    )
+    reader, writer = await connect(edge.port)
+    try:
+        await send(writer, head + b"1\r\na\r\n")
+        await asyncio.sleep(0.5)
+        other = await exchange(
+            edge.port,
+            request_bytes(
+                "POST",
+                "/echo?other",
+                host=HOST,
+                headers=[("Idempotency-Key", "k-2")],
+                body=b"x" * 1024,
+            ),
+            method="POST",
+            timeout=30,
+        )
+        assert other is not None, "the other client's request got no answer"
+        assert other.status == 200, (other.status, other.header("X-Edge-Error"))
+        await send(writer, b"0\r\n\r\n")
+        slow = await read_response(reader, timeout=30)
+        assert slow.status == 200
+    finally:
+        await close(writer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ class Exchange:
         "upgrade",
         "upstream",
         "waited_ms",
+        "waiter",
         "waiting_head",
     )
 
@@ -89,6 +91,7 @@ class Exchange:
         self.waited_ms = -1.0
         self.html = False
         self.cold: ColdPending | None = None  # admitted only when it becomes current
+        self.waiter: Callable[[UpstreamConnection | None], bool] | None = None  # in a peer's line
 
 
 # What the sweeper does when a connection's deadline has passed.
@@ -118,3 +121,9 @@ def deadline_action(kind: int, parsing: bool, ex: Exchange | None) -> str:
         # (the hold timeout, the store's call timeout), not this one.
         return EXTEND
     return ABORT if ex.response_started else UPSTREAM_TIMEOUT
+
+
+def body_rate_deadline(began: float, received: int, grace: float, min_rate: float) -> float:
+    """When a request body that began at `began` and has `received` bytes since becomes too
+    slow: the grace, plus one second per `min_rate` bytes received."""
+    return began + grace + received / min_rate

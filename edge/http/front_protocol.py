@@ -49,6 +49,7 @@ from edge.http.exchange import (
     IDLE,
     UPSTREAM_TIMEOUT,
     Exchange,
+    body_rate_deadline,
     deadline_action,
 )
 from edge.http.forward_headers import (
@@ -131,6 +132,11 @@ class FrontConnection(asyncio.Protocol):
         self.tunnel: UpstreamConnection | None = None
         self.deadline = 0.0
         self.deadline_kind = IDLE
+        # The body being read must keep the minimum rate: checked by the sweeper at
+        # `body_check` (0: no body being read), counted from `body_began`/`body_base`.
+        self.body_check = 0.0
+        self.body_began = 0.0
+        self.body_base = 0
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -292,6 +298,10 @@ class FrontConnection(asyncio.Protocol):
         ex.http10 = parser.get_http_version() == "1.0"
         ex.keep_alive = parser.should_keep_alive() and not self.ctx.draining
         self.head_bytes = 0
+        if self.limits.min_body_rate:  # cleared at once by on_message_complete without a body
+            self.body_began = now
+            self.body_base = 0
+            self.body_check = now + self.limits.body_rate_grace
         if self.deadline_kind == HEADERS:
             self._set_deadline(EXCHANGE, self.ctx.upstream_idle_timeout)
         if self.current is None:
@@ -334,6 +344,8 @@ class FrontConnection(asyncio.Protocol):
                 ex.body_buffer = []
             ex.body_buffer.append(data)
             ex.body_buffered += len(data)
+            if ex.held >= 0:
+                self._hold_bytes(ex, len(data))
             if ex.queue_limit:
                 if ex.body_buffered > ex.queue_limit:
                     raise Refused(413, "request body too large to queue", "body")
@@ -343,6 +355,7 @@ class FrontConnection(asyncio.Protocol):
                 self._pause_reading()
 
     def on_message_complete(self) -> None:
+        self.body_check = 0.0
         ex = self.parsing
         if ex is None:
             return
@@ -454,10 +467,12 @@ class FrontConnection(asyncio.Protocol):
         elif peer.reserve():  # type: ignore[union-attr]
             self.loop.create_task(self._connect_then_send(ex))
         else:
-            peer.wait(lambda conn: self._peer_ready(ex, conn))  # type: ignore[union-attr]
+            ex.waiter = lambda conn: self._peer_ready(ex, conn)
+            peer.wait(ex.waiter)  # type: ignore[union-attr]
 
     def _peer_ready(self, ex: Exchange, conn: UpstreamConnection | None) -> bool:
         """A connection (or room for a new one) for `ex`; False when `ex` is gone."""
+        ex.waiter = None
         if self.current is not ex or self.closed or ex.status:
             return False
         if conn is None:
@@ -500,6 +515,8 @@ class FrontConnection(asyncio.Protocol):
                 raise Refused(decision.status, decision.reason, decision.kind, decision.retry_after)
             ctx.holds.reserve(app.name, decision.reserve)
             ex.held = decision.reserve
+            if ex.body_buffered:
+                self._hold_bytes(ex, ex.body_buffered)
             if isinstance(decision, Queue):
                 ex.queue_limit = decision.body_limit
                 ex.queue_key = decision.dedupe_key
@@ -526,6 +543,15 @@ class FrontConnection(asyncio.Protocol):
             )
         )
         self._complete(ex)
+
+    def _hold_bytes(self, ex: Exchange, more: int) -> None:
+        """Count body bytes of a held or queued request as they arrive; raises Refused when
+        they do not fit the app's or the worker's held-body cap."""
+        route = self.ctx.apps.get(ex.app)
+        if route is None or not self.ctx.holds.grow(ex.app, route.admission.caps, more):
+            self.ctx.stats.rejection(ex.app, "hold_cap")
+            raise Refused(503, f"too many request bytes held for app {ex.app}", "hold_cap")
+        ex.held += more
 
     def _unhold(self, ex: Exchange) -> None:
         if ex.held >= 0:
@@ -873,6 +899,9 @@ class FrontConnection(asyncio.Protocol):
         if peer is not None:
             peer.in_flight -= 1
             ex.peer = None
+            if ex.waiter is not None:  # gave up waiting for a connection: leave the line
+                peer.unwait(ex.waiter)
+                ex.waiter = None
 
     def _record(self, ex: Exchange) -> None:
         ctx = self.ctx
@@ -983,6 +1012,31 @@ class FrontConnection(asyncio.Protocol):
                 conn.abort()
             kind_name = "response_header_timeout" if ex.waiting_head else "idle_timeout"  # type: ignore[union-attr]
             self._upstream_failed(ex, 504, f"upstream {kind_name.replace('_', ' ')}", kind_name)  # type: ignore[arg-type]
+
+    def on_body_check(self, now: float) -> None:
+        """Called by the sweeper once `body_check` has passed: is the body still fast enough?"""
+        ex = self.parsing
+        if ex is None or self.closed:
+            self.body_check = 0.0
+            return
+        if self.reading_paused:
+            # The edge stopped reading, not the client: the clock starts again.
+            self.body_began = now
+            self.body_base = ex.body_seen
+            self.body_check = now + self.limits.body_rate_grace
+            return
+        limits = self.limits
+        due = body_rate_deadline(
+            self.body_began,
+            ex.body_seen - self.body_base,
+            limits.body_rate_grace,
+            limits.min_body_rate,
+        )
+        if now < due:
+            self.body_check = due
+            return
+        self.body_check = 0.0
+        self._reject(Refused(408, "request body arrived too slowly", "body_rate"))
 
     def close_tunnel_going_away(self) -> None:
         """The allocation behind this tunnel reached its drain deadline: WebSocket 1001 both

@@ -24,6 +24,7 @@ class FrontLimits:
     """Client-side limits, copied out of config for attribute-speed access."""
 
     __slots__ = (
+        "body_rate_grace",
         "header_timeout",
         "keepalive_timeout",
         "max_body",
@@ -33,6 +34,7 @@ class FrontLimits:
         "max_headers",
         "max_pipelined",
         "max_request_line",
+        "min_body_rate",
     )
 
     def __init__(self, limits: LimitsSection) -> None:
@@ -44,6 +46,8 @@ class FrontLimits:
         self.keepalive_timeout = float(limits.keepalive_timeout)
         self.max_connections = limits.max_connections
         self.max_pipelined = limits.max_pipelined
+        self.min_body_rate = float(limits.min_body_rate)
+        self.body_rate_grace = float(limits.body_rate_grace)
         # The request line counts toward the head too.
         self.max_head_bytes = int(limits.max_request_line) + int(limits.max_header_bytes)
 

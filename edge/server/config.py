@@ -94,6 +94,11 @@ class LimitsSection(_Section):
     # Requests parsed ahead of the one being answered on one connection; one more is
     # refused (503) and the connection closes after the answers ahead of it.
     max_pipelined: Annotated[int, Meta(ge=1)] = 16
+    # A request body must arrive at least this fast (bytes per second, 0: off) once
+    # `body_rate_grace` has passed since its head; slower -> 408. Time the edge itself
+    # stops reading (back-pressure, a held body's buffer full) does not count.
+    min_body_rate: ByteSize = ByteSize(1024)
+    body_rate_grace: Duration = Duration(5.0)
 
 
 class UpstreamSection(_Section):

@@ -168,4 +168,6 @@ class WorkerContext:
         for conn in list(self.connections):
             if conn.deadline <= now and conn.deadline_kind != DRAINING:
                 conn.on_deadline(now)
+            if conn.body_check and conn.body_check <= now:
+                conn.on_body_check(now)
         self.pool.sweep(now)

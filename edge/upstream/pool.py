@@ -238,6 +238,11 @@ class UpstreamPeer:
     def wait(self, waiter: Callable[[UpstreamConnection | None], bool]) -> None:
         self.waiters.append(waiter)
 
+    def unwait(self, waiter: Callable[[UpstreamConnection | None], bool]) -> None:
+        """Leave the line: the request gave up (timed out, its client went away)."""
+        with contextlib.suppress(ValueError):
+            self.waiters.remove(waiter)
+
     def _hand_off(self) -> None:
         self.handoff_scheduled = False
         while self.waiters:
