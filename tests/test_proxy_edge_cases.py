@@ -1052,3 +1052,50 @@ async def test_pipelined_partial_head_gets_header_deadline(short_edge, raw) -> N
     assert eof or data.startswith(b"HTTP/1.1 408"), (
         "a partial pipelined head was kept open 3.5 s with a 1 s header_timeout"
     )
+
+
+# --- a client that closes mid-body --------------------------------------------------------
+
+
+def upstream_conn_of(raw: Raw, path: str) -> dict[str, Any] | None:
+    """The raw upstream's record of the connection that carried `path`."""
+    stats = raw.stats()
+    for entry in stats["log"]:
+        if entry["path"] == path:
+            return stats["conns"].get(str(entry["conn"]))
+    return None
+
+
+@pytest.mark.parametrize("expect", [False, True], ids=["plain", "expect-100"])
+@pytest.mark.parametrize("how", ["half-close", "close"])
+async def test_client_closing_mid_body_aborts_the_upstream_exchange(
+    proxy, raw, expect: bool, how: str
+) -> None:
+    """A client that closes (or half-closes) while its body is incomplete can never finish
+    the request: the edge drops the upstream exchange and the client connection at once,
+    not at the upstream idle timeout (30 s here)."""
+    path = f"/echo?mid-body={uuid.uuid4().hex}"
+    headers = [("Content-Length", "100000")]
+    if expect:
+        headers.append(("Expect", "100-continue"))
+    reader, writer = await connect(proxy.port)
+    try:
+        await send(writer, raw_request("POST", path, headers=headers))
+        if expect:
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert interim.startswith(b"HTTP/1.1 100"), interim
+        await send(writer, b"z" * 1000)
+        await eventually(
+            lambda: upstream_conn_of(raw, path) is not None, what="the request upstream"
+        )
+        if how == "half-close":
+            writer.write_eof()
+            data, eof = await read_for(reader, 5.0)
+            assert eof, f"the edge kept a half-closed, never-completing request open: {data!r}"
+    finally:
+        await close(writer)
+    await eventually(
+        lambda: (upstream_conn_of(raw, path) or {}).get("error") is not None,
+        timeout=5,
+        what="the upstream to see its connection dropped mid-body",
+    )

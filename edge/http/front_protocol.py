@@ -247,11 +247,20 @@ class FrontConnection(asyncio.Protocol):
             self._pause_reading()
 
     def eof_received(self) -> bool:
-        # Half-closed clients still get their response; close once it is written.
-        if self.current is None and not self.pipeline:
+        parsing = self.parsing
+        if parsing is not None:
+            # Cut off mid-body: it can never complete. Closing now lets connection_lost
+            # abort its upstream exchange; one still waiting in line is dropped.
+            if parsing is self.current:
+                return False
+            with contextlib.suppress(ValueError):
+                self.pipeline.remove(parsing)
+            self.parsing = None
+        # Half-closed clients still get the responses to complete requests; close after.
+        last = self.pipeline[-1] if self.pipeline else self.current
+        if last is None:
             return False
-        if self.current is not None:
-            self.current.keep_alive = False
+        last.keep_alive = False
         return True
 
     # ------------------------------------------------------------------ parsing
