@@ -27,6 +27,7 @@ from edge.http.request_head import (
     Refused,
     body_framing,
     check_head,
+    check_upgrade,
     no_route,
     origin_form,
     parse_error_status,
@@ -191,3 +192,10 @@ def test_body_rate_deadline_is_the_grace_plus_a_second_per_min_rate_bytes() -> N
         assert now < body_rate_deadline(100.0, received, 5.0, 1024.0)
     # One that sends less falls behind once the grace is spent.
     assert body_rate_deadline(100.0, 512 * 11, 5.0, 1024.0) <= 111.0
+
+
+def test_an_upgrade_request_with_a_body_is_refused() -> None:
+    check_upgrade(True, True)
+    check_upgrade(False, False)
+    refusal = refused(check_upgrade, True, False)
+    assert (refusal.status, refusal.kind) == (400, "upgrade_body")

@@ -1099,3 +1099,27 @@ async def test_client_closing_mid_body_aborts_the_upstream_exchange(
         timeout=5,
         what="the upstream to see its connection dropped mid-body",
     )
+
+
+# --- an Upgrade request with a body ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("framing", "body"),
+    [
+        (("Content-Length", "5"), b"hello"),
+        (("Transfer-Encoding", "chunked"), b"5\r\nhello\r\n0\r\n\r\n"),
+    ],
+    ids=["length", "chunked"],
+)
+async def test_upgrade_request_with_a_body_is_400(proxy, raw, framing, body) -> None:
+    """The edge does not forward a body with an Upgrade request: it refuses it at once
+    (400), never leaves the client waiting for a response-header timeout."""
+    request = raw_request(
+        "GET",
+        "/echo?upgrade-with-body",
+        headers=[("Connection", "Upgrade"), ("Upgrade", "websocket"), framing],
+    )
+    resp = await exchange(proxy.port, request + body, timeout=4)
+    assert_edge_error(resp, 400)
+    assert raw.log() == []

@@ -69,6 +69,7 @@ from edge.http.request_head import (
     Refused,
     body_framing,
     check_head,
+    check_upgrade,
     no_route,
     origin_form,
     parse_error_status,
@@ -394,6 +395,8 @@ class FrontConnection(asyncio.Protocol):
         ex.body_chunked = framing is CHUNKED
         ex.send_continue = sends_continue(fields, ex.http10, ex.body_done)
         ex.upgrade = bool(fields.upgrade) and self.parser.should_upgrade()
+        if ex.upgrade:
+            check_upgrade(ex.upgrade, ex.body_done)
         ex.request_id = fields.request_id or ctx.next_request_id()
         ex.peer = app.pick()
         if app.wake is not None:

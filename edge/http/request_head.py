@@ -102,3 +102,10 @@ def pipeline_full(waiting: int, max_pipelined: int) -> bool:
 
 def too_many_pipelined() -> Refused:
     return Refused(503, "too many pipelined requests on one connection", "pipeline")
+
+
+def check_upgrade(upgrade: bool, body_done: bool) -> None:
+    """Refuse an Upgrade request that carries a body: its bytes would be taken for the
+    tunnel's, so the edge does not forward it."""
+    if upgrade and not body_done:
+        raise Refused(400, "an Upgrade request cannot carry a body here", "upgrade_body")
