@@ -23,7 +23,8 @@ reads the request body C bytes at a time with a pause; ``/tunnel?id=K`` answers 
 (whatever the request said) then echoes raw bytes, state K ``open`` -> ``eof``;
 ``/ghost`` a complete response followed, in the same write, by the head of a second
 response nobody asked for; ``/drip?n=N&size=B&interval=S`` N*B bytes with Content-Length,
-B bytes every S seconds.
+B bytes every S seconds; ``/bighead?n=N`` a response head with an N-byte field (then a
+2-byte body).
 
 Normal responses carry ``Keep-Alive: timeout=60``, a hop-by-hop field the edge must strip,
 so a client seeing it got upstream bytes the edge did not reframe.
@@ -307,6 +308,12 @@ class Server:
                 writer.write(b"d" * size)
                 await writer.drain()
                 await asyncio.sleep(interval)
+            return True
+        if path == "/bighead":
+            big = "b" * int(q.get("n", "0"))
+            headers = [("X-Big", big), ("Content-Length", "2")]
+            writer.write(self.head("200 OK", headers) + b"ok")
+            await writer.drain()
             return True
         if path == "/slow":
             await asyncio.sleep(float(q.get("delay", "0.5")))

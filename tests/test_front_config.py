@@ -46,3 +46,10 @@ def test_body_rate_defaults_and_units() -> None:
     assert (limits.min_body_rate, limits.body_rate_grace) == (10 * 1024, 2.0)
     off = load_config_text("[limits]\nmin_body_rate = 0\n" + APP, FILE).limits
     assert off.min_body_rate == 0
+
+
+def test_max_response_head_default_and_units() -> None:
+    assert load_config_text(APP, FILE).limits.max_response_head == 64 * 1024
+    text = '[limits]\nmax_response_head = "1MiB"\n' + APP
+    assert load_config_text(text, FILE).limits.max_response_head == 1024 * 1024
+    assert error_path("[limits]\nmax_response_head = 0\n" + APP) == "limits.max_response_head"

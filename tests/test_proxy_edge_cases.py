@@ -1123,3 +1123,22 @@ async def test_upgrade_request_with_a_body_is_400(proxy, raw, framing, body) -> 
     resp = await exchange(proxy.port, request + body, timeout=4)
     assert_edge_error(resp, 400)
     assert raw.log() == []
+
+
+# --- upstream response heads are bounded ------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [MiB, 100 * KiB])
+async def test_oversized_upstream_response_head_is_502(proxy, raw, size: int) -> None:
+    """A response head larger than [limits] max_response_head (64 KiB by default) is not
+    buffered or passed on: the client gets 502, and the edge keeps serving."""
+    reader, writer = await connect(proxy.port)
+    try:
+        await send(writer, raw_request("GET", f"/bighead?n={size}"))
+        data, _ = await read_for(reader, 5.0)
+    finally:
+        await close(writer)
+    assert data.startswith(b"HTTP/1.1 502"), data[:200]
+    assert len(data) < 4096, f"{len(data)} bytes reached the client"
+    resp = await roundtrip(proxy.port, raw_request("GET", "/echo?after-big-head"))
+    assert resp.status == 200

@@ -90,7 +90,7 @@ from edge.routing.admission import (
     wake_failed,
 )
 from edge.routing.classification import facts_from
-from edge.upstream.pool import UpstreamConnection
+from edge.upstream.pool import HEAD_TOO_LARGE, UpstreamConnection
 from edge.upstream.retry_policy import retry_elsewhere, retry_on_stale_connection
 from wake.controller import WakeRefused
 from wake.store.protocol import StoreUnavailable
@@ -844,7 +844,8 @@ class FrontConnection(asyncio.Protocol):
             return
         if not conn.got_bytes and self._retry_elsewhere(ex):
             return
-        self._upstream_failed(ex, 502, f"upstream connection {error}", error)
+        reason = "upstream response head too large" if error == HEAD_TOO_LARGE else ""
+        self._upstream_failed(ex, 502, reason or f"upstream connection {error}", error)
 
     def upstream_flush(self) -> None:
         ex = self.current

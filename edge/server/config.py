@@ -94,6 +94,8 @@ class LimitsSection(_Section):
     # Requests parsed ahead of the one being answered on one connection; one more is
     # refused (503) and the connection closes after the answers ahead of it.
     max_pipelined: Annotated[int, Meta(ge=1)] = 16
+    # Largest upstream response head (status line and fields); larger -> 502.
+    max_response_head: PositiveSize = PositiveSize(64 * 1024)
     # A request body must arrive at least this fast (bytes per second, 0: off) once
     # `body_rate_grace` has passed since its head; slower -> 408. Time the edge itself
     # stops reading (back-pressure, a held body's buffer full) does not count.

@@ -84,6 +84,7 @@ class WorkerContext:
             keepalive_idle=config.upstream.keepalive_idle,
             max_idle=config.upstream.max_idle_per_upstream,
             max_conns=config.upstream.max_connections_per_upstream,
+            max_head=int(config.limits.max_response_head),
         )
         self.holds = HoldAccounting(hold_caps(config))
         self.wake = wake
@@ -109,6 +110,7 @@ class WorkerContext:
         self.access_log_sample = config.edge.access_log_sample
         self.pool.connect_timeout = config.upstream.connect_timeout
         self.pool.keepalive_idle = config.upstream.keepalive_idle
+        self.pool.max_head = int(config.limits.max_response_head)
         self.apps = {
             app.name: AppUpstreams(app, self.pool, self.wake, self, config.classification)
             for app in config.apps
