@@ -25,6 +25,7 @@ from edge.http.forward_headers import RequestFields
 from edge.http.request_head import (
     CHUNKED,
     Refused,
+    app_gone,
     body_framing,
     check_head,
     check_upgrade,
@@ -199,3 +200,8 @@ def test_an_upgrade_request_with_a_body_is_refused() -> None:
     check_upgrade(False, False)
     refusal = refused(check_upgrade, True, False)
     assert (refusal.status, refusal.kind) == (400, "upgrade_body")
+
+
+def test_a_request_whose_app_a_reload_removed_is_404() -> None:
+    gone = app_gone("shop")
+    assert (gone.status, gone.kind) == (404, "no_route") and "shop" in gone.reason

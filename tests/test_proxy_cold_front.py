@@ -8,17 +8,21 @@ cold for a while), a real edge process (memory:// store, one worker) in front of
 from __future__ import annotations
 
 import asyncio
+import signal
 from typing import Any
 
 from helpers import (
     Closed,
     RawResponse,
+    app_entry,
     close,
     connect,
+    eventually,
     exchange,
     read_response,
     request_bytes,
     send,
+    to_toml,
 )
 from stack import CONTROL_PLANE_TOKEN, sample_app_spec
 
@@ -125,3 +129,42 @@ async def test_a_trickling_held_body_reserves_only_what_arrived(
         assert slow.status == 200
     finally:
         await close(writer)
+
+
+async def test_pipelined_request_for_an_app_a_reload_removed_is_answered(
+    start_control_plane, start_edge, upstream
+) -> None:
+    """A request for a cold app, pipelined behind a slow one, whose app a reload removes
+    before its turn: it is answered (404 or 503) in order, never left hanging."""
+    cp = start_control_plane(apps=[slow_sample_app()])
+    echo = app_entry("echo", ["app.localhost"], upstream)
+    edge = edge_for(start_edge, cp, [echo, cold_app()])
+    reader, writer = await connect(edge.port)
+    try:
+        await send(
+            writer,
+            request_bytes("GET", "/slow-headers?delay=2", host="app.localhost")
+            + request_bytes("GET", "/?pipelined", host=HOST),
+        )
+        await asyncio.sleep(0.3)  # both parsed; the first is in flight
+        config = dict(edge.config)
+        config["apps"] = [echo, app_entry("marker", ["marker.localhost"], upstream)]
+        edge.config_path.write_text(to_toml(config))
+        edge.proc.send_signal(signal.SIGHUP)
+
+        async def reloaded() -> bool:
+            resp = await exchange(edge.port, request_bytes("GET", "/echo", host="marker.localhost"))
+            return resp is not None and resp.status == 200
+
+        await eventually(reloaded, timeout=10, what="the reload to apply")
+        first = await read_response(reader, timeout=10)
+        assert first.status == 200
+        try:
+            second = await read_response(reader, timeout=10)
+        except TimeoutError:
+            raise AssertionError(
+                "the pipelined request of a removed app was never answered"
+            ) from None
+    finally:
+        await close(writer)
+    assert second.status in (404, 503), (second.status, second.body)

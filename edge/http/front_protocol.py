@@ -67,6 +67,7 @@ from edge.http.host_pattern import host_from_header
 from edge.http.request_head import (
     CHUNKED,
     Refused,
+    app_gone,
     body_framing,
     check_head,
     check_upgrade,
@@ -503,7 +504,7 @@ class FrontConnection(asyncio.Protocol):
         ctx = self.ctx
         app = ctx.apps.get(ex.app)
         if app is None:  # a reload removed it while this request waited its turn
-            raise Refused(404, f"app {ex.app} is no longer served here", "no_route")
+            raise app_gone(ex.app)
         ex.peer = app.pick()
         wake = app.wake
         if ex.peer is None and wake is not None:
@@ -540,6 +541,10 @@ class FrontConnection(asyncio.Protocol):
             raise Refused(503, f"app {ex.app} has no upstream", "no_upstream")
         ex.head = self._upstream_head(ex, fields, target, host, framing)
 
+    def _refuse_gone(self, ex: Exchange) -> None:
+        if self.current is ex and not self.closed:
+            self._refuse_current(ex, app_gone(ex.app))
+
     def _refuse_current(self, ex: Exchange, reject: Refused) -> None:
         """Answer the current request with the edge's own refusal; what it reserved goes back."""
         self._unhold(ex)
@@ -573,7 +578,11 @@ class FrontConnection(asyncio.Protocol):
     async def _hold_then_send(self, ex: Exchange) -> None:
         """Wait for the app to be hot (bounded by its hold timeout), then forward."""
         ctx = self.ctx
-        app = ctx.apps[ex.app]
+        app = ctx.apps.get(ex.app)
+        if app is None or app.wake is None:  # a reload removed it (or made it static) meanwhile
+            self._unhold(ex)
+            self._refuse_gone(ex)
+            return
         wait_for = hold_wait(app.admission, self.loop.time() - ex.started_at, ex.html)
         try:
             target = await app.wake.ensure_hot(ex.app, wait_for)  # type: ignore[union-attr]
@@ -601,6 +610,9 @@ class FrontConnection(asyncio.Protocol):
             return
         self._unhold(ex)
         if self.current is not ex or self.closed:
+            return
+        if ex.app not in ctx.apps:  # a reload removed the app while the request was held
+            self._refuse_gone(ex)
             return
         ex.waited_ms = (self.loop.time() - ex.started_at) * 1000
         ex.peer = ctx.pool.peer(target.address)

@@ -109,3 +109,8 @@ def check_upgrade(upgrade: bool, body_done: bool) -> None:
     tunnel's, so the edge does not forward it."""
     if upgrade and not body_done:
         raise Refused(400, "an Upgrade request cannot carry a body here", "upgrade_body")
+
+
+def app_gone(app: str) -> Refused:
+    """For a request whose app a reload removed before it could be answered."""
+    return Refused(404, f"app {app} is no longer served here", "no_route")
