@@ -17,12 +17,14 @@ Endpoints (query string after ``?``):
 ``/echo`` JSON about the request; ``/slow?delay=S`` the same after S seconds;
 ``/zeros?n=N&id=K`` N zero bytes with Content-Length, state K ``sending`` ->
 ``finished`` | ``peer_closed``; ``/eof?n=N`` close-delimited body (no length, not
-chunked); ``/trailers`` chunked body with a trailer field; ``/slowread?chunk=C&delay=S``
+chunked); ``/eofreset?n=N`` the same body, then a reset (RST) instead of a clean
+close; ``/trailers`` chunked body with a trailer field; ``/slowread?chunk=C&delay=S``
 reads the request body C bytes at a time with a pause; ``/tunnel?id=K`` answers 101
 (whatever the request said) then echoes raw bytes, state K ``open`` -> ``eof``;
 ``/ghost`` a complete response followed, in the same write, by the head of a second
 response nobody asked for; ``/drip?n=N&size=B&interval=S`` N*B bytes with Content-Length,
-B bytes every S seconds.
+B bytes every S seconds; ``/bighead?n=N`` a response head with an N-byte field (then a
+2-byte body).
 
 Normal responses carry ``Keep-Alive: timeout=60``, a hop-by-hop field the edge must strip,
 so a client seeing it got upstream bytes the edge did not reframe.
@@ -37,6 +39,7 @@ import itertools
 import json
 import signal
 import socket
+import struct
 from urllib.parse import parse_qs, urlsplit
 
 MiB = 1024 * 1024
@@ -257,6 +260,16 @@ class Server:
             writer.write(eof_body(n))
             await writer.drain()
             return False  # the body ends when the connection closes
+        if path == "/eofreset":
+            n = int(q.get("n", "0"))
+            writer.write(self.head("200 OK", [("Content-Type", "application/octet-stream")]))
+            writer.write(eof_body(n))
+            await writer.drain()
+            await asyncio.sleep(0.3)  # the edge has read the body by now
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()  # closed with linger 0: a reset, not a FIN
+            return False
         if path == "/trailers":
             headers = [
                 ("Content-Type", "text/plain"),
@@ -295,6 +308,12 @@ class Server:
                 writer.write(b"d" * size)
                 await writer.drain()
                 await asyncio.sleep(interval)
+            return True
+        if path == "/bighead":
+            big = "b" * int(q.get("n", "0"))
+            headers = [("X-Big", big), ("Content-Length", "2")]
+            writer.write(self.head("200 OK", headers) + b"ok")
+            await writer.drain()
             return True
         if path == "/slow":
             await asyncio.sleep(float(q.get("delay", "0.5")))

@@ -146,7 +146,9 @@ async def test_metrics_cover_all_workers(start_edge, upstream, redis_server) -> 
 
 async def test_access_log_json_lines(start_edge, upstream, client, tmp_path) -> None:
     log_path = tmp_path / "access.log"
-    edge = start_edge(edge={"access_log": str(log_path), "access_log_sample": 1.0})
+    # The client's own X-Request-Id is kept (and logged) only from a trusted proxy.
+    trusted = {"trusted_proxies": ["127.0.0.1/32"]}
+    edge = start_edge(edge={"access_log": str(log_path), "access_log_sample": 1.0, **trusted})
     request_id = uuid.uuid4().hex
     async with client.get(
         edge.url + "/echo?logged=1", headers={**HOST, "X-Request-Id": request_id}

@@ -91,11 +91,18 @@ def test_a_wake_slower_than_the_hold_is_refused_at_once() -> None:
     assert decision.retry_after == 10.0 and decision.start_wake
 
 
-def test_held_body_reserve_is_bounded() -> None:
-    assert decide(app(), request(b"GET", content_length=10)).reserve == 10
-    big = decide(app(), request(b"GET", content_length=10**6))
-    assert big.reserve == HELD_BODY_RESERVE
-    assert decide(app(), request(b"GET", chunked=True)).reserve == HELD_BODY_RESERVE
+def test_held_body_bytes_are_reserved_as_they_arrive() -> None:
+    """Admission reserves no body bytes (the front counts them as they arrive), but a
+    declared body that could not fit now is refused at once."""
+    assert decide(app(), request(b"GET", content_length=10)).reserve == 0
+    assert decide(app(), request(b"GET", content_length=10**6)).reserve == 0
+    assert decide(app(), request(b"GET", chunked=True)).reserve == 0
+    small = app(caps=HoldCaps(max_held=5, max_held_body_bytes=HELD_BODY_RESERVE))
+    holds = HoldAccounting(WIDE)
+    holds.reserve("shop", 0)
+    assert holds.grow("shop", small.caps, 10)
+    assert decide(small, request(b"GET", content_length=10**6), holds=holds).kind == "hold_cap"
+    assert isinstance(decide(small, request(b"GET", chunked=True), holds=holds), Hold)
 
 
 def test_starting_page_only_for_browsers_of_apps_that_have_one() -> None:
@@ -139,10 +146,10 @@ def test_a_webhook_while_cold_is_queued_with_its_dedupe_key() -> None:
         b"POST", b"/webhooks/stripe", [(b"Stripe-Event-Id", b"evt_1")], content_length=20
     )
     decision = decide(queue_app(), hook)
-    assert decision == Queue(20, 1024, "h:stripe-event-id:evt_1", start_wake=True)
+    assert decision == Queue(0, 1024, "h:stripe-event-id:evt_1", start_wake=True)
     assert decision.gallery == "payment_webhook_while_cold"
     chunked = decide(queue_app(), request(b"POST", b"/webhooks/x", chunked=True))
-    assert isinstance(chunked, Queue) and chunked.reserve == 1024 and chunked.dedupe_key == ""
+    assert isinstance(chunked, Queue) and chunked.reserve == 0 and chunked.dedupe_key == ""
 
 
 def test_a_webhook_too_large_to_queue_is_413_and_wakes_nothing() -> None:
@@ -165,5 +172,10 @@ def test_queued_bodies_count_against_the_hold_caps() -> None:
     a = queue_app(caps=HoldCaps(max_held=10, max_held_body_bytes=1500))
     first = decide(a, request(b"POST", b"/webhooks/x", chunked=True), holds=holds)
     holds.reserve("shop", first.reserve)
-    second = decide(a, request(b"POST", b"/webhooks/x", chunked=True), holds=holds)
+    assert holds.grow("shop", a.caps, 1024)  # the first body, as it arrived
+    second = decide(a, request(b"POST", b"/webhooks/x", content_length=600), holds=holds)
     assert isinstance(second, Reject) and second.kind == "hold_cap"
+    chunked = decide(a, request(b"POST", b"/webhooks/x", chunked=True), holds=holds)
+    assert isinstance(chunked, Queue)
+    holds.reserve("shop", 0)
+    assert not holds.grow("shop", a.caps, 600)  # its bytes would not fit: refused as they come

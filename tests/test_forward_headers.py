@@ -11,7 +11,9 @@ from edge.http.forward_headers import (
     BODY_NONE,
     BODY_RECHUNKED_EOF,
     DROP,
+    IDENTITY,
     KEEP,
+    HeaderClasses,
     RequestFields,
     TrustedProxies,
     build_request_head,
@@ -151,7 +153,7 @@ def test_request_fields_record_routing_facts() -> None:
             (b"Transfer-Encoding", b"gzip, chunked"),
             (b"X-Request-Id", b"abc"),
         ],
-        False,
+        True,
     )
     assert fields.host_count == 2
     assert fields.transfer_encoding == b"gzip, chunked" and not fields.chunked
@@ -242,3 +244,47 @@ def test_trusted_proxies_match_cidrs() -> None:
     assert "10.9.8.7" in trusted and "::1" in trusted
     assert "11.0.0.1" not in trusted and "not-an-ip" not in trusted
     assert "10.0.0.1" not in TrustedProxies([])
+
+
+IDENTITY_FIELDS = [
+    (b"X-Real-IP", b"6.6.6.6"),
+    (b"true-client-ip", b"6.6.6.6"),
+    (b"X-Client-IP", b"6.6.6.6"),
+    (b"X-Forwarded-Port", b"6666"),
+    (b"X-Forwarded-Prefix", b"/evil"),
+]
+
+
+def test_untrusted_client_identity_fields_dropped_and_request_id_not_taken() -> None:
+    fields = RequestFields([(b"Host", b"h"), *IDENTITY_FIELDS, (b"X-Request-Id", b"mine")], False)
+    assert fields.lines == []
+    assert fields.request_id == b""
+
+
+def test_trusted_proxy_identity_fields_and_request_id_kept() -> None:
+    fields = RequestFields([(b"Host", b"h"), *IDENTITY_FIELDS, (b"X-Request-Id", b"mine")], True)
+    kept = [(fields.lines[i], fields.lines[i + 2]) for i in range(0, len(fields.lines), 4)]
+    assert kept == IDENTITY_FIELDS
+    assert fields.request_id == b"mine"
+
+
+def test_identity_fields_are_configurable() -> None:
+    classes = HeaderClasses(["X-Tenant-IP"])
+    assert classes.classify(b"x-tenant-ip") == IDENTITY
+    assert classes.classify(b"X-Real-IP") == KEEP
+    # A field the edge handles itself keeps its own meaning.
+    assert HeaderClasses(["X-Forwarded-For"]).classify(b"X-Forwarded-For") != IDENTITY
+    fields = RequestFields([(b"X-Tenant-IP", b"1"), (b"X-Real-IP", b"2")], False, classes)
+    assert fields.lines == [b"X-Real-IP", b": ", b"2", b"\r\n"]
+
+
+def test_identity_fields_pass_through_in_responses() -> None:
+    head, _ = build_response_head(
+        200,
+        b"OK",
+        [(b"X-Real-IP", b"1.2.3.4"), (b"Content-Length", b"0")],
+        head_request=False,
+        keep_alive=True,
+        http10_client=False,
+    )
+    assert b"X-Real-IP: 1.2.3.4" in head

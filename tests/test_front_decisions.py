@@ -18,18 +18,23 @@ from edge.http.exchange import (
     NOTHING,
     UPSTREAM_TIMEOUT,
     Exchange,
+    body_rate_deadline,
     deadline_action,
 )
 from edge.http.forward_headers import RequestFields
 from edge.http.request_head import (
     CHUNKED,
     Refused,
+    app_gone,
     body_framing,
     check_head,
+    check_upgrade,
     no_route,
     origin_form,
     parse_error_status,
+    pipeline_full,
     sends_continue,
+    too_many_pipelined,
 )
 from edge.http.websocket import going_away_frames
 from edge.routing.admission import (
@@ -166,3 +171,37 @@ def test_going_away_frames() -> None:
     assert to_client == b"\x88\x02\x03\xe9"  # close, unmasked, status 1001
     assert to_upstream[:6] == b"\x88\x82\x01\x02\x03\x04"  # close, masked
     assert bytes(b ^ m for b, m in zip(to_upstream[6:], b"\x01\x02", strict=True)) == b"\x03\xe9"
+
+
+def test_pipeline_cap_counts_the_requests_waiting_behind_the_current_one() -> None:
+    assert not pipeline_full(0, 16)
+    assert not pipeline_full(15, 16)
+    assert pipeline_full(16, 16)
+    assert pipeline_full(1, 1)
+    refusal = too_many_pipelined()
+    assert (refusal.status, refusal.kind) == (503, "pipeline")
+
+
+def test_body_rate_deadline_is_the_grace_plus_a_second_per_min_rate_bytes() -> None:
+    assert body_rate_deadline(100.0, 0, 5.0, 1024.0) == 105.0
+    assert body_rate_deadline(100.0, 2048, 5.0, 1024.0) == 107.0
+    # A body that keeps the rate never falls behind its deadline.
+    now, received = 100.0, 0
+    for _ in range(60):
+        now += 1.0
+        received += 1024
+        assert now < body_rate_deadline(100.0, received, 5.0, 1024.0)
+    # One that sends less falls behind once the grace is spent.
+    assert body_rate_deadline(100.0, 512 * 11, 5.0, 1024.0) <= 111.0
+
+
+def test_an_upgrade_request_with_a_body_is_refused() -> None:
+    check_upgrade(True, True)
+    check_upgrade(False, False)
+    refusal = refused(check_upgrade, True, False)
+    assert (refusal.status, refusal.kind) == (400, "upgrade_body")
+
+
+def test_a_request_whose_app_a_reload_removed_is_404() -> None:
+    gone = app_gone("shop")
+    assert (gone.status, gone.kind) == (404, "no_route") and "shop" in gone.reason

@@ -41,3 +41,18 @@ def test_new_caps_apply_to_what_is_held_already() -> None:
     assert not holds.fits("b", HoldCaps(10, 1000), 0)
     holds.release("a", 10)
     assert holds.fits("b", HoldCaps(10, 1000), 0)
+
+
+def test_grow_counts_arriving_bytes_within_every_cap() -> None:
+    holds = HoldAccounting(HoldCaps(max_held=10, max_held_body_bytes=100))
+    app_caps = HoldCaps(max_held=10, max_held_body_bytes=60)
+    holds.reserve("a", 0)
+    assert holds.grow("a", app_caps, 60)
+    assert not holds.grow("a", app_caps, 1)  # the app's bytes
+    holds.reserve("b", 0)
+    assert holds.grow("b", app_caps, 40)
+    assert not holds.grow("b", app_caps, 1)  # the worker's bytes
+    assert (holds.bytes, holds.bytes_by_app) == (100, {"a": 60, "b": 40})
+    holds.release("a", 60)
+    holds.release("b", 40)
+    assert (holds.total, holds.bytes, holds.bytes_by_app) == (0, 0, {})

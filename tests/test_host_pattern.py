@@ -8,6 +8,7 @@ from edge.http.host_pattern import (
     HostPatternError,
     HostTable,
     host_from_header,
+    normalize_host_header,
     normalize_host_pattern,
 )
 
@@ -22,7 +23,7 @@ from edge.http.host_pattern import (
         ("*.Example.com", "*.example.com"),
         ("*.localhost", "*.localhost"),
         ("localhost", "localhost"),
-        ("a-b.c_d.example", "a-b.c_d.example"),
+        ("a-b.c-d.example", "a-b.c-d.example"),
         ("x" * 63 + ".com", "x" * 63 + ".com"),
         ("127.0.0.1", "127.0.0.1"),
     ],
@@ -50,6 +51,7 @@ def test_normalize_accepts_and_lowercases(pattern: str, expected: str) -> None:
         "app/example.com",
         "user@example.com",
         "exämple.com",
+        "c_d.example",
     ],
 )
 def test_normalize_rejects_invalid(pattern: str) -> None:
@@ -98,6 +100,22 @@ def test_host_from_header_valid(value: str | bytes, expected: str) -> None:
         "[::1]x",
         "[::1]:x",
         b"\xffapp.localhost",
+        "evil.com,x.example.com",
+        "<script>.example.com",
+        "a_b.example.com",
+        "-a.example.com",
+        "a-.example.com",
+        "a..example.com",
+        ".example.com",
+        "example.com..",
+        "x" * 64 + ".example.com",
+        ("a" * 63 + ".") * 4 + "com",
+        "app.localhost:99999",
+        "app.localhost:",
+        "app.localhost:123456",
+        "[not-an-ip]",
+        "[::1]:",
+        "exämple.com",
     ],
 )
 def test_host_from_header_malformed(value: str | bytes) -> None:
@@ -166,3 +184,19 @@ def test_header_then_lookup(header: str, expected: str | None) -> None:
     host = host_from_header(header)
     assert host is not None
     assert table.lookup(host) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b"X.Example.Com.:8080", b"x.example.com:8080"),
+        (b"app.localhost", b"app.localhost"),
+        (b"app.localhost.", b"app.localhost"),
+        (b"[::1]:80", b"[::1]:80"),
+        (b"evil.com,x.example.com", None),
+        (b"x.example.com:0x50", None),
+    ],
+)
+def test_normalize_host_header(value: bytes, expected: bytes | None) -> None:
+    """The value the edge routes by and forwards as Host and X-Forwarded-Host."""
+    assert normalize_host_header(value) == expected

@@ -533,6 +533,31 @@ async def test_close_delimited_response_to_http11_client_is_rechunked(proxy, raw
     assert resp.body == eof_body(n)
 
 
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+async def test_close_delimited_response_ending_in_a_reset_is_cut_short(
+    proxy, raw, version: str
+) -> None:
+    """A close-delimited body that ends in a reset (not a clean close) was truncated: the
+    client's connection is aborted, so it never sees a complete response (HTTP/1.1: no
+    last chunk; HTTP/1.0: a reset, not a clean end)."""
+    n = 300_000
+    reader, writer = await connect(proxy.port)
+    try:
+        await send(
+            writer, f"GET /eofreset?n={n} HTTP/{version}\r\nHost: raw.localhost\r\n\r\n".encode()
+        )
+        if version == "1.1":
+            with pytest.raises(Closed):
+                resp = await read_response(reader)
+                pytest.fail(f"a truncated body was delivered as complete: {len(resp.body)} bytes")
+        else:
+            with pytest.raises(ConnectionResetError):
+                while await asyncio.wait_for(reader.read(MiB), 10):
+                    pass
+    finally:
+        await close(writer)
+
+
 async def test_close_delimited_response_to_http10_client(proxy, raw) -> None:
     n = 300_000
     reader, writer = await connect(proxy.port)
@@ -1027,3 +1052,93 @@ async def test_pipelined_partial_head_gets_header_deadline(short_edge, raw) -> N
     assert eof or data.startswith(b"HTTP/1.1 408"), (
         "a partial pipelined head was kept open 3.5 s with a 1 s header_timeout"
     )
+
+
+# --- a client that closes mid-body --------------------------------------------------------
+
+
+def upstream_conn_of(raw: Raw, path: str) -> dict[str, Any] | None:
+    """The raw upstream's record of the connection that carried `path`."""
+    stats = raw.stats()
+    for entry in stats["log"]:
+        if entry["path"] == path:
+            return stats["conns"].get(str(entry["conn"]))
+    return None
+
+
+@pytest.mark.parametrize("expect", [False, True], ids=["plain", "expect-100"])
+@pytest.mark.parametrize("how", ["half-close", "close"])
+async def test_client_closing_mid_body_aborts_the_upstream_exchange(
+    proxy, raw, expect: bool, how: str
+) -> None:
+    """A client that closes (or half-closes) while its body is incomplete can never finish
+    the request: the edge drops the upstream exchange and the client connection at once,
+    not at the upstream idle timeout (30 s here)."""
+    path = f"/echo?mid-body={uuid.uuid4().hex}"
+    headers = [("Content-Length", "100000")]
+    if expect:
+        headers.append(("Expect", "100-continue"))
+    reader, writer = await connect(proxy.port)
+    try:
+        await send(writer, raw_request("POST", path, headers=headers))
+        if expect:
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert interim.startswith(b"HTTP/1.1 100"), interim
+        await send(writer, b"z" * 1000)
+        await eventually(
+            lambda: upstream_conn_of(raw, path) is not None, what="the request upstream"
+        )
+        if how == "half-close":
+            writer.write_eof()
+            data, eof = await read_for(reader, 5.0)
+            assert eof, f"the edge kept a half-closed, never-completing request open: {data!r}"
+    finally:
+        await close(writer)
+    await eventually(
+        lambda: (upstream_conn_of(raw, path) or {}).get("error") is not None,
+        timeout=5,
+        what="the upstream to see its connection dropped mid-body",
+    )
+
+
+# --- an Upgrade request with a body ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("framing", "body"),
+    [
+        (("Content-Length", "5"), b"hello"),
+        (("Transfer-Encoding", "chunked"), b"5\r\nhello\r\n0\r\n\r\n"),
+    ],
+    ids=["length", "chunked"],
+)
+async def test_upgrade_request_with_a_body_is_400(proxy, raw, framing, body) -> None:
+    """The edge does not forward a body with an Upgrade request: it refuses it at once
+    (400), never leaves the client waiting for a response-header timeout."""
+    request = raw_request(
+        "GET",
+        "/echo?upgrade-with-body",
+        headers=[("Connection", "Upgrade"), ("Upgrade", "websocket"), framing],
+    )
+    resp = await exchange(proxy.port, request + body, timeout=4)
+    assert_edge_error(resp, 400)
+    assert raw.log() == []
+
+
+# --- upstream response heads are bounded ------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [MiB, 100 * KiB])
+async def test_oversized_upstream_response_head_is_502(proxy, raw, size: int) -> None:
+    """A response head larger than [limits] max_response_head (64 KiB by default) is not
+    buffered or passed on: the client gets 502, and the edge keeps serving."""
+    reader, writer = await connect(proxy.port)
+    try:
+        await send(writer, raw_request("GET", f"/bighead?n={size}"))
+        data, _ = await read_for(reader, 5.0)
+    finally:
+        await close(writer)
+    assert data.startswith(b"HTTP/1.1 502"), data[:200]
+    assert len(data) < 4096, f"{len(data)} bytes reached the client"
+    resp = await roundtrip(proxy.port, raw_request("GET", "/echo?after-big-head"))
+    assert resp.status == 200

@@ -351,10 +351,47 @@ async def test_trusted_proxy_forwarded_for_appended(start_edge, upstream, client
     assert [part.strip() for part in chain.split(",")] == ["1.2.3.4", "10.0.0.1", "127.0.0.1"]
 
 
-async def test_request_id_propagated(proxy, upstream, client) -> None:
+CLIENT_IDENTITY = {
+    "X-Real-IP": "6.6.6.6",
+    "True-Client-IP": "6.6.6.6",
+    "X-Client-IP": "6.6.6.6",
+    "X-Forwarded-Port": "6666",
+    "X-Forwarded-Prefix": "/evil",
+}
+
+
+async def test_untrusted_client_identity_headers_dropped(proxy, upstream, client) -> None:
+    """Client-IP and forwarding headers the edge does not set itself never reach the app
+    from an untrusted peer, and its X-Request-Id is replaced by the edge's own."""
     request_id = f"req-{uuid.uuid4().hex}"
-    data = await echo(client, proxy.url + "/echo", headers={**HOST, "X-Request-Id": request_id})
-    assert header_values(data["headers"], "x-request-id") == [request_id]
+    headers = {**HOST, **CLIENT_IDENTITY, "X-Request-Id": request_id}
+    data = await echo(client, proxy.url + "/echo", headers=headers)
+    seen = data["headers"]
+    for name in CLIENT_IDENTITY:
+        assert header_values(seen, name) == [], (name, seen)
+    [edge_id] = header_values(seen, "x-request-id")
+    assert edge_id != request_id and edge_id.strip()
+
+
+async def test_trusted_proxy_identity_headers_and_request_id_kept(
+    start_edge, upstream, client
+) -> None:
+    edge = start_edge(edge={"trusted_proxies": ["127.0.0.1/32"]})
+    request_id = f"req-{uuid.uuid4().hex}"
+    headers = {**HOST, **CLIENT_IDENTITY, "X-Request-Id": request_id}
+    data = await echo(client, edge.url + "/echo", headers=headers)
+    seen = data["headers"]
+    for name, value in CLIENT_IDENTITY.items():
+        assert header_values(seen, name) == [value], (name, seen)
+    assert header_values(seen, "x-request-id") == [request_id]
+
+
+async def test_client_identity_headers_are_configurable(start_edge, upstream, client) -> None:
+    edge = start_edge(edge={"client_identity_headers": ["X-Tenant-Ip"]})
+    headers = {**HOST, "X-Tenant-Ip": "6.6.6.6", "X-Real-IP": "7.7.7.7"}
+    data = await echo(client, edge.url + "/echo", headers=headers)
+    assert header_values(data["headers"], "x-tenant-ip") == []
+    assert header_values(data["headers"], "x-real-ip") == ["7.7.7.7"]
 
 
 async def test_request_id_generated_and_unique(proxy, upstream, client) -> None:

@@ -301,3 +301,35 @@ async def test_idle_connection_without_request_is_closed(proxy, upstream) -> Non
     assert eof, "an idle connection that sent nothing was kept open for 10 s"
     assert data == b"" or data.startswith(b"HTTP/1.1 408"), data[:200]
     nothing_reached(upstream)
+
+
+# --------------------------------------------------------------------------- host injection
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.com,x.example.localhost",
+        "<script>.example.localhost",
+        "x.example.localhost\tevil",
+        "a_b.example.localhost",
+        "-x.example.localhost",
+        "x.example.localhost..",
+        "x.example.localhost:99999",
+        "x.example.localhost:",
+    ],
+)
+async def test_wildcard_route_refuses_a_host_that_is_not_a_dns_name(
+    proxy, upstream, host: str
+) -> None:
+    """A wildcard route takes only RFC 1123 names: anything else is 400, never forwarded."""
+    await rejected(proxy.port, request_bytes("GET", "/echo", host=host), 400)
+    nothing_reached(upstream)
+
+
+async def test_forwarded_host_is_the_normalised_host(proxy, upstream) -> None:
+    """Host and X-Forwarded-Host reach the app lower-cased, without the trailing dot."""
+    data = await ok(proxy.port, request_bytes("GET", "/echo", host="X.Example.Localhost.:8080"))
+    headers = {k.lower(): v for k, v in data["headers"]}
+    assert headers["host"] == "x.example.localhost:8080"
+    assert headers["x-forwarded-host"] == "x.example.localhost:8080"

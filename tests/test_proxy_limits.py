@@ -189,3 +189,50 @@ async def test_connections_per_upstream_are_capped(start_edge, upstream) -> None
     assert len(log) == 100
     ports = {tuple(entry["peer"]) for entry in log}
     assert 1 <= len(ports) <= 3
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_a_body_slower_than_the_minimum_rate_is_cut(start_edge, upstream, framing) -> None:
+    """A body trickling below [limits] min_body_rate after body_rate_grace gets 408 (or
+    a close) within a few seconds, not the upstream idle timeout (30 s)."""
+    edge = start_edge(
+        limits={"min_body_rate": "1KiB", "body_rate_grace": "1s"},
+        upstream={"idle_timeout": "30s", "response_header_timeout": "30s"},
+    )
+    if framing == "length":
+        head = request_bytes("POST", "/echo?trickle", headers=[("Content-Length", "100000")])
+        piece = b"x"
+    else:
+        head = request_bytes("POST", "/echo?trickle", headers=[("Transfer-Encoding", "chunked")])
+        piece = b"1\r\nx\r\n"
+    reader, writer = await connect(edge.port)
+    try:
+        await send(writer, head)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 8.0
+        data, eof = b"", False
+        while loop.time() < deadline and not (data or eof):
+            if not await send(writer, piece):
+                eof = True
+                break
+            data, eof = await read_for(reader, 0.5)
+    finally:
+        await close(writer)
+    assert data.startswith(b"HTTP/1.1 408") or (eof and not data), (data[:200], eof)
+
+
+async def test_a_body_at_the_minimum_rate_gets_through(start_edge, upstream) -> None:
+    edge = start_edge(limits={"min_body_rate": "1KiB", "body_rate_grace": "1s"})
+    size = 8 * KiB
+    head = request_bytes("POST", "/echo?steady", headers=[("Content-Length", str(size))])
+    reader, writer = await connect(edge.port)
+    try:
+        await send(writer, head)
+        for _ in range(8):  # 4 KiB/s for 2 s
+            await send(writer, b"y" * KiB)
+            await asyncio.sleep(0.25)
+        resp = await read_response(reader)
+    finally:
+        await close(writer)
+    assert resp.status == 200
+    assert json.loads(resp.body)["body_len"] == size

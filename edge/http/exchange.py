@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from edge.http.forward_headers import RequestFields
+    from edge.routing.admission import ColdRequest
     from edge.upstream.pool import UpstreamConnection, UpstreamPeer
+
+    # What admission needs once a request for a cold app becomes current: the request,
+    # its fields, origin-form target, normalised host and body framing line.
+    ColdPending = tuple[ColdRequest, RequestFields, bytes, bytes, bytes]
 
 # Deadline kinds, checked by the sweeper.
 IDLE = 0  # no request in progress: keep-alive timeout
@@ -24,6 +31,7 @@ class Exchange:
         "body_chunked",
         "body_done",
         "body_seen",
+        "cold",
         "early_tunnel",
         "head",
         "held",
@@ -47,6 +55,7 @@ class Exchange:
         "upgrade",
         "upstream",
         "waited_ms",
+        "waiter",
         "waiting_head",
     )
 
@@ -81,6 +90,8 @@ class Exchange:
         self.queue_waiting = False
         self.waited_ms = -1.0
         self.html = False
+        self.cold: ColdPending | None = None  # admitted only when it becomes current
+        self.waiter: Callable[[UpstreamConnection | None], bool] | None = None  # in a peer's line
 
 
 # What the sweeper does when a connection's deadline has passed.
@@ -110,3 +121,9 @@ def deadline_action(kind: int, parsing: bool, ex: Exchange | None) -> str:
         # (the hold timeout, the store's call timeout), not this one.
         return EXTEND
     return ABORT if ex.response_started else UPSTREAM_TIMEOUT
+
+
+def body_rate_deadline(began: float, received: int, grace: float, min_rate: float) -> float:
+    """When a request body that began at `began` and has `received` bytes since becomes too
+    slow: the grace, plus one second per `min_rate` bytes received."""
+    return began + grace + received / min_rate

@@ -2,9 +2,9 @@
 
 Hop-by-hop fields (RFC 9110 §7.6.1) and every field named in `Connection` are
 dropped; framing is decided by the edge, never copied. Client-supplied
-forwarding fields survive only from trusted proxies. Each head is scanned once:
-field names are classified through a small cache, so the common case costs one
-dict lookup per field.
+forwarding and client-identity fields (and X-Request-Id) survive only from trusted
+proxies. Each head is scanned once: field names are classified through a small
+cache, so the common case costs one dict lookup per field.
 """
 
 from __future__ import annotations
@@ -29,6 +29,24 @@ EXPECT = 9
 UPGRADE = 10
 IDEMPOTENCY_KEY = 11  # forwarded as is; makes a request safe to hold
 ACCEPT = 12  # forwarded as is; a browser may get a "starting up" page while held
+IDENTITY = 13  # claims about the client (its IP, port, prefix): only trusted proxies' pass
+
+# Client-identity fields the edge does not set itself: dropped unless a trusted proxy
+# sent them (`[edge] client_identity_headers` replaces this list).
+DEFAULT_CLIENT_IDENTITY_HEADERS = (
+    "X-Real-IP",
+    "True-Client-IP",
+    "X-Client-IP",
+    "X-Forwarded-Port",
+    "X-Forwarded-Prefix",
+    "X-Forwarded-Server",
+    "X-Forwarded-Scheme",
+    "X-Forwarded-Ssl",
+    "X-Cluster-Client-IP",
+    "X-Original-Forwarded-For",
+    "CF-Connecting-IP",
+    "Fastly-Client-IP",
+)
 
 _CLASS_BY_NAME = {
     b"connection": CONNECTION,
@@ -53,10 +71,9 @@ _CLASS_BY_NAME = {
 }
 # Request-only meanings don't apply to responses: those fields pass through there.
 _KEPT_IN_RESPONSE = tuple(
-    kind in (KEEP, FORWARDING, XFF, REQUEST_ID, HOST, EXPECT, IDEMPOTENCY_KEY, ACCEPT)
-    for kind in range(ACCEPT + 1)
+    kind in (KEEP, FORWARDING, XFF, REQUEST_ID, HOST, EXPECT, IDEMPOTENCY_KEY, ACCEPT, IDENTITY)
+    for kind in range(IDENTITY + 1)
 )
-_class_cache: dict[bytes, int] = {}
 _CACHE_LIMIT = 4096
 # Tokens in `Connection` that name no other field worth stripping.
 _PLAIN_CONNECTION_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade"})
@@ -64,14 +81,40 @@ _PLAIN_CONNECTION_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade"})
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
+def handled_by_edge(name: str) -> bool:
+    """Whether the edge gives this field a meaning of its own (it cannot be an identity field)."""
+    return name.lower().encode("latin-1") in _CLASS_BY_NAME
+
+
+class HeaderClasses:
+    """Field name -> class, with the configured client-identity fields; one per config.
+
+    Names are classified through a small cache keyed by the name as sent, so the
+    common case costs one dict lookup per field.
+    """
+
+    __slots__ = ("by_name", "cache")
+
+    def __init__(self, identity: Sequence[str] = DEFAULT_CLIENT_IDENTITY_HEADERS) -> None:
+        self.by_name = dict(_CLASS_BY_NAME)
+        for name in identity:
+            self.by_name.setdefault(name.lower().encode("latin-1"), IDENTITY)
+        self.cache: dict[bytes, int] = {}
+
+    def classify(self, name: bytes) -> int:
+        kind = self.by_name.get(name.lower(), KEEP)
+        if len(self.cache) < _CACHE_LIMIT:
+            self.cache[name] = kind
+        return kind
+
+
+DEFAULT_CLASSES = HeaderClasses()
+
+
 def header_class(name: bytes) -> int:
-    """The class of a field name, case-insensitively."""
-    kind = _class_cache.get(name)
-    if kind is None:
-        kind = _CLASS_BY_NAME.get(name.lower(), KEEP)
-        if len(_class_cache) < _CACHE_LIMIT:
-            _class_cache[name] = kind
-    return kind
+    """The class of a field name, case-insensitively (default identity fields)."""
+    kind = DEFAULT_CLASSES.cache.get(name)
+    return DEFAULT_CLASSES.classify(name) if kind is None else kind
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:
@@ -132,7 +175,12 @@ class RequestFields:
         "xff",
     )
 
-    def __init__(self, headers: Sequence[Header], trusted: bool) -> None:
+    def __init__(
+        self,
+        headers: Sequence[Header],
+        trusted: bool,
+        classes: HeaderClasses = DEFAULT_CLASSES,
+    ) -> None:
         lines: list[bytes] = []
         self.host: bytes | None = None
         self.host_count = 0
@@ -148,11 +196,11 @@ class RequestFields:
         self.idempotency_key = b""
         self.accepts_html = False
         named: frozenset[bytes] = frozenset()
-        cache = _class_cache
+        cache = classes.cache
         for name, value in headers:
             kind = cache.get(name)
             if kind is None:
-                kind = header_class(name)
+                kind = classes.classify(name)
             if kind == KEEP:
                 lines += (name, b": ", value, b"\r\n")
             elif kind == HOST:
@@ -170,7 +218,8 @@ class RequestFields:
                 if value.lower() not in _PLAIN_CONNECTION_TOKENS:
                     named = named | (connection_tokens(value) - _PLAIN_CONNECTION_TOKENS)
             elif kind == REQUEST_ID:
-                if 0 < len(value) <= 200:
+                # Anyone else's id could collide with, or impersonate, the edge's own.
+                if trusted and 0 < len(value) <= 200:
                     self.request_id = value
             elif kind == XFF:
                 if trusted:
@@ -192,6 +241,8 @@ class RequestFields:
                 lines += (name, b": ", value, b"\r\n")
             elif kind == ACCEPT:
                 self.accepts_html = b"text/html" in value
+                lines += (name, b": ", value, b"\r\n")
+            elif kind == IDENTITY and trusted:
                 lines += (name, b": ", value, b"\r\n")
         self.lines = _drop_named(lines, named) if named else lines
 
@@ -254,11 +305,11 @@ def build_response_head(
     upgrade_value = b""
     upstream_chunked = False
     named: frozenset[bytes] = frozenset()
-    cache = _class_cache
+    cache = DEFAULT_CLASSES.cache
     for name, value in headers:
         kind = cache.get(name)
         if kind is None:
-            kind = header_class(name)
+            kind = DEFAULT_CLASSES.classify(name)
         if _KEPT_IN_RESPONSE[kind]:
             out += (name, b": ", value, b"\r\n")
         elif kind == CONTENT_LENGTH:

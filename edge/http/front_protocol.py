@@ -21,8 +21,11 @@ sweeper, so the hot path never arms or cancels a timer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import socket
+import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -46,6 +49,7 @@ from edge.http.exchange import (
     IDLE,
     UPSTREAM_TIMEOUT,
     Exchange,
+    body_rate_deadline,
     deadline_action,
 )
 from edge.http.forward_headers import (
@@ -63,12 +67,16 @@ from edge.http.host_pattern import host_from_header
 from edge.http.request_head import (
     CHUNKED,
     Refused,
+    app_gone,
     body_framing,
     check_head,
+    check_upgrade,
     no_route,
     origin_form,
     parse_error_status,
+    pipeline_full,
     sends_continue,
+    too_many_pipelined,
 )
 from edge.http.websocket import going_away_frames
 from edge.queue.durable_queue import QueueFull
@@ -83,16 +91,16 @@ from edge.routing.admission import (
     wake_failed,
 )
 from edge.routing.classification import facts_from
-from edge.upstream.pool import UpstreamConnection, UpstreamPeer
+from edge.upstream.pool import HEAD_TOO_LARGE, UpstreamConnection, UpstreamPeer
 from edge.upstream.retry_policy import retry_elsewhere, retry_on_stale_connection
 from wake.controller import WakeRefused
 from wake.store.protocol import StoreUnavailable
 
 if TYPE_CHECKING:
     from edge.http.front_services import FrontServices
-    from edge.routing.app_upstreams import AppUpstreams
 
 logger = logging.getLogger(__name__)
+_LINGER_ZERO = struct.pack("ii", 1, 0)
 __all__ = ["DRAINING", "EXCHANGE", "HEADERS", "IDLE", "Exchange", "FrontConnection"]
 
 
@@ -126,6 +134,11 @@ class FrontConnection(asyncio.Protocol):
         self.tunnel: UpstreamConnection | None = None
         self.deadline = 0.0
         self.deadline_kind = IDLE
+        # The body being read must keep the minimum rate: checked by the sweeper at
+        # `body_check` (0: no body being read), counted from `body_began`/`body_base`.
+        self.body_check = 0.0
+        self.body_began = 0.0
+        self.body_base = 0
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -236,11 +249,20 @@ class FrontConnection(asyncio.Protocol):
             self._pause_reading()
 
     def eof_received(self) -> bool:
-        # Half-closed clients still get their response; close once it is written.
-        if self.current is None and not self.pipeline:
+        parsing = self.parsing
+        if parsing is not None:
+            # Cut off mid-body: it can never complete. Closing now lets connection_lost
+            # abort its upstream exchange; one still waiting in line is dropped.
+            if parsing is self.current:
+                return False
+            with contextlib.suppress(ValueError):
+                self.pipeline.remove(parsing)
+            self.parsing = None
+        # Half-closed clients still get the responses to complete requests; close after.
+        last = self.pipeline[-1] if self.pipeline else self.current
+        if last is None:
             return False
-        if self.current is not None:
-            self.current.keep_alive = False
+        last.keep_alive = False
         return True
 
     # ------------------------------------------------------------------ parsing
@@ -271,6 +293,12 @@ class FrontConnection(asyncio.Protocol):
             raise Refused(431, "too many request header fields", "headers")
 
     def on_headers_complete(self) -> None:
+        if self.closed:
+            return  # answered and closing: nothing more read from this connection is served
+        if self.current is not None and pipeline_full(
+            len(self.pipeline), self.limits.max_pipelined
+        ):
+            raise too_many_pipelined()
         parser = self.parser
         now = self.loop.time()
         ex = Exchange(parser.get_method(), now)
@@ -281,6 +309,10 @@ class FrontConnection(asyncio.Protocol):
         ex.http10 = parser.get_http_version() == "1.0"
         ex.keep_alive = parser.should_keep_alive() and not self.ctx.draining
         self.head_bytes = 0
+        if self.limits.min_body_rate:  # cleared at once by on_message_complete without a body
+            self.body_began = now
+            self.body_base = 0
+            self.body_check = now + self.limits.body_rate_grace
         if self.deadline_kind == HEADERS:
             self._set_deadline(EXCHANGE, self.ctx.upstream_idle_timeout)
         if self.current is None:
@@ -323,6 +355,8 @@ class FrontConnection(asyncio.Protocol):
                 ex.body_buffer = []
             ex.body_buffer.append(data)
             ex.body_buffered += len(data)
+            if ex.held >= 0:
+                self._hold_bytes(ex, len(data))
             if ex.queue_limit:
                 if ex.body_buffered > ex.queue_limit:
                     raise Refused(413, "request body too large to queue", "body")
@@ -332,6 +366,7 @@ class FrontConnection(asyncio.Protocol):
                 self._pause_reading()
 
     def on_message_complete(self) -> None:
+        self.body_check = 0.0
         ex = self.parsing
         if ex is None:
             return
@@ -349,30 +384,49 @@ class FrontConnection(asyncio.Protocol):
         """Route and build the upstream head; raises Refused for requests the edge refuses."""
         ctx = self.ctx
         method = ex.method
-        fields = RequestFields(self.headers, self.trusted)
+        fields = RequestFields(self.headers, self.trusted, ctx.header_classes)
         check_head(method, fields)
         target, host_value = origin_form(self.url, fields.host)
-        app = ctx.route_for(host_value) if host_value is not None else None
-        if app is None:
+        found = ctx.route_for(host_value) if host_value is not None else None
+        if found is None:
             raise no_route(host_value, self.url[:1] != b"/")
+        app, host_value = found
         ex.app = app.name
         framing, ex.body_done = body_framing(fields, self.limits.max_body)
         ex.body_chunked = framing is CHUNKED
         ex.send_continue = sends_continue(fields, ex.http10, ex.body_done)
         ex.upgrade = bool(fields.upgrade) and self.parser.should_upgrade()
+        if ex.upgrade:
+            check_upgrade(ex.upgrade, ex.body_done)
         ex.request_id = fields.request_id or ctx.next_request_id()
         ex.peer = app.pick()
         if app.wake is not None:
             app.wake.seen(app.name)
             if ex.peer is None:
-                self._admit_cold(ex, app, fields, target, host_value)
-        ex.head = build_request_head(
-            method,
+                # Admitted (a hold slot reserved) only once it is the request being answered.
+                request = ColdRequest(
+                    facts=facts_from(
+                        method, target, host_from_header(host_value) or "", self.headers
+                    ),
+                    headers=self.headers,
+                    content_length=int(fields.content_length) if fields.content_length else None,
+                    chunked=fields.chunked,
+                    accepts_html=fields.accepts_html,
+                )
+                ex.cold = (request, fields, target, host_value, framing)
+                return
+        ex.head = self._upstream_head(ex, fields, target, host_value, framing)
+
+    def _upstream_head(
+        self, ex: Exchange, fields: RequestFields, target: bytes, host: bytes, framing: bytes
+    ) -> bytes:
+        return build_request_head(
+            ex.method,
             target,
             fields,
-            host=host_value,
+            host=host,
             client_ip=self.client_ip_bytes,
-            scheme=ctx.scheme,
+            scheme=self.ctx.scheme,
             request_id=ex.request_id,
             # A queued request never goes upstream from here: it is replayed later
             # with its own Content-Length, whatever framing it came with.
@@ -388,6 +442,12 @@ class FrontConnection(asyncio.Protocol):
             self.out.append(ex.head)
             self._complete(ex)
             return
+        if ex.cold is not None:
+            try:
+                self._admit_cold(ex)
+            except Refused as reject:
+                self._refuse_current(ex, reject)
+                return
         if ex.send_continue:
             self.out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
         if ex.queue_limit:
@@ -420,10 +480,12 @@ class FrontConnection(asyncio.Protocol):
         elif peer.reserve():  # type: ignore[union-attr]
             self.loop.create_task(self._connect_then_send(ex, peer))
         else:
-            peer.wait(lambda conn: self._peer_ready(ex, conn))  # type: ignore[union-attr]
+            ex.waiter = lambda conn: self._peer_ready(ex, conn)
+            peer.wait(ex.waiter)  # type: ignore[union-attr]
 
     def _peer_ready(self, ex: Exchange, conn: UpstreamConnection | None) -> bool:
         """A connection (or room for a new one) for `ex`; False when `ex` is gone."""
+        ex.waiter = None
         if self.current is not ex or self.closed or ex.status:
             return False
         if conn is None:
@@ -434,44 +496,79 @@ class FrontConnection(asyncio.Protocol):
                 self.upstream_flush()
         return True
 
-    def _admit_cold(
-        self, ex: Exchange, app: AppUpstreams, fields: RequestFields, target: bytes, host: bytes
-    ) -> None:
-        """Carry out what admission decided for a request to an app that is not hot."""
+    def _admit_cold(self, ex: Exchange) -> None:
+        """Carry out what admission decides for a request for an app that was not hot when
+        it arrived, now that it is current; raises Refused."""
+        request, fields, target, host, framing = ex.cold  # type: ignore[misc]
+        ex.cold = None
         ctx = self.ctx
+        app = ctx.apps.get(ex.app)
+        if app is None:  # a reload removed it while this request waited its turn
+            raise app_gone(ex.app)
+        ex.peer = app.pick()
         wake = app.wake
-        request = ColdRequest(
-            facts=facts_from(ex.method, target, host_from_header(host) or "", self.headers),
-            headers=self.headers,
-            content_length=int(fields.content_length) if fields.content_length else None,
-            chunked=fields.chunked,
-            accepts_html=fields.accepts_html,
-        )
-        decision = admit(
-            app.admission,
-            request,
-            ctx.region(),
-            wake.expected_wake(app.name),  # type: ignore[union-attr]
-            ctx.holds,
-            queue_available=ctx.queue is not None,
-        )
-        if decision.start_wake:
-            wake.start_wake(app.name)  # type: ignore[union-attr]
-        if decision.gallery:
-            ctx.stats.gallery(decision.gallery)
-        if isinstance(decision, Reject):
-            if decision.status == 413:
-                ctx.stats.queue_event(app.name, "too_large")
+        if ex.peer is None and wake is not None:
+            decision = admit(
+                app.admission,
+                request,
+                ctx.region(),
+                wake.expected_wake(app.name),
+                ctx.holds,
+                queue_available=ctx.queue is not None,
+            )
+            if decision.start_wake:
+                wake.start_wake(app.name)
+            if decision.gallery:
+                ctx.stats.gallery(decision.gallery)
+            if isinstance(decision, Reject):
+                if decision.status == 413:
+                    ctx.stats.queue_event(app.name, "too_large")
+                else:
+                    ctx.stats.rejection(app.name, decision.kind)
+                raise Refused(decision.status, decision.reason, decision.kind, decision.retry_after)
+            ctx.holds.reserve(app.name, decision.reserve)
+            ex.held = decision.reserve
+            if ex.body_buffered:
+                self._hold_bytes(ex, ex.body_buffered)
+            if isinstance(decision, Queue):
+                ex.queue_limit = decision.body_limit
+                ex.queue_key = decision.dedupe_key
+                if ex.body_buffered > ex.queue_limit:
+                    raise Refused(413, "request body too large to queue", "body")
             else:
-                ctx.stats.rejection(app.name, decision.kind)
-            raise Refused(decision.status, decision.reason, decision.kind, decision.retry_after)
-        ctx.holds.reserve(app.name, decision.reserve)
-        ex.held = decision.reserve
-        if isinstance(decision, Queue):
-            ex.queue_limit = decision.body_limit
-            ex.queue_key = decision.dedupe_key
-        else:  # the hold starts now, even if pipelined requests are ahead of it
-            ex.html = decision.starting_page
+                ex.html = decision.starting_page
+        elif ex.peer is None:
+            raise Refused(503, f"app {ex.app} has no upstream", "no_upstream")
+        ex.head = self._upstream_head(ex, fields, target, host, framing)
+
+    def _refuse_gone(self, ex: Exchange) -> None:
+        if self.current is ex and not self.closed:
+            self._refuse_current(ex, app_gone(ex.app))
+
+    def _refuse_current(self, ex: Exchange, reject: Refused) -> None:
+        """Answer the current request with the edge's own refusal; what it reserved goes back."""
+        self._unhold(ex)
+        ex.status = reject.status
+        ex.keep_alive = ex.keep_alive and ex.body_done
+        self.out.append(
+            error_response(
+                reject.status,
+                reject.reason,
+                close=not ex.keep_alive,
+                kind=reject.kind,
+                retry_after=reject.retry_after,
+            )
+        )
+        self._complete(ex)
+
+    def _hold_bytes(self, ex: Exchange, more: int) -> None:
+        """Count body bytes of a held or queued request as they arrive; raises Refused when
+        they do not fit the app's or the worker's held-body cap."""
+        route = self.ctx.apps.get(ex.app)
+        if route is None or not self.ctx.holds.grow(ex.app, route.admission.caps, more):
+            self.ctx.stats.rejection(ex.app, "hold_cap")
+            raise Refused(503, f"too many request bytes held for app {ex.app}", "hold_cap")
+        ex.held += more
 
     def _unhold(self, ex: Exchange) -> None:
         if ex.held >= 0:
@@ -481,7 +578,11 @@ class FrontConnection(asyncio.Protocol):
     async def _hold_then_send(self, ex: Exchange) -> None:
         """Wait for the app to be hot (bounded by its hold timeout), then forward."""
         ctx = self.ctx
-        app = ctx.apps[ex.app]
+        app = ctx.apps.get(ex.app)
+        if app is None or app.wake is None:  # a reload removed it (or made it static) meanwhile
+            self._unhold(ex)
+            self._refuse_gone(ex)
+            return
         wait_for = hold_wait(app.admission, self.loop.time() - ex.started_at, ex.html)
         try:
             target = await app.wake.ensure_hot(ex.app, wait_for)  # type: ignore[union-attr]
@@ -509,6 +610,9 @@ class FrontConnection(asyncio.Protocol):
             return
         self._unhold(ex)
         if self.current is not ex or self.closed:
+            return
+        if ex.app not in ctx.apps:  # a reload removed the app while the request was held
+            self._refuse_gone(ex)
             return
         ex.waited_ms = (self.loop.time() - ex.started_at) * 1000
         ex.peer = ctx.pool.peer(target.address)
@@ -737,7 +841,7 @@ class FrontConnection(asyncio.Protocol):
         if ex is None or ex.upstream is not conn:
             return
         ex.upstream = None
-        if ex.response_eof and ex.response_started:
+        if ex.response_eof and ex.response_started and error == "closed":
             if ex.response_chunked:
                 self.out.append(b"0\r\n\r\n")
             self._complete(ex)  # close-delimited body ended
@@ -757,7 +861,8 @@ class FrontConnection(asyncio.Protocol):
             return
         if not conn.got_bytes and self._retry_elsewhere(ex):
             return
-        self._upstream_failed(ex, 502, f"upstream connection {error}", error)
+        reason = "upstream response head too large" if error == HEAD_TOO_LARGE else ""
+        self._upstream_failed(ex, 502, reason or f"upstream connection {error}", error)
 
     def upstream_flush(self) -> None:
         ex = self.current
@@ -824,6 +929,9 @@ class FrontConnection(asyncio.Protocol):
         if peer is not None:
             peer.in_flight -= 1
             ex.peer = None
+            if ex.waiter is not None:  # gave up waiting for a connection: leave the line
+                peer.unwait(ex.waiter)
+                ex.waiter = None
 
     def _record(self, ex: Exchange) -> None:
         ctx = self.ctx
@@ -888,6 +996,11 @@ class FrontConnection(asyncio.Protocol):
         self.deadline_kind = DRAINING
         if self.transport is not None:
             if abort:
+                # A reset, not a FIN: a close-delimited body would otherwise look complete.
+                sock = self.transport.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
                 self.transport.abort()
             else:
                 self.transport.close()
@@ -929,6 +1042,31 @@ class FrontConnection(asyncio.Protocol):
                 conn.abort()
             kind_name = "response_header_timeout" if ex.waiting_head else "idle_timeout"  # type: ignore[union-attr]
             self._upstream_failed(ex, 504, f"upstream {kind_name.replace('_', ' ')}", kind_name)  # type: ignore[arg-type]
+
+    def on_body_check(self, now: float) -> None:
+        """Called by the sweeper once `body_check` has passed: is the body still fast enough?"""
+        ex = self.parsing
+        if ex is None or self.closed:
+            self.body_check = 0.0
+            return
+        if self.reading_paused:
+            # The edge stopped reading, not the client: the clock starts again.
+            self.body_began = now
+            self.body_base = ex.body_seen
+            self.body_check = now + self.limits.body_rate_grace
+            return
+        limits = self.limits
+        due = body_rate_deadline(
+            self.body_began,
+            ex.body_seen - self.body_base,
+            limits.body_rate_grace,
+            limits.min_body_rate,
+        )
+        if now < due:
+            self.body_check = due
+            return
+        self.body_check = 0.0
+        self._reject(Refused(408, "request body arrived too slowly", "body_rate"))
 
     def close_tunnel_going_away(self) -> None:
         """The allocation behind this tunnel reached its drain deadline: WebSocket 1001 both

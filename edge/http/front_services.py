@@ -10,7 +10,7 @@ from collections.abc import MutableSet
 from typing import Protocol
 
 from edge.http.access_log import AccessLog
-from edge.http.forward_headers import TrustedProxies
+from edge.http.forward_headers import HeaderClasses, TrustedProxies
 from edge.ops.worker_stats import WorkerStats
 from edge.queue.durable_queue import DurableQueue
 from edge.routing.app_upstreams import AppUpstreams
@@ -24,6 +24,7 @@ class FrontLimits:
     """Client-side limits, copied out of config for attribute-speed access."""
 
     __slots__ = (
+        "body_rate_grace",
         "header_timeout",
         "keepalive_timeout",
         "max_body",
@@ -31,7 +32,9 @@ class FrontLimits:
         "max_head_bytes",
         "max_header_bytes",
         "max_headers",
+        "max_pipelined",
         "max_request_line",
+        "min_body_rate",
     )
 
     def __init__(self, limits: LimitsSection) -> None:
@@ -42,6 +45,9 @@ class FrontLimits:
         self.header_timeout = float(limits.header_timeout)
         self.keepalive_timeout = float(limits.keepalive_timeout)
         self.max_connections = limits.max_connections
+        self.max_pipelined = limits.max_pipelined
+        self.min_body_rate = float(limits.min_body_rate)
+        self.body_rate_grace = float(limits.body_rate_grace)
         # The request line counts toward the head too.
         self.max_head_bytes = int(limits.max_request_line) + int(limits.max_header_bytes)
 
@@ -56,6 +62,7 @@ class FrontServices(Protocol):
     loop: asyncio.AbstractEventLoop
     limits: FrontLimits
     trusted_proxies: TrustedProxies
+    header_classes: HeaderClasses
     scheme: bytes
     draining: bool
     stats: WorkerStats
@@ -71,7 +78,9 @@ class FrontServices(Protocol):
     queue: DurableQueue | None  # set when an app can queue
     replayer: ReplayNudge | None
 
-    def route_for(self, host_value: bytes) -> AppUpstreams | None: ...
+    def route_for(self, host_value: bytes) -> tuple[AppUpstreams, bytes] | None:
+        """The app serving a raw Host value, and the normalised host to forward."""
+        ...
 
     def next_request_id(self) -> bytes: ...
 

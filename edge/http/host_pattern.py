@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
-_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
+# RFC 1123 labels: letters, digits and inner hyphens, at most 63 characters.
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_PORT = re.compile(r"[0-9]{1,5}")
+MAX_NAME = 253
 
 
 class HostPatternError(ValueError):
@@ -30,8 +34,9 @@ def normalize_host_pattern(pattern: str) -> str:
     return host
 
 
-def host_from_header(value: bytes | str) -> str | None:
-    """'Shop.Example.com:8080' -> 'shop.example.com'; None when malformed."""
+def parse_host_header(value: bytes | str) -> tuple[str, str] | None:
+    """'Shop.Example.com.:8080' -> ('shop.example.com', '8080'); None unless the value is a
+    DNS name (RFC 1123 labels) or an IP literal, with an optional port."""
     if isinstance(value, bytes):
         try:
             value = value.decode("ascii")
@@ -40,18 +45,48 @@ def host_from_header(value: bytes | str) -> str | None:
     value = value.strip().lower()
     if value.startswith("["):
         end = value.find("]")
-        if end < 0:
-            return None
         host, rest = value[: end + 1], value[end + 1 :]
+        if end < 0 or not _ipv6_literal(host[1:-1]):
+            return None
     else:
-        host, _, port = value.partition(":")
-        rest = ":" + port if _ else ""
-    if rest and (rest[0] != ":" or not rest[1:].isdigit()):
-        return None
-    host = host.rstrip(".")
-    if not host or host[0] == "." or ".." in host or any(c in host for c in "/@ \t?#\\"):
-        return None
-    return host
+        host, colon, port = value.partition(":")
+        rest = colon + port
+        if host.endswith("."):
+            host = host[:-1]  # the absolute form of the same name
+        if len(host) > MAX_NAME or not all(_LABEL.fullmatch(label) for label in host.split(".")):
+            return None
+    port = ""
+    if rest:
+        port = rest[1:]
+        if rest[0] != ":" or not _PORT.fullmatch(port) or int(port) > 65535:
+            return None
+    return host, port
+
+
+def _ipv6_literal(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def host_from_header(value: bytes | str) -> str | None:
+    """'Shop.Example.com:8080' -> 'shop.example.com'; None when malformed."""
+    parsed = parse_host_header(value)
+    return parsed[0] if parsed is not None else None
+
+
+def normalize_host_header(value: bytes | str) -> bytes | None:
+    """The Host value to route by and forward: 'Shop.Example.com.:8080' ->
+    b'shop.example.com:8080'; None when malformed."""
+    parsed = parse_host_header(value)
+    return None if parsed is None else host_bytes(*parsed)
+
+
+def host_bytes(host: str, port: str) -> bytes:
+    """('shop.example.com', '8080') -> b'shop.example.com:8080'."""
+    return (f"{host}:{port}" if port else host).encode("ascii")
 
 
 class HostTable(Generic[T]):

@@ -92,3 +92,25 @@ def parse_error_status(message: str) -> int:
     """431 for a header overflow the parser reports, else 400."""
     text = message.lower()
     return 431 if "header" in text and "overflow" in text else 400
+
+
+def pipeline_full(waiting: int, max_pipelined: int) -> bool:
+    """Whether one more request may not be parsed ahead: `waiting` already wait behind
+    the one being answered."""
+    return waiting >= max_pipelined
+
+
+def too_many_pipelined() -> Refused:
+    return Refused(503, "too many pipelined requests on one connection", "pipeline")
+
+
+def check_upgrade(upgrade: bool, body_done: bool) -> None:
+    """Refuse an Upgrade request that carries a body: its bytes would be taken for the
+    tunnel's, so the edge does not forward it."""
+    if upgrade and not body_done:
+        raise Refused(400, "an Upgrade request cannot carry a body here", "upgrade_body")
+
+
+def app_gone(app: str) -> Refused:
+    """For a request whose app a reload removed before it could be answered."""
+    return Refused(404, f"app {app} is no longer served here", "no_route")

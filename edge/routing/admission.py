@@ -50,7 +50,7 @@ class ColdRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Hold(msgspec.Struct, frozen=True):
-    """Hold in memory while the app wakes, `reserve` body bytes counted."""
+    """Hold in memory while the app wakes, `reserve` body bytes counted (more as they arrive)."""
 
     reserve: int
     starting_page: bool = False
@@ -120,11 +120,12 @@ def admit(
             f"app {app.name} is starting and takes about {expected_wake:.0f}s",
             expected_wake,
         )
-    declared = HELD_BODY_RESERVE if request.chunked else request.content_length or 0
-    reserve = min(declared, HELD_BODY_RESERVE)
-    if not holds.fits(app.name, app.caps, reserve):
+    # Body bytes are reserved as they arrive (a trickling body pins only what it sent);
+    # a declared body that could not fit now is refused at once.
+    declared = min(request.content_length or 0, HELD_BODY_RESERVE)
+    if not holds.fits(app.name, app.caps, declared):
         return _hold_cap(app)
-    return Hold(reserve, starting_page=request.accepts_html and app.starting_page_after > 0)
+    return Hold(0, starting_page=request.accepts_html and app.starting_page_after > 0)
 
 
 def request_class_safe_to_hold(request_class: RequestClass) -> bool:
@@ -147,11 +148,10 @@ def _admit_queued(
     declared = request.content_length or 0
     if declared > app.queue_max_body:
         return Reject(413, "body", "request body too large to queue", start_wake=False)
-    reserve = app.queue_max_body if request.chunked else declared
-    if not holds.fits(app.name, app.caps, reserve):
+    if not holds.fits(app.name, app.caps, declared):
         return _hold_cap(app)
     key = header_key(app.dedupe_key, request.headers) or ""
-    return Queue(reserve, app.queue_max_body, key)
+    return Queue(0, app.queue_max_body, key)  # body bytes are reserved as they arrive
 
 
 def _hold_cap(app: AppAdmission) -> Reject:

@@ -1,8 +1,9 @@
 """Hold accounting: requests held (or being queued) and their reserved body bytes, per app
 and per worker, against their caps. Plain data, no I/O.
 
-A reservation is made when a request for a cold app is admitted and given back exactly
-once, on whichever ending the request has (answered, refused, client gone).
+A reservation is made when a request for a cold app is admitted, grows as its body
+arrives, and is given back exactly once, on whichever ending the request has (answered,
+refused, client gone).
 """
 
 from __future__ import annotations
@@ -44,6 +45,19 @@ class HoldAccounting:
         self.bytes_by_app[app] = self.bytes_by_app.get(app, 0) + reserve
         self.total += 1
         self.bytes += reserve
+
+    def grow(self, app: str, app_caps: HoldCaps, more: int) -> bool:
+        """Count `more` body bytes of a held request of `app` as they arrive; False (nothing
+        counted) when they do not fit the caps."""
+        app_bytes = self.bytes_by_app.get(app, 0) + more
+        if (
+            app_bytes > app_caps.max_held_body_bytes
+            or self.bytes + more > self.caps.max_held_body_bytes
+        ):
+            return False
+        self.bytes_by_app[app] = app_bytes
+        self.bytes += more
+        return True
 
     def release(self, app: str, reserve: int) -> None:
         """Give back what `reserve` counted; an app's entries go once they reach zero."""

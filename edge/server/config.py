@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from edge.http.forward_headers import DEFAULT_CLIENT_IDENTITY_HEADERS, handled_by_edge
 from edge.http.host_pattern import HostPatternError, normalize_host_pattern
 from edge.queue.replay_policy import DEFAULT_IDENTITY_HEADERS
 from scheduler_client.config_file import (
@@ -66,6 +67,11 @@ class EdgeSection(_Section):
     store: str = "memory://"
     # Peers whose X-Forwarded-*/Forwarded headers are kept; everyone else's are replaced.
     trusted_proxies: list[str] = []
+    # Fields claiming who the client is (its IP, port, path prefix) that the edge does not
+    # set itself: dropped unless a trusted proxy sent them.
+    client_identity_headers: list[str] = msgspec.field(
+        default_factory=lambda: list(DEFAULT_CLIENT_IDENTITY_HEADERS)
+    )
     shutdown_timeout: Duration = Duration(30.0)
     access_log: str = "off"
     access_log_sample: Annotated[float, Meta(ge=0.0, le=1.0)] = 1.0
@@ -89,6 +95,16 @@ class LimitsSection(_Section):
     keepalive_timeout: PositiveDuration = PositiveDuration(75.0)
     # Per worker process.
     max_connections: Annotated[int, Meta(ge=1)] = 10_000
+    # Requests parsed ahead of the one being answered on one connection; one more is
+    # refused (503) and the connection closes after the answers ahead of it.
+    max_pipelined: Annotated[int, Meta(ge=1)] = 16
+    # Largest upstream response head (status line and fields); larger -> 502.
+    max_response_head: PositiveSize = PositiveSize(64 * 1024)
+    # A request body must arrive at least this fast (bytes per second, 0: off) once
+    # `body_rate_grace` has passed since its head; slower -> 408. Time the edge itself
+    # stops reading (back-pressure, a held body's buffer full) does not count.
+    min_body_rate: ByteSize = ByteSize(1024)
+    body_rate_grace: Duration = Duration(5.0)
 
 
 class UpstreamSection(_Section):
@@ -338,6 +354,14 @@ def _check_edge(edge: EdgeSection, fail: Callable[[str, str], None]) -> None:
             ipaddress.ip_network(cidr, strict=False)
         except ValueError as exc:
             fail(f"edge.trusted_proxies[{i}]", str(exc))
+    for i, name in enumerate(edge.client_identity_headers):
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+            fail(f"edge.client_identity_headers[{i}]", f"not a header field name: {name!r}")
+        elif handled_by_edge(name):
+            fail(
+                f"edge.client_identity_headers[{i}]",
+                f"{name} is one the edge handles itself (forwarding, framing or routing)",
+            )
     if edge.tls is not None:
         for key in ("cert_file", "key_file"):
             if not Path(getattr(edge.tls, key)).is_file():

@@ -9,9 +9,9 @@ import time
 from typing import TYPE_CHECKING
 
 from edge.http.exchange import DRAINING
-from edge.http.forward_headers import TrustedProxies
+from edge.http.forward_headers import HeaderClasses, TrustedProxies
 from edge.http.front_services import FrontLimits
-from edge.http.host_pattern import HostTable, host_from_header
+from edge.http.host_pattern import HostTable, host_bytes, parse_host_header
 from edge.ops.worker_stats import WorkerStats
 from edge.routing.app_upstreams import AppUpstreams
 from edge.routing.hold_accounting import HoldAccounting, HoldCaps
@@ -84,6 +84,7 @@ class WorkerContext:
             keepalive_idle=config.upstream.keepalive_idle,
             max_idle=config.upstream.max_idle_per_upstream,
             max_conns=config.upstream.max_connections_per_upstream,
+            max_head=int(config.limits.max_response_head),
         )
         self.holds = HoldAccounting(hold_caps(config))
         self.wake = wake
@@ -102,12 +103,14 @@ class WorkerContext:
         self.limits = FrontLimits(config.limits)
         self.holds.caps = hold_caps(config)
         self.trusted_proxies = TrustedProxies(config.edge.trusted_proxies)
+        self.header_classes = HeaderClasses(config.edge.client_identity_headers)
         self.scheme = b"https" if config.edge.tls is not None else b"http"
         self.upstream_header_timeout = float(config.upstream.response_header_timeout)
         self.upstream_idle_timeout = float(config.upstream.idle_timeout)
         self.access_log_sample = config.edge.access_log_sample
         self.pool.connect_timeout = config.upstream.connect_timeout
         self.pool.keepalive_idle = config.upstream.keepalive_idle
+        self.pool.max_head = int(config.limits.max_response_head)
         self.apps = {
             app.name: AppUpstreams(app, self.pool, self.wake, self, config.classification)
             for app in config.apps
@@ -115,7 +118,7 @@ class WorkerContext:
         self.routes = HostTable(
             {host: self.apps[app.name] for app in config.apps for host in app.hosts}
         )
-        self._route_cache: dict[bytes, AppUpstreams] = {}
+        self._route_cache: dict[bytes, tuple[AppUpstreams, bytes]] = {}
         if self.wake is not None:
             self.wake.apply(budget_limits(config), wake_specs(config))
 
@@ -144,17 +147,19 @@ class WorkerContext:
     def region(self) -> Region | None:
         return self.follower.region if self.follower is not None else None
 
-    def route_for(self, host_value: bytes) -> AppUpstreams | None:
-        """Route by a raw Host value; parsed hosts are cached per raw value."""
-        route = self._route_cache.get(host_value)
-        if route is None:
-            host = host_from_header(host_value)
-            route = self.routes.lookup(host) if host is not None else None
+    def route_for(self, host_value: bytes) -> tuple[AppUpstreams, bytes] | None:
+        """The app for a raw Host value and the normalised host to forward; cached per raw
+        value, so a validated host costs one dict lookup."""
+        found = self._route_cache.get(host_value)
+        if found is None:
+            parsed = parse_host_header(host_value)
+            route = self.routes.lookup(parsed[0]) if parsed is not None else None
             if route is None:
                 return None
+            found = (route, host_bytes(*parsed))  # type: ignore[misc]
             if len(self._route_cache) < 4096:
-                self._route_cache[host_value] = route
-        return route
+                self._route_cache[host_value] = found
+        return found
 
     def next_request_id(self) -> bytes:
         return self._id_prefix + b"%x" % next(self._ids)
@@ -165,4 +170,6 @@ class WorkerContext:
         for conn in list(self.connections):
             if conn.deadline <= now and conn.deadline_kind != DRAINING:
                 conn.on_deadline(now)
+            if conn.body_check and conn.body_check <= now:
+                conn.on_body_check(now)
         self.pool.sweep(now)

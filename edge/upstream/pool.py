@@ -16,6 +16,14 @@ from typing import Protocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+# A response head (status line and fields) larger than this is refused, like a request's.
+DEFAULT_MAX_RESPONSE_HEAD = 64 * 1024
+HEAD_TOO_LARGE = "head_too_large"
+
+
+class ResponseHeadTooLarge(Exception):
+    """The upstream's response head passed the connection's `max_head`."""
+
 
 class UpstreamOwner(Protocol):
     """What a connection reports to the exchange that is using it."""
@@ -39,10 +47,13 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "closed",
         "got_bytes",
+        "head_bytes",
         "head_only",
         "headers",
         "idle_since",
+        "in_head",
         "interim",
+        "max_head",
         "owner",
         "parser",
         "peer",
@@ -53,8 +64,11 @@ class UpstreamConnection(asyncio.Protocol):
         "upgraded",
     )
 
-    def __init__(self, peer: UpstreamPeer) -> None:
+    def __init__(self, peer: UpstreamPeer, max_head: int = DEFAULT_MAX_RESPONSE_HEAD) -> None:
         self.peer = peer
+        self.max_head = max_head
+        self.in_head = True  # reading a response head: its bytes are counted
+        self.head_bytes = 0
         self.transport: asyncio.Transport | None = None
         self.parser = HttpResponseParser(self)
         self.owner: UpstreamOwner | None = None
@@ -84,14 +98,22 @@ class UpstreamConnection(asyncio.Protocol):
             owner.upstream_tunnel_data(data)
             return
         self.got_bytes = True
+        if self.in_head:
+            self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
             self.upgraded = True
             owner.upstream_upgraded(self, data[exc.args[0] :])
-        except HttpParserError:
+        except HttpParserError as exc:
             self.abort()
-            owner.upstream_lost(self, "bad_response")
+            too_large = isinstance(exc.__context__, ResponseHeadTooLarge)
+            owner.upstream_lost(self, HEAD_TOO_LARGE if too_large else "bad_response")
+            return
+        if self.in_head and self.head_bytes > self.max_head:
+            # httptools keeps an unfinished field whole: bound what it may buffer.
+            self.abort()
+            owner.upstream_lost(self, HEAD_TOO_LARGE)
             return
         owner.upstream_flush()
 
@@ -125,14 +147,21 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.headers = []
         self.reason = b""
+        self.in_head = True
+        self.head_bytes = 0
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > self.max_head:
+            raise ResponseHeadTooLarge
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_bytes = 0
         parser = self.parser
         status = parser.get_status_code()
         if status < 200 and status != 101:
@@ -238,6 +267,11 @@ class UpstreamPeer:
     def wait(self, waiter: Callable[[UpstreamConnection | None], bool]) -> None:
         self.waiters.append(waiter)
 
+    def unwait(self, waiter: Callable[[UpstreamConnection | None], bool]) -> None:
+        """Leave the line: the request gave up (timed out, its client went away)."""
+        with contextlib.suppress(ValueError):
+            self.waiters.remove(waiter)
+
     def _hand_off(self) -> None:
         self.handoff_scheduled = False
         while self.waiters:
@@ -292,12 +326,26 @@ class UpstreamPeer:
 class UpstreamPool:
     """Every upstream peer this worker talks to, keyed by address."""
 
-    __slots__ = ("_peers", "connect_timeout", "keepalive_idle", "max_conns", "max_idle")
+    __slots__ = (
+        "_peers",
+        "connect_timeout",
+        "keepalive_idle",
+        "max_conns",
+        "max_head",
+        "max_idle",
+    )
 
     def __init__(
-        self, *, connect_timeout: float, keepalive_idle: float, max_idle: int, max_conns: int = 0
+        self,
+        *,
+        connect_timeout: float,
+        keepalive_idle: float,
+        max_idle: int,
+        max_conns: int = 0,
+        max_head: int = DEFAULT_MAX_RESPONSE_HEAD,
     ) -> None:
         self._peers: dict[str, UpstreamPeer] = {}
+        self.max_head = max_head
         self.connect_timeout = connect_timeout
         self.keepalive_idle = keepalive_idle
         self.max_idle = max_idle
@@ -317,7 +365,7 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.connect_timeout):
             _, conn = await loop.create_connection(
-                lambda: UpstreamConnection(peer), peer.host, peer.port
+                lambda: UpstreamConnection(peer, self.max_head), peer.host, peer.port
             )
         return conn
 
