@@ -14,7 +14,7 @@ ARGS   ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv install install-test install-bench redis lint fmt test fuzz run bench stampede clean
+.PHONY: help venv install install-test install-bench redis lint fmt test fuzz soak run bench stampede clean
 
 help:
 	@echo "make run     start a demo app on :9001 and the edge on :8080 (configs/local.toml)"
@@ -22,6 +22,7 @@ help:
 	@echo "make bench   throughput comparison -> bench/results/throughput.json"
 	@echo "make stampede  locust wake stampede + fleet wake reports -> bench/results/stampede-*/"
 	@echo "make fuzz    hostile byte streams at the front, a long soak (FUZZ_EXAMPLES=5000)"
+	@echo "make soak    the fault suite (tests/faults) 5 times over, then make fuzz"
 	@echo "make lint    ruff check + ruff format --check"
 	@echo "make fmt     ruff format + ruff check --fix"
 	@echo "make venv    create .venv only"
@@ -84,6 +85,14 @@ test: install-test redis
 # The property test of `make test` (120 fixed examples), as a soak with fresh examples.
 fuzz: install-test
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-5000} $(BIN)/pytest -q tests/test_front_fuzz.py
+
+# Faults again and again (SOAK_ROUNDS, default 5), then the long fuzz: bounded by rounds.
+soak: install-test redis
+	for round in $$(seq $${SOAK_ROUNDS:-5}); do \
+	    echo "soak round $$round"; \
+	    $(BIN)/pytest -q -n 3 --dist load -p no:cacheprovider tests/faults || exit 1; \
+	done
+	$(MAKE) fuzz
 
 run: install
 	bash scripts/run-local $(ARGS)

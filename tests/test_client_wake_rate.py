@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from edge.routing import client_wake_rate
-from edge.routing.client_wake_rate import ClientWakeAllowance, ClientWakeRate
+from edge.routing.client_wake_rate import ClientWakeAllowance, ClientWakeRate, client_key
 
 
 def test_a_burst_then_one_wake_per_refill() -> None:
@@ -40,3 +40,9 @@ def test_memory_is_bounded(monkeypatch) -> None:
     # Refilled buckets are the first to go, and forgetting one is harmless: a full bucket.
     allowance.forget_full(1000.0)
     assert len(allowance) == 0
+
+
+def test_the_client_is_the_peer_unless_a_trusted_proxy_forwarded_one() -> None:
+    assert client_key("10.0.0.9", False, b"1.2.3.4") == "10.0.0.9"  # a claim, not trusted
+    assert client_key("10.0.0.9", True, b"5.6.7.8, 1.2.3.4") == "1.2.3.4"
+    assert client_key("10.0.0.9", True, b"") == "10.0.0.9"

@@ -162,6 +162,10 @@ class WakeController:
 
     # ------------------------------------------------------------- wake entry
 
+    def waking(self, app: str) -> bool:
+        """Whether asking for `app` would join a wake (or a hot app) instead of starting one."""
+        return app in self._hot or app in self._flights
+
     def start_wake(self, app: str) -> asyncio.Future[HotTarget]:
         """The outcome of the app's flight in this process, started if none is running.
 

@@ -89,8 +89,10 @@ from edge.routing.admission import (
     after_hold_timeout,
     hold_wait,
     wake_failed,
+    wake_rate_limited,
 )
 from edge.routing.classification import facts_from
+from edge.routing.client_wake_rate import client_key
 from edge.upstream.pool import HEAD_TOO_LARGE, UpstreamConnection, UpstreamPeer
 from edge.upstream.retry_policy import retry_elsewhere, retry_on_stale_connection
 from wake.controller import WakeRefused
@@ -516,6 +518,15 @@ class FrontConnection(asyncio.Protocol):
                 ctx.holds,
                 queue_available=ctx.queue is not None,
             )
+            if decision.start_wake and not wake.waking(app.name):
+                # A new wake: charged to the client that asks for it (joining one is free).
+                client = client_key(self.client_ip, self.trusted, fields.xff)
+                wait = ctx.wake_allowance.take(client, self.loop.time())
+                if wait > 0:
+                    decision = wake_rate_limited(app.admission, wait)
+                else:
+                    refused = isinstance(decision, Reject)
+                    ctx.stats.wake_start("refused_request" if refused else "admitted_request")
             if decision.start_wake:
                 wake.start_wake(app.name)
             if decision.gallery:

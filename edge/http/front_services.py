@@ -14,6 +14,7 @@ from edge.http.forward_headers import HeaderClasses, TrustedProxies
 from edge.ops.worker_stats import WorkerStats
 from edge.queue.durable_queue import DurableQueue
 from edge.routing.app_upstreams import AppUpstreams
+from edge.routing.client_wake_rate import ClientWakeAllowance
 from edge.routing.hold_accounting import HoldAccounting
 from edge.server.config import LimitsSection
 from edge.upstream.pool import UpstreamPool
@@ -68,6 +69,7 @@ class FrontServices(Protocol):
     stats: WorkerStats
     pool: UpstreamPool
     holds: HoldAccounting
+    wake_allowance: ClientWakeAllowance
     apps: dict[str, AppUpstreams]
     connections: MutableSet[asyncio.Protocol]
     tunnels: MutableSet[asyncio.Protocol]

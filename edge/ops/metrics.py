@@ -142,6 +142,12 @@ def _wake_families(snapshots: list[StatsSnapshot], budget_in_use: int | None) ->
         "Wake controller events (coalesced waits, budget waits, ...).",
         labels=["event"],
     )
+    starts = CounterMetricFamily(
+        "edge_wake_starts",
+        "Wakes started here, by the request that started them: admitted (held or queued)"
+        " or refused (answered 503 at once).",
+        labels=["by"],
+    )
     gallery = CounterMetricFamily(
         "edge_wake_gallery",
         "Wake gates refused and failure modes seen, by gallery id (wake/machine.py).",
@@ -153,11 +159,14 @@ def _wake_families(snapshots: list[StatsSnapshot], budget_in_use: int | None) ->
             transitions.add_metric(detail.split("->"), n)
         elif kind == "gallery":
             gallery.add_metric([detail], n)
+        elif kind == "wake_start":
+            starts.add_metric([detail], n)
         else:
             events.add_metric([key], n)
     yield transitions
     yield events
     yield gallery
+    yield starts
 
     phases = HistogramMetricFamily(
         "edge_wake_phase_seconds",

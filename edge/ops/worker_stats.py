@@ -114,6 +114,11 @@ class WorkerStats:
         key = "gallery:" + gallery_id
         self.wake_events[key] = self.wake_events.get(key, 0) + 1
 
+    def wake_start(self, by: str) -> None:
+        """A wake this worker started, by what kind of request (refused ones count too)."""
+        key = "wake_start:" + by
+        self.wake_events[key] = self.wake_events.get(key, 0) + 1
+
     def queue_event(self, app: str, event: str) -> None:
         key = (app, event)
         self.queue[key] = self.queue.get(key, 0) + 1

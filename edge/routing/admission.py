@@ -154,6 +154,17 @@ def _admit_queued(
     return Queue(0, app.queue_max_body, key)  # body bytes are reserved as they arrive
 
 
+def wake_rate_limited(app: AppAdmission, wait: float) -> Reject:
+    """The client started its share of wakes: 429, and this request starts none."""
+    return Reject(
+        429,
+        "wake_rate_limited",
+        f"app {app.name} is asleep and this client has started too many wakes; retry later",
+        max(1.0, wait),
+        start_wake=False,
+    )
+
+
 def _hold_cap(app: AppAdmission) -> Reject:
     return Reject(
         503, "hold_cap", f"too many requests held for app {app.name}", HOLD_CAP_RETRY_AFTER

@@ -25,6 +25,14 @@ class ClientWakeRate(msgspec.Struct, frozen=True):
     burst: float = 20.0
 
 
+def client_key(peer: str, trusted: bool, forwarded_for: bytes) -> str:
+    """Who is asking: the peer, or, behind a trusted proxy, the address it forwarded
+    (the last X-Forwarded-For entry, the one the proxy itself added)."""
+    if trusted and forwarded_for:
+        return forwarded_for.rsplit(b",", 1)[-1].strip().decode("latin-1") or peer
+    return peer
+
+
 class ClientWakeAllowance:
     """Token buckets of the clients that started wakes recently."""
 

@@ -139,6 +139,10 @@ class BudgetSection(_Section):
     wake_lease_ttl: LeaseDuration = LeaseDuration(10.0)
     # A wake's budget slot; a holder that dies gives it back this long after its last renewal.
     wake_slot_ttl: LeaseDuration = LeaseDuration(30.0)
+    # Wakes one client (its address, or the one a trusted proxy forwarded) may start, per
+    # worker: a burst, then this many per second; 0 turns the limit off.
+    client_wake_rate: Annotated[float, Meta(ge=0)] = 1.0
+    client_wake_burst: Annotated[float, Meta(ge=1)] = 20.0
 
 
 class HoldSection(_Section):

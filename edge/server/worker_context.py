@@ -14,6 +14,7 @@ from edge.http.front_services import FrontLimits
 from edge.http.host_pattern import HostTable, host_bytes, parse_host_header
 from edge.ops.worker_stats import WorkerStats
 from edge.routing.app_upstreams import AppUpstreams
+from edge.routing.client_wake_rate import ClientWakeAllowance, ClientWakeRate
 from edge.routing.hold_accounting import HoldAccounting, HoldCaps
 from edge.server.config import Config
 from edge.upstream.pool import UpstreamPool
@@ -48,6 +49,12 @@ def wake_specs(config: Config) -> dict[str, WakeAppSpec]:
 def hold_caps(config: Config) -> HoldCaps:
     """The worker-wide caps on held requests."""
     return HoldCaps(config.hold.max_held, int(config.hold.max_held_body_bytes))
+
+
+def client_wake_rate(config: Config) -> ClientWakeRate:
+    """Wakes one client may start: a burst, then a steady rate (per worker)."""
+    budget = config.budget
+    return ClientWakeRate(float(budget.client_wake_rate), float(budget.client_wake_burst))
 
 
 def budget_limits(config: Config) -> BudgetLimits:
@@ -87,6 +94,7 @@ class WorkerContext:
             max_head=int(config.limits.max_response_head),
         )
         self.holds = HoldAccounting(hold_caps(config))
+        self.wake_allowance = ClientWakeAllowance(client_wake_rate(config))
         self.wake = wake
         self.route_table: RouteTable | None = None
         self.tunnels: set[FrontConnection] = set()
@@ -102,6 +110,7 @@ class WorkerContext:
         self.config = config
         self.limits = FrontLimits(config.limits)
         self.holds.caps = hold_caps(config)
+        self.wake_allowance.rate = client_wake_rate(config)
         self.trusted_proxies = TrustedProxies(config.edge.trusted_proxies)
         self.header_classes = HeaderClasses(config.edge.client_identity_headers)
         self.scheme = b"https" if config.edge.tls is not None else b"http"
