@@ -360,9 +360,33 @@ class EdgeLauncher:
         env: dict[str, str] | None = None,
         args: tuple[str, ...] = (),
     ) -> EdgeProcess:
-        config = self.build_config(
-            apps=apps, edge=edge, limits=limits, upstream=upstream, sections=sections
-        )
+        # Ports picked here were free a moment ago; another process may take one before
+        # the edge binds it. Only then, and only for ports picked here, try other ones.
+        picked_ports = not edge or ("listen" not in edge and "admin_listen" not in edge)
+        for attempt in range(3):
+            config = self.build_config(
+                apps=apps, edge=edge, limits=limits, upstream=upstream, sections=sections
+            )
+            edge_proc = self._start(config, workers, env, args)
+            if self._wait_ready(edge_proc, may_clash=picked_ports and attempt < 2):
+                break
+        if not edge_proc.admin_token:
+            # Mutating admin calls always need a token: the one the edge generated.
+            from edge.ops.admin_token import client_admin_token
+            from edge.server.config import load_config
+
+            edge_proc.admin_token = client_admin_token(
+                load_config(edge_proc.config_path).edge, edge_proc.config_path
+            )
+        return edge_proc
+
+    def _start(
+        self,
+        config: dict[str, Any],
+        workers: int | None,
+        env: dict[str, str] | None,
+        args: tuple[str, ...],
+    ) -> EdgeProcess:
         self.count += 1
         config_path = self.tmp_dir / f"edge-{self.count}.toml"
         config_path.write_text(to_toml(config))
@@ -387,20 +411,16 @@ class EdgeLauncher:
         token = config["edge"].get("admin_token") or full_env.get("EDGE_ADMIN_TOKEN", "")
         edge_proc = EdgeProcess(port, admin_port, proc, config_path, log_path, config, token)
         self.started.append(edge_proc)
-        self._wait_ready(edge_proc)
-        if not token:
-            # Mutating admin calls always need a token: the one the edge generated.
-            from edge.ops.admin_token import client_admin_token
-            from edge.server.config import load_config
-
-            edge_proc.admin_token = client_admin_token(load_config(config_path).edge, config_path)
         return edge_proc
 
-    def _wait_ready(self, edge_proc: EdgeProcess) -> None:
+    def _wait_ready(self, edge_proc: EdgeProcess, may_clash: bool = False) -> bool:
+        """True once ready; False when it could not bind a port and `may_clash`."""
         deadline = time.monotonic() + START_TIMEOUT
         last: tuple[int | None, bytes] = (None, b"")
         while True:
             if edge_proc.proc.poll() is not None:
+                if may_clash and "address already in use" in edge_proc.output():
+                    return False
                 pytest.fail(
                     f"edge exited with {edge_proc.proc.returncode} before /readyz answered 200;"
                     f" config {edge_proc.config_path}:\n{edge_proc.output()}",
@@ -409,7 +429,7 @@ class EdgeLauncher:
             if last[0] != 200:
                 last = edge_proc.admin_get("/readyz", timeout=1.0)
             if last[0] == 200 and _accepts(edge_proc.port):
-                return
+                return True
             if time.monotonic() > deadline:
                 edge_proc.stop()
                 pytest.fail(

@@ -118,7 +118,8 @@ async def test_fleet_wake_never_exceeds_the_budget(
 ) -> None:
     names = [f"app{i:03d}" for i in range(200)]
     cp = start_control_plane(apps=[tiny_app_spec(n) for n in names], max_allocations=300)
-    budget = {"max_concurrent_wakes": 10, "max_wakes_per_second": 200}
+    # Every request comes from this one client: its own wake allowance is off.
+    budget = {"max_concurrent_wakes": 10, "max_wakes_per_second": 200, "client_wake_rate": 0}
     apps = [cold_app(n, hold_timeout="30s") for n in names]
     edges = [start_region_edge(start_edge, cp, fresh_redis, apps, budget=budget) for _ in range(2)]
     started = time.monotonic()

@@ -114,3 +114,22 @@ def retry_delay(attempts: int, initial: float, ceiling: float) -> float:
 
     No jitter: the delay schedules the entry's next claim, it does not race other clients."""
     return backoff.delay(max(0, attempts - 1), initial, ceiling)
+
+
+class LeaseTerm:
+    """Until when a replayer may act on its lease by its own clock: a margin before the
+    store would let it lapse (the term counts from when the grant or renewal was asked),
+    so a holder frozen past its lease never sends on it after it thaws."""
+
+    __slots__ = ("margin", "ttl", "until")
+
+    def __init__(self, ttl: float, asked_at: float, margin: float = 0.2) -> None:
+        self.ttl = ttl
+        self.margin = margin
+        self.until = asked_at + ttl * (1.0 - margin)
+
+    def renewed(self, asked_at: float) -> None:
+        self.until = max(self.until, asked_at + self.ttl * (1.0 - self.margin))
+
+    def valid(self, now: float) -> bool:
+        return now < self.until

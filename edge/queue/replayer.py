@@ -35,7 +35,7 @@ from edge.queue.durable_queue import (
     id_ms,
 )
 from edge.queue.replay_delivery import DeliveryFailed, ReplayConnection
-from edge.queue.replay_policy import Outcome, dead_reason, outcome_of, retry_delay
+from edge.queue.replay_policy import LeaseTerm, Outcome, dead_reason, outcome_of, retry_delay
 from edge.server.config import AppConfig
 from scheduler_client import backoff
 from wake.controller import HotTarget, WakeController
@@ -75,6 +75,7 @@ class Replayer:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._poke = asyncio.Event()
         self._stopping = False
+        self._terms: dict[str, LeaseTerm] = {}  # app -> the term of the lease held on it
         self._last_problem: dict[str, str] = {}  # logged once per app until it changes
         self._lost_events: set[asyncio.Event] = set()  # one per app being replayed here
 
@@ -114,13 +115,14 @@ class Replayer:
                 self.count(app.name, "dead_lettered")
             self._dropped(app, dropped)
             target = await self.wake.ensure_hot(app.name, float(app.hold_timeout))
+            asked = asyncio.get_running_loop().time()
             lease = await self.queue.acquire_replayer(app.name, self.owner, LEASE_TTL)
             if lease is None:
                 logger.debug("app %s: %d queued, replayed by another edge", app.name, queued)
                 return
             logger.debug("app %s: replaying %d queued to %s", app.name, queued, target.address)
             try:
-                await self._replay_holding(app, target, lease)
+                await self._replay_holding(app, target, lease, LeaseTerm(LEASE_TTL, asked))
             finally:
                 try:
                     await self.queue.release_replayer(app.name, lease)
@@ -140,10 +142,13 @@ class Replayer:
             if self._last_problem.pop(app.name, None) is not None:
                 logger.info("replay of app %s resumed", app.name)
 
-    async def _replay_holding(self, app: AppConfig, target: HotTarget, lease: Lease) -> None:
+    async def _replay_holding(
+        self, app: AppConfig, target: HotTarget, lease: Lease, term: LeaseTerm
+    ) -> None:
         lost = asyncio.Event()  # set when the lease is lost, or on shutdown
         self._lost_events.add(lost)
-        renewer = asyncio.get_running_loop().create_task(self._renew(app.name, lease, lost))
+        self._terms[app.name] = term
+        renewer = asyncio.get_running_loop().create_task(self._renew(app.name, lease, lost, term))
         connection = ReplayConnection()
         try:
             await self._replay_batches(app, target, lease, lost, connection)
@@ -154,6 +159,7 @@ class Replayer:
             logger.info("app %s: replayer lease lost; another edge takes over", app.name)
         finally:
             self._lost_events.discard(lost)
+            self._terms.pop(app.name, None)
             connection.close()
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -221,6 +227,13 @@ class Replayer:
             begun = None
             if attempt == 0:
                 self.count(app.name, "already_done")
+                return target, None
+            term = self._terms.get(app.name)
+            if term is None or not term.valid(asyncio.get_running_loop().time()):
+                # Frozen (or starved) past our own term: the lease may be another edge's
+                # by now, so sending could deliver twice. The entry stays pending.
+                self.count(app.name, "lease_lost")
+                lost.set()
                 return target, None
             extra = b"X-Edge-Queued-Id: %b\r\nX-Edge-Replay-Attempt: %d\r\n" % (
                 entry.id.encode(),
@@ -317,9 +330,10 @@ class Replayer:
             ),
         )
 
-    async def _renew(self, app: str, lease: Lease, lost: asyncio.Event) -> None:
+    async def _renew(self, app: str, lease: Lease, lost: asyncio.Event, term: LeaseTerm) -> None:
         while True:
             await asyncio.sleep(LEASE_TTL / 3)
+            asked = asyncio.get_running_loop().time()
             try:
                 renewed = await self.queue.renew_replayer(app, lease, LEASE_TTL)
             except StoreUnavailable as exc:
@@ -330,6 +344,7 @@ class Replayer:
                 logger.info("app %s: replayer lease lost; another edge takes over", app)
                 lost.set()
                 return
+            term.renewed(asked)
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop taking entries; a delivery in progress gets `grace` seconds to finish, so

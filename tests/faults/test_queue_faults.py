@@ -162,8 +162,9 @@ async def test_redis_writes_paused_while_webhooks_arrive(
     await each_delivered_once(record, events)
 
 
-async def test_redis_killed_and_restarted_mid_replay(
-    start_control_plane, start_edge, client, own_redis, tmp_path
+@pytest.mark.parametrize("fault", ["killed and restarted", "writes paused"])
+async def test_redis_fault_mid_replay(
+    start_control_plane, start_edge, client, own_redis, tmp_path, fault: str
 ) -> None:
     spec, record = hooks_app(tmp_path, start_delay=2.0)
     cp = start_control_plane(apps=[spec])
@@ -174,11 +175,14 @@ async def test_redis_killed_and_restarted_mid_replay(
     assert accepted == events  # Redis was up: all queued
 
     await eventually(lambda: len(deliveries(record)) >= 3, timeout=30, interval=0.05)
-    own_redis.proc.kill()  # SIGKILL mid-replay: the AOF (fsync always) is what survives
-    own_redis.proc.wait(5)
-    own_redis.proc = None
-    await asyncio.sleep(1.0)
-    own_redis.start()
+    if fault == "writes paused":
+        redis_cli(own_redis, "CLIENT", "PAUSE", "4000", "WRITE")
+    else:
+        own_redis.proc.kill()  # SIGKILL mid-replay: the AOF (fsync always) is what survives
+        own_redis.proc.wait(5)
+        own_redis.proc = None
+        await asyncio.sleep(1.0)
+        own_redis.start()
     await each_delivered_once(record, events)
 
 
