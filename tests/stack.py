@@ -177,6 +177,22 @@ class RedisProcess:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGCONT)
 
+    def pause_writes(self, ms: int) -> None:
+        """`CLIENT PAUSE ms WRITE`: reads are served, writes wait (a failover's stall)."""
+        subprocess.run(
+            ["redis-cli", "-p", str(self.port), "CLIENT", "PAUSE", str(ms), "WRITE"],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
+
+    def crash(self) -> None:
+        """SIGKILL: what the AOF (fsync always) holds is what the next start has."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(5)
+        self.proc = None
+
 
 # --------------------------------------------------------------------------- upstream
 

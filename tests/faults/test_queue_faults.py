@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -139,11 +138,6 @@ async def each_delivered_once(record: Path, events: set[str], uncertain: int = 0
         assert attempts == sorted(set(attempts)), sent  # each repeat says it is one
 
 
-def redis_cli(redis, *args: str) -> None:
-    port = redis.url.rsplit(":", 1)[1].split("/", 1)[0]
-    subprocess.run(["redis-cli", "-p", port, *args], check=True, capture_output=True, timeout=10)
-
-
 # ------------------------------------------------------------------------------- cases
 
 
@@ -154,7 +148,7 @@ async def test_redis_writes_paused_while_webhooks_arrive(
     cp = start_control_plane(apps=[spec])
     edge = queue_edge(start_edge, cp, own_redis.url)
     events = {f"evt_{i}" for i in range(20)}
-    redis_cli(own_redis, "CLIENT", "PAUSE", "4000", "WRITE")
+    own_redis.pause_writes(4000)
     results = await asyncio.gather(*(post(client, edge, e) for e in sorted(events)))
     answers = dict(zip(sorted(events), results, strict=True))
     accepted = check_answers(answers)
@@ -176,11 +170,9 @@ async def test_redis_fault_mid_replay(
 
     await eventually(lambda: len(deliveries(record)) >= 3, timeout=30, interval=0.05)
     if fault == "writes paused":
-        redis_cli(own_redis, "CLIENT", "PAUSE", "4000", "WRITE")
+        own_redis.pause_writes(4000)
     else:
-        own_redis.proc.kill()  # SIGKILL mid-replay: the AOF (fsync always) is what survives
-        own_redis.proc.wait(5)
-        own_redis.proc = None
+        own_redis.crash()  # mid-replay
         await asyncio.sleep(1.0)
         own_redis.start()
     await each_delivered_once(record, events)

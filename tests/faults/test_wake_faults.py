@@ -122,11 +122,6 @@ def worker_pids(edge) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def redis_cli(redis, *args: str) -> None:
-    port = redis.url.rsplit(":", 1)[1].split("/", 1)[0]
-    subprocess.run(["redis-cli", "-p", port, *args], check=True, capture_output=True, timeout=10)
-
-
 async def wake_then(
     cp, client, edges, fault: Callable[[], Awaitable[None]]
 ) -> list[tuple[int, dict[str, str], float]]:
@@ -149,7 +144,7 @@ async def test_redis_writes_paused_mid_wake(start_control_plane, start_edge, cli
     edges = [region_edge(start_edge, cp, own_redis.url) for _ in range(2)]
 
     async def pause_writes() -> None:
-        redis_cli(own_redis, "CLIENT", "PAUSE", "5000", "WRITE")
+        own_redis.pause_writes(5000)
 
     answered_within_bounds(await wake_then(cp, client, edges, pause_writes))
     await settled_with_one_allocation(cp, client, edges)
@@ -163,9 +158,7 @@ async def test_redis_killed_and_restarted_mid_wake(
     edges = [region_edge(start_edge, cp, own_redis.url) for _ in range(2)]
 
     async def restart_redis() -> None:
-        own_redis.proc.kill()  # SIGKILL: what the AOF has is what survives
-        own_redis.proc.wait(5)
-        own_redis.proc = None
+        own_redis.crash()
         await asyncio.sleep(1.0)
         own_redis.start()
 
