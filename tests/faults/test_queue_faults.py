@@ -15,68 +15,17 @@ import os
 import signal
 import time
 from collections import Counter
-from pathlib import Path
-from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from helpers import eventually
-from stack import CONTROL_PLANE_TOKEN, sample_app_spec
+from webhooks import HOST, WebhookApp, replay_policy, shop, start_queue_edge
 
 pytestmark = pytest.mark.timeout(150)
 
-HOST = "shop.localhost"
 ANSWER_BOUND = 15.0
-
-
-def hooks_app(tmp: Path, start_delay: float) -> tuple[dict[str, Any], Path]:
-    """The sample app recording every /hooks/ delivery to a file."""
-    record = tmp / "deliveries.jsonl"
-    spec = sample_app_spec("shop")
-    spec["command"] = [
-        *spec["command"],
-        "--start-delay",
-        str(start_delay),
-        "--record",
-        str(record),
-    ]
-    return spec, record
-
-
-def deliveries(record: Path) -> list[dict[str, Any]]:
-    if not record.exists():
-        return []
-    return [json.loads(line) for line in record.read_text().splitlines() if line]
-
-
-def queueing_shop() -> dict[str, Any]:
-    return {
-        "name": "shop",
-        "hosts": [HOST],
-        "scale_to_zero": True,
-        "hold_timeout": "20s",
-        "readiness_timeout": "15s",
-        "rules": [{"class": "queue", "methods": ["POST"], "path_prefix": "/hooks/"}],
-        "replay": {
-            "max_attempts": 5,
-            "retention": "1h",
-            "dedupe_key": "header:X-Event-Id",
-            "max_body": "64KiB",
-            "attempt_timeout": "5s",
-            "backoff_initial": "100ms",
-            "backoff_max": "500ms",
-            "claim_idle": "6s",
-        },
-    }
-
-
-def queue_edge(start_edge, cp, store: str):
-    return start_edge(
-        apps=[queueing_shop()],
-        edge={"store": store},
-        sections={"control_plane": {"url": cp.url}, "budget": {"wake_lease_ttl": "2s"}},
-        env={"CONTROL_PLANE_TOKEN": CONTROL_PLANE_TOKEN},
-    )
+# Retries may meet the fault more than once: room for them before a dead letter.
+QUEUEING_SHOP = shop(replay=replay_policy(max_attempts=5))
 
 
 async def post(client, edge, event: str) -> tuple[int, dict[str, str], float]:
@@ -114,22 +63,22 @@ async def resend_until_accepted(client, edge, events: set[str]) -> None:
         await eventually(accepted, timeout=30, interval=0.5, what=f"{event} accepted")
 
 
-async def each_delivered_once(record: Path, events: set[str], uncertain: int = 0) -> None:
+async def each_delivered_once(hooks: WebhookApp, events: set[str], uncertain: int = 0) -> None:
     """Every event delivered with 2xx once. `uncertain`: how many deliveries in flight at the
     fault may be sent again (their outcome was known only to a frozen holder): a repeat
     must be the same queued id with a higher attempt number, which a receiver can drop."""
 
     def all_there() -> bool:
-        got = {json.loads(d["body"])["event"] for d in deliveries(record) if d["status"] == 200}
+        got = {json.loads(d["body"])["event"] for d in hooks.deliveries() if d["status"] == 200}
         return events <= got
 
     await eventually(all_there, timeout=60, interval=0.25, what="every accepted event delivered")
     await asyncio.sleep(2.0)  # a duplicate would arrive now
     counts = Counter(
-        json.loads(d["body"])["event"] for d in deliveries(record) if d["status"] == 200
+        json.loads(d["body"])["event"] for d in hooks.deliveries() if d["status"] == 200
     )
     assert set(counts) == events, set(counts) ^ events
-    repeated = [d for d in deliveries(record) if counts[json.loads(d["body"])["event"]] > 1]
+    repeated = [d for d in hooks.deliveries() if counts[json.loads(d["body"])["event"]] > 1]
     assert sum(n - 1 for n in counts.values()) <= uncertain, repeated
     for event in {json.loads(d["body"])["event"] for d in repeated}:
         sent = [d for d in repeated if json.loads(d["body"])["event"] == event]
@@ -144,46 +93,46 @@ async def each_delivered_once(record: Path, events: set[str], uncertain: int = 0
 async def test_redis_writes_paused_while_webhooks_arrive(
     start_control_plane, start_edge, client, own_redis, tmp_path
 ) -> None:
-    spec, record = hooks_app(tmp_path, start_delay=2.0)
-    cp = start_control_plane(apps=[spec])
-    edge = queue_edge(start_edge, cp, own_redis.url)
+    hooks = WebhookApp(tmp_path, start_delay=2.0)
+    cp = start_control_plane(apps=[hooks.spec])
+    edge = start_queue_edge(start_edge, cp, own_redis.url, QUEUEING_SHOP)
     events = {f"evt_{i}" for i in range(20)}
     own_redis.pause_writes(4000)
     results = await asyncio.gather(*(post(client, edge, e) for e in sorted(events)))
     answers = dict(zip(sorted(events), results, strict=True))
     accepted = check_answers(answers)
     await resend_until_accepted(client, edge, events - accepted)
-    await each_delivered_once(record, events)
+    await each_delivered_once(hooks, events)
 
 
 @pytest.mark.parametrize("fault", ["killed and restarted", "writes paused"])
 async def test_redis_fault_mid_replay(
     start_control_plane, start_edge, client, own_redis, tmp_path, fault: str
 ) -> None:
-    spec, record = hooks_app(tmp_path, start_delay=2.0)
-    cp = start_control_plane(apps=[spec])
-    edge = queue_edge(start_edge, cp, own_redis.url)
+    hooks = WebhookApp(tmp_path, start_delay=2.0)
+    cp = start_control_plane(apps=[hooks.spec])
+    edge = start_queue_edge(start_edge, cp, own_redis.url, QUEUEING_SHOP)
     events = {f"evt_{i}" for i in range(40)}
     results = await asyncio.gather(*(post(client, edge, e) for e in sorted(events)))
     accepted = check_answers(dict(zip(sorted(events), results, strict=True)))
     assert accepted == events  # Redis was up: all queued
 
-    await eventually(lambda: len(deliveries(record)) >= 3, timeout=30, interval=0.05)
+    await eventually(lambda: len(hooks.deliveries()) >= 3, timeout=30, interval=0.05)
     if fault == "writes paused":
         own_redis.pause_writes(4000)
     else:
         own_redis.crash()  # mid-replay
         await asyncio.sleep(1.0)
         own_redis.start()
-    await each_delivered_once(record, events)
+    await each_delivered_once(hooks, events)
 
 
 async def test_queueing_while_the_app_is_cold_and_redis_restarts(
     start_control_plane, start_edge, client, own_redis, tmp_path
 ) -> None:
-    spec, record = hooks_app(tmp_path, start_delay=4.0)
-    cp = start_control_plane(apps=[spec])
-    edge = queue_edge(start_edge, cp, own_redis.url)
+    hooks = WebhookApp(tmp_path, start_delay=4.0)
+    cp = start_control_plane(apps=[hooks.spec])
+    edge = start_queue_edge(start_edge, cp, own_redis.url, QUEUEING_SHOP)
     first = {f"evt_a{i}" for i in range(10)}
     results = await asyncio.gather(*(post(client, edge, e) for e in sorted(first)))
     accepted = check_answers(dict(zip(sorted(first), results, strict=True)))
@@ -194,7 +143,7 @@ async def test_queueing_while_the_app_is_cold_and_redis_restarts(
     assert check_answers(refused) == set()  # never a 202 while Redis is gone
     own_redis.start()
     await resend_until_accepted(client, edge, (first - accepted) | during)
-    await each_delivered_once(record, first | during)
+    await each_delivered_once(hooks, first | during)
 
 
 async def test_replaying_edge_sigstopped_past_its_lease(
@@ -202,14 +151,14 @@ async def test_replaying_edge_sigstopped_past_its_lease(
 ) -> None:
     """The edge replaying the app is frozen past its replayer lease; the other edge takes
     the queue over; the frozen one, thawed, is fenced off: each entry delivered once."""
-    spec, record = hooks_app(tmp_path, start_delay=1.0)
-    cp = start_control_plane(apps=[spec])
-    edges = [queue_edge(start_edge, cp, fresh_redis) for _ in range(2)]
+    hooks = WebhookApp(tmp_path, start_delay=1.0)
+    cp = start_control_plane(apps=[hooks.spec])
+    edges = [start_queue_edge(start_edge, cp, fresh_redis, QUEUEING_SHOP) for _ in range(2)]
     events = {f"evt_{i}" for i in range(30)}
     results = await asyncio.gather(*(post(client, edges[0], e) for e in sorted(events)))
     assert check_answers(dict(zip(sorted(events), results, strict=True))) == events
 
-    await eventually(lambda: len(deliveries(record)) >= 2, timeout=30, interval=0.02)
+    await eventually(lambda: len(hooks.deliveries()) >= 2, timeout=30, interval=0.02)
     store = aioredis.from_url(fresh_redis)
     try:
         lease = (await store.get("edge:{shop}:replayer")).decode()
@@ -222,4 +171,4 @@ async def test_replaying_edge_sigstopped_past_its_lease(
     finally:
         os.kill(pid, signal.SIGCONT)
     # The delivery the frozen edge had under way may be sent again by the other one.
-    await each_delivered_once(record, events, uncertain=1)
+    await each_delivered_once(hooks, events, uncertain=1)
