@@ -314,7 +314,8 @@ def summary(demo: Demo, started: float | None) -> str:
     for command, expected in try_list(demo):
         out.append(f"    {command}")
         out.append(f"        # expected: {expected}")
-    out += ["", "  Ctrl-C stops the edge, the apps, the control plane and redis.", ""]
+    redis = " and redis" if demo.queueing else ""
+    out += ["", f"  Ctrl-C stops the edge, the apps, the control plane{redis}.", ""]
     return "\n".join(out)
 
 
