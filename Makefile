@@ -1,4 +1,4 @@
-# Set-up is two commands: `make run` (demo: edge in front of a sample app), `make test`.
+# Set-up is two commands: `make run` (demo: scale-to-zero apps woken, webhooks queued), `make test`.
 # Everything installs into ./.venv; nothing global except Debian's redis-server
 # (scripts/ensure-redis, only when running as root).
 
@@ -9,7 +9,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# Extra arguments for `edge run` in `make run`, e.g. make run ARGS="--workers 2"
+# Extra arguments for `edge run` in `make run`, e.g. make run ARGS="--log-level debug"
 ARGS   ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -17,7 +17,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: help venv install install-test install-bench redis lint fmt test fuzz soak run bench stampede clean
 
 help:
-	@echo "make run     start a demo app on :9001 and the edge on :8080 (configs/local.toml)"
+	@echo "make run     the demo: edge :8080 (admin :9090), local control plane :9400, private"
+	@echo "             redis-server under .run/ (memory:// and no queueing without it); apps asleep"
+	@echo "             until woken (hello; shop queues Stripe webhooks), static on :9001; prints"
+	@echo "             what to try. Ports: EDGE_PORT ADMIN_PORT CONTROL_PORT STATIC_PORT REDIS_PORT"
 	@echo "make test    ruff check, ruff format --check, pytest (needs redis-server)"
 	@echo "make bench   throughput comparison -> bench/results/throughput.json"
 	@echo "make stampede  locust wake stampede + fleet wake reports -> bench/results/stampede-*/"
@@ -94,8 +97,11 @@ soak: install-test redis
 	done
 	$(MAKE) fuzz
 
-run: install
-	bash scripts/run-local $(ARGS)
+# Says so before installing: on a fresh machine the venv takes a while.
+run:
+	@echo "make run: starting the demo (first installing the project into $(VENV) if needed)"
+	@$(MAKE) --no-print-directory install
+	@bash scripts/run-local $(ARGS)
 
 bench: install-bench
 	@mkdir -p bench/results

@@ -17,8 +17,11 @@ allocation id; the environment variable ALLOCATION_ID overrides it). Binds
     GET  /crash?code=N     answer, then exit the process with code N
     GET  /slow?seconds=S   sleep S seconds, then answer
     *    /hooks/<any>      a webhook receiver: each request appended as one JSON line
-                           to --record FILE, answered with the status --status-file
-                           names (default 200; see below)
+    *    /webhooks/<any>   to --record FILE (without one: the latest 1000 kept in memory),
+                           answered with the status --status-file names (default 200)
+    GET  /webhooks         {"count": N, "deliveries": [...]}: what the receivers got (read
+                           from --record FILE when given: every instance, across restarts)
+    *    /checkout         "order placed by <name>" (an ordinary non-idempotent POST)
 
 Start delay (`--start-delay`, or START_DELAY): the port is bound at once (so a
 port handed out by the control plane is claimed early), but every route answers
@@ -52,6 +55,7 @@ import signal
 import sys
 import time
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -77,6 +81,9 @@ class AppState:
     leaked: list[bytes] = field(default_factory=list)
     record: str = ""
     status_file: str = ""
+    # The latest deliveries, for GET /webhooks when there is no --record file (bounded:
+    # a benchmark sends many).
+    deliveries: deque[dict[str, object]] = field(default_factory=lambda: deque(maxlen=1000))
 
     def __post_init__(self) -> None:
         self.instance = f"{self.name}-{os.getpid()}"
@@ -203,21 +210,23 @@ async def webhook(request: web.Request) -> web.Response:
     state = _state(request)
     body = await request.read()
     status = _next_status(state.status_file)
-    if state.record:
-        line = json.dumps(
-            {
-                "method": request.method,
-                "path": request.path_qs,
-                "body": body.decode(errors="replace"),
-                "queued_id": request.headers.get("X-Edge-Queued-Id", ""),
-                "attempt": request.headers.get("X-Edge-Replay-Attempt", ""),
-                "key": request.headers.get("Idempotency-Key", ""),
-                "signature": request.headers.get("X-Signature", ""),
-                "status": status,
-                "instance": state.instance,
-                "at": time.time(),
-            }
-        )
+    delivery = {
+        "method": request.method,
+        "path": request.path_qs,
+        "body": body.decode(errors="replace"),
+        "event_id": request.headers.get("Stripe-Event-Id") or request.headers.get("X-Event-Id", ""),
+        "queued_id": request.headers.get("X-Edge-Queued-Id", ""),
+        "attempt": request.headers.get("X-Edge-Replay-Attempt", ""),
+        "key": request.headers.get("Idempotency-Key", ""),
+        "signature": request.headers.get("X-Signature", ""),
+        "status": status,
+        "instance": state.instance,
+        "at": time.time(),
+    }
+    if not state.record:
+        state.deliveries.append(delivery)
+    else:
+        line = json.dumps(delivery)
         # One write of a short line with O_APPEND: lines from several processes never mix.
         fd = os.open(state.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -225,6 +234,25 @@ async def webhook(request: web.Request) -> web.Response:
         finally:
             os.close(fd)
     return web.Response(status=status, text=f"webhook {status}\n")
+
+
+async def list_deliveries(request: web.Request) -> web.Response:
+    """What the webhook receivers got: the record file spans instances and restarts."""
+    state = _state(request)
+    received = list(state.deliveries)
+    if state.record:
+        try:
+            with open(state.record) as record:
+                received = [json.loads(line) for line in record if line.strip()]
+        except FileNotFoundError:
+            received = []
+    body = json.dumps({"count": len(received), "deliveries": received}, indent=2)
+    return web.Response(text=body + "\n", content_type="application/json")
+
+
+async def checkout(request: web.Request) -> web.Response:
+    await request.read()
+    return web.Response(text=f"order placed by {_state(request).name}\n")
 
 
 @web.middleware
@@ -285,6 +313,7 @@ def make_app(
         "/leak": leak,
         "/crash": crash,
         "/slow": slow,
+        "/webhooks": list_deliveries,
     }
     # The readiness path wins over a route of the same path (e.g. --readiness-path /).
     routes[readiness_path] = ready
@@ -293,6 +322,8 @@ def make_app(
     if readiness_path != "/echo":
         app.router.add_route("*", "/echo", echo)
     app.router.add_route("*", "/hooks/{tail:.*}", webhook)
+    app.router.add_route("*", "/webhooks/{tail:.*}", webhook)
+    app.router.add_route("*", "/checkout", checkout)
     return app
 
 
@@ -374,9 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         help="on SIGTERM, wait this long for in-flight requests (default 10)",
     )
-    parser.add_argument("--record", default="", help="append each /hooks/ request to this file")
     parser.add_argument(
-        "--status-file", default="", help="statuses /hooks/ answers with (default 200)"
+        "--record", default="", help="append each /hooks/ and /webhooks/ request to this file"
+    )
+    parser.add_argument(
+        "--status-file", default="", help="statuses the webhook receivers answer with (default 200)"
     )
     args = parser.parse_args(argv)
     if not args.readiness_path.startswith("/"):

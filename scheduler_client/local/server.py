@@ -38,6 +38,8 @@ from scheduler_client.models import (
 )
 
 T = TypeVar("T")
+# Seconds in-flight API requests get to finish when the control plane stops.
+STOP_HANDLERS_TIMEOUT = 2.0
 
 logger = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -256,7 +258,11 @@ async def serve(config_path: str) -> int:
     store = ControlPlaneStore(config.controlplane.state_file)
     cp = ControlPlane(config, store, cwd=str(Path(config_path).resolve().parent))
     await cp.start()
-    runner = web.AppRunner(build_app(cp, token), access_log=None)
+    # A long-poll (route changes, allocation watch) whose client has gone keeps running
+    # until its timeout; on stop, wait for handlers briefly instead of up to a minute.
+    runner = web.AppRunner(
+        build_app(cp, token), access_log=None, shutdown_timeout=STOP_HANDLERS_TIMEOUT
+    )
     await runner.setup()
     host, port = parse_address(config.controlplane.listen)
     try:
