@@ -1,6 +1,6 @@
 # Set-up is two commands: `make run` (demo: edge in front of a sample app), `make test`.
-# Everything installs into ./.venv; nothing global except Debian's redis-server
-# (scripts/ensure-redis, only when running as root).
+# Everything installs into ./.venv; nothing global except Debian's redis-server and
+# chromium (scripts/ensure-redis, scripts/ensure-chromium; only when running as root).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -14,11 +14,11 @@ ARGS   ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv install install-test install-bench redis lint fmt test fuzz soak run bench stampede clean
+.PHONY: help venv install install-test install-bench redis chromium lint fmt test fuzz soak run bench stampede clean
 
 help:
 	@echo "make run     start a demo app on :9001 and the edge on :8080 (configs/local.toml)"
-	@echo "make test    ruff check, ruff format --check, pytest (needs redis-server)"
+	@echo "make test    ruff check, ruff format --check, pytest (needs redis-server, chromium)"
 	@echo "make bench   throughput comparison -> bench/results/throughput.json"
 	@echo "make stampede  locust wake stampede + fleet wake reports -> bench/results/stampede-*/"
 	@echo "make fuzz    hostile byte streams at the front, a long soak (FUZZ_EXAMPLES=5000)"
@@ -67,6 +67,10 @@ install-bench: $(VENV)/.installed-bench
 redis:
 	@bash scripts/ensure-redis
 
+# The gallery page is tested in headless chromium (tests/browser.py).
+chromium:
+	@bash scripts/ensure-chromium
+
 # --- everyday targets ----------------------------------------------------------
 
 lint: install-test
@@ -77,7 +81,7 @@ fmt: install-test
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: install-test redis
+test: install-test redis chromium
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q -n 3 --dist loadfile
