@@ -122,6 +122,10 @@ class Page:
         self.waiters.append((method, future))
         return future
 
+    async def add_init_script(self, source: str) -> None:
+        """Run `source` in every document this page loads, before the document's own scripts."""
+        await self.send("Page.addScriptToEvaluateOnNewDocument", source=source)
+
     async def navigate(self, url: str, timeout: float = COMMAND_TIMEOUT) -> None:
         """Load `url` and wait for its load event."""
         loaded = self.expect("Page.loadEventFired")

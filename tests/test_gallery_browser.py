@@ -5,6 +5,7 @@ without a reload. Screenshots go to tests/artifacts/ (desktop and 390 px wide)."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -225,32 +226,55 @@ def canned(now: float) -> dict[str, Any]:
     }  # fmt: skip
 
 
+# Counts the page's fetches as it makes them: how many at once at most, which methods.
+COUNT_FETCHES = """
+(() => {
+  const seen = { now: 0, most: 0, methods: [], urls: [] };
+  window.fetches = seen;
+  const fetch = window.fetch.bind(window);
+  window.fetch = async (url, options = {}) => {
+    seen.now += 1;
+    seen.most = Math.max(seen.most, seen.now);
+    seen.methods.push(options.method || "GET");
+    seen.urls.push(String(url));
+    try { return await fetch(url, options); } finally { seen.now -= 1; }
+  };
+})();
+"""
+
+
 async def test_data_renders_as_text_and_a_failed_poll_keeps_the_last_view(page) -> None:
-    failing = {"now": False}
+    # Canned answers from a plain aiohttp app serving the real page module.
+    mode = {"now": "ok"}
+    released = asyncio.Event()
 
     async def answer(_: web.Request) -> web.Response:
-        if failing["now"]:
+        if mode["now"] == "hang":
+            await released.wait()
+        if mode["now"] != "ok":
             return web.Response(status=503, text="down\n")
         return web.json_response(canned(time.time()))
 
     app = web.Application()
     add_gallery_page(app)
     app.router.add_get("/admin/gallery", answer)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
+    status = "document.getElementById('status').innerText"
     try:
+        await page.add_init_script(COUNT_FETCHES)
         await page.navigate(f"http://127.0.0.1:{port}/gallery")
         await page.wait_for(RENDERED, what="the first render")
         body = await page.evaluate("document.body.innerText")
         assert HOSTILE in body, "app-controlled strings are shown as text"
         assert await page.evaluate("document.querySelectorAll('img, main script').length") == 0
         assert await page.evaluate("typeof window.pwned") == "undefined"
-        status = await page.evaluate("document.getElementById('status').innerText")
-        assert "control plane http://127.0.0.1:9: stale since" in status
-        assert "(42s ago): connection refused" in status
+        header = await page.evaluate(status)
+        assert "control plane http://127.0.0.1:9: stale since" in header
+        assert "(42s ago): connection refused" in header
         pipeline = "[data-machine=deploy_pipeline]"
         assert "not reported" in await page.evaluate(
             f"document.querySelector('{pipeline}').innerText"
@@ -258,11 +282,15 @@ async def test_data_renders_as_text_and_a_failed_poll_keeps_the_last_view(page) 
         assert await page.evaluate(dataset(f"{pipeline} [data-state=queued]", "count")) == ""
         assert await page.evaluate(dataset("[data-gate=g]", "refused")) == "1"
         assert await page.evaluate(dataset("[data-failure=f]", "count")) == "3"
+        # Each poll rebuilds the view; a box the reader opened stays open.
+        await page.click("[data-machine=wake] details.moves summary")
+        await next_render(page)
+        assert await page.evaluate("document.querySelector('[data-machine=wake] details').open")
         last = await page.evaluate("document.body.dataset.lastUpdate")
 
-        failing["now"] = True
+        mode["now"] = "fail"
         await page.wait_for(
-            "document.getElementById('status').innerText.includes('edge unreachable since')",
+            f"{status}.includes('edge unreachable since')",
             what="the page to say the edge is unreachable",
         )
         # The last data stays on screen.
@@ -270,11 +298,21 @@ async def test_data_renders_as_text_and_a_failed_poll_keeps_the_last_view(page) 
         assert await page.evaluate("document.body.dataset.lastUpdate") == last
         await page.screenshot(ARTIFACTS / "gallery-unreachable.png", full_page=False)
 
-        failing["now"] = False
+        # An answer that never comes: the poll gives up (4 s) and the next one starts.
+        mode["now"] = "hang"
+        await page.wait_for(
+            f"{status}.includes('no answer in 4s')", timeout=10, what="the poll's timeout"
+        )
+        mode["now"] = "ok"
+        released.set()
         await page.wait_for(
             f"{RENDERED} && document.body.dataset.lastUpdate !== {json.dumps(last)}",
             what="a render once the edge answers again",
         )
+        fetches = await page.evaluate("window.fetches")
+        assert fetches["most"] == 1, f"polls overlapped: {fetches}"
+        assert set(fetches["methods"]) == {"GET"} and set(fetches["urls"]) == {"/admin/gallery"}
         assert faults(page) == []
     finally:
+        released.set()
         await runner.cleanup()
