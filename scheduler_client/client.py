@@ -58,6 +58,7 @@ from scheduler_client.models import (
     ErrorBody,
     Host,
     HostDrainRequest,
+    MachinesReport,
     Promotion,
     Region,
     RouteCas,
@@ -509,6 +510,12 @@ class ControlPlaneClient:
         path = f"/v1/promotions/{_segment(promotion_id, 'promotion id')}/approve"
         return await self._call("POST", path, _decode_promotion, retry=True)
 
+    # ------------------------------------------------------------------ machines
+
+    async def machine_report(self) -> MachinesReport:
+        """Each machine the control plane drives: instances per state, reason codes, moves."""
+        return await self._call("GET", "/v1/machines", _decode_machines, retry=True)
+
     # ------------------------------------------------------------------ region
 
     async def get_region(self) -> Region:
@@ -537,3 +544,4 @@ _decode_edge: Callable[[bytes], EdgeInfo] = _decoder(EdgeInfo)
 _decode_edges: Callable[[bytes], _Edges] = _decoder(_Edges)
 _decode_promotion: Callable[[bytes], Promotion] = _decoder(Promotion)
 _decode_region: Callable[[bytes], Region] = _decoder(Region)
+_decode_machines: Callable[[bytes], MachinesReport] = _decoder(MachinesReport)

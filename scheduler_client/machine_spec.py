@@ -74,6 +74,7 @@ class MachineSpec(msgspec.Struct, frozen=True):
     from_any: tuple[str, ...] = ()
     gates: tuple[Gate, ...] = ()
     failure_modes: tuple[FailureMode, ...] = ()
+    title: str = ""  # the gallery's heading, e.g. "Allocation Lifecycle"
 
     def __post_init__(self) -> None:
         known = set(self.states)

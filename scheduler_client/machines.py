@@ -5,6 +5,8 @@ the decoders and these tables cannot disagree. Each gate and failure mode has an
 id (snake_case of its name) that the local control plane reports as a
 `reason_code`; those only a real control plane detects are marked
 `detected_by=CONTROL_PLANE` (tests/test_machines.py holds both lists to account).
+Deploy pipeline and database migration are the control plane's too, but only a
+real one drives them: they are declared for the gallery, outside `MACHINES`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from scheduler_client.models import AllocationState, HostState, PromotionState, 
 
 ALLOCATION = MachineSpec(
     name="allocation",
+    title="Allocation Lifecycle",
     states=get_args(AllocationState),
     initial="planned",
     transitions=(
@@ -70,6 +73,7 @@ ALLOCATION = MachineSpec(
 
 HOST_DRAIN = MachineSpec(
     name="host_drain",
+    title="Host Drain / OS Upgrade",
     states=get_args(HostState),
     initial="uncordoned",
     transitions=(
@@ -123,6 +127,7 @@ HOST_DRAIN = MachineSpec(
 
 PROMOTION = MachineSpec(
     name="promotion",
+    title="Production Promotion",
     states=get_args(PromotionState),
     initial="requested",
     transitions=(
@@ -160,6 +165,7 @@ PROMOTION = MachineSpec(
 
 REGION = MachineSpec(
     name="region",
+    title="Region Enablement",
     states=get_args(RegionState),
     initial="requested",
     transitions=(
@@ -217,4 +223,163 @@ REGION = MachineSpec(
     ),
 )
 
+# The machines the local control plane drives (and reports in GET /v1/machines).
 MACHINES = {spec.name: spec for spec in (ALLOCATION, HOST_DRAIN, PROMOTION, REGION)}
+
+# ------------------------------------------------ owned by the control plane, not run here
+# A real control plane drives these; the local one never does (nothing in
+# scheduler_client/local moves them), so every gate and failure mode is CONTROL_PLANE.
+# They are declared so the gallery page shows every machine of the design.
+
+DEPLOY_PIPELINE = MachineSpec(
+    name="deploy_pipeline",
+    title="Deploy Pipeline",
+    states=("queued", "cloning", "building", "validating", "preview_ready", "blocked", "failed"),
+    initial="queued",
+    transitions=(
+        ("queued", "cloning"),
+        ("cloning", "building"),
+        ("building", "validating"),
+        ("validating", "preview_ready"),
+        ("validating", "blocked"),
+        # An approval given, or the migration that blocked it done: validated again.
+        ("blocked", "validating"),
+    ),
+    terminal=("preview_ready", "failed"),
+    from_any=("failed",),
+    gates=(
+        Gate(
+            "generated artifacts current",
+            "building",
+            "generated code matches its sources before the build",
+            detected_by=CONTROL_PLANE,
+        ),
+        Gate(
+            "Vango state impact classified",
+            "validating",
+            "the change's effect on live app state is known",
+            detected_by=CONTROL_PLANE,
+        ),
+        Gate(
+            "DB impact classified",
+            "validating",
+            "the change's schema and data effects are known",
+            detected_by=CONTROL_PLANE,
+        ),
+        Gate(
+            "secrets/providers bound",
+            "preview_ready",
+            "every secret and provider the preview needs is bound",
+            detected_by=CONTROL_PLANE,
+        ),
+    ),
+    failure_modes=(
+        FailureMode(
+            "stale artifacts",
+            "failed",
+            "generated artifacts older than their sources",
+            detected_by=CONTROL_PLANE,
+            gate="generated_artifacts_current",
+        ),
+        FailureMode(
+            "build digest mismatch",
+            "failed",
+            "the built artifact's digest differs from the recorded one",
+            detected_by=CONTROL_PLANE,
+        ),
+        FailureMode(
+            "cold deploy needs approval",
+            "blocked",
+            "a deploy that would start cold waits for an approval",
+            detected_by=CONTROL_PLANE,
+        ),
+        FailureMode(
+            "migration blocks preview",
+            "blocked",
+            "a pending database migration must finish first",
+            detected_by=CONTROL_PLANE,
+        ),
+    ),
+)
+
+DATABASE_MIGRATION = MachineSpec(
+    name="database_migration",
+    title="Database Migration",
+    states=("classified", "dry_run", "locked", "applying", "verified", "blocked", "failed"),
+    initial="classified",
+    transitions=(
+        ("classified", "dry_run"),
+        ("dry_run", "locked"),
+        ("locked", "applying"),
+        ("applying", "verified"),
+        ("classified", "blocked"),
+        ("dry_run", "blocked"),
+        # Rewritten (say, split into expand and contract): classified again.
+        ("blocked", "classified"),
+    ),
+    terminal=("verified", "failed"),
+    from_any=("failed",),
+    gates=(
+        Gate(
+            "expand/contract safe",
+            "dry_run",
+            "old and new code both work on every intermediate schema",
+            detected_by=CONTROL_PLANE,
+        ),
+        Gate(
+            "backup/PITR posture known",
+            "locked",
+            "a restore point exists from before the lock",
+            detected_by=CONTROL_PLANE,
+        ),
+        Gate(
+            "old artifact compatibility checked",
+            "applying",
+            "the running artifact works on the new schema",
+            detected_by=CONTROL_PLANE,
+        ),
+        Gate(
+            "rollback plan explicit",
+            "applying",
+            "the way back is written down before applying",
+            detected_by=CONTROL_PLANE,
+        ),
+    ),
+    failure_modes=(
+        FailureMode(
+            "destructive migration",
+            "blocked",
+            "drops or rewrites data old code still reads",
+            detected_by=CONTROL_PLANE,
+            gate="expand_contract_safe",
+        ),
+        FailureMode(
+            "old app incompatible",
+            "blocked",
+            "the running artifact fails on the new schema",
+            detected_by=CONTROL_PLANE,
+            gate="old_artifact_compatibility_checked",
+        ),
+        FailureMode(
+            "preview mutates production",
+            "failed",
+            "a preview's migration would write production data",
+            detected_by=CONTROL_PLANE,
+        ),
+        FailureMode(
+            "manual lock timeout",
+            "failed",
+            "the lock was held past its deadline",
+            detected_by=CONTROL_PLANE,
+        ),
+    ),
+)
+
+# Every machine the control plane owns, driven here or not.
+CONTROL_PLANE_MACHINES = {
+    spec.name: spec
+    for spec in (ALLOCATION, PROMOTION, HOST_DRAIN, REGION, DEPLOY_PIPELINE, DATABASE_MIGRATION)
+}
+
+# The gallery page's order: the edge's Wake machine (wake/machine.py), then the control plane's.
+GALLERY = ("wake", *CONTROL_PLANE_MACHINES)

@@ -154,6 +154,22 @@ class EdgeInfo(_Wire):
     live: bool = True
 
 
+class MachineReport(_Wire):
+    """One machine as the control plane sees it now, all counts from its store."""
+
+    name: str  # the machine's name in machines.py
+    states: dict[str, int] = {}  # state -> instances in it now (states with none left out)
+    reasons: dict[str, int] = {}  # reason_code -> journal rows naming it
+    moves: dict[str, int] = {}  # "from->to" -> journalled moves (creations and events left out)
+
+
+class MachinesReport(_Wire):
+    """Every machine the control plane drives, for the gallery page."""
+
+    at: float  # the control plane's clock when counted
+    machines: list[MachineReport] = []
+
+
 # -------------------------------------------------------------- request bodies
 
 

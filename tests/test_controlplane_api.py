@@ -45,6 +45,7 @@ ROUTES = [
     ("GET", "/v1/region"),
     ("PUT", "/v1/region"),
     ("GET", "/v1/journal"),
+    ("GET", "/v1/machines"),
     ("GET", "/v1/no-such-thing"),
 ]
 

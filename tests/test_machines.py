@@ -1,5 +1,8 @@
 """Every control-plane machine: exactly the designed moves, gates and failure modes in use,
-and the one move mechanism (`machine_move`). No I/O."""
+and the one move mechanism (`machine_move`). No I/O.
+
+Deploy pipeline and database migration are declared for the gallery only: a real control
+plane drives them, the local one never does."""
 
 from __future__ import annotations
 
@@ -13,8 +16,19 @@ import pytest
 import scheduler_client
 from scheduler_client.machine_move import JournalEntry, plan_create, plan_event, plan_move
 from scheduler_client.machine_spec import CONTROL_PLANE, IllegalTransition, MachineSpec, identifier
-from scheduler_client.machines import ALLOCATION, HOST_DRAIN, MACHINES, PROMOTION, REGION
+from scheduler_client.machines import (
+    ALLOCATION,
+    CONTROL_PLANE_MACHINES,
+    DATABASE_MIGRATION,
+    DEPLOY_PIPELINE,
+    GALLERY,
+    HOST_DRAIN,
+    MACHINES,
+    PROMOTION,
+    REGION,
+)
 from scheduler_client.models import Allocation, Promotion
+from wake.machine import WAKE
 
 GALLERY_STATES = {
     "allocation": ("planned", "pulling", "starting", "ready", "draining", "stopped", "failed"),
@@ -43,12 +57,57 @@ GALLERY_STATES = {
         "eligible",
         "disabled",
     ),
+    "deploy_pipeline": (
+        "queued",
+        "cloning",
+        "building",
+        "validating",
+        "preview_ready",
+        "blocked",
+        "failed",
+    ),
+    "database_migration": (
+        "classified",
+        "dry_run",
+        "locked",
+        "applying",
+        "verified",
+        "blocked",
+        "failed",
+    ),
 }
+# Machines a real control plane drives and the local one does not.
+NOT_RUN_LOCALLY = ("deploy_pipeline", "database_migration")
 
 
 @pytest.mark.parametrize("name", sorted(GALLERY_STATES))
 def test_states_are_exactly_the_gallerys(name: str) -> None:
-    assert MACHINES[name].states == GALLERY_STATES[name]
+    assert CONTROL_PLANE_MACHINES[name].states == GALLERY_STATES[name]
+
+
+def test_the_gallery_lists_all_seven_machines_once_wake_first() -> None:
+    assert (
+        WAKE.name,
+        "allocation",
+        "promotion",
+        "host_drain",
+        "region",
+        "deploy_pipeline",
+        "database_migration",
+    ) == GALLERY
+    assert GALLERY[1:] == tuple(CONTROL_PLANE_MACHINES)
+    assert set(CONTROL_PLANE_MACHINES) == set(MACHINES) | set(NOT_RUN_LOCALLY)
+    assert not set(MACHINES) & set(NOT_RUN_LOCALLY)
+    titles = [spec.title for spec in (WAKE, *CONTROL_PLANE_MACHINES.values())]
+    assert titles == [
+        "Wake",
+        "Allocation Lifecycle",
+        "Production Promotion",
+        "Host Drain / OS Upgrade",
+        "Region Enablement",
+        "Deploy Pipeline",
+        "Database Migration",
+    ]
 
 
 def _to(target: str, *sources: str) -> set[tuple[str, str]]:
@@ -104,12 +163,34 @@ EXPECTED_MOVES: dict[str, set[tuple[str, str]]] = {
         ),
         ("disabled", "eligible"),
     },
+    "deploy_pipeline": {
+        ("queued", "cloning"),
+        ("cloning", "building"),
+        ("building", "validating"),
+        ("validating", "preview_ready"),
+        # Cold deploy needs approval, migration blocks preview; unblocked, validated again.
+        ("validating", "blocked"),
+        ("blocked", "validating"),
+        # Any -> failed; preview_ready and failed are final.
+        *_to("failed", "queued", "cloning", "building", "validating", "blocked"),
+    },
+    "database_migration": {
+        ("classified", "dry_run"),
+        ("dry_run", "locked"),
+        ("locked", "applying"),
+        ("applying", "verified"),
+        # Destructive migration, old app incompatible: blocked until classified again.
+        *_to("blocked", "classified", "dry_run"),
+        ("blocked", "classified"),
+        # Any -> failed; verified and failed are final.
+        *_to("failed", "classified", "dry_run", "locked", "applying", "blocked"),
+    },
 }
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_MOVES))
 def test_the_table_allows_exactly_the_expected_moves(name: str) -> None:
-    spec = MACHINES[name]
+    spec = CONTROL_PLANE_MACHINES[name]
     allowed = set(spec.all_moves())
     refused_but_expected = sorted(EXPECTED_MOVES[name] - allowed)
     allowed_but_unexpected = sorted(allowed - EXPECTED_MOVES[name])
@@ -122,19 +203,19 @@ def test_the_table_allows_exactly_the_expected_moves(name: str) -> None:
     ids=lambda v: v if isinstance(v, str) else f"{v[0]}->{v[1]}",
 )
 def test_every_allowed_move_passes_check(name: str, move: tuple[str, str]) -> None:
-    MACHINES[name].check(*move)
+    CONTROL_PLANE_MACHINES[name].check(*move)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_MOVES))
 def test_every_other_move_is_refused(name: str) -> None:
-    spec = MACHINES[name]
+    spec = CONTROL_PLANE_MACHINES[name]
     for move in itertools.product(GALLERY_STATES[name], repeat=2):
         if move not in EXPECTED_MOVES[name]:
             with pytest.raises(IllegalTransition):
                 spec.check(*move)
 
 
-@pytest.mark.parametrize("spec", list(MACHINES.values()), ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", list(CONTROL_PLANE_MACHINES.values()), ids=lambda s: s.name)
 def test_every_state_is_reachable_from_initial(spec: MachineSpec) -> None:
     seen = {spec.initial}
     frontier = [spec.initial]
@@ -158,6 +239,10 @@ def test_every_state_is_reachable_from_initial(spec: MachineSpec) -> None:
         (PROMOTION, "healthy", "failed"),
         (REGION, "requested", "eligible"),
         (REGION, "eligible", "nonsense"),
+        (DEPLOY_PIPELINE, "queued", "preview_ready"),
+        (DEPLOY_PIPELINE, "preview_ready", "failed"),
+        (DATABASE_MIGRATION, "dry_run", "applying"),
+        (DATABASE_MIGRATION, "verified", "blocked"),
     ],
 )
 def test_illegal_moves_raise(spec: MachineSpec, current: str, target: str) -> None:
@@ -187,6 +272,12 @@ def test_happy_paths_walk_in_order() -> None:
             REGION,
             ["requested", "provisioning", "binding_services", "replicating_artifacts", "eligible"],
         ),
+        (
+            DEPLOY_PIPELINE,
+            ["queued", "cloning", "building", "validating", "blocked", "validating"],
+        ),
+        (DEPLOY_PIPELINE, ["validating", "preview_ready"]),
+        (DATABASE_MIGRATION, ["classified", "dry_run", "locked", "applying", "verified"]),
     ):
         for current, target in itertools.pairwise(path):
             spec.check(current, target)
@@ -250,6 +341,26 @@ EXPECTED_IDS = {
         "session_store_missing",
         "residency_policy_violation",
     ),
+    "deploy_pipeline": (
+        "generated_artifacts_current",
+        "vango_state_impact_classified",
+        "db_impact_classified",
+        "secrets_providers_bound",
+        "stale_artifacts",
+        "build_digest_mismatch",
+        "cold_deploy_needs_approval",
+        "migration_blocks_preview",
+    ),
+    "database_migration": (
+        "expand_contract_safe",
+        "backup_pitr_posture_known",
+        "old_artifact_compatibility_checked",
+        "rollback_plan_explicit",
+        "destructive_migration",
+        "old_app_incompatible",
+        "preview_mutates_production",
+        "manual_lock_timeout",
+    ),
 }
 PACKAGE = Path(scheduler_client.__file__).parent
 DECLARATIONS = {PACKAGE / "machines.py", PACKAGE / "machine_spec.py"}
@@ -267,9 +378,9 @@ def _strings_in_use() -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("name", sorted(MACHINES))
+@pytest.mark.parametrize("name", sorted(CONTROL_PLANE_MACHINES))
 def test_gate_and_failure_mode_ids_are_the_gallery_names(name: str) -> None:
-    spec = MACHINES[name]
+    spec = CONTROL_PLANE_MACHINES[name]
     items = (*spec.gates, *spec.failure_modes)
     assert tuple(item.id for item in items) == EXPECTED_IDS[name]
     assert all(item.id == identifier(item.name) for item in items)
@@ -296,6 +407,16 @@ def test_every_gate_and_failure_mode_is_detected_or_marked_for_the_control_plane
     assert unmarked | marked == set(EXPECTED_IDS[name]), "detected_by is '' or CONTROL_PLANE"
     assert sorted(unmarked - in_use) == [], "declared but never reported by scheduler_client"
     assert sorted(marked & in_use) == [], "marked for the control plane but reported here"
+
+
+@pytest.mark.parametrize("name", NOT_RUN_LOCALLY)
+def test_machines_not_run_locally_are_all_the_control_planes_and_never_named_here(
+    name: str,
+) -> None:
+    spec = CONTROL_PLANE_MACHINES[name]
+    assert all(item.detected_by == CONTROL_PLANE for item in (*spec.gates, *spec.failure_modes))
+    # No code of the local control plane (or the client) moves or reports it.
+    assert name not in _strings_in_use()
 
 
 # ------------------------------------------------------------ the move mechanism

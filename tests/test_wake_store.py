@@ -20,7 +20,7 @@ from stack import RedisProcess
 
 from wake.budget import BudgetLimits
 from wake.store.memory import MemoryStore
-from wake.store.protocol import AppWakeState, Transition, WakeStore
+from wake.store.protocol import AppWakeState, Transition, WakePhases, WakeStore
 from wake.store.redis_backend import RedisStore, StoreUnavailable
 from wake.store.url import open_store
 
@@ -197,6 +197,31 @@ async def test_stale_token_refused_after_newer_lease(store: WakeStore) -> None:
     assert not await store.write_state(refused, paused.token)
     read = await store.read_state("shop")
     assert (read.state, read.token, read.version) == ("hot", newer.token, 2)
+
+
+async def test_read_states_in_order_with_last_wake(store: WakeStore) -> None:
+    lease = await store.acquire_lease("shop", "a", 5)
+    assert lease is not None
+    phases = WakePhases(at=2.0, budget_ms=0.5, allocation_ms=900.0, readiness_ms=30.0, total_ms=931)
+    hot = AppWakeState(app="shop", state="hot", last_wake=phases)
+    assert await store.write_state(hot, lease.token)
+    states = await store.read_states(["never-seen", "shop", "never-seen"])
+    assert [(s.app, s.state, s.version) for s in states] == [
+        ("never-seen", "cold", 0),
+        ("shop", "hot", 1),
+        ("never-seen", "cold", 0),
+    ]
+    assert states[1].last_wake == phases and states[0].last_wake is None
+    assert await store.read_states([]) == []
+
+
+async def test_gallery_counts_add_up(store: WakeStore) -> None:
+    assert await store.counts() == {}
+    await store.add_counts({"gate_passed:wake_budget_available": 2, "failure:wake_stampede": 7})
+    await store.add_counts({"failure:wake_stampede": 5})
+    await store.add_counts({})
+    expected = {"gate_passed:wake_budget_available": 2, "failure:wake_stampede": 12}
+    assert await store.counts() == expected
 
 
 # --------------------------------------------------------------------------- journal
@@ -468,6 +493,18 @@ async def test_redis_app_keys_share_one_slot(redis_url: str) -> None:
         await store.close()
 
 
+async def test_redis_gallery_counts_are_region_wide(redis_url: str) -> None:
+    """Two edges' deltas land in one tally, on a key with its own hash tag."""
+    one, two = RedisStore(redis_url), RedisStore(redis_url)
+    try:
+        await one.add_counts({"failure:wake_stampede": 7, "wakes": 1})
+        await two.add_counts({"failure:wake_stampede": 5})
+        assert await one.counts() == await two.counts() == {"failure:wake_stampede": 12, "wakes": 1}
+    finally:
+        await one.close()
+        await two.close()
+
+
 async def test_redis_region_budget_across_edges(redis_url: str) -> None:
     """50 concurrent wakes from 5 edges against max_concurrent_wakes=10: exactly 10 start."""
     limits = BudgetLimits(
@@ -573,6 +610,9 @@ def _calls(store: RedisStore) -> dict[str, Callable[[], Awaitable[Any]]]:
         "budget_usage": lambda: store.budget_usage(LIMITS),
         "touch": lambda: store.touch("shop"),
         "idle_for": lambda: store.idle_for("shop"),
+        "read_states": lambda: store.read_states(["shop", "cart"]),
+        "add_counts": lambda: store.add_counts({"failure:wake_stampede": 1}),
+        "counts": lambda: store.counts(),
     }
 
 

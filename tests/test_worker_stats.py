@@ -38,3 +38,12 @@ def test_unreadable_snapshot_is_skipped(tmp_path: Path) -> None:
     (tmp_path / "worker-7.json").write_bytes(b"{not json")
     write_snapshot(tmp_path, WorkerStats(0).snapshot())
     assert [s.index for s in read_snapshots(tmp_path)] == [0]
+
+
+def test_held_requests_per_app_travel_in_the_snapshot(tmp_path: Path) -> None:
+    stats = WorkerStats(3)
+    stats.held, stats.held_by_app = 3, {"shop": 2, "blog": 1}
+    write_snapshot(tmp_path, stats.snapshot())
+    stats.held_by_app["shop"] = 0  # the snapshot is a copy, not the live dict
+    [snapshot] = read_snapshots(tmp_path)
+    assert (snapshot.held, snapshot.held_by_app) == (3, {"shop": 2, "blog": 1})

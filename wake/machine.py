@@ -16,6 +16,7 @@ from scheduler_client.machine_spec import FailureMode, Gate, IllegalTransition, 
 
 WAKE = MachineSpec(
     name="wake",
+    title="Wake",
     states=(
         "cold",
         "wake_requested",

@@ -17,6 +17,7 @@ import msgspec
 from aiohttp import web
 
 from edge.ops.admin_token import AdminToken, admin_may
+from edge.ops.gallery_feed import GalleryFeed
 from edge.ops.gallery_page import add_gallery_page
 from edge.ops.metrics import render_metrics
 from edge.ops.worker_stats import StatsSnapshot, read_snapshots
@@ -30,6 +31,7 @@ from edge.server.config import (
     restart_refusal,
 )
 from edge.server.worker_context import WorkerContext
+from scheduler_client.client import ControlPlaneClient
 from scheduler_client.config_file import parse_address
 from wake.store.protocol import StoreUnavailable
 
@@ -60,6 +62,9 @@ class AdminState:
         workers: int,
         config_path: str,
         supervised: bool,
+        *,
+        edge_id: str = "",
+        control_plane: ControlPlaneClient | None = None,
     ) -> None:
         self.ctx = ctx
         self.stats_dir = stats_dir
@@ -67,6 +72,9 @@ class AdminState:
         self.config_path = config_path
         self.supervised = supervised
         self.serving = False
+        # The gallery's own client (short timeout, no retries), so a slow control plane
+        # neither holds the page nor spends the wake's retries and breaker.
+        self.gallery = GalleryFeed(ctx, self.snapshots, control_plane, edge_id=edge_id)
 
     def snapshots(self) -> list[StatsSnapshot]:
         """Other workers' files plus this worker's live counters."""
@@ -213,6 +221,14 @@ def build_admin_app(state: AdminState, token: AdminToken) -> web.Application:
             }
         return web.json_response({"apps": rows, "budget": budget_use})
 
+    async def gallery(_: web.Request) -> web.Response:
+        # Always 200: a source that does not answer shows in the document's `sources`.
+        return web.Response(
+            body=msgspec.json.encode(await state.gallery.gallery()),
+            content_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
+
     async def budget(_: web.Request) -> web.Response:
         wake = state.ctx.wake
         if wake is None:
@@ -326,6 +342,7 @@ def build_admin_app(state: AdminState, token: AdminToken) -> web.Application:
     app.router.add_get("/admin/routes", routes)
     app.router.add_get("/admin/apps", apps)
     app.router.add_get("/admin/budget", budget)
+    app.router.add_get("/admin/gallery", gallery)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

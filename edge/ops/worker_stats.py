@@ -52,6 +52,7 @@ class StatsSnapshot(msgspec.Struct):
     latency: dict[str, LatencyHistogram]  # app -> histogram
     rejections: dict[str, int] = {}  # "app\x00reason" -> count
     held: int = 0
+    held_by_app: dict[str, int] = {}  # app -> requests held now
     wake_events: dict[str, int] = {}  # "transition:a->b", "gallery:<id>", "budget_wait:..."
     # phase -> [seconds, count, bucket counts...] (wake.controller.PHASE_BUCKETS, +Inf)
     wake_phases: dict[str, list[float]] = {}
@@ -66,6 +67,7 @@ class WorkerStats:
 
     __slots__ = (
         "held",
+        "held_by_app",
         "index",
         "latency",
         "open_connections",
@@ -86,6 +88,7 @@ class WorkerStats:
         self.latency: dict[str, LatencyHistogram] = {}
         self.rejections: dict[tuple[str, str], int] = {}
         self.held = 0
+        self.held_by_app: dict[str, int] = {}
         # The wake controller's own counters, shared by reference.
         self.wake_events: dict[str, int] = {}
         self.wake_phases: dict[str, list[float]] = {}
@@ -134,6 +137,7 @@ class WorkerStats:
             latency=dict(self.latency),
             rejections={f"{a}\x00{r}": n for (a, r), n in self.rejections.items()},
             held=self.held,
+            held_by_app=dict(self.held_by_app),
             wake_events=dict(self.wake_events),
             wake_phases={k: list(v) for k, v in self.wake_phases.items()},
             route=dict(self.route),

@@ -20,6 +20,7 @@ from edge.http.access_log import open_access_log
 from edge.http.front_protocol import FrontConnection
 from edge.ops.admin import AdminState, start_admin
 from edge.ops.admin_token import remove_generated, worker_admin_token
+from edge.ops.gallery_feed import CALL_TIMEOUT as GALLERY_CALL_TIMEOUT
 from edge.ops.worker_stats import write_snapshot
 from edge.queue.durable_queue import DurableQueue
 from edge.queue.replayer import Replayer
@@ -77,14 +78,24 @@ def raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def control_plane_client(config: Config, config_path: str) -> ControlPlaneClient | None:
-    """The client when a control plane is configured; raises ConfigError without a token."""
+def control_plane_client(
+    config: Config,
+    config_path: str,
+    timeout: float | None = None,
+    retries: int | None = None,
+) -> ControlPlaneClient | None:
+    """The client when a control plane is configured; raises ConfigError without a token.
+
+    `timeout` and `retries` replace the configured ones (the gallery's client)."""
     section = config.control_plane
     if not section.url:
         return None
     token = read_secret(section.token_env, section.token_file, config_path, "control_plane.token")
     return ControlPlaneClient(
-        section.url, token, timeout=float(section.timeout), retries=section.retries
+        section.url,
+        token,
+        timeout=float(section.timeout) if timeout is None else timeout,
+        retries=section.retries if retries is None else retries,
     )
 
 
@@ -250,7 +261,20 @@ async def serve(
     server = await loop.create_server(
         lambda: FrontConnection(ctx), sock=sock, ssl=tls_context(config), backlog=4096
     )
-    admin_state = AdminState(ctx, stats_dir, workers, config_path, supervised)
+    gallery_client = None
+    if index == 0:  # only worker 0 serves the admin listener
+        gallery_client = control_plane_client(
+            config, config_path, timeout=GALLERY_CALL_TIMEOUT, retries=0
+        )
+    admin_state = AdminState(
+        ctx,
+        stats_dir,
+        workers,
+        config_path,
+        supervised,
+        edge_id=edge_id(config, index),
+        control_plane=gallery_client,
+    )
     admin_runner = None
     if index == 0:
         try:
@@ -312,6 +336,7 @@ async def serve(
             tick += 1
             if tick % SNAPSHOT_EVERY == 0:
                 ctx.stats.held = ctx.holds.total
+                ctx.stats.held_by_app = dict(ctx.holds.by_app)
                 if follower is not None:
                     ctx.stats.route = route_stats(follower, ctx.route_table)
                 write_snapshot(stats_dir, ctx.stats.snapshot())
@@ -370,6 +395,8 @@ async def serve(
     if admin_runner is not None:
         await admin_runner.cleanup()
         remove_generated(token)  # only an unsupervised worker generates its own
+    if gallery_client is not None:
+        await gallery_client.close()
     return 0
 
 

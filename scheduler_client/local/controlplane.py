@@ -44,6 +44,8 @@ from scheduler_client.models import (
     GateStatus,
     Gone,
     Host,
+    MachineReport,
+    MachinesReport,
     NotFound,
     Promotion,
     Region,
@@ -59,6 +61,13 @@ PROMOTION_DRAIN_DEADLINE = 10.0
 EVACUATION_SLACK = 10.0
 
 Record = TypeVar("Record", Allocation, Promotion, Host, Region)
+# Where each machine this control plane drives keeps its instances.
+_TABLES = {
+    ALLOCATION.name: "allocations",
+    PROMOTION.name: "promotions",
+    HOST_DRAIN.name: "hosts",
+    REGION.name: "regions",
+}
 
 
 def _new_id(prefix: str) -> str:
@@ -862,6 +871,25 @@ class ControlPlane:
 
     def _max_grace(self) -> float:
         return max((spec.drain_grace for spec in self.config.apps), default=0.0)
+
+    # ----------------------------------------------------------------- report
+
+    def machine_report(self) -> MachinesReport:
+        """Each machine driven here: instances per state now, reason codes, moves."""
+        reasons = self.store.reason_counts()
+        moves = self.store.move_counts()
+        return MachinesReport(
+            at=time.time(),
+            machines=[
+                MachineReport(
+                    name=name,
+                    states=self.store.state_counts(table),
+                    reasons=reasons.get(name, {}),
+                    moves=moves.get(name, {}),
+                )
+                for name, table in _TABLES.items()
+            ],
+        )
 
     # ------------------------------------------------------------------ region
 

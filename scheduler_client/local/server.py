@@ -242,6 +242,10 @@ def build_app(cp: ControlPlane, token: str) -> web.Application:
         body = await _body(request, SetRegion)
         return _json(cp.set_region(body.state, body.reason))
 
+    @routes.get("/v1/machines")
+    async def machines(_: web.Request) -> web.Response:
+        return _json(cp.machine_report())
+
     @routes.get("/v1/journal")
     async def journal(request: web.Request) -> web.Response:
         return _json({"entries": cp.store.journal_entries(request.query.get("subject"))})

@@ -55,6 +55,21 @@ CREATE TABLE IF NOT EXISTS journal (
     reason_code TEXT NOT NULL DEFAULT ''
 );
 """
+# Created after _migrate (reason_code may be new): they keep the gallery's counts cheap.
+_JOURNAL_INDEXES = """
+CREATE INDEX IF NOT EXISTS journal_reasons ON journal(machine, reason_code);
+CREATE INDEX IF NOT EXISTS journal_moves ON journal(machine, from_state, to_state);
+"""
+# Instances per state, per table: allocations have a state column, the others' is in the doc.
+_STATE_COUNTS = {
+    table: f"SELECT {column}, COUNT(*) FROM {table} GROUP BY 1"
+    for table, column in (
+        ("allocations", "state"),
+        ("promotions", "json_extract(CAST(doc AS TEXT), '$.state')"),
+        ("hosts", "json_extract(CAST(doc AS TEXT), '$.state')"),
+        ("regions", "json_extract(CAST(doc AS TEXT), '$.state')"),
+    )
+}
 _JOURNAL_COLUMNS = "at, machine, subject, from_state, to_state, reason, reason_code"
 
 
@@ -75,6 +90,7 @@ class ControlPlaneStore:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
         self._migrate()
+        self.db.executescript(_JOURNAL_INDEXES)
         self._encoder = msgspec.json.Encoder()
 
     def _migrate(self) -> None:
@@ -124,6 +140,33 @@ class ControlPlaneStore:
             JournalRow(**dict(zip(names, row, strict=True)))
             for row in self.db.execute(sql + " ORDER BY seq", args)
         ]
+
+    def state_counts(self, table: str) -> dict[str, int]:
+        """Rows of `table` (allocations, promotions, hosts, regions) per state."""
+        return {state: n for state, n in self.db.execute(_STATE_COUNTS[table])}
+
+    def reason_counts(self) -> dict[str, dict[str, int]]:
+        """machine -> reason_code -> journal rows that name it."""
+        found: dict[str, dict[str, int]] = {}
+        rows = self.db.execute(
+            "SELECT machine, reason_code, COUNT(*) FROM journal WHERE reason_code != ''"
+            " GROUP BY machine, reason_code"
+        )
+        for machine, code, n in rows:
+            found.setdefault(machine, {})[code] = n
+        return found
+
+    def move_counts(self) -> dict[str, dict[str, int]]:
+        """machine -> "from->to" -> journalled moves (creations and events left out)."""
+        found: dict[str, dict[str, int]] = {}
+        rows = self.db.execute(
+            "SELECT machine, from_state, to_state, COUNT(*) FROM journal"
+            " WHERE from_state != '' AND from_state != to_state"
+            " GROUP BY machine, from_state, to_state"
+        )
+        for machine, frm, to, n in rows:
+            found.setdefault(machine, {})[f"{frm}->{to}"] = n
+        return found
 
     def meta(self, key: str, default: int = 0) -> int:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

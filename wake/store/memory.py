@@ -37,6 +37,7 @@ class MemoryStore:
         self._changed: dict[str, asyncio.Event] = {}
         self._budget = budget.BudgetState()
         self._last_seen: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
 
     def _live_lease(self, app: str) -> tuple[str, float] | None:
         lease = self._leases.get(app)
@@ -72,6 +73,9 @@ class MemoryStore:
     async def read_state(self, app: str) -> AppWakeState:
         state = self._states.get(app)
         return msgspec.structs.replace(state) if state else AppWakeState(app=app)
+
+    async def read_states(self, apps: list[str]) -> list[AppWakeState]:
+        return [await self.read_state(app) for app in apps]
 
     async def write_state(self, state: AppWakeState, token: int) -> bool:
         if token < self._fences.get(state.app, 0):
@@ -126,6 +130,13 @@ class MemoryStore:
     async def idle_for(self, app: str) -> float | None:
         seen = self._last_seen.get(app)
         return None if seen is None else max(0.0, self._clock() - seen)
+
+    async def add_counts(self, deltas: dict[str, int]) -> None:
+        for key, n in deltas.items():
+            self._counts[key] = self._counts.get(key, 0) + n
+
+    async def counts(self) -> dict[str, int]:
+        return dict(self._counts)
 
     async def ping(self) -> bool:
         return True

@@ -19,6 +19,16 @@ class StoreUnavailable(Exception):
     """The shared store did not answer (down, timed out, or refused the command)."""
 
 
+class WakePhases(msgspec.Struct, frozen=True, kw_only=True):
+    """How long one completed wake spent in each phase (ms), and when it went hot."""
+
+    at: float = 0.0
+    budget_ms: float = 0.0
+    allocation_ms: float = 0.0
+    readiness_ms: float = 0.0
+    total_ms: float = 0.0
+
+
 class AppWakeState(msgspec.Struct, kw_only=True):
     app: str
     state: str = "cold"
@@ -38,6 +48,8 @@ class AppWakeState(msgspec.Struct, kw_only=True):
     next_wake_at: float = 0.0
     # Moving average of recent wake durations, for deadline-aware admission.
     expected_wake_s: float = 0.0
+    # The phases of the wake that last made the app hot (for Server-Timing and the gallery).
+    last_wake: WakePhases | None = None
     version: int = 0
 
 
@@ -74,6 +86,10 @@ class WakeStore(Protocol):
 
     async def read_state(self, app: str) -> AppWakeState:
         """The app's state; a never-seen app is `cold` with version 0."""
+        ...
+
+    async def read_states(self, apps: list[str]) -> list[AppWakeState]:
+        """Several apps' states in one round trip, in the order asked."""
         ...
 
     async def write_state(self, state: AppWakeState, token: int) -> bool:
@@ -121,6 +137,14 @@ class WakeStore(Protocol):
 
     async def idle_for(self, app: str) -> float | None:
         """Seconds since any edge last touched `app`, by the store's clock; None if never."""
+        ...
+
+    async def add_counts(self, deltas: dict[str, int]) -> None:
+        """Add to the region-wide gallery counters (gates passed/refused, failure modes)."""
+        ...
+
+    async def counts(self) -> dict[str, int]:
+        """The region-wide gallery counters, by key."""
         ...
 
     async def ping(self) -> bool:

@@ -133,6 +133,7 @@ class RedisStore:
             )
         ]
         self._journal_key = f"{key_prefix}:{{journal}}"
+        self._counts_key = f"{key_prefix}:{{gallery}}:counts"
         self._channel_head = f"{key_prefix}:{{"
         self._channel_tail = "}:changed"
         self._pattern = f"{_glob_escape(key_prefix)}:{{*}}:changed"
@@ -192,11 +193,25 @@ class RedisStore:
             data, token, version = await self._redis.hmget(
                 self.app_key(app, "state"), ["data", "token", "version"]
             )
+        return self._decode_state(app, data, token, version)
+
+    def _decode_state(
+        self, app: str, data: str | None, token: str | None, version: str | None
+    ) -> AppWakeState:
         if data is None:
             return AppWakeState(app=app)
         state = self._state_decoder.decode(data)
         # token and version live beside the JSON so the script bumps them without parsing it.
         return msgspec.structs.replace(state, token=int(token or 0), version=int(version or 0))
+
+    async def read_states(self, apps: list[str]) -> list[AppWakeState]:
+        if not apps:
+            return []
+        async with self._guard("read_states"), self._redis.pipeline(transaction=False) as pipe:
+            for app in apps:
+                pipe.hmget(self.app_key(app, "state"), ["data", "token", "version"])
+            rows = await pipe.execute()
+        return [self._decode_state(app, *row) for app, row in zip(apps, rows, strict=True)]
 
     async def write_state(self, state: AppWakeState, token: int) -> bool:
         keys = [self.app_key(state.app, "fence"), self.app_key(state.app, "state")]
@@ -398,6 +413,19 @@ class RedisStore:
         return None if idle_ms is None else max(0.0, float(idle_ms) / 1000.0)
 
     # ------------------------------------------------------------------ lifecycle
+
+    async def add_counts(self, deltas: dict[str, int]) -> None:
+        if not deltas:
+            return
+        async with self._guard("add_counts"), self._redis.pipeline(transaction=False) as pipe:
+            for key, n in deltas.items():
+                pipe.hincrby(self._counts_key, key, n)
+            await pipe.execute()
+
+    async def counts(self) -> dict[str, int]:
+        async with self._guard("counts"):
+            raw = await self._redis.hgetall(self._counts_key)
+        return {key: int(n) for key, n in raw.items()}
 
     async def ping(self) -> bool:
         try:
