@@ -1,6 +1,6 @@
 # Set-up is two commands: `make run` (demo: scale-to-zero apps woken, webhooks queued), `make test`.
-# Everything installs into ./.venv; nothing global except Debian's redis-server
-# (scripts/ensure-redis, only when running as root).
+# Everything installs into ./.venv; nothing global except Debian's redis-server and
+# chromium (scripts/ensure-redis, scripts/ensure-chromium; only when running as root).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -14,14 +14,14 @@ ARGS   ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv install install-test install-bench redis lint fmt test fuzz soak run bench stampede clean
+.PHONY: help venv install install-test install-bench redis chromium lint fmt test fuzz soak run bench stampede clean
 
 help:
 	@echo "make run     the demo: edge :8080 (admin :9090), local control plane :9400, private"
 	@echo "             redis-server under .run/ (memory:// and no queueing without it); apps asleep"
 	@echo "             until woken (hello; shop queues Stripe webhooks), static on :9001; prints"
 	@echo "             what to try. Ports: EDGE_PORT ADMIN_PORT CONTROL_PORT STATIC_PORT REDIS_PORT"
-	@echo "make test    ruff check, ruff format --check, pytest (needs redis-server)"
+	@echo "make test    ruff check, ruff format --check, pytest (needs redis-server, chromium)"
 	@echo "make bench   throughput comparison -> bench/results/throughput.json"
 	@echo "make stampede  locust wake stampede + fleet wake reports -> bench/results/stampede-*/"
 	@echo "make fuzz    hostile byte streams at the front, a long soak (FUZZ_EXAMPLES=5000)"
@@ -70,6 +70,10 @@ install-bench: $(VENV)/.installed-bench
 redis:
 	@bash scripts/ensure-redis
 
+# The gallery page is tested in headless chromium (tests/browser.py).
+chromium:
+	@bash scripts/ensure-chromium
+
 # --- everyday targets ----------------------------------------------------------
 
 lint: install-test
@@ -80,7 +84,7 @@ fmt: install-test
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: install-test redis
+test: install-test redis chromium
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q -n 3 --dist loadfile

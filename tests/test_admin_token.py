@@ -37,6 +37,15 @@ APP = '[[apps]]\nname = "a"\nhosts = ["a.localhost"]\nupstreams = ["127.0.0.1:9"
         ("PUT", "/admin/anything", False, True, False),
         ("POST", "/admin/reload", True, False, True),
         ("DELETE", "/admin/queues/a/dead", True, True, True),
+        # The gallery page holds no data: public to reads; its data is a guarded read.
+        ("GET", "/gallery", False, False, True),
+        ("HEAD", "/gallery", False, False, True),
+        ("GET", "/", False, False, True),
+        ("POST", "/gallery", False, True, False),
+        ("DELETE", "/", False, True, False),
+        ("GET", "/gallery/", False, False, False),
+        ("GET", "/admin/gallery", False, False, False),
+        ("GET", "/admin/gallery", False, True, True),
     ],
 )
 def test_admin_may(method: str, path: str, authorized: bool, reads_open: bool, allowed: bool):

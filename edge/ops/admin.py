@@ -18,6 +18,7 @@ from aiohttp import web
 
 from edge.ops.admin_token import AdminToken, admin_may
 from edge.ops.gallery_feed import GalleryFeed
+from edge.ops.gallery_page import add_gallery_page
 from edge.ops.metrics import render_metrics
 from edge.ops.worker_stats import StatsSnapshot, read_snapshots
 from edge.queue.durable_queue import DurableQueue
@@ -346,6 +347,7 @@ def build_admin_app(state: AdminState, token: AdminToken) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/admin/reload", reload)
+    add_gallery_page(app)
     return app
 
 

@@ -5,7 +5,8 @@ need a token, even on loopback: every process on the host reaches a loopback
 listener, the apps the edge fronts included. The token is, in order:
 
 1. the operator's `edge.admin_token` (or EDGE_ADMIN_TOKEN): then every call but
-   /healthz and /readyz needs it, as the operator asked;
+   /healthz, /readyz and GET of the gallery page (/gallery, /; the page carries no
+   data, it fetches /admin/gallery with the token) needs it, as the operator asked;
 2. else the one in `admin_token_file` (default: `admin_token_path`) when that file
    holds one;
 3. else one generated at start by `edge run` and written to that file (0600, in a
@@ -35,6 +36,9 @@ from scheduler_client.config_file import is_loopback, parse_address
 # Set by the supervisor for its workers only; never an operator setting.
 WORKER_TOKEN_ENV = "EDGE_WORKER_ADMIN_TOKEN"
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+# The gallery page holds no data (it fetches /admin/gallery, a guarded read), so it is
+# served to anyone, but only to reads: a public path must never take a mutating method.
+PUBLIC_PAGES = frozenset({"/", "/gallery"})
 READ_METHODS = frozenset({"GET", "HEAD"})
 
 logger = logging.getLogger(__name__)
@@ -53,8 +57,11 @@ class AdminToken(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def admin_may(method: str, path: str, authorized: bool, reads_open: bool) -> bool:
-    """Whether an admin request may proceed: health always, reads when open, else the token."""
+    """Whether an admin request may proceed: health always, the gallery page to reads,
+    other reads when open, else the token."""
     if path in PUBLIC_PATHS or authorized:
+        return True
+    if path in PUBLIC_PAGES and method in READ_METHODS:
         return True
     return reads_open and method in READ_METHODS
 
