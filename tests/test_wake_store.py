@@ -224,6 +224,16 @@ async def test_gallery_counts_add_up(store: WakeStore) -> None:
     assert await store.counts() == expected
 
 
+async def test_a_counts_batch_resent_by_its_writer_is_added_once(store: WakeStore) -> None:
+    await store.add_counts({"wakes": 1, "failure:wake_stampede": 4}, writer="edge-a:1", seq=1)
+    await store.add_counts({"wakes": 1, "failure:wake_stampede": 4}, writer="edge-a:1", seq=1)
+    await store.add_counts({"wakes": 9}, writer="edge-a:1", seq=0)  # older than the last one
+    await store.add_counts({"wakes": 1}, writer="edge-b:1", seq=1)  # another writer's seq 1
+    await store.add_counts({"failure:wake_stampede": 2}, writer="edge-a:1", seq=2)
+    await store.add_counts({"wakes": 1})  # no writer: always added
+    assert await store.counts() == {"wakes": 3, "failure:wake_stampede": 6}
+
+
 # --------------------------------------------------------------------------- journal
 
 
@@ -612,6 +622,7 @@ def _calls(store: RedisStore) -> dict[str, Callable[[], Awaitable[Any]]]:
         "idle_for": lambda: store.idle_for("shop"),
         "read_states": lambda: store.read_states(["shop", "cart"]),
         "add_counts": lambda: store.add_counts({"failure:wake_stampede": 1}),
+        "add_counts_batch": lambda: store.add_counts({"wakes": 1}, writer="w", seq=1),
         "counts": lambda: store.counts(),
     }
 

@@ -11,6 +11,13 @@ notifications (with polling). Failures leave the app `failed` with a back-off,
 so a broken app is not woken in a loop. A periodic `upkeep` flushes last-seen
 times, refreshes what this process believes is hot, and puts idle apps to sleep.
 
+Gallery counters. Gates passed and refused, failure modes, wakes started (their
+meaning: wake/gallery_tally.py) are added to `tally` in memory, the front's admissions
+included (`admitted`, `request_wake`), and a small task sends them to the store in
+one call every ~0.5 s while any are pending (and at `close`); a store that is down
+keeps them pending. The wake that makes an app hot stores its phases (`last_wake`),
+which every edge hands to the requests that wake releases (`HotTarget.phases`).
+
 Under faults. The renewer rides out store errors (the fencing token, not the
 lease key, guards every write) and stops the wake once another holder has the
 lease. The allocation's idempotency key is stored before the allocation is asked
@@ -43,17 +50,27 @@ from scheduler_client.client import ControlPlaneClient
 from scheduler_client.http_probe import http_get
 from scheduler_client.machine_move import plan_move
 from scheduler_client.models import Allocation, ControlPlaneError
-from wake import decisions
+from wake import decisions, gallery_tally
 from wake.budget import BudgetLimits
 from wake.decisions import Adopt, Refuse, Wait
+from wake.gallery_tally import Admitted, GalleryTally
 from wake.machine import WAKE
-from wake.store.protocol import AppWakeState, Lease, StoreUnavailable, Transition, WakeStore
+from wake.store.protocol import (
+    AppWakeState,
+    Lease,
+    StoreUnavailable,
+    Transition,
+    WakePhases,
+    WakeStore,
+)
 
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 1.0
 OLD_EPOCH_RETRIES = 3
 SLEEP_DRAIN_DEADLINE = 5.0
+# At close, pending gallery counts get this long (s) to reach the store.
+CLOSE_FLUSH_TIMEOUT = 2.0
 # Upper bounds (s) of the wake phase histograms: budget wait, allocation, readiness.
 PHASE_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
@@ -72,6 +89,8 @@ class WakeAppSpec(msgspec.Struct, frozen=True, kw_only=True):
 class HotTarget(msgspec.Struct, frozen=True):
     address: str
     allocation_id: str
+    # The phases of the wake that made the app hot (None: not known, e.g. an older edge's).
+    phases: WakePhases | None = None
 
 
 class WakeRefused(Exception):
@@ -95,13 +114,26 @@ class _LeaseLost(Exception):
 class _Attempt:
     """One holder's wake attempt: its budget slot and the allocation it asked for."""
 
-    __slots__ = ("allocation_id", "completed", "holder", "key")
+    __slots__ = ("allocation_id", "began", "budget_s", "completed", "holder", "key")
 
     def __init__(self, holder: str) -> None:
         self.holder = holder  # the budget slot's holder name
         self.key = ""  # idempotency key of the allocation asked for ("" before the ask)
         self.allocation_id = ""  # its id once the control plane answered
         self.completed = False  # the app went hot through this attempt
+        self.began = 0.0  # monotonic, when the attempt asked for its budget
+        self.budget_s = 0.0  # how long the budget took
+
+
+class _Flight:
+    """One flight's part in the stampede count: started for a request, and what it found."""
+
+    __slots__ = ("by_request", "coalesced", "started")
+
+    def __init__(self, by_request: bool) -> None:
+        self.by_request = by_request  # started by a request's wake ask (not a replay, a retry)
+        self.started = False  # this flight started a wake (cold/failed -> wake_requested)
+        self.coalesced = False  # its request was counted as joining another's wake
 
 
 class WakeController:
@@ -136,6 +168,10 @@ class WakeController:
         self._expected: dict[str, float] = {}
         self._background: set[asyncio.Task] = set()
         self.counters: dict[str, int] = {}
+        # Region-wide gallery counts not yet in the store; one writer per process.
+        self.tally = GalleryTally(f"{edge_id}:{os.getpid()}:{os.urandom(4).hex()}")
+        self._flusher: asyncio.Task[None] | None = None
+        self._closing = False
         # phase -> [seconds, count, one count per PHASE_BUCKETS bound, +Inf]:
         # budget wait, allocation start, readiness.
         self.phases: dict[str, list[float]] = {}
@@ -166,7 +202,7 @@ class WakeController:
         """Whether asking for `app` would join a wake (or a hot app) instead of starting one."""
         return app in self._hot or app in self._flights
 
-    def start_wake(self, app: str) -> asyncio.Future[HotTarget]:
+    def start_wake(self, app: str, by_request: bool = False) -> asyncio.Future[HotTarget]:
         """The outcome of the app's flight in this process, started if none is running.
 
         The outcome resolves the moment the app is known hot; the flight itself
@@ -177,14 +213,36 @@ class WakeController:
             loop = asyncio.get_running_loop()
             outcome = loop.create_future()
             self._outcomes[app] = outcome
-            flight = loop.create_task(self._fly(app, outcome))
+            flight = loop.create_task(self._fly(app, outcome, _Flight(by_request)))
             self._flights[app] = flight
             flight.add_done_callback(lambda task, app=app: self._flight_done(app, task))
         return outcome
 
-    async def _fly(self, app: str, outcome: asyncio.Future[HotTarget]) -> None:
+    def request_wake(self, app: str) -> None:
+        """A request for a not-hot app asks for its wake: it joins this process's flight
+        (failure mode "wake stampede") or starts one."""
+        outcome = self._outcomes.get(app)
+        if outcome is not None and not outcome.done():
+            self._coalesced()
+            return
+        self.start_wake(app, by_request=True)
+
+    def admitted(self, admitted: Admitted) -> None:
+        """What the front did with a request for a not-hot app (gate "request class safe to
+        hold"; failure mode "payment webhook while cold" when it was not held)."""
+        if admitted is not Admitted.HELD:
+            self._count(f"gallery:{gallery_tally.PAYMENT_WEBHOOK}")
+        self._tally(gallery_tally.admission_keys(admitted))
+
+    def gate_checked(self, gate_id: str, passed: bool) -> None:
+        """A gate checked outside a wake, e.g. "unsafe replay policy exists" at config load."""
+        if not passed:
+            self._count(f"gallery:{gate_id}")
+        self._tally(gallery_tally.gate_keys(gate_id, passed))
+
+    async def _fly(self, app: str, outcome: asyncio.Future[HotTarget], flight: _Flight) -> None:
         try:
-            target = await self._wake(app)
+            target = await self._wake(app, flight)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 outcome.cancel()
@@ -217,7 +275,7 @@ class WakeController:
 
     # ------------------------------------------------------------ the wake
 
-    async def _wake(self, app: str) -> HotTarget:
+    async def _wake(self, app: str, flight: _Flight) -> HotTarget:
         spec = self.apps[app]
         give_up = decisions.give_up_at(self.clock(), spec.hold_timeout, spec.readiness_timeout)
         while self.clock() < give_up:
@@ -225,6 +283,7 @@ class WakeController:
             self._expected[app] = state.expected_wake_s
             plan = decisions.begin_attempt(state, self.wall_clock())
             if isinstance(plan.outcome, Adopt):
+                self._joined(flight)
                 return self._adopt(app, state)
             if isinstance(plan.outcome, Refuse):
                 raise WakeRefused.of(plan.outcome)
@@ -232,21 +291,32 @@ class WakeController:
             lease = await self.store.acquire_lease(app, owner, self.lease_ttl)
             if lease is None:
                 # Another process is waking (or sleeping) the app: wait for its outcome.
-                self._count(f"gallery:{decisions.WAKE_STAMPEDE}")
+                self._joined(flight)
                 await self.store.wait_change(
                     app, state.version, min(self.poll_interval * 4, give_up - self.clock())
                 )
                 continue
             try:
-                return await self._wake_holding(app, spec, lease)
+                return await self._wake_holding(app, spec, lease, flight)
             except _LeaseLost:
                 continue
             finally:
                 await self.store.release_lease(app, owner)
         raise WakeRefused.of(decisions.wake_timeout(app, spec.hold_timeout))
 
+    def _joined(self, flight: _Flight) -> None:
+        """The flight found another's wake (the lease taken, or the app made hot): the
+        request that started it joined that wake, counted once."""
+        if flight.by_request and not flight.started and not flight.coalesced:
+            flight.coalesced = True
+            self._coalesced()
+
+    def _coalesced(self) -> None:
+        self._count(f"gallery:{gallery_tally.STAMPEDE}")
+        self._tally(gallery_tally.coalesced_keys())
+
     def _adopt(self, app: str, state: AppWakeState) -> HotTarget:
-        target = HotTarget(state.address, state.allocation_id)
+        target = HotTarget(state.address, state.allocation_id, state.last_wake)
         self._hot[app] = target
         outcome = self._outcomes.get(app)
         if outcome is not None and not outcome.done():
@@ -275,6 +345,8 @@ class WakeController:
         )
         if not await self.store.write_state(move.record, lease.token):
             raise _LeaseLost()
+        # Counted once written (the journal append below may still fail): it happened.
+        self._tally(gallery_tally.transition_keys(state.state, target, reason_code))
         if target == "hot":
             self._adopt(state.app, move.record)  # release held requests before the bookkeeping
         entry = move.entry
@@ -296,12 +368,17 @@ class WakeController:
             self._count(f"gallery:{reason_code}")
         return await self.store.read_state(state.app)
 
-    async def _wake_holding(self, app: str, spec: WakeAppSpec, lease: Lease) -> HotTarget:
+    async def _wake_holding(
+        self, app: str, spec: WakeAppSpec, lease: Lease, flight: _Flight
+    ) -> HotTarget:
         state = await self.store.read_state(app)
         plan = decisions.begin_attempt(state, self.wall_clock(), holding=True)
         if isinstance(plan.outcome, Adopt):
+            self._joined(flight)
             return self._adopt(app, state)
         for move in plan.moves:  # recovery of a wake or sleep whose holder died
+            if gallery_tally.starts_wake(state.state, move.target):
+                flight.started = True
             state = await self._move(state, move.target, lease, move.reason)
         attempt = _Attempt(f"{app}#{lease.token}")
         loop = asyncio.get_running_loop()
@@ -333,9 +410,10 @@ class WakeController:
         self, app: str, spec: WakeAppSpec, lease: Lease, state: AppWakeState, attempt: _Attempt
     ) -> HotTarget:
         """Budget, then allocation and readiness (retried under a new route epoch)."""
-        waited = self.clock()
+        attempt.began = self.clock()
         await self._take_budget(app, spec, attempt.holder)
-        self._phase("budget", self.clock() - waited)
+        attempt.budget_s = self.clock() - attempt.began
+        self._phase("budget", attempt.budget_s)
         for _ in range(OLD_EPOCH_RETRIES):
             state, target = await self._start_allocation(app, spec, lease, state, attempt)
             if target is not None:
@@ -458,11 +536,14 @@ class WakeController:
 
     async def _take_budget(self, app: str, spec: WakeAppSpec, holder: str) -> None:
         deadline = self.clock() + spec.hold_timeout
+        refused = False  # the gate's refusal is counted once per attempt, not per ask
         while True:
             remaining = deadline - self.clock()
             decision = await self.store.acquire_budget(
                 holder, spec.tenant, self.budget, decisions.budget_window(remaining)
             )
+            self._tally(gallery_tally.budget_keys(decision.granted, refused))
+            refused = refused or not decision.granted
             step = decisions.budget_step(decision, remaining, spec.hold_timeout)
             if isinstance(step, Refuse):
                 raise WakeRefused.of(step)
@@ -493,7 +574,8 @@ class WakeController:
         attempt.allocation_id = alloc.id
         deadline = self.clock() + spec.readiness_timeout
         alloc = await self._until_started(alloc, deadline)
-        self._phase("allocation", self.clock() - started)
+        allocation_s = self.clock() - started
+        self._phase("allocation", allocation_s)
         probing = self.clock()
         state = await self._move(
             state,
@@ -507,7 +589,8 @@ class WakeController:
         seen_ready = await self._probe(alloc, spec, deadline)
         if seen_ready is None:
             await self._refuse(decisions.readiness_timeout(alloc, spec.readiness_timeout))
-        self._phase("readiness", self.clock() - probing)
+        readiness_s = self.clock() - probing
+        self._phase("readiness", readiness_s)
         if await self._epoch_replaced(app, seen_ready):
             await self._drain_quietly(alloc.id)
             move = decisions.old_epoch_move(alloc)
@@ -515,6 +598,13 @@ class WakeController:
             return state, None
         took = self.clock() - started
         expected = decisions.expected_wake(state.expected_wake_s, took)
+        phases = decisions.wake_phases(
+            self.wall_clock(),
+            budget=attempt.budget_s,
+            allocation=allocation_s,
+            readiness=readiness_s,
+            total=self.clock() - attempt.began,
+        )
         state = await self._move(
             state,
             "hot",
@@ -523,6 +613,7 @@ class WakeController:
             failures=0,
             next_wake_at=0.0,
             expected_wake_s=expected,
+            last_wake=phases,
         )
         self._expected[app] = expected
         return state, self._adopt(app, state)
@@ -638,7 +729,7 @@ class WakeController:
             if not decisions.is_hot(state):
                 self._hot.pop(app, None)
                 continue
-            self._hot[app] = HotTarget(state.address, state.allocation_id)
+            self._hot[app] = HotTarget(state.address, state.allocation_id, state.last_wake)
             spec = self.apps.get(app)
             busy, was_seen = self.in_flight(app), app in seen
             # Ask the store for idleness only when nothing here says the app is busy.
@@ -688,14 +779,56 @@ class WakeController:
             await self.store.release_lease(app, owner)
 
     async def close(self) -> None:
+        self._closing = True  # counts from here on wait for the last flush below
         tasks = [*self._flights.values(), *self._background]
+        if self._flusher is not None:
+            tasks.append(self._flusher)
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
+        # What was counted up to now still reaches the store, if it answers in time.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_FLUSH_TIMEOUT):
+                while self.tally.has_work() and await self.flush_gallery():
+                    pass
+        if self.tally.has_work():
+            log.warning("gallery counts not stored at close: %s", self.tally.total())
         await self.client.close()
         await self.store.close()
+
+    # ------------------------------------------------------------ gallery counts
+
+    def _tally(self, keys: tuple[str, ...]) -> None:
+        """Count toward the region-wide gallery; flushed by a task at most every ~0.5 s."""
+        if not keys:
+            return
+        self.tally.add(keys)
+        if not self._closing and (self._flusher is None or self._flusher.done()):
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_pending())
+
+    async def _flush_pending(self) -> None:
+        """Flush every FLUSH_EVERY (backing off while the store fails) until nothing is left."""
+        while self.tally.has_work():
+            await asyncio.sleep(gallery_tally.flush_pause(self.tally.failures))
+            await self.flush_gallery()
+
+    async def flush_gallery(self) -> bool:
+        """Send the batch due to the store in one call; False (kept for the next try) when
+        the store did not take it."""
+        batch = self.tally.next_batch()
+        if batch is None:
+            return True
+        try:
+            await self.store.add_counts(batch.deltas, writer=self.tally.writer, seq=batch.seq)
+        except Exception as exc:  # any: the counts are kept, and the task must not die
+            if not self.tally.failures:
+                log.warning("gallery counts not stored (%r); kept and retried", exc)
+            self.tally.failed()
+            return False
+        self.tally.sent(batch.seq)
+        return True
 
     def _phase(self, phase: str, seconds: float) -> None:
         totals = self.phases.get(phase)

@@ -18,7 +18,8 @@ Gallery names: the gates "wake budget available" (`budget_step`) and
 "readiness timeout" and "old route epoch" are refusal kinds (`GALLERY`), and
 "wake stampede" is the coalescing the lease gives (a second caller finds the
 lease taken and waits; no decision is needed). "Payment webhook while cold" is
-admission's, not the controller's.
+admission's, not the controller's. What each adds to the region-wide counters is
+wake/gallery_tally.py's.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import msgspec
 from scheduler_client import backoff
 from scheduler_client.models import Allocation
 from wake.budget import BudgetDecision
-from wake.store.protocol import AppWakeState
+from wake.store.protocol import AppWakeState, WakePhases
 
 # A failed app is not woken again before 1 s, doubling per consecutive failure to 60 s.
 BACKOFF_BASE = 1.0
@@ -68,9 +69,6 @@ GALLERY: dict[RefuseKind, str] = {
     RefuseKind.OLD_ROUTE_EPOCH: "old_route_epoch",
     RefuseKind.READINESS_TIMEOUT: "readiness_timeout",
 }
-# Failure mode "wake stampede": a request that found another process waking the app
-# and waited on that wake instead of starting its own (counted, never refused).
-WAKE_STAMPEDE = "wake_stampede"
 
 # Reasons written with Wake transitions (the journal shows them).
 TAKEN_OVER = "taken over by a new wake"
@@ -366,6 +364,25 @@ def control_plane_error(app: str) -> Refuse:
 def expected_wake(previous: float, took: float, weight: float = WAKE_EWMA) -> float:
     """The moving average of wake time after a wake that `took` seconds (0: unknown)."""
     return took if previous <= 0 else previous + weight * (took - previous)
+
+
+def wake_phases(
+    at: float, *, budget: float, allocation: float, readiness: float, total: float
+) -> WakePhases:
+    """What a wake that went hot at `at` (wall clock) stores of its phases (seconds in;
+    ms out, 0.1 ms resolution, never negative; total: from the budget ask to hot)."""
+
+    def ms(seconds: float) -> float:
+        return round(max(0.0, seconds) * 1000, 1)
+
+    parts = ms(budget), ms(allocation), ms(readiness)
+    return WakePhases(
+        at=at,
+        budget_ms=parts[0],
+        allocation_ms=parts[1],
+        readiness_ms=parts[2],
+        total_ms=max(ms(total), round(sum(parts), 1)),
+    )
 
 
 # --------------------------------------------------------------------- idle

@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from edge.http.forward_headers import RequestFields
     from edge.routing.admission import ColdRequest
     from edge.upstream.pool import UpstreamConnection, UpstreamPeer
+    from wake.store.protocol import WakePhases
 
     # What admission needs once a request for a cold app becomes current: the request,
     # its fields, origin-form target, normalised host and body framing line.
@@ -57,7 +58,12 @@ class Exchange:
         "waited_ms",
         "waiter",
         "waiting_head",
+        "wake_phases",
     )
+
+    # Of the wake that released a held request: set with `waited_ms` and read only when that
+    # is set, so a request that was never held pays nothing for it.
+    wake_phases: WakePhases | None
 
     def __init__(self, method: bytes, started_at: float) -> None:
         self.method = method

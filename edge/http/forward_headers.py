@@ -13,6 +13,8 @@ import ipaddress
 from collections.abc import Sequence
 from http import HTTPStatus
 
+from wake.store.protocol import WakePhases
+
 Header = tuple[bytes, bytes]
 
 # Field classes.
@@ -405,3 +407,16 @@ def error_response(
     if close:
         lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if head else body)
+
+
+def server_timing(waited_ms: float, phases: WakePhases | None) -> bytes:
+    """The Server-Timing field of a request held for a wake: its own wait, then the phases
+    of the wake that released it (when known), in ms."""
+    field = b"Server-Timing: wake;dur=%.1f" % waited_ms
+    if phases is not None:
+        field += b", budget;dur=%.1f, allocation;dur=%.1f, readiness;dur=%.1f" % (
+            phases.budget_ms,
+            phases.allocation_ms,
+            phases.readiness_ms,
+        )
+    return field + b"\r\n"

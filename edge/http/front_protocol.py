@@ -12,7 +12,9 @@ each side pauses the other's reading when its write buffer is full.
 
 A request for an app that is not hot is admitted by `edge.routing.admission.admit`
 (hold, queue or refuse); this file only carries the decision out: it reserves in
-the worker's hold accounting, starts the wake, and answers or waits.
+the worker's hold accounting, starts the wake, and answers or waits, and tells the
+wake controller what it did (the gallery's counts). A request released by a wake
+gets `Server-Timing` with its own wait and that wake's phases.
 
 Timeouts are deadlines stored on the connection and enforced by the worker's
 sweeper, so the hot path never arms or cancels a timer.
@@ -61,6 +63,7 @@ from edge.http.forward_headers import (
     build_response_head,
     error_response,
     queued_response,
+    server_timing,
     starting_page,
 )
 from edge.http.host_pattern import host_from_header
@@ -83,6 +86,7 @@ from edge.queue.durable_queue import QueueFull
 from edge.queue.replay_policy import body_key
 from edge.routing.admission import (
     ColdRequest,
+    Hold,
     Queue,
     Reject,
     admit,
@@ -96,6 +100,7 @@ from edge.routing.client_wake_rate import client_key
 from edge.upstream.pool import HEAD_TOO_LARGE, UpstreamConnection, UpstreamPeer
 from edge.upstream.retry_policy import retry_elsewhere, retry_on_stale_connection
 from wake.controller import WakeRefused
+from wake.gallery_tally import Admitted
 from wake.store.protocol import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -528,9 +533,11 @@ class FrontConnection(asyncio.Protocol):
                     refused = isinstance(decision, Reject)
                     ctx.stats.wake_start("refused_request" if refused else "admitted_request")
             if decision.start_wake:
-                wake.start_wake(app.name)
-            if decision.gallery:
-                ctx.stats.gallery(decision.gallery)
+                wake.request_wake(app.name)
+            if isinstance(decision, Hold):
+                wake.admitted(Admitted.HELD)
+            elif isinstance(decision, Reject) and decision.gallery:
+                wake.admitted(Admitted.REJECTED)  # a queued one counts once the queue answers
             if isinstance(decision, Reject):
                 if decision.status == 413:
                     ctx.stats.queue_event(app.name, "too_large")
@@ -626,6 +633,7 @@ class FrontConnection(asyncio.Protocol):
             self._refuse_gone(ex)
             return
         ex.waited_ms = (self.loop.time() - ex.started_at) * 1000
+        ex.wake_phases = target.phases
         ex.peer = ctx.pool.peer(target.address)
         self._forward(ex)
 
@@ -654,16 +662,19 @@ class FrontConnection(asyncio.Protocol):
             )
         except QueueFull as exc:
             self._unhold(ex)
+            self._queue_answered(Admitted.REJECTED)
             ctx.stats.queue_event(ex.app, "refused_full")
             self._refuse_held(ex, str(exc), "queue_full", 30.0)
             return
         except StoreUnavailable:
             self._unhold(ex)
+            self._queue_answered(Admitted.REJECTED)
             ctx.stats.queue_event(ex.app, "refused_unavailable")
             reason = f"app {ex.app} is starting and its queue is unavailable"
             self._refuse_held(ex, reason, "queue_unavailable", 5.0)
             return
         self._unhold(ex)
+        self._queue_answered(Admitted.QUEUED)
         ctx.stats.queue_event(ex.app, "dedupe_hit" if result.duplicate else "accepted")
         if ctx.replayer is not None:
             ctx.replayer.poke()
@@ -674,6 +685,11 @@ class FrontConnection(asyncio.Protocol):
             queued_response(ex.app, result.id, result.duplicate, close=not ex.keep_alive)
         )
         self._complete(ex)
+
+    def _queue_answered(self, admitted: Admitted) -> None:
+        """A request not safe to hold was queued or refused by the queue: for the gallery."""
+        if self.ctx.wake is not None:
+            self.ctx.wake.admitted(admitted)
 
     def _retry_elsewhere(self, ex: Exchange) -> bool:
         """Once per request: an idempotent request whose response had not started moves to
@@ -787,7 +803,7 @@ class FrontConnection(asyncio.Protocol):
             upgrade=upgrade,
         )
         if ex.waited_ms >= 0:
-            head = head[:-2] + b"Server-Timing: wake;dur=%.1f\r\n\r\n" % ex.waited_ms
+            head = head[:-2] + server_timing(ex.waited_ms, ex.wake_phases) + b"\r\n"
         self.out.append(head)
         if mode == BODY_CHUNKED:
             ex.response_chunked = True

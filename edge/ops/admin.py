@@ -30,7 +30,7 @@ from edge.server.config import (
     restart_keys,
     restart_refusal,
 )
-from edge.server.worker_context import WorkerContext
+from edge.server.worker_context import WorkerContext, count_config_check
 from scheduler_client.client import ControlPlaneClient
 from scheduler_client.config_file import parse_address
 from wake.store.protocol import StoreUnavailable
@@ -172,6 +172,8 @@ def build_admin_app(state: AdminState, token: AdminToken) -> web.Application:
         try:
             new = load_config(state.config_path)
         except ConfigError as exc:
+            # Refused here, it never reaches the workers' reload: counted here instead.
+            count_config_check(state.ctx.wake, exc)
             return web.json_response({"reloaded": False, "error": str(exc)}, status=400)
         keys = restart_keys(state.ctx.config, new)
         if keys:

@@ -89,7 +89,8 @@ class WorkerStats:
         self.rejections: dict[tuple[str, str], int] = {}
         self.held = 0
         self.held_by_app: dict[str, int] = {}
-        # The wake controller's own counters, shared by reference.
+        # The wake controller's own counters, shared by reference ("gallery:<id>" included:
+        # the front reports its admissions through the controller).
         self.wake_events: dict[str, int] = {}
         self.wake_phases: dict[str, list[float]] = {}
         self.route: dict[str, float] = {}
@@ -111,11 +112,6 @@ class WorkerStats:
     def rejection(self, app: str, reason: str) -> None:
         key = (app, reason)
         self.rejections[key] = self.rejections.get(key, 0) + 1
-
-    def gallery(self, gallery_id: str) -> None:
-        """A gate refused or a failure mode seen, by its gallery id (shared with the wake)."""
-        key = "gallery:" + gallery_id
-        self.wake_events[key] = self.wake_events.get(key, 0) + 1
 
     def wake_start(self, by: str) -> None:
         """A wake this worker started, by what kind of request (refused ones count too)."""

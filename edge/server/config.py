@@ -34,6 +34,21 @@ from scheduler_client.config_file import (
 
 ADMIN_TOKEN_ENV = "EDGE_ADMIN_TOKEN"
 LogLevel = Literal["debug", "info", "warning", "error"]
+# The Wake gate checked at load (wake/machine.py): every request class resolves.
+REPLAY_POLICY_GATE = "unsafe_replay_policy_exists"
+
+
+class GateRefused(ConfigError):
+    """A config refused by a Wake gate checked at load; `gate` is the gate's gallery id."""
+
+    def __init__(self, file: str, path: str, problem: str, gate: str) -> None:
+        super().__init__(file, path, problem)
+        self.gate = gate
+
+
+def refused_gate(error: ConfigError) -> str:
+    """The gallery id of the gate that refused a config ("" when something else did)."""
+    return error.gate if isinstance(error, GateRefused) else ""
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -390,7 +405,7 @@ def _check_app(
     where: str,
     config: Config,
     owner_of_host: dict[str, str],
-    fail: Callable[[str, str], None],
+    fail: Callable[..., None],
 ) -> None:
     if not re.fullmatch(r"[a-z0-9]([a-z0-9_-]{0,62})", app.name):
         fail(f"{where}.name", f"{app.name!r}: use 1-63 of a-z, 0-9, '-', '_'")
@@ -431,6 +446,7 @@ def _check_app(
             f"{where}.replay",
             f"app {app.name!r} has rules that queue requests but no replay policy: add "
             "[apps.replay] with max_attempts, retention, dedupe_key and max_body",
+            REPLAY_POLICY_GATE,
         )
     if app.replay is not None:
         if store.startswith("memory://"):
@@ -459,8 +475,8 @@ def _check_app(
 def _check(config: Config, file: str) -> None:
     """What the field types cannot say: addresses, formats, and keys that depend on others."""
 
-    def fail(path: str, problem: str) -> None:
-        raise ConfigError(file, path, problem)
+    def fail(path: str, problem: str, gate: str = "") -> None:
+        raise GateRefused(file, path, problem, gate) if gate else ConfigError(file, path, problem)
 
     _check_edge(config.edge, fail)
     _check_control_plane(config.control_plane, fail)

@@ -36,7 +36,12 @@ from edge.server.config import (
     restart_refusal,
 )
 from edge.server.logging_setup import setup_logging
-from edge.server.worker_context import WorkerContext, budget_limits, wake_specs
+from edge.server.worker_context import (
+    WorkerContext,
+    budget_limits,
+    count_config_check,
+    wake_specs,
+)
 from scheduler_client.client import ControlPlaneClient
 from scheduler_client.config_file import parse_address, read_secret
 from wake.controller import WakeController
@@ -233,6 +238,8 @@ async def serve(
         ctx.stats.wake_phases = wake.phases
 
     start_wake(config)
+    if index == 0:  # one count per edge for each config load (see count_config_check)
+        count_config_check(wake, None)
     replayer: Replayer | None = None
     replay_task: asyncio.Task | None = None
 
@@ -308,13 +315,19 @@ async def serve(
             new = load_config(config_path)
         except ConfigError as exc:
             logger.error("reload refused, keeping the running config: %s", exc)
+            if index == 0:
+                count_config_check(wake, exc)
             return
         keys = restart_keys(ctx.config, new)
         if keys:  # the supervisor refuses these first; a SIGHUP straight to a worker too
             logger.error("%s", restart_refusal(keys))
+            if index == 0:
+                count_config_check(wake, None)  # it passed the gate, if not adopted
             return
         setup_logging(new.log, process_name(index), log_level)
         start_wake(new)  # before apply: the apps' upstreams take the controller
+        if index == 0:
+            count_config_check(wake, None)
         ctx.apply(new)
         start_replay()
         logger.info("config reloaded")

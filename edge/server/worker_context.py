@@ -16,7 +16,7 @@ from edge.ops.worker_stats import WorkerStats
 from edge.routing.app_upstreams import AppUpstreams
 from edge.routing.client_wake_rate import ClientWakeAllowance, ClientWakeRate
 from edge.routing.hold_accounting import HoldAccounting, HoldCaps
-from edge.server.config import Config
+from edge.server.config import REPLAY_POLICY_GATE, Config, ConfigError, refused_gate
 from edge.upstream.pool import UpstreamPool
 from wake.budget import BudgetLimits
 from wake.controller import WakeAppSpec, WakeController
@@ -44,6 +44,17 @@ def wake_specs(config: Config) -> dict[str, WakeAppSpec]:
         for app in config.apps
         if app.scale_to_zero
     }
+
+
+def count_config_check(wake: WakeController | None, error: ConfigError | None) -> None:
+    """One config load for the gallery's gate "unsafe replay policy exists": passed when it
+    loaded, refused when that gate refused it (worker 0 counts, once per load it reads)."""
+    if wake is None:
+        return  # no scale-to-zero app, no wake machine to count for
+    if error is None:
+        wake.gate_checked(REPLAY_POLICY_GATE, passed=True)
+    elif refused_gate(error):
+        wake.gate_checked(refused_gate(error), passed=False)
 
 
 def hold_caps(config: Config) -> HoldCaps:

@@ -38,6 +38,7 @@ class MemoryStore:
         self._budget = budget.BudgetState()
         self._last_seen: dict[str, float] = {}
         self._counts: dict[str, int] = {}
+        self._count_batches: dict[str, int] = {}  # writer -> last batch seq added
 
     def _live_lease(self, app: str) -> tuple[str, float] | None:
         lease = self._leases.get(app)
@@ -131,7 +132,11 @@ class MemoryStore:
         seen = self._last_seen.get(app)
         return None if seen is None else max(0.0, self._clock() - seen)
 
-    async def add_counts(self, deltas: dict[str, int]) -> None:
+    async def add_counts(self, deltas: dict[str, int], *, writer: str = "", seq: int = 0) -> None:
+        if writer:
+            if seq <= self._count_batches.get(writer, 0):
+                return
+            self._count_batches[writer] = seq
         for key, n in deltas.items():
             self._counts[key] = self._counts.get(key, 0) + n
 

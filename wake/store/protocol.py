@@ -139,8 +139,12 @@ class WakeStore(Protocol):
         """Seconds since any edge last touched `app`, by the store's clock; None if never."""
         ...
 
-    async def add_counts(self, deltas: dict[str, int]) -> None:
-        """Add to the region-wide gallery counters (gates passed/refused, failure modes)."""
+    async def add_counts(self, deltas: dict[str, int], *, writer: str = "", seq: int = 0) -> None:
+        """Add to the region-wide gallery counters (gates passed/refused, failure modes).
+
+        With `writer`, batch `seq` is added at most once: a batch of that writer with a
+        seq not above the last one added is ignored (a resend after a lost answer).
+        """
         ...
 
     async def counts(self) -> dict[str, int]:

@@ -7,7 +7,9 @@ Cluster slot:
   channel `edge:{app}:changed`;
 - region budget: `edge:{budget}:slots|slot_tenant|waiting|waiting_until|
   waiting_tenant|seq|bucket` (see wake/store/redis_scripts.py);
-- journal: the capped stream `edge:{journal}`.
+- journal: the capped stream `edge:{journal}`;
+- gallery counters: the HASH `edge:{gallery}:counts`, and `edge:{gallery}:writer:<id>`
+  (the last batch seq each counting process added, so a resend adds nothing).
 
 Every call is bounded (socket timeouts plus an overall per-call deadline) and any
 Redis failure surfaces as `StoreUnavailable`, so callers can answer 503 instead of
@@ -35,6 +37,9 @@ from wake.store.redis_connection import bounded_client, guarded
 log = logging.getLogger(__name__)
 
 JOURNAL_LIMIT = 10_000
+# A gallery counter writer's last batch seq is kept this long (s) after its last batch:
+# far longer than any resend, and a process restarted is a new writer anyway.
+COUNT_WRITER_TTL = 86_400
 # Journal entries fetched per round trip when filtering by app.
 _JOURNAL_PAGE = 500
 _MAX_U64 = 2**64 - 1
@@ -120,6 +125,7 @@ class RedisStore:
         self._renew_budget = r.register_script(redis_scripts.RENEW_BUDGET)
         self._release_budget = r.register_script(redis_scripts.RELEASE_BUDGET)
         self._budget_usage = r.register_script(redis_scripts.BUDGET_USAGE)
+        self._add_counts = r.register_script(redis_scripts.ADD_COUNTS)
         self._budget_keys = [
             self._budget_key(name)
             for name in (
@@ -414,8 +420,16 @@ class RedisStore:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def add_counts(self, deltas: dict[str, int]) -> None:
+    async def add_counts(self, deltas: dict[str, int], *, writer: str = "", seq: int = 0) -> None:
         if not deltas:
+            return
+        if writer:
+            keys = [self._counts_key, f"{self._prefix}:{{gallery}}:writer:{writer}"]
+            args: list[object] = [seq, COUNT_WRITER_TTL]
+            for key, n in deltas.items():
+                args += [key, n]
+            async with self._guard("add_counts"):
+                await self._add_counts(keys, args)
             return
         async with self._guard("add_counts"), self._redis.pipeline(transaction=False) as pipe:
             for key, n in deltas.items():

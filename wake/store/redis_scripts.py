@@ -267,3 +267,19 @@ local tokens = refill(tonumber(ARGV[1]), now)
 return {redis.call('ZCARD', SLOTS), redis.call('ZCARD', WAITING), tostring(tokens), flat}
 """
 )
+
+# --------------------------------------------------------------------------- gallery
+
+# KEYS: counts (HASH key -> n), writer (last batch seq added). ARGV: seq, writer ttl (s),
+# then key, n pairs. Adds the batch unless the writer's seq already reached it (a resend).
+ADD_COUNTS = """
+local seq = tonumber(ARGV[1])
+if seq <= tonumber(redis.call('GET', KEYS[2]) or '0') then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+for i = 3, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+return 1
+"""
