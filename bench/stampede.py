@@ -52,7 +52,6 @@ import resource
 import secrets
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -67,6 +66,7 @@ from typing import Any
 from bench_processes import Processes as BaseProcesses
 
 from scheduler_client.config_file import render_toml
+from scheduler_client.local.loopback import accepts, free_port, redis_pong
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_APP = REPO / "bench" / "apps" / "sample_app.py"
@@ -86,12 +86,6 @@ TARGETS: dict[str, float] = {
 
 def log(msg: str) -> None:
     print(f"[stampede] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def edge_binary() -> str:
@@ -501,23 +495,6 @@ def wait_until(what: str, check, proc: subprocess.Popen, log_path: Path) -> None
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what} not ready in {READY_TIMEOUT:g}s:\n{tail(log_path)}")
         time.sleep(0.05)
-
-
-def redis_pong(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def start_redis(procs: Processes, tmp: Path, appendfsync: str = "") -> str:

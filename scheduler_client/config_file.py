@@ -7,6 +7,7 @@ problem becomes one `ConfigError` naming the file, the key path and what is wron
 from __future__ import annotations
 
 import ipaddress
+import json
 import operator
 import re
 import tomllib
@@ -289,35 +290,51 @@ def to_builtins(config: Any) -> dict[str, Any]:
     return msgspec.to_builtins(config, enc_hook=_enc_hook)
 
 
-def render_toml(data: dict[str, Any]) -> str:
-    """Render effective config back as TOML (flat enough for our schema)."""
-    lines: list[str] = []
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
 
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return msgspec.json.encode(v).decode()
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        if isinstance(v, dict):  # inline table, e.g. classification rules inside an app
-            pairs = (f"{k} = {value(x)}" for k, x in v.items() if x is not None)
-            return "{" + ", ".join(pairs) + "}"
-        return repr(v)
 
-    def table(prefix: str, body: dict[str, Any], header: str) -> None:
-        scalars = {k: v for k, v in body.items() if not isinstance(v, dict) and v is not None}
-        nested = {k: v for k, v in body.items() if isinstance(v, dict)}
-        lines.append(header)
-        lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
-        lines.append("")
-        for k, v in nested.items():
-            table(f"{prefix}.{k}", v, f"[{prefix}.{k}]")
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        # A JSON string is a valid TOML basic string (same escapes, \uXXXX included).
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):  # inline table, e.g. classification rules inside an app
+        pairs = (f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None)
+        return "{" + ", ".join(pairs) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
-    for key, body in data.items():
-        if isinstance(body, dict):
-            table(key, body, f"[{key}]")
-        elif isinstance(body, list):
-            for item in body:
-                table(key, item, f"[[{key}]]")
-    return "\n".join(lines)
+
+def _toml_table(header: str, table: dict[str, Any], out: list[str]) -> None:
+    """Plain keys first (None: left out), then sub-tables as [header.key]."""
+    out.append(header)
+    subtables = {k: v for k, v in table.items() if isinstance(v, dict)}
+    for key, value in table.items():
+        if key not in subtables and value is not None:
+            out.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    out.append("")
+    name = header.strip("[]")
+    for key, value in subtables.items():
+        _toml_table(f"[{name}.{_toml_key(key)}]", value, out)
+
+
+def render_toml(data: dict[str, Any], comment: str = "") -> str:
+    """Config as TOML text: tables and arrays of tables (each with sub-tables), under an
+    optional comment (`edge check` prints it; the demo, tests and benchmarks write it)."""
+    out = [f"# {line}" if line else "#" for line in comment.splitlines()]
+    if out:
+        out.append("")
+    for key, value in data.items():
+        if isinstance(value, dict):
+            _toml_table(f"[{_toml_key(key)}]", value, out)
+        elif isinstance(value, list) and all(isinstance(item, dict) for item in value):
+            for item in value:
+                _toml_table(f"[[{_toml_key(key)}]]", item, out)
+        else:
+            raise TypeError(f"top-level {key!r} must be a table or an array of tables")
+    return "\n".join(out)

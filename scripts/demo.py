@@ -8,7 +8,7 @@ wait for a process to answer, pick a free port, stop the control plane's app pro
     python scripts/demo.py wait --pid PID --redis PORT
     python scripts/demo.py stop-apps --url http://127.0.0.1:9400
 
-Standard library only (it runs several times per start, so it must start fast). The
+Light imports only (it runs several times per start, so it must start fast). The
 configs are rendered from the committed templates (configs/local.toml and
 configs/controlplane.local.toml) as data: ports, store, workers and idle timeouts are
 set here, and nowhere else, so a test can run the demo on free ports.
@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scheduler_client.config_file import render_toml
+from scheduler_client.local.loopback import accepts, free_port, redis_pong
+
 ROOT = Path(__file__).resolve().parent.parent
 TERMINAL_STATES = ("stopped", "failed")
 # The wake controller drains a sleeping app for 5 s (SLEEP_DRAIN_DEADLINE), checks idleness
@@ -38,56 +41,6 @@ TERMINAL_STATES = ("stopped", "failed")
 SLEEP_SLACK = 10
 
 logger = logging.getLogger("run-local")
-
-
-# ------------------------------------------------------------------------ TOML
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        # A JSON string is a valid TOML basic string (same escapes, \uXXXX included).
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    if isinstance(value, dict):
-        pairs = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
-        return "{ " + pairs + " }"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
-
-
-def _toml_table(header: str, table: dict[str, Any], out: list[str]) -> None:
-    """Plain keys first, then sub-tables (as [header.key])."""
-    out.append(header)
-    subtables = {k: v for k, v in table.items() if isinstance(v, dict)}
-    for key, value in table.items():
-        if key not in subtables:
-            out.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    out.append("")
-    name = header.strip("[]")
-    for key, value in subtables.items():
-        _toml_table(f"[{name}.{_toml_key(key)}]", value, out)
-
-
-def to_toml(data: dict[str, Any], comment: str) -> str:
-    """Tables and arrays of tables (each with sub-tables): what the two configs use."""
-    out = [f"# {line}" if line else "#" for line in comment.splitlines()] + [""]
-    for key, value in data.items():
-        if isinstance(value, dict):
-            _toml_table(f"[{_toml_key(key)}]", value, out)
-        elif isinstance(value, list) and all(isinstance(item, dict) for item in value):
-            for item in value:
-                _toml_table(f"[[{_toml_key(key)}]]", item, out)
-        else:
-            raise TypeError(f"top-level {key!r} must be a table or an array of tables")
-    return "\n".join(out)
 
 
 def seconds(duration: str) -> float:
@@ -175,7 +128,7 @@ def render_edge(demo: Demo, template: Path) -> str:
         shop["rules"] = [rule for rule in shop.get("rules", []) if rule.get("class") != "queue"]
         shop.pop("replay", None)
     _app(apps, "static", template)["upstreams"] = [f"127.0.0.1:{demo.static_port}"]
-    return to_toml(config, f"Rendered by scripts/run-local from {template}; edit that instead.")
+    return render_toml(config, f"Rendered by scripts/run-local from {template}; edit that instead.")
 
 
 def _absolute(value: str, base: Path) -> str:
@@ -202,7 +155,7 @@ def render_controlplane(demo: Demo, template: Path) -> str:
     shop = _app(config.get("apps", []), "shop", template)
     # Every shop instance appends its webhook deliveries here; GET /webhooks lists them.
     shop["command"] = [*shop["command"], "--record", str(demo.record)]
-    return to_toml(config, f"Rendered by scripts/run-local from {template}; edit that instead.")
+    return render_toml(config, f"Rendered by scripts/run-local from {template}; edit that instead.")
 
 
 def try_list(demo: Demo) -> list[tuple[str, str]]:
@@ -381,9 +334,7 @@ def pick_port(args: argparse.Namespace) -> int:
     """The preferred port when nothing holds it, else any free one."""
     port = args.preferred
     if not port_is_free(port):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
     sys.stdout.write(f"{port}\n")
     return 0
 
@@ -417,32 +368,15 @@ def _http_ready(url: str, instance: str) -> bool:
         return False
 
 
-def _redis_ready(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 def wait(args: argparse.Namespace) -> int:
     """0 once it answers, 1 if the process exited first, 2 on timeout."""
     instance = args.instance.replace("{pid}", str(args.pid))
     deadline = time.monotonic() + args.timeout
     while True:
         if (
-            (args.redis is None or _redis_ready(args.redis))
+            (args.redis is None or redis_pong(args.redis))
             and (not args.http or _http_ready(args.http, instance))
-            and (args.tcp is None or _accepts(args.tcp))
+            and (args.tcp is None or accepts(args.tcp))
         ):
             return 0
         if not _alive(args.pid):

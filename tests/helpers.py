@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,60 +15,12 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from scheduler_client.config_file import render_toml as to_toml  # noqa: F401 (the tests' name)
+from scheduler_client.local.loopback import free_port  # noqa: F401 (re-exported)
+
 IO_TIMEOUT = 10.0
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-
-
-def free_port() -> int:
-    """A port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        pairs = (f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items())
-        return "{" + ", ".join(pairs) + "}"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def _toml_table(header: str, body: dict[str, Any], out: list[str]) -> None:
-    out.append(f"[{header}]" if not header.startswith("[") else header)
-    nested = {}
-    for key, value in body.items():
-        if isinstance(value, dict):
-            nested[key] = value
-        elif value is not None:
-            out.append(f"{key} = {_toml_value(value)}")
-    out.append("")
-    for key, value in nested.items():
-        _toml_table(f"{header}.{key}", value, out)
-
-
-def to_toml(config: dict[str, Any]) -> str:
-    """Enough TOML for the edge schema: tables, one nested level, arrays of tables."""
-    out: list[str] = []
-    for section, body in config.items():
-        if isinstance(body, dict):
-            _toml_table(section, body, out)
-        elif isinstance(body, list):
-            for item in body:
-                out.append(f"[[{section}]]")
-                out.extend(f"{k} = {_toml_value(v)}" for k, v in item.items())
-                out.append("")
-        else:
-            raise TypeError(f"top-level {section!r} must be a table or an array of tables")
-    return "\n".join(out)
 
 
 def app_entry(name: str, hosts: list[str], *upstreams: Any) -> dict[str, Any]:

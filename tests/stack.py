@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from typing import Any
 
 import pytest
 from helpers import ROOT, TESTS, app_entry, free_port, to_toml
+
+from scheduler_client.local.loopback import accepts, redis_pong
 
 UPSTREAM_APP = TESTS / "upstream_app.py"
 SAMPLE_APP = ROOT / "bench" / "apps" / "sample_app.py"
@@ -83,23 +84,6 @@ def stop_process(proc: subprocess.Popen, group: bool) -> None:
 # --------------------------------------------------------------------------- redis
 
 
-def _redis_pong(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 class RedisProcess:
     """A redis-server of our own on 127.0.0.1: startable, stoppable, restartable on its port.
 
@@ -144,7 +128,7 @@ class RedisProcess:
                 stderr=subprocess.STDOUT,
             )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT
-        while not _redis_pong(self.port):
+        while not redis_pong(self.port):
             if self.proc.poll() is not None:
                 pytest.fail(
                     f"redis-server exited with {self.proc.returncode}:\n{tail(self.log_path)}"
@@ -444,7 +428,7 @@ class EdgeLauncher:
                 )
             if last[0] != 200:
                 last = edge_proc.admin_get("/readyz", timeout=1.0)
-            if last[0] == 200 and _accepts(edge_proc.port):
+            if last[0] == 200 and accepts(edge_proc.port):
                 return True
             if time.monotonic() > deadline:
                 edge_proc.stop()

@@ -25,12 +25,12 @@ from helpers import ROOT, eventually
 from scheduler_client.local.app_process import (
     AppProcess,
     file_digest,
-    free_port,
     missing_secrets,
     render_command,
     verify_artifact,
 )
 from scheduler_client.local.config import AppSpec
+from scheduler_client.local.loopback import free_port
 
 SAMPLE_APP = ROOT / "bench" / "apps" / "sample_app.py"
 READY_TIMEOUT = 20.0

@@ -29,7 +29,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -54,13 +53,6 @@ _SESSIONS_TIMEOUT = 1.0
 _KILL_WAIT = 5.0
 
 logger = logging.getLogger(__name__)
-
-
-def free_port() -> int:
-    """A port that was free on 127.0.0.1 a moment ago (the app binds it soon after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def render_command(

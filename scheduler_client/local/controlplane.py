@@ -22,13 +22,9 @@ from typing import TypeVar
 
 import msgspec
 
-from scheduler_client.local.app_process import (
-    AppProcess,
-    free_port,
-    missing_secrets,
-    verify_artifact,
-)
+from scheduler_client.local.app_process import AppProcess, missing_secrets, verify_artifact
 from scheduler_client.local.config import AppSpec, ControlPlaneConfig
+from scheduler_client.local.loopback import free_port
 from scheduler_client.local.store import ControlPlaneStore
 from scheduler_client.machine_move import Move, plan_create, plan_event, plan_move
 from scheduler_client.machine_spec import MachineSpec
