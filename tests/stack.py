@@ -538,6 +538,19 @@ def sample_app_spec(name: str = "hello", **overrides: Any) -> dict[str, Any]:
     return spec
 
 
+def cold_app(name: str, **overrides: Any) -> dict[str, Any]:
+    """An edge [[apps]] entry for a scale-to-zero app on `<name>.localhost`."""
+    app = {
+        "name": name,
+        "hosts": [f"{name}.localhost"],
+        "scale_to_zero": True,
+        "hold_timeout": "20s",
+        "readiness_timeout": "15s",
+    }
+    app.update(overrides)
+    return app
+
+
 def kill_leftover_apps(state_file: Path) -> None:
     """App processes outlive the control plane by design; reap the ones a test left."""
     if not state_file.exists():

@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 from helpers import eventually, metric_sum, to_toml
-from stack import CONTROL_PLANE_TOKEN, RedisProcess, sample_app_spec
+from stack import CONTROL_PLANE_TOKEN, RedisProcess, cold_app, sample_app_spec
 from webhooks import HOST as SHOP_HOOKS_HOST
 from webhooks import QUEUE_RULES, WebhookApp, shop
 
@@ -31,18 +31,6 @@ def slow_app(name: str, start_delay: float, **overrides: Any) -> dict[str, Any]:
     spec = sample_app_spec(name, **overrides)
     spec["command"] = [*spec["command"], "--start-delay", str(start_delay)]
     return spec
-
-
-def cold_app(name: str, **overrides: Any) -> dict[str, Any]:
-    app = {
-        "name": name,
-        "hosts": [f"{name}.localhost"],
-        "scale_to_zero": True,
-        "hold_timeout": "20s",
-        "readiness_timeout": "15s",
-    }
-    app.update(overrides)
-    return app
 
 
 def region_edge(start_edge, cp, store: str, apps, workers: int | None = None, **sections: Any):

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 from helpers import ROOT, eventually, to_toml
-from stack import CONTROL_PLANE_TOKEN, sample_app_spec
+from stack import CONTROL_PLANE_TOKEN, cold_app, sample_app_spec
 
 TINY_APP = ROOT / "bench" / "apps" / "tiny_app.py"
 
@@ -29,18 +29,6 @@ def tiny_app_spec(name: str) -> dict[str, Any]:
         "start_timeout": "15s",
         "drain_grace": "1s",
     }
-
-
-def cold_app(name: str, **overrides: Any) -> dict[str, Any]:
-    app = {
-        "name": name,
-        "hosts": [f"{name}.localhost"],
-        "scale_to_zero": True,
-        "hold_timeout": "20s",
-        "readiness_timeout": "15s",
-    }
-    app.update(overrides)
-    return app
 
 
 @pytest.fixture(autouse=True)

@@ -15,11 +15,12 @@ never answered, or does not report that number.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import TypeVar
 
 import msgspec
 
-from scheduler_client.machine_spec import CONTROL_PLANE, MachineSpec
+from scheduler_client.machine_spec import CONTROL_PLANE, FailureMode, Gate, MachineSpec
 from scheduler_client.machines import ALLOCATION, CONTROL_PLANE_MACHINES, GALLERY
 from scheduler_client.models import Allocation, MachineReport, MachinesReport
 from wake import gallery_counts
@@ -221,38 +222,26 @@ def wake_machine(inputs: GalleryInputs) -> MachineView:
     if store.states is not None:
         names = [a.name for a in inputs.apps if a.scale_to_zero]
         in_state = Counter(store.states[n].state for n in names if n in store.states)
-    gates = [
-        GateView(
-            id=g.id,
-            name=g.name,
-            description=g.description,
-            guards=g.guards,
-            passed=None if counts is None else counts.get(gallery_counts.gate_passed(g.id), 0),
-            refused=None if counts is None else counts.get(gallery_counts.gate_refused(g.id), 0),
-            detected_by=g.detected_by,
-        )
-        for g in WAKE.gates
-    ]
-    modes = [
-        FailureModeView(
-            id=f.id,
-            name=f.name,
-            description=f.description,
-            leads_to=f.leads_to,
-            count=None if counts is None else counts.get(gallery_counts.failure(f.id), 0),
-            detail="" if counts is None else wake_failure_detail(f.id, counts),
-            detected_by=f.detected_by,
-        )
-        for f in WAKE.failure_modes
-    ]
+
+    def gate_counts(g: Gate) -> tuple[int | None, int | None]:
+        if counts is None:
+            return None, None
+        passed = counts.get(gallery_counts.gate_passed(g.id), 0)
+        return passed, counts.get(gallery_counts.gate_refused(g.id), 0)
+
+    def mode_count(f: FailureMode) -> tuple[int | None, str]:
+        if counts is None:
+            return None, ""
+        return counts.get(gallery_counts.failure(f.id), 0), wake_failure_detail(f.id, counts)
+
     return _machine(
         WAKE,
         EDGE,
         reported=in_state is not None or counts is not None,
         scope=inputs.counts_scope,
         states=None if in_state is None else dict(in_state),
-        gates=gates,
-        modes=modes,
+        gate_counts=gate_counts,
+        mode_count=mode_count,
     )
 
 
@@ -263,13 +252,43 @@ def _moves_into(report: MachineReport, state: str) -> int:
 def control_plane_machine(spec: MachineSpec, report: MachineReport | None) -> MachineView:
     """A control-plane machine from its report; unreported: every count null."""
     reasons = report.reasons if report is not None else {}
+
+    def gate_counts(g: Gate) -> tuple[int | None, int | None]:
+        if report is None:
+            return None, None
+        linked = [f.id for f in spec.failure_modes if f.gate == g.id]
+        refused = sum(reasons.get(code, 0) for code in (g.id, *linked))
+        return _moves_into(report, g.guards), refused
+
+    def mode_count(f: FailureMode) -> tuple[int | None, str]:
+        return (None if report is None else reasons.get(f.id, 0)), ""
+
+    return _machine(
+        spec,
+        CONTROL_PLANE,
+        reported=report is not None,
+        scope="region",
+        states=None if report is None else report.states,
+        gate_counts=gate_counts,
+        mode_count=mode_count,
+    )
+
+
+def _machine(
+    spec: MachineSpec,
+    owner: str,
+    *,
+    reported: bool,
+    scope: str,
+    states: dict[str, int] | None,
+    gate_counts: Callable[[Gate], tuple[int | None, int | None]],
+    mode_count: Callable[[FailureMode], tuple[int | None, str]],
+) -> MachineView:
+    """The view of one machine; `gate_counts` gives (passed, refused), `mode_count`
+    (count, detail), None where the source did not report them."""
     gates = []
     for g in spec.gates:
-        passed = refused = None
-        if report is not None:
-            passed = _moves_into(report, g.guards)
-            linked = [f.id for f in spec.failure_modes if f.gate == g.id]
-            refused = sum(reasons.get(code, 0) for code in (g.id, *linked))
+        passed, refused = gate_counts(g)
         gates.append(
             GateView(
                 id=g.id,
@@ -281,39 +300,20 @@ def control_plane_machine(spec: MachineSpec, report: MachineReport | None) -> Ma
                 detected_by=g.detected_by,
             )
         )
-    modes = [
-        FailureModeView(
-            id=f.id,
-            name=f.name,
-            description=f.description,
-            leads_to=f.leads_to,
-            count=None if report is None else reasons.get(f.id, 0),
-            detail="",
-            detected_by=f.detected_by,
+    modes = []
+    for f in spec.failure_modes:
+        count, detail = mode_count(f)
+        modes.append(
+            FailureModeView(
+                id=f.id,
+                name=f.name,
+                description=f.description,
+                leads_to=f.leads_to,
+                count=count,
+                detail=detail,
+                detected_by=f.detected_by,
+            )
         )
-        for f in spec.failure_modes
-    ]
-    return _machine(
-        spec,
-        CONTROL_PLANE,
-        reported=report is not None,
-        scope="region",
-        states=None if report is None else report.states,
-        gates=gates,
-        modes=modes,
-    )
-
-
-def _machine(
-    spec: MachineSpec,
-    owner: str,
-    *,
-    reported: bool,
-    scope: str,
-    states: dict[str, int] | None,
-    gates: list[GateView],
-    modes: list[FailureModeView],
-) -> MachineView:
     return MachineView(
         name=spec.name,
         title=spec.title or spec.name,
