@@ -12,7 +12,9 @@ plane every 0.5 s meanwhile; stops everything it started; and writes OUT/:
     timeline.json       the samples (requests, held, wakes in flight, 503s by reason)
     summary.json        requests, errors by status and reason, wakes per app, peak
                         concurrent starts (control plane journal), peak held,
-                        wake durations p50/p99 by phase, lost requests
+                        wake durations p50/p99 by phase, lost requests, and
+                        why each wake waited (`wake_wait_reasons`: its longest
+                        phase, counts by it, p50/p99 ms per phase)
     chart.png           over time: requests/s, held requests, wakes in flight
                         against the budget line, 503s/s by reason
 
@@ -476,6 +478,37 @@ def phase_stats(sample: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+WAKE_PHASES = ("budget", "allocation", "readiness")
+
+
+def wake_wait_reasons(last_wakes: dict[str, dict[str, float] | None]) -> dict[str, Any]:
+    """Why each wake waited, from each app's last completed wake (`last_wake` in the
+    edge's /admin/gallery, ms per phase; a run waking each app once sees every wake):
+    its dominant phase (the longest; a tie goes to the earlier phase), the count of
+    wakes by dominant phase, and p50/p99 per phase in ms."""
+    per_wake = []
+    for app, phases in sorted(last_wakes.items()):
+        if not phases:
+            continue
+        ms = {phase: float(phases.get(f"{phase}_ms", 0.0)) for phase in WAKE_PHASES}
+        dominant = max(WAKE_PHASES, key=lambda phase: ms[phase])
+        per_wake.append({"app": app, "dominant": dominant, **{f"{k}_ms": v for k, v in ms.items()}})
+    return {
+        "wakes": len(per_wake),
+        "by_dominant": {
+            phase: sum(1 for w in per_wake if w["dominant"] == phase) for phase in WAKE_PHASES
+        },
+        "phase_ms": {
+            phase: {
+                "p50": percentile([w[f"{phase}_ms"] for w in per_wake], 50),
+                "p99": percentile([w[f"{phase}_ms"] for w in per_wake], 99),
+            }
+            for phase in WAKE_PHASES
+        },
+        "per_wake": per_wake,
+    }
+
+
 def summarize(
     args: argparse.Namespace,
     stack: Stack,
@@ -505,6 +538,8 @@ def summarize(
     journal = stack.cp_get("/v1/journal")["entries"]
     locust_total = int(counted["locust_requests"])
     last = next((s for s in reversed(samples) if "requests" in s), {})
+    status, body = http_get(stack.admin_port, "/admin/gallery", timeout=10)
+    gallery_apps = json.loads(body)["apps"] if status == 200 else []
     summary: dict[str, Any] = {
         "scenario": args.scenario,
         "users": args.users,
@@ -541,6 +576,8 @@ def summarize(
         # Per wake phase, from the edge's histograms (seconds): budget wait,
         # allocation (control plane call), readiness (app start to ready).
         "wake_phase_s": phase_stats(last),
+        # Per wake (each app's last), the phase it waited longest in, and counts by it.
+        "wake_wait_reasons": wake_wait_reasons({a["name"]: a["last_wake"] for a in gallery_apps}),
         "locust_exit": locust_status,
     }
     return summary

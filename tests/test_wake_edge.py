@@ -354,3 +354,40 @@ async def test_classification_rules_decide_hold_or_reject(
     ) as resp:
         assert resp.status == 200 and await resp.read() == b"retry-me"
         assert "Server-Timing" in resp.headers or len(await allocations(cp)) == 1
+
+
+async def test_one_app_of_another_tenant_is_not_queued_behind_a_tenants_fleet(
+    start_control_plane, start_edge, client
+) -> None:
+    """Budget 1: tenant big's 6 cold apps ask first, then tenant small's one app. Round-
+    robin across tenants wakes small's app within the first 3 wakes (arrival order: last).
+    """
+    big = [f"big{i}" for i in range(6)]
+    specs = [
+        sample_app_spec(name, command=sample_app_spec(name)["command"] + ["--start-delay", "1"])
+        for name in [*big, "small"]
+    ]
+    cp = start_control_plane(apps=specs)
+    apps = [scale_to_zero_app(name, tenant="big", hold_timeout="40s") for name in big]
+    apps.append(scale_to_zero_app("small", tenant="small", hold_timeout="40s"))
+    edge = edge_for(
+        start_edge,
+        cp,
+        apps,
+        budget={"max_concurrent_wakes": 1, "max_wakes_per_second": 100},
+    )
+    done: list[str] = []
+
+    async def wake(name: str) -> None:
+        status, _, body = await get(client, edge, host=f"{name}.localhost")
+        assert status == 200, (name, body)
+        done.append(name)
+
+    fleet = []
+    for name in big:  # spaced, so they reach the budget in this order
+        fleet.append(asyncio.create_task(wake(name)))
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)  # every big app is waiting for the budget; big0 is starting
+    await asyncio.gather(*fleet, wake("small"))
+    assert done.index("small") <= 2, done
+    assert [name for name in done if name != "small"] == big  # each tenant in arrival order

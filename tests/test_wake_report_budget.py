@@ -1,5 +1,5 @@
 """The stampede report's budget check: a peak of concurrent starts over the wake budget
-makes the report fail (bench/stampede_report.py exits non-zero)."""
+makes the report fail (bench/stampede_report.py exits non-zero); and why each wake waited."""
 
 from __future__ import annotations
 
@@ -65,3 +65,50 @@ def test_the_exit_status_fails_when_the_budget_was_exceeded(monkeypatch, tmp_pat
     assert stampede_report.main(argv) == 1
     base["peak_concurrent_starts"] = 20
     assert stampede_report.main(argv) == 0
+
+
+def test_each_wake_is_reported_with_the_phase_it_waited_longest_in() -> None:
+    def phases(budget: float, allocation: float, readiness: float) -> dict[str, float]:
+        total = budget + allocation + readiness
+        return {
+            "at": 1.0,
+            "budget_ms": budget,
+            "allocation_ms": allocation,
+            "readiness_ms": readiness,
+            "total_ms": total,
+        }
+
+    reasons = stampede_report.wake_wait_reasons(
+        {
+            "fleet-2": phases(21_000, 40, 800),
+            "fleet-1": phases(59_000, 35, 700),
+            "fleet-3": phases(5, 30, 900),
+            "fleet-4": phases(0, 0, 0),  # a tie goes to the earlier phase
+            "never-woken": None,
+        }
+    )
+    assert reasons["wakes"] == 4
+    assert reasons["by_dominant"] == {"budget": 3, "allocation": 0, "readiness": 1}
+    assert [(w["app"], w["dominant"]) for w in reasons["per_wake"]] == [
+        ("fleet-1", "budget"),
+        ("fleet-2", "budget"),
+        ("fleet-3", "readiness"),
+        ("fleet-4", "budget"),
+    ]
+    assert reasons["per_wake"][0] == {
+        "app": "fleet-1",
+        "dominant": "budget",
+        "budget_ms": 59_000.0,
+        "allocation_ms": 35.0,
+        "readiness_ms": 700.0,
+    }
+    # Nearest rank over the 4 wakes: p50 the 2nd smallest, p99 the largest.
+    assert reasons["phase_ms"]["budget"] == {"p50": 5.0, "p99": 59_000.0}
+    assert reasons["phase_ms"]["readiness"] == {"p50": 700.0, "p99": 900.0}
+
+
+def test_no_wake_seen_reports_empty_counts() -> None:
+    reasons = stampede_report.wake_wait_reasons({})
+    assert reasons["wakes"] == 0 and reasons["per_wake"] == []
+    assert reasons["by_dominant"] == {"budget": 0, "allocation": 0, "readiness": 0}
+    assert reasons["phase_ms"]["allocation"] == {"p50": None, "p99": None}

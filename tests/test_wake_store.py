@@ -9,6 +9,7 @@ Every wait is bounded; timing assertions only check bounds, never speed.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -425,6 +426,56 @@ async def test_budget_release_leaves_the_queue(store: WakeStore) -> None:
     assert (await store.acquire_budget("next", "t", limits, 30)).granted
 
 
+async def test_budget_waiter_past_its_deadline_leaves_its_tenants_turn(store: WakeStore) -> None:
+    limits = BudgetLimits(
+        max_concurrent_wakes=1, max_wakes_per_second=100, tenant_max_concurrent_wakes=5
+    )
+    assert (await store.acquire_budget("busy", "a", limits, 30)).granted
+    assert not (await store.acquire_budget("a1", "a", limits, 0.2)).granted
+    assert not (await store.acquire_budget("b1", "b", limits, 0.2)).granted
+    assert not (await store.acquire_budget("a2", "a", limits, 30)).granted
+    assert not (await store.acquire_budget("c1", "c", limits, 30)).granted
+    await asyncio.sleep(0.4)  # a1 and b1 gave up waiting
+    await store.release_budget("busy")
+    assert (await store.budget_usage(limits)).waiting == 2
+    # a keeps its turn for its next waiter; b, with none left, left the ring.
+    assert not (await store.acquire_budget("c1", "c", limits, 30)).granted
+    assert (await store.acquire_budget("a2", "a", limits, 30)).granted
+    await store.release_budget("a2")
+    assert not (await store.acquire_budget("b1", "b", limits, 30)).granted  # back, behind c
+    assert (await store.acquire_budget("c1", "c", limits, 30)).granted
+
+
+async def test_budget_is_fair_across_tenants(store: WakeStore) -> None:
+    """Tenant A queues 100 apps, then tenant B one: B is granted second, not 101st, and
+    A's apps go in their arrival order. Each round every waiter asks, newest first."""
+    limits = BudgetLimits(
+        max_concurrent_wakes=1, max_wakes_per_second=1000, tenant_max_concurrent_wakes=5
+    )
+    assert (await store.acquire_budget("a-busy", "A", limits, 60)).granted
+    waiters = [(f"a-{i:03d}", "A") for i in range(100)] + [("b-only", "B")]
+    for holder, tenant in waiters:
+        refused = await store.acquire_budget(holder, tenant, limits, 60)
+        assert (refused.granted, refused.reason) == (False, "concurrent wakes")
+    assert (await store.budget_usage(limits)).waiting == 101
+
+    order: list[str] = []
+    holding = "a-busy"
+    while waiters:
+        await store.release_budget(holding)
+        for holder, tenant in reversed(waiters):
+            if (await store.acquire_budget(holder, tenant, limits, 60)).granted:
+                break
+        else:
+            raise AssertionError(f"no waiter granted after {order[-3:]}")
+        waiters.remove((holder, tenant))
+        holding = holder
+        order.append(holder)
+        usage = await store.budget_usage(limits)
+        assert (usage.in_use, usage.waiting) == (1, len(waiters))
+    assert order == ["a-000", "b-only", *(f"a-{i:03d}" for i in range(1, 100))]
+
+
 # --------------------------------------------------------------------------- idle
 
 
@@ -538,6 +589,51 @@ async def test_redis_region_budget_across_edges(redis_url: str) -> None:
     finally:
         for edge in edges:
             await edge.close()
+
+
+@pytest.mark.parametrize(("max_concurrent", "tenant_max"), [(4, 1), (5, 2)])
+async def test_redis_budget_decides_like_the_pure_model(
+    redis_url: str, max_concurrent: int, tenant_max: int
+) -> None:
+    """The Lua and wake/budget.py give the same answer to the same 600 random asks and
+    releases (3 tenants, one with most apps; both caps bind); deadlines and leases are
+    too long to expire, the rate too high to bind."""
+    limits = BudgetLimits(
+        max_concurrent_wakes=max_concurrent,
+        max_wakes_per_second=1000,
+        tenant_max_concurrent_wakes=tenant_max,
+    )
+    # Names that would share a range of the queue without its length prefix.
+    tenants = ["acme", "4:acme", "acme:0"]
+    rng = random.Random(14)
+    redis_store, memory = RedisStore(redis_url), MemoryStore()
+    held: list[str] = []
+    try:
+        for step in range(600):
+            if held and rng.random() < 0.3:
+                holder = held.pop(rng.randrange(len(held)))
+                await redis_store.release_budget(holder)
+                await memory.release_budget(holder)
+                continue
+            i = rng.randrange(40)
+            holder, tenant = f"app-{i}", tenants[i % 3 if i < 30 else 0]
+            got = await redis_store.acquire_budget(holder, tenant, limits, 60)
+            want = await memory.acquire_budget(holder, tenant, limits, 60)
+            assert (got.granted, got.reason) == (want.granted, want.reason), (step, holder)
+            if got.granted and holder not in held:
+                held.append(holder)
+            if step % 50 == 0:
+                got_use, want_use = (
+                    await redis_store.budget_usage(limits),
+                    await memory.budget_usage(limits),
+                )
+                assert (got_use.in_use, got_use.waiting, got_use.by_tenant) == (
+                    want_use.in_use,
+                    want_use.waiting,
+                    want_use.by_tenant,
+                )
+    finally:
+        await redis_store.close()
 
 
 async def test_redis_publish_reaches_other_edges(redis_url: str) -> None:

@@ -118,7 +118,8 @@ class WakeStore(Protocol):
     async def acquire_budget(
         self, holder: str, tenant: str, limits: BudgetLimits, wait_for: float
     ) -> BudgetDecision:
-        """Try to take a wake slot now; not granted means queued (FIFO) for `wait_for` seconds.
+        """Try to take a wake slot now; not granted means queued for `wait_for` seconds,
+        FIFO within `tenant` and round-robin across tenants (wake/budget.py).
 
         Times are the store's own clock (Redis server time for redis://), so edges'
         clocks never disagree about a deadline.

@@ -5,8 +5,8 @@ Cluster slot:
 - per app: `edge:{app}:lease` (owner, PX ttl), `edge:{app}:fence` (INCR token),
   `edge:{app}:state` (HASH data/token/version), `edge:{app}:seen` (server ms),
   channel `edge:{app}:changed`;
-- region budget: `edge:{budget}:slots|slot_tenant|waiting|waiting_until|
-  waiting_tenant|seq|bucket` (see wake/store/redis_scripts.py);
+- region budget: `edge:{budget}:slots|slot_tenant|queue|waiting_until|
+  queue_entry|seq|bucket|tenants` (see wake/store/redis_scripts.py);
 - journal: the capped stream `edge:{journal}`;
 - gallery counters: the HASH `edge:{gallery}:counts`, and `edge:{gallery}:writer:<id>`
   (the last batch seq each counting process added, so a resend adds nothing).
@@ -131,11 +131,12 @@ class RedisStore:
             for name in (
                 "slots",
                 "slot_tenant",
-                "waiting",
+                "queue",
                 "waiting_until",
-                "waiting_tenant",
+                "queue_entry",
                 "seq",
                 "bucket",
+                "tenants",
             )
         ]
         self._journal_key = f"{key_prefix}:{{journal}}"

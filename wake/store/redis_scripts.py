@@ -93,23 +93,53 @@ return tostring(now_ms() - tonumber(seen))
 # --------------------------------------------------------------------------- budget
 
 # The steps of wake/budget.py, over these keys (all tagged {budget}):
-#   KEYS[1] slots           ZSET holder -> slot expiry (ms)
-#   KEYS[2] slot_tenant     HASH holder -> tenant
-#   KEYS[3] waiting         ZSET holder -> arrival sequence (FIFO order)
-#   KEYS[4] waiting_until   ZSET holder -> hold deadline (ms); a ZSET so expiry is a range op
-#   KEYS[5] waiting_tenant  HASH holder -> tenant
-#   KEYS[6] seq             arrival counter
-#   KEYS[7] bucket          HASH tokens, refilled (ms)
+#   KEYS[1] slots          ZSET holder -> slot expiry (ms)
+#   KEYS[2] slot_tenant    HASH holder -> tenant
+#   KEYS[3] queue          ZSET, every score 0, of entries `<#tenant>:<tenant><seq, 16 digits>`:
+#                          by lex order each tenant's waiters are one range, oldest first
+#                          (the length prefix keeps one tenant's range free of another's)
+#   KEYS[4] waiting_until  ZSET holder -> hold deadline (ms); a ZSET so expiry is a range op
+#   KEYS[5] queue_entry    HASH holder -> its entry in `queue`
+#   KEYS[6] seq            counter: arrivals (the entries' seq) and turns
+#   KEYS[7] bucket         HASH tokens, refilled (ms)
+#   KEYS[8] tenants        ZSET tenant -> turn: the round-robin ring, tenants with waiters
+#                          only; joining or being served takes a new turn (the back)
+# Cost of an ask: O(T log W + S), T tenants waiting, W waiters, S slots held (at most
+# max_concurrent_wakes), plus O(log W) per waiter or slot expired; never a walk of the
+# whole queue.
 _BUDGET = (
     _CLOCK
-    + """
-local SLOTS, SLOT_TENANT, WAITING = KEYS[1], KEYS[2], KEYS[3]
-local WAITING_UNTIL, WAITING_TENANT, SEQ, BUCKET = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+    + r"""
+local SLOTS, SLOT_TENANT, QUEUE, WAITING_UNTIL = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local QUEUE_ENTRY, SEQ, BUCKET, TENANTS = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 
 -- unpack() of a long list overflows Lua's C stack; go in chunks.
 local function in_chunks(cmd, key, items)
   for i = 1, #items, 500 do
     redis.call(cmd, key, unpack(items, i, math.min(i + 499, #items)))
+  end
+end
+
+-- A tenant's range in `queue` starts with this (no other tenant's prefix starts with it).
+local function prefix(tenant)
+  return #tenant .. ':' .. tenant
+end
+
+local function tenant_of(entry)
+  local colon = string.find(entry, ':', 1, true)
+  return string.sub(entry, colon + 1, colon + tonumber(string.sub(entry, 1, colon - 1)))
+end
+
+-- How many waiters `tenant` has.
+local function queued(tenant)
+  local p = prefix(tenant)
+  return redis.call('ZLEXCOUNT', QUEUE, '[' .. p, '(' .. p .. '\255')
+end
+
+-- A tenant with no waiter left leaves the ring.
+local function leave_ring_if_empty(tenant)
+  if queued(tenant) == 0 then
+    redis.call('ZREM', TENANTS, tenant)
   end
 end
 
@@ -123,15 +153,36 @@ local function expire(now)
   dead = redis.call('ZRANGEBYSCORE', WAITING_UNTIL, '-inf', now)
   if #dead > 0 then
     redis.call('ZREMRANGEBYSCORE', WAITING_UNTIL, '-inf', now)
-    in_chunks('ZREM', WAITING, dead)
-    in_chunks('HDEL', WAITING_TENANT, dead)
+    local entries, tenants = {}, {}
+    for i = 1, #dead, 500 do
+      local found = redis.call('HMGET', QUEUE_ENTRY, unpack(dead, i, math.min(i + 499, #dead)))
+      for j = 1, #found do
+        if found[j] then
+          entries[#entries + 1] = found[j]
+          tenants[tenant_of(found[j])] = true
+        end
+      end
+    end
+    in_chunks('HDEL', QUEUE_ENTRY, dead)
+    if #entries > 0 then
+      in_chunks('ZREM', QUEUE, entries)
+    end
+    for tenant in pairs(tenants) do
+      leave_ring_if_empty(tenant)
+    end
   end
 end
 
+-- budget._leave_queue
 local function leave_queue(holder)
-  redis.call('ZREM', WAITING, holder)
+  local entry = redis.call('HGET', QUEUE_ENTRY, holder)
+  if not entry then
+    return
+  end
+  redis.call('ZREM', QUEUE, entry)
   redis.call('ZREM', WAITING_UNTIL, holder)
-  redis.call('HDEL', WAITING_TENANT, holder)
+  redis.call('HDEL', QUEUE_ENTRY, holder)
+  leave_ring_if_empty(tenant_of(entry))
 end
 
 -- Slots held per tenant (slots are few: at most max_concurrent_wakes).
@@ -182,37 +233,55 @@ if redis.call('ZSCORE', SLOTS, holder) then
   return {1, '', '0'}
 end
 
--- Join the queue once; a waiter keeps its first arrival and its hold deadline.
-if not redis.call('ZSCORE', WAITING, holder) then
-  redis.call('ZADD', WAITING, redis.call('INCR', SEQ), holder)
+-- budget._join_queue: behind its tenant's waiters, the tenant at the back of the ring
+-- if new there; a waiter keeps its place, hold deadline and tenant.
+local entry = redis.call('HGET', QUEUE_ENTRY, holder)
+if entry then
+  tenant = tenant_of(entry)
+else
+  local seq = redis.call('INCR', SEQ)
+  entry = prefix(tenant) .. string.format('%016d', seq)
+  redis.call('ZADD', QUEUE, 0, entry)
   redis.call('ZADD', WAITING_UNTIL, now + wait_ms, holder)
-  redis.call('HSET', WAITING_TENANT, holder, tenant)
+  redis.call('HSET', QUEUE_ENTRY, holder, entry)
+  redis.call('ZADD', TENANTS, 'NX', seq, tenant)
 end
 
 local counts = tenant_counts()
-if (counts[tenant] or 0) >= tenant_max then
+local room = tenant_max - (counts[tenant] or 0)
+if room <= 0 then
   return {0, 'tenant wakes', '0'}
 end
+local position = redis.call('ZLEXCOUNT', QUEUE, '[' .. prefix(tenant), '(' .. entry)
 
--- Waiters ahead count only if their tenant has room (a full tenant blocks no one);
--- stop counting once they already fill every free slot.
+-- budget._ahead: the waiters round-robin serves first, a tenant ahead in the ring
+-- min(waiters, room, position + 1), one behind min(waiters, room, position); a tenant
+-- at its cap none. Stops once they fill every free slot.
 local free = max_concurrent - redis.call('ZCARD', SLOTS)
-local ahead = 0
-local rank = redis.call('ZRANK', WAITING, holder)
-local start = 0
-while start < rank and ahead < free do
-  local stop = math.min(start + 199, rank - 1)
-  local others = redis.call('ZRANGE', WAITING, start, stop)
-  local tenants = redis.call('HMGET', WAITING_TENANT, unpack(others))
-  for i = 1, #others do
-    if (counts[tenants[i]] or 0) < tenant_max then
-      ahead = ahead + 1
+local ahead = position
+if ahead < free then
+  local ring = redis.call('ZRANGE', TENANTS, 0, -1)
+  local before = 1
+  for i = 1, #ring do
+    local other = ring[i]
+    if other == tenant then
+      before = 0
+    else
+      local room = tenant_max - (counts[other] or 0)
+      if room > 0 then
+        ahead = ahead + math.min(queued(other), room, position + before)
+        if ahead >= free then
+          break
+        end
+      end
     end
   end
-  start = stop + 1
 end
 if ahead >= free then
   return {0, 'concurrent wakes', '0'}
+end
+if position >= room then  -- older waiters of its own tenant take the tenant's room
+  return {0, 'tenant wakes', '0'}
 end
 
 local tokens = refill(rate, now)
@@ -221,6 +290,10 @@ if tokens < 1 then
 end
 redis.call('HSET', BUCKET, 'tokens', tokens - 1)
 leave_queue(holder)
+-- Served: a tenant with waiters left takes a new turn, at the back of the ring.
+if redis.call('ZSCORE', TENANTS, tenant) then
+  redis.call('ZADD', TENANTS, redis.call('INCR', SEQ), tenant)
+end
 redis.call('ZADD', SLOTS, now + ttl_ms, holder)
 redis.call('HSET', SLOT_TENANT, holder, tenant)
 return {1, '', '0'}
@@ -264,7 +337,7 @@ for tenant, count in pairs(tenant_counts()) do
   flat[#flat + 1] = count
 end
 local tokens = refill(tonumber(ARGV[1]), now)
-return {redis.call('ZCARD', SLOTS), redis.call('ZCARD', WAITING), tostring(tokens), flat}
+return {redis.call('ZCARD', SLOTS), redis.call('ZCARD', QUEUE), tostring(tokens), flat}
 """
 )
 
