@@ -3,9 +3,22 @@
 
 Both servers answer every request with the same fixed 1 KiB response and no
 upstream at all, so the figure is the most requests/s a proxy built on that
-front could ever reach on this machine. Loopback only, wrk, bounded in time.
+front could ever reach on this machine. Loopback only, wrk (or, without it or
+with --python-loadgen, the built-in asyncio load generator), bounded in time.
+--quick: 1 s runs, no warm-up.
 
     .venv/bin/python bench/front_ceiling.py --json bench/results/front_ceiling.json
+
+JSON keys (--json FILE):
+    aiohttp_rps              requests/s of aiohttp's low-level web.Server
+    httptools_rps            requests/s of an asyncio.Protocol on httptools
+    httptools_over_aiohttp   the ratio of the two
+    load_generator           wrk and its version, or the built-in generator
+    duration_s               seconds per measured run
+    warmup_s                 seconds of warm-up per server
+    connections              load connections
+    machine                  nproc, cpu, python, platform, load average at the start
+    quick                    whether --quick sized the run
 """
 
 from __future__ import annotations
@@ -13,21 +26,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
-import shutil
-import socket
-import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
+from bench_stack import (
+    Processes,
+    accepts,
+    add_load_options,
+    add_quick,
+    apply_quick,
+    free_port,
+    load_generator_name,
+    logger,
+    machine_info,
+    run_load,
+    use_wrk,
+    wait_until,
+    warmup_s,
+    write_json,
+)
+
 BODY = b"x" * 1024
+QUICK = {"duration": 1.0, "warmup": 0.0}
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+log = logger("front-ceiling")
 
 
 def serve_aiohttp(port: int) -> None:
@@ -69,53 +92,55 @@ def serve_httptools(port: int) -> None:
     uvloop.run(main())
 
 
-def wrk(port: int, duration: int) -> float:
-    out = subprocess.run(
-        ["wrk", "-t1", "-c50", f"-d{duration}s", f"http://127.0.0.1:{port}/"],
-        capture_output=True,
-        text=True,
-        timeout=duration + 30,
-        check=True,
-    ).stdout
-    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--duration", type=int, default=5)
+    add_load_options(parser, 5.0)
     parser.add_argument("--serve", choices=["aiohttp", "httptools"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    add_quick(parser, QUICK)
+    args = parser.parse_args(argv)
+    apply_quick(parser, args)
     if args.serve:
         (serve_aiohttp if args.serve == "aiohttp" else serve_httptools)(args.port)
         return 0
-    if shutil.which("wrk") is None:
-        print("wrk is required (Debian package wrk)", file=sys.stderr)
-        return 1
+    wrk = use_wrk(args.python_loadgen)
+    args.warmup = warmup_s(args)
+    info = machine_info()
     results: dict[str, float] = {}
-    for kind in ("aiohttp", "httptools"):
-        port = free_port()
-        proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve", kind, "--port", str(port)],
-        )
+    with tempfile.TemporaryDirectory(prefix="front-ceiling-") as tmp:
+        procs = Processes(Path(tmp))
         try:
-            for _ in range(100):
+            for kind in ("aiohttp", "httptools"):
+                port = free_port()
+                argv = [sys.executable, __file__, "--serve", kind, "--port", str(port)]
+                proc, log_path = procs.start(kind, argv)
                 try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    time.sleep(0.1)
-            wrk(port, 1)
-            results[f"{kind}_rps"] = wrk(port, args.duration)
+                    wait_until(kind, lambda port=port: accepts(port), proc, log_path)
+                    if args.warmup > 0:
+                        run_load(port, args.warmup, args.connections, "localhost", wrk)
+                    row = run_load(port, args.duration, args.connections, "localhost", wrk)
+                finally:
+                    procs.stop(proc)
+                if row.get("error"):
+                    log(f"{kind}: {row['error']}")
+                    return 1
+                results[f"{kind}_rps"] = row["rps"]
         finally:
-            proc.terminate()
-            proc.wait(10)
-    results["httptools_over_aiohttp"] = round(results["httptools_rps"] / results["aiohttp_rps"], 2)
-    print(json.dumps(results, indent=2))
+            procs.stop_all()
+    report = {
+        **results,
+        "httptools_over_aiohttp": round(results["httptools_rps"] / results["aiohttp_rps"], 2),
+        "load_generator": load_generator_name(wrk),
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "connections": args.connections,
+        "machine": info,
+        "quick": args.quick,
+    }
+    print(json.dumps(report, indent=2))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, report, __doc__)
     return 0
 
 

@@ -40,6 +40,7 @@ from collections import Counter
 from typing import Any
 
 import gevent.event
+from bench_stack import wake_wait_ms
 from locust import between, events, tag, task
 from locust.contrib.fasthttp import FastHttpUser
 
@@ -153,22 +154,6 @@ def _write_outcomes(environment: Any, **_: Any) -> None:
 def _count(outcome: str) -> None:
     with _OUTCOMES_LOCK:
         OUTCOMES[outcome] += 1
-
-
-def wake_wait_ms(server_timing: str | None) -> float | None:
-    """The `wake;dur=` the edge reports, in ms; None when the request did not wait."""
-    for part in (server_timing or "").split(","):
-        name, _, params = part.strip().partition(";")
-        if name != "wake":
-            continue
-        for param in params.split(";"):
-            key, _, value = param.strip().partition("=")
-            if key == "dur":
-                try:
-                    return float(value)
-                except ValueError:
-                    return None
-    return None
 
 
 class EdgeUser(FastHttpUser):

@@ -24,11 +24,86 @@ Two parts, one run, loopback only, bounded in time.
    from the control plane (GET /v1/edges) during the storm. A final quiet run
    shows whether the quiet figure drifted.
 
+Without wrk (or with --python-loadgen) the built-in asyncio load generator
+(bench_stack.py) takes its place. --quick: 500 apps, 2 runs, 1 s load runs at 8
+connections without warm-up, 50 changes/s over 10 apps.
+
 Prints a table, writes JSON (--json FILE). Every process it starts (and the app
-process the control plane started) is stopped on the way out.
+process the control plane started) is stopped on the way out. Exits 1 when the
+storm part failed (its keys are then left out of the JSON).
 
     .venv/bin/python bench/routes.py --json bench/results/routes.json
     .venv/bin/python bench/routes.py --json /tmp/r.json --apps 2000 --duration 3
+
+JSON keys (--json FILE; times in ms unless named _s):
+    snapshot_apps                 apps in the applied table (== --apps)
+    snapshot_targets              their targets
+    snapshot_wire_mib             the snapshot's JSON size
+    snapshot_runs                 decode + apply runs
+    snapshot_apply_ms             decode + from_snapshot: median, min, max
+    snapshot_apply_min_ms
+    snapshot_apply_max_ms
+    snapshot_decode_ms            of which decoding (median)
+    snapshot_build_ms             of which from_snapshot (median)
+    snapshot_memory_mib           what the applied table keeps (tracemalloc)
+    snapshot_peak_mib             the peak while decoding and applying
+    snapshot_rss_delta_mib        RSS growth of a fresh interpreter applying it (null on error)
+    snapshot_rss_note             why that probe failed, or null
+    change_batch_1000_ms          apply_changes of 1,000 changes (median)
+    change_batch_1000_decode_ms   decoding those changes (median)
+    change_batch_1_ms             apply_changes of one change (median)
+    targets_lookup_ns             one table.targets(app) lookup
+    quiet                         the quiet load run: rps, requests, p50..p99_ms, non2xx,
+                                  socket_errors, or error
+    storm_load                    the load run during the storm (the same keys)
+    quiet_after                   the quiet run after the storm (null with --no-after)
+    p99_quiet_ms                  p99 of those three runs (null when one failed)
+    p99_storm_ms
+    p99_quiet_after_ms
+    p50_quiet_ms                  p50 quiet and during the storm
+    p50_storm_ms
+    rps_quiet                     requests/s of the three runs
+    rps_storm
+    rps_quiet_after
+    p99_storm_over_quiet          p99 during the storm / quiet
+    storm_rate_requested          route changes/s asked for
+    storm_requests                CAS requests sent
+    storm_changes_applied         of which applied (200)
+    storm_conflicts               of which 409 (another change came first)
+    storm_errors                  of which failed otherwise (0 wanted)
+    storm_error_examples          up to 5 of those failures
+    storm_elapsed_s               the storm's duration
+    storm_rate_achieved           applied changes/s
+    storm_cas_p50_ms              CAS round trip: p50, p99
+    storm_cas_p99_ms
+    storm_apps                    apps the storm changed
+    storm_concurrency             CAS requests in flight at most
+    epoch_before_storm            the control plane's route epoch before the storm
+    controlplane_epoch_end        its epoch when the storm ended
+    edge_epoch_end                the edge's applied epoch then
+    edge_epoch_lag_end            the difference
+    edge_caught_up_s              until the edge applied the control plane's epoch (null:
+                                  not within 10 s)
+    edge_ack_lag_max_epochs       the edge's acked epoch behind the newest: max, p50, samples
+    edge_ack_lag_p50_epochs
+    edge_ack_lag_samples
+    edge_resyncs_during_storm     full resyncs, refused updates and acks of the edge meanwhile
+    edge_refused_during_storm
+    edge_acks_during_storm
+    cpu_percent_quiet             CPU % of edge worker, control plane, upstream, this client
+    cpu_percent_storm
+    storm_error                   why the storm part failed, or null
+    targets                       p99_storm_over_quiet, storm_rate_min, edge_catch_up_s_max
+    targets_met                   each target, and all
+    machine                       nproc, cpu, python, platform, load average at the start
+    duration_s                    seconds per load run
+    warmup_s                      seconds of warm-up
+    connections                   load connections
+    load_generator                wrk and its version, or the built-in generator
+    upstream                      what the hot app was
+    state_dir                     where the control plane's state lived (/dev/shm or tmp)
+    quick                         whether --quick sized the run
+    elapsed_s                     the whole run's wall time
 """
 
 from __future__ import annotations
@@ -57,25 +132,37 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from stampede import (
+from bench_stack import (
+    FAST_UPSTREAM,
+    REPO,
+    Load,
     Processes,
-    accepts,
-    children,
-    edge_binary,
-    free_port,
+    add_load_options,
+    add_quick,
+    apply_quick,
+    cp_app,
     http_get,
     install_signal_handlers,
+    load_generator_name,
+    logger,
+    machine_info,
+    percentile,
+    r3,
     raise_open_file_limit,
+    run_async,
+    run_load,
+    start_control_plane,
+    start_edge,
+    token_env,
+    use_wrk,
     wait_until,
+    warmup_s,
+    write_json,
 )
-from throughput import find_tool, machine_info, parse_wrk, tool_version
 
 from edge.routing.route_table import apply_changes, from_snapshot
-from scheduler_client.config_file import render_toml
 from scheduler_client.models import AppRoute, Region, RouteChange, RouteSnapshot, RouteTarget
 
-REPO = Path(__file__).resolve().parent.parent
-UPSTREAM = REPO / "bench" / "fast_upstream.py"
 HOT_APP = "hot"
 HOT_HOST = "hot.localhost"
 TARGETS: dict[str, float] = {"p99_storm_over_quiet": 2.0}
@@ -83,16 +170,20 @@ TARGETS: dict[str, float] = {"p99_storm_over_quiet": 2.0}
 STORM_RATE_SHARE = 0.95
 # The edge has this long after the storm to reach the control plane's epoch.
 CATCH_UP_TIMEOUT = 10.0
-MAX_BAD_SHARE = 0.01
+QUICK = {
+    "apps": 500,
+    "runs": 2,
+    "storm_rate": 50.0,
+    "duration": 1.0,
+    "connections": 8,
+    "storm_apps": 10,
+    "storm_concurrency": 4,
+    "warmup": 0.0,
+}
 _CURRENT_EPOCH = re.compile(rb"current (\d+)")
 
 
-def log(msg: str) -> None:
-    print(f"[routes] {msg}", file=sys.stderr, flush=True)
-
-
-def r3(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
+log = logger("routes")
 
 
 # --------------------------------------------------------------------------
@@ -282,14 +373,7 @@ def api(
 
 
 def app_spec(name: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "command": ["{python}", str(UPSTREAM), "--port", "{port}"],
-        "artifact": str(UPSTREAM),
-        "readiness_path": "/",
-        "start_timeout": "15s",
-        "drain_grace": "1s",
-    }
+    return cp_app(name, FAST_UPSTREAM, readiness="/", start_timeout="15s", drain_grace="1s")
 
 
 @dataclass
@@ -308,89 +392,53 @@ class Setup:
 
 def start_all(procs: Processes, tmp: Path, state_dir: Path, storm_apps: int) -> Setup:
     token = secrets.token_hex(16)
-    env = {**os.environ, "CONTROL_PLANE_TOKEN": token}
+    env = token_env(token)
     names = [f"s{i}" for i in range(storm_apps)]
 
-    cp_port = free_port()
-    state_file = state_dir / "controlplane.sqlite"
-    cp_config = {
-        "controlplane": {
-            "listen": f"127.0.0.1:{cp_port}",
-            "state_file": str(state_file),
-            "max_allocations": 4,
-        },
-        "apps": [app_spec(HOT_APP), *(app_spec(n) for n in names)],
-    }
-    cp_path = tmp / "controlplane.toml"
-    cp_path.write_text(render_toml(cp_config))
-    procs.cp_state_file = state_file
-    cp_proc, cp_log = procs.start(
-        "controlplane", [edge_binary(), "controlplane", "--config", str(cp_path)], env
-    )
-    wait_until(
-        "control plane",
-        lambda: http_get(cp_port, "/healthz", timeout=0.5)[0] == 200,
-        cp_proc,
-        cp_log,
-    )
-    status, alloc = api(cp_port, token, "POST", "/v1/allocations", {"app": HOT_APP})
+    apps = [app_spec(HOT_APP), *(app_spec(n) for n in names)]
+    cp = start_control_plane(procs, tmp, env, apps, state_dir, max_allocations=4)
+    status, alloc = api(cp.port, token, "POST", "/v1/allocations", {"app": HOT_APP})
     if status not in (200, 201):
         raise RuntimeError(f"POST /v1/allocations answered {status}: {alloc}")
     allocation_id = alloc["id"]
 
     def ready() -> bool:
         nonlocal alloc
-        _, alloc = api(cp_port, token, "GET", f"/v1/allocations/{allocation_id}")
+        _, alloc = api(cp.port, token, "GET", f"/v1/allocations/{allocation_id}")
         if alloc["pid"]:
             procs.app_pids.add(alloc["pid"])
         if alloc["state"] in ("failed", "stopped"):
             raise RuntimeError(f"allocation {allocation_id} {alloc['state']}: {alloc['reason']}")
         return alloc["state"] == "ready"
 
-    wait_until("hot allocation", ready, cp_proc, cp_log)
-    log(f"control plane on :{cp_port}, allocation {allocation_id} at {alloc['address']}")
+    wait_until("hot allocation", ready, cp.proc, cp.log_path)
+    log(f"control plane on :{cp.port}, allocation {allocation_id} at {alloc['address']}")
 
-    edge_port, admin_port = free_port(), free_port()
     entry = {"scale_to_zero": True, "hold_timeout": "10s", "readiness_timeout": "10s"}
     edge_config = {
-        "edge": {
-            "listen": f"127.0.0.1:{edge_port}",
-            "admin_listen": f"127.0.0.1:{admin_port}",
-            "workers": 1,
-            "store": "memory://",
-        },
-        "control_plane": {"url": f"http://127.0.0.1:{cp_port}"},
+        "edge": {"workers": 1, "store": "memory://"},
+        "control_plane": {"url": f"http://127.0.0.1:{cp.port}"},
         "apps": [
             {"name": HOT_APP, "hosts": [HOT_HOST], **entry},
             *({"name": n, "hosts": [f"{n}.localhost"], **entry} for n in names),
         ],
     }
-    edge_path = tmp / "edge.toml"
-    edge_path.write_text(render_toml(edge_config))
-    argv = [edge_binary(), "run", "--config", str(edge_path), "--workers", "1"]
-    edge_proc, edge_log = procs.start("edge", argv, env)
 
-    def edge_ready() -> bool:
+    def hot_and_routed(port: int, admin_port: int) -> bool:
         status, body = http_get(admin_port, "/readyz", timeout=1.0)
-        if status != 200 or not accepts(edge_port):
+        if status != 200 or json.loads(body).get("route_epoch") is None:
             return False
-        answer = http_get(edge_port, "/", headers={"Host": HOT_HOST}, timeout=2.0)
-        return answer[0] == 200 and json.loads(body).get("route_epoch") is not None
+        return http_get(port, "/", headers={"Host": HOT_HOST}, timeout=2.0)[0] == 200
 
-    wait_until("edge", edge_ready, edge_proc, edge_log)
-    deadline = time.monotonic() + 10
-    workers = children(edge_proc.pid)
-    while not workers and time.monotonic() < deadline:
-        time.sleep(0.05)
-        workers = children(edge_proc.pid)
-    log(f"edge on :{edge_port} (admin :{admin_port}), worker pids {workers}")
+    edge = start_edge(procs, tmp, env, edge_config, hot_and_routed)
+    log(f"edge on :{edge.port} (admin :{edge.admin_port}), worker pids {edge.workers}")
     return Setup(
-        cp_port,
-        cp_proc,
-        edge_port,
-        admin_port,
-        edge_proc,
-        workers,
+        cp.port,
+        cp.proc,
+        edge.port,
+        edge.admin_port,
+        edge.proc,
+        edge.workers,
         allocation_id,
         alloc.get("pid"),
         token,
@@ -453,48 +501,6 @@ class CpuMeter:
         return {
             k: round(100 * (after[k] - before[k]) / wall, 1) for k in before if k != "wall" and wall
         }
-
-
-# --------------------------------------------------------------------------
-# Load (wrk)
-# --------------------------------------------------------------------------
-
-
-def wrk_argv(port: int, duration: float, connections: int) -> list[str]:
-    return [
-        find_tool("wrk") or "wrk",
-        "-t1",
-        f"-c{connections}",
-        f"-d{max(1, round(duration))}s",
-        "--latency",
-        "-H",
-        f"Host: {HOT_HOST}",
-        f"http://127.0.0.1:{port}/",
-    ]
-
-
-def finish_wrk(proc: subprocess.Popen, duration: float) -> dict[str, Any]:
-    try:
-        out, err = proc.communicate(timeout=duration + 30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    result = parse_wrk(out)
-    total = result.get("requests") or 0
-    bad = (result.get("non2xx") or 0) + (result.get("socket_errors") or 0)
-    if proc.returncode != 0 or result["rps"] is None:
-        result["error"] = f"wrk failed (status {proc.returncode}): {(err or out)[-300:]}"
-    elif not total:
-        result["error"] = "no requests completed"
-    elif bad > MAX_BAD_SHARE * total:
-        result["error"] = f"{bad} of {total} requests failed (non-2xx/3xx or socket errors)"
-    return result
-
-
-def run_wrk(port: int, duration: float, connections: int) -> dict[str, Any]:
-    argv = wrk_argv(port, duration, connections)
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return finish_wrk(proc, duration)
 
 
 # --------------------------------------------------------------------------
@@ -651,20 +657,8 @@ async def storm(
     return result
 
 
-def run_async(coro: Any) -> Any:
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:
-        return asyncio.run(coro)
-
-
 def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return percentile(values, q * 100)
 
 
 def storm_part(args: argparse.Namespace, procs: Processes, tmp: Path, state_dir: Path):
@@ -691,14 +685,14 @@ def _cp_epoch(setup: Setup) -> int:
 
 def _measure(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
     meter = CpuMeter(setup)
-    duration, conns = args.duration, args.connections
-    warmup = 2.0 if duration >= 10 else 1.0
-    log(f"warm-up {warmup:g}s")
-    run_wrk(setup.edge_port, warmup, conns)
+    duration, conns, wrk = args.duration, args.connections, args.wrk
+    if args.warmup > 0:
+        log(f"warm-up {args.warmup:g}s")
+        run_load(setup.edge_port, args.warmup, conns, HOT_HOST, wrk)
 
-    log(f"quiet: wrk {duration:g}s at {conns} connections")
+    log(f"quiet: {duration:g}s at {conns} connections")
     before = meter.read()
-    quiet = run_wrk(setup.edge_port, duration, conns)
+    quiet = run_load(setup.edge_port, duration, conns, HOT_HOST, wrk)
     quiet_cpu = CpuMeter.percent(before, meter.read())
     log(f"quiet: {quiet.get('rps')} rps, p99 {quiet.get('p99_ms')} ms")
 
@@ -712,16 +706,9 @@ def _measure(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
     start_epoch = snap["epoch"]
     routes_before = _edge_routes(setup)
 
-    log(
-        f"storm: {args.storm_rate:g} CAS/s on {len(setup.storm_apps)} apps during wrk {duration:g}s"
-    )
+    log(f"storm: {args.storm_rate:g} CAS/s on {len(setup.storm_apps)} apps during {duration:g}s")
     before = meter.read()
-    wrk = subprocess.Popen(
-        wrk_argv(setup.edge_port, duration, conns),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    load = Load(setup.edge_port, duration, conns, HOT_HOST, wrk)
     try:
         result: StormResult = run_async(
             storm(
@@ -729,14 +716,14 @@ def _measure(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
                 setup.token,
                 setup.storm_apps,
                 args.storm_rate,
-                # wrk counts its own start-up; end the storm with it, not after.
-                float(max(1, round(duration))),
+                # The load generator counts its own start-up; end the storm with it.
+                float(load.duration),
                 args.storm_concurrency,
                 epochs,
             )
         )
     finally:
-        loaded = finish_wrk(wrk, duration)
+        loaded = load.result()
     storm_cpu = CpuMeter.percent(before, meter.read())
 
     # Where the edge stands the moment the storm ends, then how long it takes to catch up.
@@ -760,8 +747,8 @@ def _measure(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
     after_quiet: dict[str, Any] = {}
     if not args.no_after:
         time.sleep(1.0)
-        log(f"quiet again: wrk {duration:g}s")
-        after_quiet = run_wrk(setup.edge_port, duration, conns)
+        log(f"quiet again: {duration:g}s")
+        after_quiet = run_load(setup.edge_port, duration, conns, HOT_HOST, wrk)
         log(f"quiet again: {after_quiet.get('rps')} rps, p99 {after_quiet.get('p99_ms')} ms")
 
     lags = result.lag_samples or []
@@ -809,7 +796,7 @@ def _measure(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
         "edge_acks_during_storm": edge_now["acks"] - routes_before["acks"],
         "cpu_percent_quiet": quiet_cpu,
         "cpu_percent_storm": storm_cpu,
-        "warmup_s": warmup,
+        "warmup_s": args.warmup,
     }
 
 
@@ -905,8 +892,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", required=True, type=Path, help="write results here")
     parser.add_argument("--apps", type=int, default=10_000, help="apps in the snapshot")
     parser.add_argument("--storm-rate", type=float, default=1000.0, help="route changes/s")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
-    parser.add_argument("--connections", type=int, default=50, help="wrk connections")
+    add_load_options(parser, 10.0)
     parser.add_argument("--storm-apps", type=int, default=300, help="apps the storm changes")
     parser.add_argument(
         "--storm-concurrency", type=int, default=16, help="CAS requests in flight at most"
@@ -914,14 +900,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=7, help="snapshot apply runs (median)")
     parser.add_argument("--no-after", action="store_true", help="skip the final quiet run")
     parser.add_argument("--keep", action="store_true", help="keep the temp dirs (logs, configs)")
+    add_quick(parser, QUICK)
     args = parser.parse_args(argv)
+    apply_quick(parser, args)
     positive = (args.apps, args.storm_rate, args.duration, args.connections, args.runs)
     if min(positive) <= 0 or args.storm_apps < 1 or args.storm_concurrency < 1:
         parser.error("counts, rates and durations must be positive")
     if args.storm_apps <= args.storm_concurrency:
         parser.error("--storm-apps must exceed --storm-concurrency (or CAS requests collide)")
-    if find_tool("wrk") is None:
-        parser.error("wrk is not installed (apt-get install wrk)")
+    args.warmup = warmup_s(args)
+    args.wrk = use_wrk(args.python_loadgen)
+    if not args.wrk:
+        log("built-in asyncio load generator (no wrk, or --python-loadgen): not comparable")
 
     started = time.monotonic()
     info = machine_info()
@@ -933,7 +923,7 @@ def main(argv: list[str] | None = None) -> int:
     atexit.register(procs.stop_all)
     install_signal_handlers()
 
-    report: dict[str, Any] = {}
+    report: dict[str, Any] = {"storm_error": None}
     failed = False
     try:
         report.update(snapshot_part(args.apps, args.runs, tmp))
@@ -970,15 +960,16 @@ def main(argv: list[str] | None = None) -> int:
             "machine": info,
             "duration_s": args.duration,
             "connections": args.connections,
-            "load_generator": " ".join((tool_version(["wrk", "-v"]) or "wrk").split()[:2]),
+            "load_generator": load_generator_name(args.wrk),
             "upstream": "bench/fast_upstream.py (allocation of the control plane)",
             "state_dir": "/dev/shm" if shm.is_dir() else "tmp",
+            "quick": args.quick,
             "elapsed_s": round(time.monotonic() - started, 1),
         }
     )
     print_table(report)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    # A failed storm leaves its keys out: the file says why (storm_error).
+    write_json(args.json, report, __doc__, strict=not failed)
     log(f"wrote {args.json} ({report['elapsed_s']}s)")
     return 1 if failed else 0
 

@@ -8,26 +8,19 @@ Starts, all on 127.0.0.1 and free ports, in its own temp dir:
     edge run            that app scale_to_zero, --workers N, [budget] defaults
 
 then fires --requests GETs at once (one connection each, Host stampede.localhost)
-at the cold app and measures:
-
-    wakes                    allocations the control plane created for the app
-    errors                   non-200 answers + client exceptions
-    overhead_p50/p99_ms      first response byte (time.time() when the headers
-                             arrived) minus X-Ready-At, the moment the app began
-                             answering 2xx (both clocks are this machine's)
-    peak_concurrent_starts   most allocations in planned/pulling/starting at once
-                             (control plane polled every 50 ms)
-    memory_growth_mib        peak minus baseline VmRSS of the edge workers (summed;
-                             also the largest growth of one worker), sampled every 50 ms
-
-The table also splits the overhead into a timeline (app ready -> control plane
-ready -> edge hot -> first byte) and shows machine-wide listen-backlog overflows
-(TcpExt ListenOverflows), before and after the app became ready.
+at the cold app. Overhead is first response byte (time.time() when the headers
+arrived) minus X-Ready-At, the moment the app began answering 2xx (both clocks are
+this machine's); the edge workers' VmRSS and the control plane's allocations are
+sampled every 50 ms. The table also splits the overhead into a timeline (app ready
+-> control plane ready -> edge hot -> first byte) and shows machine-wide
+listen-backlog overflows (TcpExt ListenOverflows), before and after the app became
+ready.
 
 The app's `max_held` is raised to --requests by default (the per-app default, 1000
 per worker, would answer most of a 5,000-request stampede 503 hold_cap); --max-held
 sets it. --client raw uses bare asyncio sockets instead of aiohttp; --dump FILE
-writes every response's record as JSON lines.
+writes every response's record as JSON lines. --quick: 50 requests, the app starts
+in 0.3 s.
 
 Prints a table, writes JSON (--json FILE). Every process it starts (and every app
 process the control plane started) is stopped on the way out, also on errors and
@@ -35,6 +28,58 @@ Ctrl-C.
 
     .venv/bin/python bench/stampede.py --json /tmp/stampede.json
     .venv/bin/python bench/stampede.py --json /tmp/stampede.json --store memory --workers 1
+
+JSON keys (--json FILE; times in ms unless named _s; null where nothing was measured):
+    requests                 GETs fired
+    store                    redis or memory
+    workers                  edge worker processes
+    client                   aiohttp or raw
+    start_delay_s            the app's start time
+    max_held                 the app's max_held
+    wakes                    allocations the control plane created for the app (1 wanted)
+    errors                   non-200 answers + client exceptions (0 wanted)
+    ok                       200 answers
+    errors_by_kind           errors by "status X-Edge-Error" or exception name
+    statuses                 answers by status
+    allocation_ids           the distinct X-Allocation-Id of the 200s
+    missing_ready_at         200s without X-Ready-At
+    overhead_min_ms          first byte minus X-Ready-At: min, p50, p90, p99, max
+    overhead_p50_ms
+    overhead_p90_ms
+    overhead_p99_ms
+    overhead_max_ms
+    held                     200s whose Server-Timing says they waited for the wake
+    wake_wait_p50_ms         that wait (Server-Timing wake;dur): p50, max
+    wake_wait_max_ms
+    ready_after_fire_ms      from the fire to the app's first X-Ready-At
+    first_byte_spread_ms     from the first answer's first byte to the last's
+    peak_concurrent_starts   most allocations planned/pulling/starting at once
+    memory_growth_mib        peak minus baseline VmRSS of the edge workers, summed
+    memory_growth_max_worker_mib   the largest growth of one worker
+    memory_growth_by_worker_mib    growth by worker pid
+    rss_before_mib           the workers' VmRSS before, summed; and at its peak
+    rss_peak_mib
+    rss_samples              VmRSS samples taken
+    wall_s                   the stampede's wall time
+    allocations              id, state, reason, created_at, updated_at of each
+    tcp_counters_delta       machine-wide listen_overflows, listen_drops, tcp_retrans_segs
+    listen_overflows_before_app_ready   of those, before the app was ready; and after
+    listen_overflows_after_app_ready
+    cp_polls                 control-plane polls, and those that failed
+    cp_poll_errors
+    edge_app_state           the app in /admin/apps after the stampede
+    app_ready_at             the first X-Ready-At (unix time)
+    cp_ready_after_app_ready_ms    timeline: control plane ready, edge hot, first byte
+    edge_hot_after_app_ready_ms
+    first_byte_after_edge_hot_ms
+    nofile_limit             RLIMIT_NOFILE of the client
+    targets                  wakes, errors, memory_growth_mib, overhead_p50_ms, overhead_p99_ms
+    targets_met              each target, and all
+    edge_log                 error lines of the edge's log when the run had trouble, else []
+    controlplane_log         the same of the control plane's
+    machine                  nproc, cpu, python, platform, load average at the start
+    quick                    whether --quick sized the run
+    total_s                  the whole run's wall time
 """
 
 from __future__ import annotations
@@ -43,36 +88,39 @@ import argparse
 import asyncio
 import atexit
 import contextlib
-import http.client
 import json
-import math
-import os
-import platform
-import resource
 import secrets
 import shutil
-import signal
-import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench_processes import Processes as BaseProcesses
+from bench_stack import (
+    COLD_APP,
+    COLD_HOST,
+    STOP_SIGNALS,
+    Processes,
+    add_quick,
+    apply_quick,
+    http_get,
+    install_signal_handlers,
+    logger,
+    machine_info,
+    percentile,
+    r3,
+    raise_open_file_limit,
+    start_cold_app_stack,
+    start_redis,
+    tail,
+    wake_wait_ms,
+    write_json,
+)
 
-from scheduler_client.config_file import render_toml
-from scheduler_client.local.loopback import accepts, free_port, redis_pong
-
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE_APP = REPO / "bench" / "apps" / "sample_app.py"
-APP = "stampede"
-HOST_HEADER = "stampede.localhost"
-READY_TIMEOUT = 20.0
 POLL_INTERVAL = 0.05
 STARTING_STATES = frozenset({"planned", "pulling", "starting"})
 TARGETS: dict[str, float] = {
@@ -82,105 +130,14 @@ TARGETS: dict[str, float] = {
     "overhead_p50_ms": 10,
     "overhead_p99_ms": 50,
 }
+QUICK = {"requests": 50, "start_delay": 0.3, "timeout": 30.0}
 
-
-def log(msg: str) -> None:
-    print(f"[stampede] {msg}", file=sys.stderr, flush=True)
-
-
-def edge_binary() -> str:
-    for candidate in (REPO / ".venv" / "bin" / "edge", Path(sys.executable).parent / "edge"):
-        if candidate.exists():
-            return str(candidate)
-    found = shutil.which("edge")
-    if found is None:
-        raise SystemExit("stampede: no `edge` executable (run `make venv` first)")
-    return found
-
-
-def raise_open_file_limit() -> int:
-    """One socket per request: use the whole hard limit. Returns the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def http_get(
-    port: int, path: str, headers: dict[str, str] | None = None, timeout: float = 2.0
-) -> tuple[int | None, bytes]:
-    """(status, body) of a GET on 127.0.0.1:port, or (None, error text)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    except (OSError, http.client.HTTPException) as exc:
-        return None, repr(exc).encode()
-    finally:
-        conn.close()
-
-
-def tail(path: Path, limit: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-limit:]
-    except OSError:
-        return "<no output>"
-
-
-# --------------------------------------------------------------------------
-# Process management: everything started goes through here and is stopped.
-# --------------------------------------------------------------------------
-
-
-class Processes(BaseProcesses):
-    def __init__(self, logdir: Path) -> None:
-        super().__init__(logdir)
-        # Pids of app processes the control plane started (leaders of their own groups).
-        self.app_pids: set[int] = set()
-        self.cp_state_file: Path | None = None
-
-    def kill_apps(self) -> None:
-        """App processes outlive the control plane by design: SIGKILL their groups."""
-        pids = set(self.app_pids)
-        if self.cp_state_file is not None and self.cp_state_file.exists():
-            with (
-                contextlib.suppress(sqlite3.Error),
-                contextlib.closing(sqlite3.connect(self.cp_state_file, timeout=2)) as db,
-            ):
-                rows = db.execute("SELECT pid FROM allocations WHERE pid IS NOT NULL")
-                pids.update(pid for (pid,) in rows)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-        self.app_pids.clear()
-
-    def stop_all(self) -> None:
-        # Reverse start order: edge, then control plane, then redis; apps last of all.
-        for _name, proc in reversed(list(self.running)):
-            self.stop(proc)
-        self.kill_apps()
+log = logger("stampede")
 
 
 # --------------------------------------------------------------------------
 # Samplers (threads, so a busy client event loop does not skew them)
 # --------------------------------------------------------------------------
-
-
-def children(pid: int) -> list[int]:
-    """Child pids of `pid` (pgrep -P, else a /proc scan)."""
-    pgrep = shutil.which("pgrep")
-    if pgrep is not None:
-        out = subprocess.run([pgrep, "-P", str(pid)], capture_output=True, text=True, timeout=5)
-        return sorted(int(x) for x in out.stdout.split())
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = (entry / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-    return sorted(found)
 
 
 def rss_kib(pid: int) -> int | None:
@@ -260,7 +217,7 @@ class ControlPlanePoller(threading.Thread):
         self._stop_event = threading.Event()
 
     def poll(self) -> list[dict[str, Any]] | None:
-        status, body = http_get(self.port, f"/v1/allocations?app={APP}", self.headers, 2.0)
+        status, body = http_get(self.port, f"/v1/allocations?app={COLD_APP}", self.headers, 2.0)
         if status != 200:
             self.poll_errors += 1
             return None
@@ -351,7 +308,7 @@ async def fire_aiohttp(port: int, n: int, timeout: float) -> list[Result]:
         async def one(i: int) -> None:
             await start.wait()
             try:
-                async with session.get(url, headers={"Host": HOST_HEADER}) as resp:
+                async with session.get(url, headers={"Host": COLD_HOST}) as resp:
                     first_byte = time.time()
                     results[i] = _result(resp.status, first_byte, resp.headers)
                     await resp.read()
@@ -412,8 +369,7 @@ class _Caseless(dict):
 async def fire_raw(port: int, n: int, timeout: float) -> list[Result]:
     loop = asyncio.get_running_loop()
     request = (
-        f"GET / HTTP/1.1\r\nHost: {HOST_HEADER}\r\nConnection: close\r\n"
-        "User-Agent: stampede\r\n\r\n"
+        f"GET / HTTP/1.1\r\nHost: {COLD_HOST}\r\nConnection: close\r\nUser-Agent: stampede\r\n\r\n"
     ).encode()
     results = [Result() for _ in range(n)]
     start = asyncio.Event()
@@ -444,19 +400,6 @@ async def fire_raw(port: int, n: int, timeout: float) -> list[Result]:
     return results
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-
-
-def _exit_on_signal(signum: int, _frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
-def install_signal_handlers() -> None:
-    """SIGTERM/SIGHUP end the run through the normal clean-up path (exit 128 + signal)."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _exit_on_signal)
-
-
 async def guarded(coro: Any) -> list[Result]:
     """Run the stampede; SIGTERM/SIGHUP cancel it cleanly, then exit as the handler would."""
     loop = asyncio.get_running_loop()
@@ -483,173 +426,8 @@ async def guarded(coro: Any) -> list[Result]:
 
 
 # --------------------------------------------------------------------------
-# Setup
-# --------------------------------------------------------------------------
-
-
-def wait_until(what: str, check, proc: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while not check():
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{tail(log_path)}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} not ready in {READY_TIMEOUT:g}s:\n{tail(log_path)}")
-        time.sleep(0.05)
-
-
-def start_redis(procs: Processes, tmp: Path, appendfsync: str = "") -> str:
-    """redis-server on a free port; with `appendfsync` (always|everysec), AOF is on."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
-    argv = [
-        binary,
-        "--port", str(port),
-        "--bind", "127.0.0.1",
-        "--save", "",
-        "--appendonly", "yes" if appendfsync else "no",
-        "--appendfsync", appendfsync or "everysec",
-        "--daemonize", "no",
-        "--dir", str(tmp),
-        "--maxclients", "10000",
-    ]  # fmt: skip
-    proc, log_path = procs.start("redis", argv)
-    wait_until("redis-server", lambda: redis_pong(port), proc, log_path)
-    return f"redis://127.0.0.1:{port}/0"
-
-
-def start_control_plane(
-    procs: Processes,
-    tmp: Path,
-    token: str,
-    start_delay: float,
-    app_args: tuple[str, ...] = (),
-) -> tuple[int, Path]:
-    port = free_port()
-    state_file = tmp / "controlplane.sqlite"
-    app_command = [
-        "{python}", str(SAMPLE_APP),
-        "--port", "{port}",
-        "--name", "{allocation}",
-        "--start-delay", repr(start_delay),
-        *app_args,
-    ]  # fmt: skip
-    config = {
-        "controlplane": {"listen": f"127.0.0.1:{port}", "state_file": str(state_file)},
-        "apps": [
-            {
-                "name": APP,
-                "command": app_command,
-                "artifact": str(SAMPLE_APP),
-                "readiness_path": "/healthz",
-                "start_timeout": "30s",
-                "drain_grace": "2s",
-            }
-        ],
-    }
-    config_path = tmp / "controlplane.toml"
-    config_path.write_text(render_toml(config))
-    procs.cp_state_file = state_file
-    env = {**os.environ, "CONTROL_PLANE_TOKEN": token}
-    argv = [edge_binary(), "controlplane", "--config", str(config_path)]
-    proc, log_path = procs.start("controlplane", argv, env)
-    healthy = lambda: http_get(port, "/healthz", timeout=0.5)[0] == 200  # noqa: E731
-    wait_until("control plane", healthy, proc, log_path)
-    return port, log_path
-
-
-@dataclass
-class Edge:
-    proc: subprocess.Popen
-    log_path: Path
-    port: int
-    admin_port: int
-    workers: list[int] = field(default_factory=list)
-
-
-def start_edge(
-    procs: Processes,
-    tmp: Path,
-    token: str,
-    cp_port: int,
-    store: str,
-    workers: int,
-    max_held: int,
-    app_settings: dict[str, Any] | None = None,
-) -> Edge:
-    port, admin_port = free_port(), free_port()
-    config = {
-        "edge": {
-            "listen": f"127.0.0.1:{port}",
-            "admin_listen": f"127.0.0.1:{admin_port}",
-            "workers": workers,
-            "store": store,
-        },
-        "control_plane": {"url": f"http://127.0.0.1:{cp_port}"},
-        "apps": [
-            {
-                "name": APP,
-                "hosts": [HOST_HEADER],
-                "scale_to_zero": True,
-                "hold_timeout": "60s",
-                "readiness_timeout": "30s",
-                "idle_timeout": "10m",
-                "max_held": max_held,
-                **(app_settings or {}),
-            }
-        ],
-    }
-    config_path = tmp / "edge.toml"
-    config_path.write_text(render_toml(config))
-    env = {**os.environ, "CONTROL_PLANE_TOKEN": token}
-    argv = [edge_binary(), "run", "--config", str(config_path), "--workers", str(workers)]
-    proc, log_path = procs.start("edge", argv, env)
-    edge = Edge(proc, log_path, port, admin_port)
-    wait_until(
-        "edge",
-        lambda: http_get(admin_port, "/readyz", timeout=1.0)[0] == 200 and accepts(port),
-        proc,
-        log_path,
-    )
-    deadline = time.monotonic() + READY_TIMEOUT
-    while len(edge.workers) < workers and time.monotonic() < deadline:
-        edge.workers = children(proc.pid)
-        time.sleep(0.05)
-    if len(edge.workers) != workers:
-        raise RuntimeError(f"expected {workers} edge workers, found pids {edge.workers}")
-    return edge
-
-
-# --------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------
-
-
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile of an ascending list."""
-    if not sorted_values:
-        return None
-    rank = max(1, min(len(sorted_values), math.ceil(q / 100 * len(sorted_values))))
-    return sorted_values[rank - 1]
-
-
-def server_timing_ms(value: str | None) -> float | None:
-    if not value:
-        return None
-    for part in value.split(","):
-        name, _, params = part.strip().partition(";")
-        if name == "wake":
-            for param in params.split(";"):
-                key, _, val = param.strip().partition("=")
-                if key == "dur":
-                    with contextlib.suppress(ValueError):
-                        return float(val)
-    return None
-
-
-def r3(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
 
 
 def summarize(results: list[Result], fired_at: float) -> dict[str, Any]:
@@ -666,7 +444,7 @@ def summarize(results: list[Result], fired_at: float) -> dict[str, Any]:
         for r in ok
         if r.first_byte is not None and r.ready_at is not None
     )
-    waits = sorted(w for w in (server_timing_ms(r.server_timing) for r in ok) if w is not None)
+    waits = sorted(w for w in (wake_wait_ms(r.server_timing) for r in ok) if w is not None)
     first_bytes = sorted(r.first_byte for r in results if r.first_byte is not None)
     ready_ats = sorted({r.ready_at for r in ok if r.ready_at is not None})
     return {
@@ -793,12 +571,13 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]
         log(f"RLIMIT_NOFILE is {nofile}: fewer than --requests + 100 sockets; expect errors")
     token = secrets.token_hex(16)
     store = start_redis(procs, tmp) if args.store == "redis" else "memory://"
-    cp_port, cp_log = start_control_plane(procs, tmp, token, args.start_delay)
     max_held = args.max_held if args.max_held is not None else max(1000, args.requests)
-    edge = start_edge(procs, tmp, token, cp_port, store, args.workers, max_held)
+    cp, edge = start_cold_app_stack(
+        procs, tmp, token, store, args.workers, args.start_delay, (), {"max_held": max_held}
+    )
     log(f"edge ready: workers {edge.workers}, store {store}, max_held {max_held}")
 
-    poller = ControlPlanePoller(cp_port, token, procs)
+    poller = ControlPlanePoller(cp.port, token, procs)
     before = poller.poll() or []
     if before:
         raise RuntimeError(f"the app is not cold: {len(before)} allocations already exist")
@@ -834,7 +613,7 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]
     app_state = None
     if admin_status == 200:
         with contextlib.suppress(ValueError, KeyError):
-            app_state = {a["name"]: a for a in json.loads(admin_body)["apps"]}.get(APP)
+            app_state = {a["name"]: a for a in json.loads(admin_body)["apps"]}.get(COLD_APP)
     report: dict[str, Any] = {
         "requests": args.requests,
         "store": args.store,
@@ -860,10 +639,13 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]
         "cp_poll_errors": poller.poll_errors,
         "edge_app_state": app_state,
         "nofile_limit": nofile,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine_info(),
+        "quick": args.quick,
     }
     report.update(timeline(results, allocations, app_state))
     ready_at = report["app_ready_at"]
+    report["listen_overflows_before_app_ready"] = None
+    report["listen_overflows_after_app_ready"] = None
     if ready_at is not None and memory.overflows:
         # Before the app was ready only the edge's listener took connections; after, the
         # app's own listener too (the edge connecting to it for every held request).
@@ -874,9 +656,9 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]
             report["listen_overflows_after_app_ready"] = last - at_ready
     report["targets"] = TARGETS
     report["targets_met"] = targets_met(report)
-    if report["errors"] or report["wakes"] != 1 or len(summary["allocation_ids"]) > 1:
-        report["edge_log"] = edge_log_excerpt(edge.log_path)
-        report["controlplane_log"] = edge_log_excerpt(cp_log)
+    troubled = report["errors"] or report["wakes"] != 1 or len(summary["allocation_ids"]) > 1
+    report["edge_log"] = edge_log_excerpt(edge.log_path) if troubled else []
+    report["controlplane_log"] = edge_log_excerpt(cp.log_path) if troubled else []
     report["total_s"] = round(time.monotonic() - started, 3)
     return report
 
@@ -905,7 +687,9 @@ def main(argv: list[str] | None = None) -> int:
         "--dump", metavar="FILE", help="also write every response's record (JSON lines)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
+    add_quick(parser, QUICK)
     args = parser.parse_args(argv)
+    apply_quick(parser, args)
     if args.requests < 1 or args.workers < 1 or args.timeout <= 0:
         parser.error("--requests, --workers and --timeout must be positive")
     if args.store == "memory" and args.workers != 1:
@@ -932,11 +716,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
     print_table(report)
-    for line in report.get("edge_log", []):
+    for line in report["edge_log"]:
         log(f"edge log: {line}")
     out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out, report, __doc__)
     log(f"wrote {out}")
     return 0
 

@@ -26,6 +26,43 @@ plane every 0.5 s meanwhile; stops everything it started; and writes OUT/:
 --reload-at S --reload-budget N rewrites the running edge config with
 max_concurrent_wakes = N after S seconds and runs `edge reload` (the operator's
 loop); the summary then splits peak concurrent starts before and after.
+--json FILE writes summary.json there too (OUT defaults to FILE's folder, FILE's
+name + "-report"). --quick: 20 users for 3 s, 4 apps (fleet, cycling). Exits 1
+when a request was lost, unanswered or unaccounted, or the wake budget was exceeded.
+
+JSON keys (summary.json, --json FILE):
+    scenario                 stampede, fleet, webhooks or cycling
+    users                    locust users
+    run_time_s               locust's run time
+    apps                     apps of the scenario
+    budget                   max_concurrent_wakes, reloaded_to (null without a reload)
+    requests                 answered requests, counted by outcome
+    sent                     requests sent
+    interrupted              requests cut short by locust's own stop, by exception ({} wanted)
+    locust_requests          locust's own count of requests
+    unanswered               sent - answered (0 wanted)
+    unaccounted              locust's count - ours (0 wanted)
+    by_status                answers by status ("503" all reasons together)
+    refused_503_by_reason    503 + Retry-After answers by X-Edge-Error
+    lost                     requests lost: no answer, or not 200/202/503 + Retry-After (0 wanted)
+    lost_by_kind             those by status or error
+    wakes_total              allocations the control plane created
+    apps_woken               apps with at least one
+    wakes_per_app_max        most allocations of one app
+    wakes_per_app            allocations by app
+    peak_held                most requests the edge held at once (/metrics)
+    edge_upstream_errors     the edge's upstream errors by kind
+    peak_wakes_in_flight     most wake-budget slots in use at once (/metrics)
+    peak_concurrent_starts   most allocations starting at once (control plane journal)
+    peak_concurrent_starts_before_reload   that peak before a reload, and after (null without)
+    peak_concurrent_starts_after_reload
+    allocation_start_s       p50, p99 of allocation start times
+    wake_wait_ms             count, p50, p99 of Server-Timing wake;dur of held requests
+    wake_phase_s             count, p50, p99, mean per wake phase (budget, allocation,
+                             readiness), from the edge's histograms
+    locust_exit              locust's exit status
+    budget_exceeded          each way the peak went over the wake budget ([] wanted)
+    quick                    whether --quick sized the run
 """
 
 from __future__ import annotations
@@ -33,8 +70,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
-import os
 import secrets
 import subprocess
 import sys
@@ -46,24 +81,32 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from stampede import (
+from bench_stack import (
+    BENCH,
+    REPO,
     SAMPLE_APP,
+    TINY_APP,
     Processes,
-    children,
+    add_quick,
+    apply_quick,
+    cp_app,
     edge_binary,
-    free_port,
     http_get,
     install_signal_handlers,
+    logger,
+    percentile,
+    r3,
     raise_open_file_limit,
+    start_control_plane,
+    start_edge,
     start_redis,
-    wait_until,
+    token_env,
+    write_json,
 )
 
 from scheduler_client.config_file import render_toml
 
-REPO = Path(__file__).resolve().parent.parent
-TINY_APP = REPO / "bench" / "apps" / "tiny_app.py"
-LOCUSTFILE = REPO / "bench" / "locustfile.py"
+LOCUSTFILE = BENCH / "locustfile.py"
 BASE_CONFIG = REPO / "configs" / "stampede.toml"
 SAMPLE_EVERY = 0.5
 STOP_TIMEOUT = 150  # s; the locustfile drains in-flight requests for up to 135 s
@@ -74,10 +117,9 @@ SCENARIOS = {
     "webhooks": "WebhookWhileCold",
     "cycling": "HotWithSleeps",
 }
+QUICK = {"users": 20, "run_time": 3, "apps": 4}
 
-
-def log(msg: str) -> None:
-    print(f"[stampede-report] {msg}", file=sys.stderr, flush=True)
+log = logger("stampede-report")
 
 
 # ----------------------------------------------------------------- the stack
@@ -85,24 +127,18 @@ def log(msg: str) -> None:
 
 def scenario_apps(args: argparse.Namespace) -> list[dict[str, Any]]:
     """(edge app overrides, control-plane app spec) per app of the scenario."""
-    delay = str(args.start_delay)
-    tiny = ["{python}", str(TINY_APP), "--port", "{port}", "--name", "{allocation}"]
-    sample = ["{python}", str(SAMPLE_APP), "--port", "{port}", "--name", "{allocation}"]
+
+    def app(edge: dict[str, Any], script: Path, readiness: str) -> dict[str, Any]:
+        args_ = ("--name", "{allocation}", "--start-delay", str(args.start_delay))
+        spec = cp_app(edge["name"], script, *args_, readiness=readiness, start_timeout="60s")
+        return {"edge": edge, "spec": spec}
+
     if args.scenario == "stampede":
-        return [
-            {
-                "edge": {"name": "stampede", "hosts": ["stampede.localhost"]},
-                "command": [*sample, "--start-delay", delay],
-                "readiness": "/healthz",
-            }
-        ]
+        edge = {"name": "stampede", "hosts": ["stampede.localhost"]}
+        return [app(edge, SAMPLE_APP, "/healthz")]
     if args.scenario == "fleet":
         return [
-            {
-                "edge": {"name": f"fleet-{i}", "hosts": [f"fleet-{i}.localhost"]},
-                "command": [*tiny, "--start-delay", delay],
-                "readiness": "/",
-            }
+            app({"name": f"fleet-{i}", "hosts": [f"fleet-{i}.localhost"]}, TINY_APP, "/")
             for i in range(args.apps)
         ]
     if args.scenario == "webhooks":
@@ -114,33 +150,24 @@ def scenario_apps(args: argparse.Namespace) -> list[dict[str, Any]]:
             "dedupe_key": "header:X-Event-Id",
             "max_body": "64KiB",
         }
-        return [
-            {
-                "edge": {
-                    "name": "hooks-queue",
-                    "hosts": ["hooks-queue.localhost"],
-                    "rules": [queue_rule],
-                    "replay": replay,
-                },
-                "command": [*sample, "--start-delay", delay],
-                "readiness": "/healthz",
-            },
-            {
-                "edge": {
-                    "name": "hooks-reject",
-                    "hosts": ["hooks-reject.localhost"],
-                    "rules": [reject_rule],
-                },
-                "command": [*sample, "--start-delay", delay],
-                "readiness": "/healthz",
-            },
-        ]
-    return [
-        {
-            "edge": {"name": f"cycle-{i}", "hosts": [f"cycle-{i}.localhost"], "idle_timeout": "2s"},
-            "command": [*tiny, "--start-delay", delay],
-            "readiness": "/",
+        queue = {
+            "name": "hooks-queue",
+            "hosts": ["hooks-queue.localhost"],
+            "rules": [queue_rule],
+            "replay": replay,
         }
+        reject = {
+            "name": "hooks-reject",
+            "hosts": ["hooks-reject.localhost"],
+            "rules": [reject_rule],
+        }
+        return [app(queue, SAMPLE_APP, "/healthz"), app(reject, SAMPLE_APP, "/healthz")]
+    return [
+        app(
+            {"name": f"cycle-{i}", "hosts": [f"cycle-{i}.localhost"], "idle_timeout": "2s"},
+            TINY_APP,
+            "/",
+        )
         for i in range(args.apps)
     ]
 
@@ -153,7 +180,7 @@ class Stack:
         self.tmp = tmp
         self.procs = procs
         self.token = secrets.token_urlsafe(24)
-        self.env = {**os.environ, "CONTROL_PLANE_TOKEN": self.token}
+        self.env = token_env(self.token)
         self.apps = scenario_apps(args)
         self.edge_config_path = tmp / "edge.toml"
         self.edge_config: dict[str, Any] = {}
@@ -164,71 +191,27 @@ class Stack:
 
     def start(self) -> None:
         store = start_redis(self.procs, self.tmp, appendfsync="everysec")
-        self._start_control_plane()
+        specs = [app["spec"] for app in self.apps]
+        cp = start_control_plane(
+            self.procs, self.tmp, self.env, specs, max_allocations=len(self.apps) + 16
+        )
+        self.cp_port = cp.port
         self._start_edge(store)
-
-    def _start_control_plane(self) -> None:
-        self.cp_port = free_port()
-        state_file = self.tmp / "controlplane.sqlite"
-        self.procs.cp_state_file = state_file
-        config = {
-            "controlplane": {
-                "listen": f"127.0.0.1:{self.cp_port}",
-                "state_file": str(state_file),
-                "max_allocations": len(self.apps) + 16,
-            },
-            "apps": [
-                {
-                    "name": app["edge"]["name"],
-                    "command": app["command"],
-                    "artifact": app["command"][1],
-                    "readiness_path": app["readiness"],
-                    "start_timeout": "60s",
-                    "drain_grace": "2s",
-                }
-                for app in self.apps
-            ],
-        }
-        path = self.tmp / "controlplane.toml"
-        path.write_text(render_toml(config))
-        argv = [edge_binary(), "controlplane", "--config", str(path)]
-        proc, log_path = self.procs.start("controlplane", argv, self.env)
-        healthy = lambda: http_get(self.cp_port, "/healthz", timeout=0.5)[0] == 200  # noqa: E731
-        wait_until("control plane", healthy, proc, log_path)
 
     def _start_edge(self, store: str) -> None:
         base = tomllib.loads(BASE_CONFIG.read_text())
         template = base.pop("apps")[0]
-        self.port, self.admin_port = free_port(), free_port()
-        base["edge"].update(
-            listen=f"127.0.0.1:{self.port}",
-            admin_listen=f"127.0.0.1:{self.admin_port}",
-            store=store,
-            workers=self.args.workers,
-        )
+        base["edge"].update(store=store, workers=self.args.workers)
         base["control_plane"]["url"] = f"http://127.0.0.1:{self.cp_port}"
         if self.args.max_concurrent_wakes is not None:
             base["budget"]["max_concurrent_wakes"] = self.args.max_concurrent_wakes
             base["budget"]["tenant_max_concurrent_wakes"] = self.args.max_concurrent_wakes
         base["apps"] = [{**template, **app["edge"]} for app in self.apps]
-        self.edge_config = base
         self.initial_budget = int(base["budget"]["max_concurrent_wakes"])
-        self.write_edge_config()
-        argv = [edge_binary(), "run", "--config", str(self.edge_config_path)]
-        proc, log_path = self.procs.start("edge", argv, self.env)
-        wait_until(
-            "edge",
-            lambda: http_get(self.admin_port, "/readyz", timeout=1.0)[0] == 200,
-            proc,
-            log_path,
-        )
-        deadline = time.monotonic() + 20
-        while len(children(proc.pid)) < self.args.workers and time.monotonic() < deadline:
-            time.sleep(0.05)
+        edge = start_edge(self.procs, self.tmp, self.env, base)
+        self.edge_config, self.edge_config_path = base, edge.config_path
+        self.port, self.admin_port = edge.port, edge.admin_port
         log(f"edge on 127.0.0.1:{self.port}, config {self.edge_config_path}")
-
-    def write_edge_config(self) -> None:
-        self.edge_config_path.write_text(render_toml(self.edge_config))
 
     @property
     def budget(self) -> int:
@@ -370,14 +353,6 @@ def run_locust(args: argparse.Namespace, stack: Stack, out: Path) -> int:
 # ----------------------------------------------------------------- report
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
-    return round(ordered[rank - 1], 3)
-
-
 def journal_stats(entries: list[dict[str, Any]], reload_at: float | None) -> dict[str, Any]:
     """Peak concurrent starts and allocation start times, from the control plane's journal.
 
@@ -412,11 +387,13 @@ def journal_stats(entries: list[dict[str, Any]], reload_at: float | None) -> dic
                 peak_after = max(peak_after, len(starting))
     stats: dict[str, Any] = {
         "peak_concurrent_starts": peak,
-        "allocation_start_s": {"p50": percentile(durations, 50), "p99": percentile(durations, 99)},
+        "allocation_start_s": {
+            "p50": r3(percentile(durations, 50)),
+            "p99": r3(percentile(durations, 99)),
+        },
+        "peak_concurrent_starts_before_reload": None if reload_at is None else peak_before,
+        "peak_concurrent_starts_after_reload": None if reload_at is None else peak_after,
     }
-    if reload_at is not None:
-        stats["peak_concurrent_starts_before_reload"] = peak_before
-        stats["peak_concurrent_starts_after_reload"] = peak_after
     return stats
 
 
@@ -427,7 +404,10 @@ def over_budget(summary: dict[str, Any]) -> list[str]:
     otherwise the whole run's peak to the initial budget.
     """
     budget = summary["budget"]
-    if budget.get("reloaded_to") is not None and "peak_concurrent_starts_after_reload" in summary:
+    if (
+        budget.get("reloaded_to") is not None
+        and summary.get("peak_concurrent_starts_after_reload") is not None
+    ):
         checks = [
             (
                 "before reload",
@@ -669,7 +649,8 @@ def run(args: argparse.Namespace, out: Path, tmp: Path, procs: Processes) -> dic
         args, stack, out, sampler.samples, reload_wall[0] if reload_wall else None, status
     )
     summary["budget_exceeded"] = over_budget(summary)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["quick"] = args.quick
+    write_json(out / "summary.json", summary, __doc__)
     budget = f"{args.max_concurrent_wakes or stack.budget}"
     if reload_wall:
         budget = f"{summary['budget']['max_concurrent_wakes']} -> {args.reload_budget}"
@@ -690,8 +671,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-concurrent-wakes", type=int, default=None)
     parser.add_argument("--reload-at", type=float, default=None, help="seconds into the run")
     parser.add_argument("--reload-budget", type=int, default=None)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=None, help="the report folder")
+    parser.add_argument("--json", type=Path, default=None, help="summary.json, also here")
+    add_quick(parser, QUICK)
     args = parser.parse_args(argv)
+    apply_quick(parser, args)
+    if args.out is None:
+        if args.json is None:
+            parser.error("--out or --json is required")
+        args.out = args.json.parent / f"{args.json.stem}-report"
     if args.scenario in ("stampede", "webhooks"):
         args.apps = 1 if args.scenario == "stampede" else 2
     raise_open_file_limit()
@@ -710,6 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in keys:
         print(f"{key:<24} {summary[key]}")
     print(f"report: {args.out}/ (summary.json, chart.png, locust.html)")
+    if args.json is not None:
+        write_json(args.json, summary, __doc__)
     exceeded = summary["budget_exceeded"]
     for problem in exceeded:
         print(f"wake budget exceeded     {problem}")

@@ -9,31 +9,56 @@ short warm-up, all with ``Host: bench.localhost``:
     direct           straight to the upstream
     nginx_proxy_1w   nginx reverse proxy, 1 worker, upstream keepalive
     naive_1w         bench/naive_proxy.py (aiohttp server + one ClientSession)
-    edge_1w          edge run --workers 1
+    edge_1w          edge run --workers 1 (store memory://)
     nginx_proxy_2w   nginx reverse proxy, 2 workers
-    edge_2w          edge run --workers 2
+    edge_2w          edge run --workers 2 (store: a redis-server of its own)
 
-Prints a table and the ratios, writes JSON (``--json FILE``). Every process it
-starts is stopped on the way out, including on errors and Ctrl-C.
+Without wrk the built-in asyncio load generator runs (bench_stack.py); without
+nginx its rows are skipped. When root and not --quick, it installs Debian's nginx
+and wrk if missing; --quick installs nothing and uses what is there (``tools``,
+``peers``). Prints a table and the ratios, writes JSON (``--json FILE``). Every
+process it starts is stopped on the way out, including on errors and Ctrl-C.
 
     .venv/bin/python bench/throughput.py --json bench/results/latest.json
-    .venv/bin/python bench/throughput.py --json /tmp/smoke.json --duration 3
+    .venv/bin/python bench/throughput.py --json /tmp/smoke.json --quick
+
+JSON keys (--json FILE):
+    edge_rps         requests/s of edge_1w (null when the row failed; so each *_rps, *_p99_ms)
+    nginx_rps        of nginx_proxy_1w (null too when nginx is not installed)
+    naive_rps        of naive_1w
+    direct_rps       of direct (the upstream alone)
+    edge_p99_ms      p99 latency of edge_1w, ms
+    nginx_p99_ms     of nginx_proxy_1w
+    naive_p99_ms     of naive_1w
+    edge_2w_rps      of edge_2w
+    nginx_2w_rps     of nginx_proxy_2w
+    rows             each row by name: rps, requests, p50..p99_ms, non2xx, socket_errors,
+                     or error; null for a row skipped
+    peers            the rows that ran, in order
+    ratios           edge_1w/nginx_proxy_1w, edge_1w/naive_1w, ... (null without both)
+    targets          edge_vs_nginx, edge_vs_naive (rps ratios), edge_p99_ms
+    targets_met      each target, and all
+    machine          nproc, cpu, python, platform, load average at the start
+    duration_s       seconds per measured row
+    warmup_s         seconds of warm-up per row
+    connections      load connections
+    load_generator   wrk and its version, or the built-in generator
+    tools            path of wrk and nginx, null when not installed
+    upstream         what the upstream was
+    nginx_version    nginx -v, null without nginx
+    host_header      the Host every request named
+    body_bytes       the upstream's response body size
+    notes            what was missing, installed or fell back
+    quick            whether --quick sized the run
+    elapsed_s        the whole run's wall time
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import atexit
-import contextlib
-import http.client
-import json
 import os
-import platform
-import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,54 +67,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench_processes import Processes
+from bench_stack import (
+    BENCH,
+    FAST_UPSTREAM,
+    Processes,
+    add_load_options,
+    add_quick,
+    apply_quick,
+    find_edge,
+    find_tool,
+    free_port,
+    http_get,
+    install_signal_handlers,
+    load_generator_name,
+    logger,
+    machine_info,
+    run_load,
+    start_edge,
+    start_redis,
+    tool_version,
+    use_wrk,
+    venv_python,
+    wait_until,
+    warmup_s,
+    write_json,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "bench"
 HOST_HEADER = "bench.localhost"
 BODY_SIZE = 1024
 READY_TIMEOUT = 15.0
 TARGETS = {"edge_vs_nginx": 0.40, "edge_vs_naive": 3.0, "edge_p99_ms": 3.0}
 ROW_ORDER = ("direct", "nginx_proxy_1w", "naive_1w", "edge_1w", "nginx_proxy_2w", "edge_2w")
-# A row whose load run saw more non-2xx/3xx answers or socket errors than this
-# share of its requests is recorded as an error: a proxy answering 502 fast is
-# not fast.
-MAX_BAD_SHARE = 0.01
+QUICK = {"duration": 1.0, "connections": 8, "warmup": 0.0}
 
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def venv_python() -> str:
-    candidate = REPO / ".venv" / "bin" / "python"
-    return str(candidate) if candidate.exists() else sys.executable
-
-
-EDGE_OVERRIDE: str | None = None
-
-
-def edge_binary() -> str | None:
-    if EDGE_OVERRIDE:
-        return EDGE_OVERRIDE if Path(EDGE_OVERRIDE).exists() else None
-    for candidate in (REPO / ".venv" / "bin" / "edge", Path(sys.executable).parent / "edge"):
-        if candidate.exists():
-            return str(candidate)
-    return shutil.which("edge")
-
-
-def tail(path: Path, limit: int = 1500) -> str:
-    try:
-        data = path.read_bytes()[-limit:]
-    except OSError:
-        return ""
-    return data.decode("utf-8", "replace").strip()
+log = logger("bench")
 
 
 # --------------------------------------------------------------------------
@@ -120,28 +131,8 @@ def ensure_tools() -> list[str]:
     return notes
 
 
-def find_tool(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    for d in ("/usr/sbin", "/usr/local/sbin", "/sbin"):
-        p = Path(d) / name
-        if p.exists():
-            return str(p)
-    return None
-
-
-def tool_version(argv: list[str]) -> str | None:
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    out = (r.stdout + r.stderr).strip().splitlines()
-    return out[0].strip() if out else None
-
-
 # --------------------------------------------------------------------------
-# nginx / redis / edge configs
+# nginx config
 # --------------------------------------------------------------------------
 
 NGINX_COMMON = """\
@@ -191,19 +182,6 @@ NGINX_PROXY_BODY = """\
     }}
 """
 
-EDGE_TOML = """\
-[edge]
-listen = "127.0.0.1:{port}"
-admin_listen = "127.0.0.1:{admin_port}"
-workers = {workers}
-store = "{store}"
-
-[[apps]]
-name = "bench"
-hosts = ["{host}"]
-upstreams = ["127.0.0.1:{upstream}"]
-"""
-
 
 def start_nginx(
     procs: Processes, tmp: Path, name: str, workers: int, body: str
@@ -216,187 +194,8 @@ def start_nginx(
     return procs.start(name, argv)
 
 
-# --------------------------------------------------------------------------
-# Readiness
-# --------------------------------------------------------------------------
-
-
-def http_status(port: int, timeout: float = 1.0) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", "/", headers={"Host": HOST_HEADER})
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status
-    finally:
-        conn.close()
-
-
-def wait_ready(
-    port: int, proc: subprocess.Popen | None, timeout: float = READY_TIMEOUT
-) -> str | None:
-    """None when GET / answers 200 through ``port``; else an error string."""
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            return f"process exited with status {proc.returncode}"
-        try:
-            status = http_status(port)
-            if status == 200:
-                return None
-            last = f"GET / answered {status}"
-        except (OSError, http.client.HTTPException) as exc:
-            last = f"{exc.__class__.__name__}: {exc}"
-        time.sleep(0.1)
-    return f"not ready after {timeout:.0f}s ({last})"
-
-
-def wait_redis(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(64).startswith(b"+PONG"):
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.1)
-    return False
-
-
-# --------------------------------------------------------------------------
-# Load generation
-# --------------------------------------------------------------------------
-
-_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
-_LAT_RE = re.compile(r"^\s*(50|75|90|99(?:\.\d+)?)%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.M)
-
-
-def parse_wrk(text: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
-    out["rps"] = float(m.group(1)) if m else None
-    m = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h)", text)
-    out["requests"] = int(m.group(1)) if m else None
-    for pct, value, unit in _LAT_RE.findall(text):
-        out[f"p{pct}_ms"] = round(float(value) * _UNIT_MS[unit], 4)
-    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
-    out["non2xx"] = int(m.group(1)) if m else 0
-    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    out["socket_errors"] = sum(int(x) for x in m.groups()) if m else 0
-    return out
-
-
-def run_wrk(port: int, duration: float, connections: int) -> dict[str, Any]:
-    argv = [
-        find_tool("wrk") or "wrk",
-        "-t1",
-        f"-c{connections}",
-        f"-d{max(1, round(duration))}s",
-        "--latency",
-        "-H",
-        f"Host: {HOST_HEADER}",
-        f"http://127.0.0.1:{port}/",
-    ]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
-    result = parse_wrk(r.stdout)
-    if r.returncode != 0 or result["rps"] is None:
-        result["error"] = f"wrk failed (status {r.returncode}): {(r.stderr or r.stdout)[-500:]}"
-    return result
-
-
-async def _py_load(port: int, duration: float, connections: int, max_requests: int):
-    import httptools
-
-    loop = asyncio.get_running_loop()
-    request = f"GET / HTTP/1.1\r\nHost: {HOST_HEADER}\r\n\r\n".encode()
-    deadline = loop.time() + duration
-    latencies: list[float] = []
-    stats = {"non2xx": 0, "socket_errors": 0}
-    perf = time.perf_counter
-
-    class Client(asyncio.Protocol):
-        def __init__(self) -> None:
-            self.done = loop.create_future()
-            self.sent_at = 0.0
-            self.keep_alive = True
-
-        def connection_made(self, transport) -> None:
-            self.transport = transport
-            self.parser = httptools.HttpResponseParser(self)
-            self.send()
-
-        def send(self) -> None:
-            if loop.time() >= deadline or len(latencies) >= max_requests:
-                self.transport.close()
-                return
-            self.sent_at = perf()
-            self.transport.write(request)
-
-        def data_received(self, data: bytes) -> None:
-            try:
-                self.parser.feed_data(data)
-            except httptools.HttpParserError:
-                stats["socket_errors"] += 1
-                self.transport.close()
-
-        def on_message_complete(self) -> None:
-            latencies.append(perf() - self.sent_at)
-            status = self.parser.get_status_code()
-            if not 200 <= status < 400:
-                stats["non2xx"] += 1
-            if self.parser.should_keep_alive():
-                self.send()
-            else:
-                self.transport.close()
-
-        def connection_lost(self, exc) -> None:
-            if not self.done.done():
-                self.done.set_result(exc)
-
-    async def worker() -> None:
-        while loop.time() < deadline and len(latencies) < max_requests:
-            try:
-                _, proto = await loop.create_connection(Client, "127.0.0.1", port)
-                if await proto.done is not None:
-                    stats["socket_errors"] += 1
-            except OSError:
-                stats["socket_errors"] += 1
-                await asyncio.sleep(0.01)
-
-    started = perf()
-    await asyncio.gather(*(worker() for _ in range(connections)))
-    elapsed = perf() - started
-    latencies.sort()
-    n = len(latencies)
-
-    def pct(q: float) -> float | None:
-        return round(latencies[min(n - 1, int(q * n))] * 1000, 4) if n else None
-
-    return {
-        "rps": round(n / elapsed, 2) if elapsed > 0 else None,
-        "requests": n,
-        "p50_ms": pct(0.50),
-        "p75_ms": pct(0.75),
-        "p90_ms": pct(0.90),
-        "p99_ms": pct(0.99),
-        **stats,
-    }
-
-
-def run_py_load(port: int, duration: float, connections: int) -> dict[str, Any]:
-    """Fallback load generator (wrk absent): asyncio + httptools, bounded by time and count."""
-    coro = _py_load(port, duration, connections, max_requests=5_000_000)
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:
-        return asyncio.run(coro)
+def answers_200(port: int) -> bool:
+    return http_get(port, "/", {"Host": HOST_HEADER}, timeout=1.0)[0] == 200
 
 
 # --------------------------------------------------------------------------
@@ -410,124 +209,71 @@ class Bench:
     tmp: Path
     duration: float
     connections: int
-    use_wrk: bool
+    warmup: float
+    wrk: bool
+    edge: str | None
     upstream_port: int = 0
     notes: list[str] = field(default_factory=list)
-    redis_port: int | None = None
-
-    @property
-    def warmup(self) -> float:
-        return 2.0 if self.duration >= 10 else 1.0
-
-    def load(self, port: int, duration: float) -> dict[str, Any]:
-        if self.use_wrk:
-            return run_wrk(port, duration, self.connections)
-        return run_py_load(port, duration, self.connections)
 
     def measure(self, name: str, port: int) -> dict[str, Any]:
-        log(f"{name}: warm-up {self.warmup:.0f}s")
-        self.load(port, self.warmup)
+        if self.warmup > 0:
+            log(f"{name}: warm-up {self.warmup:g}s")
+            run_load(port, self.warmup, self.connections, HOST_HEADER, self.wrk)
         log(f"{name}: measuring {self.duration:g}s at {self.connections} connections")
-        result = self.load(port, self.duration)
-        total = result.get("requests") or 0
-        bad = (result.get("non2xx") or 0) + (result.get("socket_errors") or 0)
-        if "error" not in result and total and bad > MAX_BAD_SHARE * total:
-            result["error"] = f"{bad} of {total} requests failed (non-2xx/3xx or socket errors)"
-        if "error" not in result and not total:
-            result["error"] = "no requests completed"
-        return result
+        return run_load(port, self.duration, self.connections, HOST_HEADER, self.wrk)
 
-    def served_row(self, name: str, proc, log_path: Path | None, port: int) -> dict[str, Any]:
-        err = wait_ready(port, proc)
-        if err:
-            detail = tail(log_path) if log_path else ""
-            return {"error": err + (f": {detail}" if detail else "")}
+    def served(self, name: str, argv: list[str]) -> dict[str, Any]:
+        """Start `argv` (a server on `port`), measure it once it answers 200."""
+        port = free_port()
+        proc, log_path = self.procs.start(name, [a.format(port=port) for a in argv])
+        wait_until(name, lambda: answers_200(port), proc, log_path, READY_TIMEOUT)
         return self.measure(name, port)
+
+    def own_processes(self, run) -> dict[str, Any]:
+        """Run a row; every process it started is stopped after it, whatever happened."""
+        before = len(self.procs.running)
+        try:
+            return run()
+        finally:
+            for _name, proc in self.procs.running[before:]:
+                self.procs.stop(proc)
 
     # -- individual rows -----------------------------------------------------
 
     def row_direct(self) -> dict[str, Any]:
-        return self.served_row("direct", None, None, self.upstream_port)
+        return self.measure("direct", self.upstream_port)
 
     def row_nginx_proxy(self, name: str, workers: int) -> dict[str, Any]:
         port = free_port()
         body = NGINX_PROXY_BODY.format(port=port, upstream=self.upstream_port)
         proc, log_path = start_nginx(self.procs, self.tmp, name, workers, body)
-        try:
-            return self.served_row(name, proc, log_path, port)
-        finally:
-            self.procs.stop(proc)
+        wait_until(name, lambda: answers_200(port), proc, log_path, READY_TIMEOUT)
+        return self.measure(name, port)
 
     def row_naive(self) -> dict[str, Any]:
-        port = free_port()
-        argv = [
-            venv_python(),
-            str(BENCH / "naive_proxy.py"),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--upstream",
-            f"127.0.0.1:{self.upstream_port}",
-        ]
-        proc, log_path = self.procs.start("naive_1w", argv)
-        try:
-            return self.served_row("naive_1w", proc, log_path, port)
-        finally:
-            self.procs.stop(proc)
-
-    def _start_edge(self, name: str, workers: int, store: str):
-        binary = edge_binary()
-        port, admin_port = free_port(), free_port()
-        cfg = self.tmp / f"{name}.toml"
-        cfg.write_text(
-            EDGE_TOML.format(
-                port=port,
-                admin_port=admin_port,
-                workers=workers,
-                store=store,
-                host=HOST_HEADER,
-                upstream=self.upstream_port,
-            )
-        )
-        argv = [binary, "run", "--config", str(cfg), "--workers", str(workers)]
-        proc, log_path = self.procs.start(name, argv)
-        return proc, log_path, port
+        argv = [venv_python(), str(BENCH / "naive_proxy.py"), "--listen", "127.0.0.1:{port}"]
+        return self.served("naive_1w", [*argv, "--upstream", f"127.0.0.1:{self.upstream_port}"])
 
     def row_edge(self, name: str, workers: int) -> dict[str, Any]:
-        if edge_binary() is None:
-            return {"error": f"edge is not installed ({EDGE_OVERRIDE or '.venv/bin/edge'} missing)"}
-        proc, log_path, port = self._start_edge(name, workers, "memory://")
-        try:
-            err = wait_ready(port, proc)
-            if err and proc.returncode == 2 and "store" in tail(log_path).lower():
-                log(f"{name}: edge refused store memory:// ({tail(log_path, 300)!r}); using redis")
-                self.procs.stop(proc)
-                store = self.redis_store()
-                if store is None:
-                    return {"error": "edge needs a shared store and redis-server did not start"}
-                proc, log_path, port = self._start_edge(name, workers, store)
-                err = wait_ready(port, proc)
-            if err:
-                detail = tail(log_path)
-                return {"error": err + (f": {detail}" if detail else "")}
-            return self.measure(name, port)
-        finally:
-            self.procs.stop(proc)
-
-    def redis_store(self) -> str | None:
-        if self.redis_port is None:
-            binary = find_tool("redis-server")
-            if binary is None:
-                return None
-            port = free_port()
-            argv = [binary, "--port", str(port), "--bind", "127.0.0.1"]
-            argv += ["--save", "", "--appendonly", "no", "--dir", str(self.tmp)]
-            proc, _ = self.procs.start("redis", argv)
-            if not wait_redis(port, proc):
-                self.procs.stop(proc)
-                return None
-            self.redis_port = port
-            self.notes.append(f"edge_2w used store redis://127.0.0.1:{port}/0")
-        return f"redis://127.0.0.1:{self.redis_port}/0"
+        if self.edge is None:
+            return {"error": "edge is not installed (.venv/bin/edge or --edge)"}
+        # memory:// lives in one process: several workers need a store they share.
+        store = "memory://" if workers == 1 else start_redis(self.procs, self.tmp)
+        if workers > 1:
+            self.notes.append(f"{name} used store {store}")
+        config = {
+            "edge": {"workers": workers, "store": store},
+            "apps": [
+                {
+                    "name": "bench",
+                    "hosts": [HOST_HEADER],
+                    "upstreams": [f"127.0.0.1:{self.upstream_port}"],
+                }
+            ],
+        }
+        ready = lambda port, _admin: answers_200(port)  # noqa: E731
+        edge = start_edge(self.procs, self.tmp, None, config, ready, name, self.edge)
+        return self.measure(name, edge.port)
 
 
 # --------------------------------------------------------------------------
@@ -566,52 +312,30 @@ def print_table(rows: dict[str, dict[str, Any] | None], ratios: dict[str, float 
         print(f"{key:<28}{fmt(value, '.3f')}")
 
 
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "nproc": os.cpu_count(),
-        "python": platform.python_version(),
-        "python_impl": platform.python_implementation(),
-        "platform": platform.platform(),
-    }
-    with contextlib.suppress(AttributeError):
-        info["nproc_available"] = len(os.sched_getaffinity(0))
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    with contextlib.suppress(OSError):
-        info["loadavg_at_start"] = list(os.getloadavg())
-    return info
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True, type=Path, help="write results here")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per row")
-    parser.add_argument("--connections", type=int, default=50)
-    parser.add_argument(
-        "--python-loadgen",
-        action="store_true",
-        help="use the built-in asyncio load generator even when wrk is installed",
-    )
+    add_load_options(parser, 10.0)
     parser.add_argument(
         "--edge", metavar="PATH", help="edge executable (default: .venv/bin/edge, then PATH)"
     )
+    add_quick(parser, QUICK)
     args = parser.parse_args(argv)
-    global EDGE_OVERRIDE
-    EDGE_OVERRIDE = args.edge
+    apply_quick(parser, args)
     if args.duration <= 0 or args.connections <= 0:
         parser.error("--duration and --connections must be positive")
+    warmup = warmup_s(args)
 
     started = time.monotonic()
     info = machine_info()
-    notes = ensure_tools()
-    have_nginx = find_tool("nginx") is not None
-    use_wrk = find_tool("wrk") is not None and not args.python_loadgen
-    if not use_wrk:
+    notes = [] if args.quick else ensure_tools()
+    tools = {name: find_tool(name) for name in ("wrk", "nginx")}
+    have_nginx = tools["nginx"] is not None
+    wrk = use_wrk(args.python_loadgen)
+    if not wrk:
+        why = "asked for" if args.python_loadgen else "wrk unavailable"
         notes.append(
-            "wrk unavailable: built-in Python asyncio load generator used; it shares the "
+            f"{why}: built-in Python asyncio load generator used; it shares the "
             "CPU with the servers, so figures are not comparable with wrk runs"
         )
     if not have_nginx:
@@ -622,14 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="edge-bench-"))
     procs = Processes(tmp)
     atexit.register(procs.stop_all)
+    install_signal_handlers()
 
-    def on_signal(signum, _frame):
-        raise SystemExit(128 + signum)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-
-    bench = Bench(procs, tmp, args.duration, args.connections, use_wrk, notes=notes)
+    bench = Bench(
+        procs, tmp, args.duration, args.connections, warmup, wrk, find_edge(args.edge), notes=notes
+    )
     rows: dict[str, dict[str, Any] | None] = {}
     upstream_kind: str | None = None
     try:
@@ -639,16 +360,18 @@ def main(argv: list[str] | None = None) -> int:
             up_proc, up_log = start_nginx(procs, tmp, "upstream", 1, body)
             upstream_kind = "nginx return 200 (1 worker)"
         else:
-            argv = [venv_python(), str(BENCH / "fast_upstream.py"), "--port"]
-            up_proc, up_log = procs.start("upstream", [*argv, str(bench.upstream_port)])
+            argv = [venv_python(), str(FAST_UPSTREAM), "--port", str(bench.upstream_port)]
+            up_proc, up_log = procs.start("upstream", argv)
             upstream_kind = "bench/fast_upstream.py"
-        up_err = wait_ready(bench.upstream_port, up_proc)
-        if up_err:
-            up_err = f"upstream did not start: {up_err}: {tail(up_log)}"
+        up_err = None
+        try:
+            ready = lambda: answers_200(bench.upstream_port)  # noqa: E731
+            wait_until("upstream", ready, up_proc, up_log, READY_TIMEOUT)
+            log(f"upstream ({upstream_kind}) on 127.0.0.1:{bench.upstream_port}; logs in {tmp}")
+        except RuntimeError as exc:
+            up_err = f"upstream did not start: {exc}"
             notes.append(up_err)
             log(up_err)
-        else:
-            log(f"upstream ({upstream_kind}) on 127.0.0.1:{bench.upstream_port}; logs in {tmp}")
 
         plan = [
             ("direct", bench.row_direct),
@@ -666,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows[name] = {"error": "upstream did not start"}
                 continue
             try:
-                row = run()
+                row = bench.own_processes(run)
             except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
                 row = {"error": f"{exc.__class__.__name__}: {exc}"}
             rows[name] = row
@@ -721,27 +444,25 @@ def main(argv: list[str] | None = None) -> int:
         "edge_2w_rps": pick("edge_2w", "rps"),
         "nginx_2w_rps": pick("nginx_proxy_2w", "rps"),
         "rows": {name: rows.get(name) for name in ROW_ORDER},
+        "peers": [name for name in ROW_ORDER if rows.get(name) is not None],
         "ratios": ratios,
         "targets": TARGETS,
         "targets_met": targets_met,
         "machine": info,
         "duration_s": args.duration,
-        "warmup_s": bench.warmup,
+        "warmup_s": warmup,
         "connections": args.connections,
-        "load_generator": (
-            " ".join((tool_version(["wrk", "-v"]) or "wrk").split()[:2])
-            if use_wrk
-            else "python-asyncio (fallback)"
-        ),
+        "load_generator": load_generator_name(wrk),
+        "tools": tools,
         "upstream": upstream_kind,
-        "nginx_version": tool_version(["nginx", "-v"]) if have_nginx else None,
+        "nginx_version": tool_version([tools["nginx"], "-v"]) if tools["nginx"] else None,
         "host_header": HOST_HEADER,
         "body_bytes": BODY_SIZE,
         "notes": notes,
+        "quick": args.quick,
         "elapsed_s": round(time.monotonic() - started, 1),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result, __doc__)
     log(f"wrote {args.json} ({result['elapsed_s']}s)")
     if any(r and r.get("error") for r in rows.values()):
         log(f"process logs kept in {tmp}")

@@ -23,10 +23,36 @@ With --resend F, a fraction F of the webhooks is sent a second time (same
 event id, as a sender retrying after a timeout): each must be answered 202 with
 the first id and delivered once.
 
+--quick: 40 webhooks from 8 clients, the app starts in 1 s.
+
 Prints a table, writes JSON (--json FILE). Every process it starts is stopped
-on the way out, also on errors and Ctrl-C.
+on the way out, also on errors and Ctrl-C. Exits 1 when a webhook was lost or
+delivered twice.
 
     .venv/bin/python bench/webhooks.py --json /tmp/webhooks.json
+
+JSON keys (--json FILE):
+    sent                 POSTs sent, resends included
+    accepted             first sends answered 202
+    refused              first sends answered anything else (0: a client error)
+    statuses             first sends by status
+    resent               webhooks sent a second time
+    resent_same_id       resends answered 202 with the first send's queued_id
+    resent_statuses      resends by status
+    delivered_once       distinct webhooks the app answered 200 to
+    duplicates           deliveries beyond the first of a webhook (0 wanted)
+    lost                 accepted but never delivered (0 wanted)
+    delivery_attempts    requests the app received, failures included
+    queue_seconds        from the first send to the last 202
+    queue_rps            accepted / queue_seconds
+    replay_seconds       from the first delivery to the last
+    replay_rps           deliveries / replay_seconds
+    delivered_before_queueing_ended   deliveries before the last send was answered
+    queues_after         /admin/queues after the replay
+    edge_queue_metrics   the edge_queue* lines of /metrics after the replay
+    config               webhooks, clients, workers, start_delay_s, redis, app
+    machine              nproc, cpu, python, platform, load average at the start
+    quick                whether --quick sized the run
 """
 
 from __future__ import annotations
@@ -34,8 +60,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import secrets
 import sys
 import tempfile
@@ -45,21 +69,25 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from stampede import (
-    APP,
-    HOST_HEADER,
+from bench_stack import (
+    COLD_APP,
+    COLD_HOST,
     Processes,
+    add_quick,
+    apply_quick,
     http_get,
     install_signal_handlers,
+    logger,
+    machine_info,
     raise_open_file_limit,
-    start_control_plane,
-    start_edge,
+    start_cold_app_stack,
     start_redis,
+    write_json,
 )
 
+QUICK = {"webhooks": 40, "clients": 8, "start_delay": 1.0, "replay_timeout": 60.0}
 
-def log(msg: str) -> None:
-    print(f"[webhooks] {msg}", file=sys.stderr, flush=True)
+log = logger("webhooks")
 
 
 def settings(max_held: int) -> dict[str, Any]:
@@ -92,7 +120,7 @@ async def send_all(
         nonlocal last
         for n in todo:
             headers = {
-                "Host": HOST_HEADER,
+                "Host": COLD_HOST,
                 "X-Event-Id": f"evt_{n}",
                 "X-Signature": f"t={n},v1={secrets.token_hex(8)}",
                 "Content-Type": "application/json",
@@ -148,9 +176,15 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, Any]
     token = secrets.token_urlsafe(24)
     record = tmp / "deliveries.jsonl"
     store = start_redis(procs, tmp, appendfsync="always")
-    cp_port, _ = start_control_plane(procs, tmp, token, args.start_delay, ("--record", str(record)))
-    edge = start_edge(
-        procs, tmp, token, cp_port, store, args.workers, args.clients, settings(args.clients)
+    _, edge = start_cold_app_stack(
+        procs,
+        tmp,
+        token,
+        store,
+        args.workers,
+        args.start_delay,
+        ("--record", str(record)),
+        settings(args.clients),
     )
     log(f"edge ready: workers {edge.workers}; sending {args.webhooks} webhooks")
     events = list(range(args.webhooks))
@@ -204,13 +238,14 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, Any]
             "workers": args.workers,
             "start_delay_s": args.start_delay,
             "redis": "AOF appendfsync always",
-            "app": APP,
+            "app": COLD_APP,
         },
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine_info(),
+        "quick": args.quick,
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--webhooks", type=int, default=10_000)
     parser.add_argument("--clients", type=int, default=100)
@@ -221,7 +256,9 @@ def main() -> int:
     )
     parser.add_argument("--replay-timeout", type=float, default=300.0)
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    add_quick(parser, QUICK)
+    args = parser.parse_args(argv)
+    apply_quick(parser, args)
     if not 0 <= args.resend <= 1:
         parser.error("--resend must be between 0 and 1")
     raise_open_file_limit()
@@ -247,8 +284,7 @@ def main() -> int:
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result, __doc__)
         log(f"wrote {args.json}")
     return 0 if result["lost"] == 0 and result["duplicates"] == 0 else 1
 
