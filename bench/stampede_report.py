@@ -60,6 +60,8 @@ JSON keys (summary.json, --json FILE):
     wake_wait_ms             count, p50, p99 of Server-Timing wake;dur of held requests
     wake_phase_s             count, p50, p99, mean per wake phase (budget, allocation,
                              readiness), from the edge's histograms
+    wake_wait_reasons        why each wake waited: its longest phase per wake (per_wake),
+                             wakes by that phase (by_dominant), p50/p99 ms per phase
     locust_exit              locust's exit status
     budget_exceeded          each way the peak went over the wake budget ([] wanted)
     quick                    whether --quick sized the run

@@ -38,6 +38,21 @@ def phases(value: dict) -> bool:
     )
 
 
+def wait_reasons(value: dict) -> bool:
+    """Every app's wake explained: its dominant phase, and the counts adding up."""
+    names = ("budget", "allocation", "readiness")
+    per_wake = value["per_wake"]
+    return (
+        set(value) == {"wakes", "by_dominant", "phase_ms", "per_wake"}
+        and in_range(1, APPS)(value["wakes"])
+        and len(per_wake) == value["wakes"]
+        and all(w["dominant"] in names for w in per_wake)
+        and set(value["by_dominant"]) == set(names)
+        and sum(value["by_dominant"].values()) == value["wakes"]
+        and all(nonneg(value["phase_ms"][p]["p50"]) for p in names)
+    )
+
+
 def test_stampede_report_quick_fleet(tmp_path: Path) -> None:
     summary = run_bench("stampede_report.py", tmp_path / "fleet.json", "--scenario", "fleet")
     out = tmp_path / "fleet-report"
@@ -76,6 +91,7 @@ def test_stampede_report_quick_fleet(tmp_path: Path) -> None:
             "allocation_start_s": percentiles,
             "wake_wait_ms": wake_wait,
             "wake_phase_s": phases,
+            "wake_wait_reasons": wait_reasons,
             "locust_exit": eq(0),
             "budget_exceeded": eq([]),
             "quick": is_true,
