@@ -1,16 +1,17 @@
 """The replay client against raw loopback servers: close-delimited answers, 1xx before
 the final status, 101 and garbage (final answers), a kept-alive connection the app
-closed, and a silent app."""
+closed, a silent app; and `may_send`, asked before each write of a request."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Awaitable, Callable
 
 import pytest
 
-from edge.queue.replay_delivery import DeliveryFailed, ReplayConnection
+from edge.queue.replay_delivery import DeliveryFailed, NotSent, ReplayConnection
 
 HEAD = b"POST /hooks/a HTTP/1.1\r\nHost: shop.localhost\r\n\r\n"
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -171,3 +172,135 @@ async def test_connection_refused_fails_the_attempt() -> None:
     with pytest.raises(DeliveryFailed) as info:
         await ReplayConnection().deliver(address, "POST", HEAD, b"{}", b"", 2)
     assert not info.value.final  # retried
+
+
+# ---------------------------------------------------------------------- may_send
+
+# More than the kernel buffers of a loopback connection whose reader's buffer is small
+# (the sender's autotunes to 4 MiB at most): a part of it waits in the edge's transport.
+LARGE = 8 * 1024 * 1024
+
+
+async def serve_small_buffer(handler: Handler) -> tuple[asyncio.Server, str]:
+    """serve(), the accepted sockets reading into a 4 KiB kernel buffer."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.bind(("127.0.0.1", 0))
+    server = await asyncio.start_server(handler, sock=sock)
+    return server, f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+async def read_all(reader: asyncio.StreamReader) -> int:
+    """Bytes read until the edge closed or reset the connection."""
+    total = 0
+    try:
+        while chunk := await reader.read(65536):
+            total += len(chunk)
+    except ConnectionError:
+        pass
+    return total
+
+
+async def test_a_refused_send_writes_nothing_and_the_next_goes_out() -> None:
+    got: list[int] = []
+
+    async def handler(reader, writer) -> None:
+        try:
+            request = await read_request(reader)
+        except asyncio.IncompleteReadError as exc:
+            got.append(len(exc.partial))
+            return
+        got.append(len(request))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    server, address = await serve(handler)
+    conn = ReplayConnection()
+    try:
+        with pytest.raises(NotSent):
+            await conn.deliver(address, "POST", HEAD, b"{}", b"", 5, lambda: False)
+        assert await conn.deliver(address, "POST", HEAD, b"{}", b"", 5, lambda: True) == 200
+        await eventually_equal(lambda: len(got), 2)
+        assert got[0] == 0 and got[1] > 0  # the refused one: not a byte
+    finally:
+        conn.close()
+        server.close()
+
+
+async def test_a_request_the_kernel_cannot_take_at_once_is_asked_again_before_its_last_byte() -> (
+    None
+):
+    """The first part fills the kernel buffers and waits in the transport; the term ends
+    meanwhile: when the app has read that part, the last byte is refused, so the app never
+    holds the whole request (it reads until the edge resets the connection)."""
+    allowed = True
+    asked = 0
+    read_now = asyncio.Event()
+    got: list[int] = []
+
+    def may_send() -> bool:
+        nonlocal asked
+        asked += 1
+        return allowed
+
+    async def handler(reader, writer) -> None:
+        await read_now.wait()
+        got.append(await read_all(reader))
+
+    server, address = await serve_small_buffer(handler)
+    conn = ReplayConnection()
+    body = b"x" * LARGE
+    try:
+        task = asyncio.get_running_loop().create_task(
+            conn.deliver(address, "POST", HEAD, body, b"", 10, may_send)
+        )
+        await asyncio.sleep(0.3)
+        assert asked == 1 and not task.done()  # the first part is still being written
+        allowed = False
+        read_now.set()
+        with pytest.raises(NotSent):
+            await task
+        assert asked == 2
+        await eventually_equal(lambda: len(got), 1)
+        whole = len(HEAD) + len(b"Content-Length: %d\r\n" % LARGE) + LARGE
+        assert got[0] < whole  # never the whole request (at most all but its last byte)
+    finally:
+        conn.close()
+        server.close()
+
+
+async def test_an_answer_before_the_whole_request_ends_it_and_its_connection() -> None:
+    """The app answers (413) after the head, reading no body: the edge stops writing and
+    does not reuse the connection, which holds part of a request."""
+    connections = 0
+
+    async def handler(reader, writer) -> None:
+        nonlocal connections
+        connections += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"Content-Length: 2\r\n" in head:
+            await reader.readexactly(2)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        else:
+            writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)  # keeps the connection open, reading no more
+
+    server, address = await serve_small_buffer(handler)
+    conn = ReplayConnection()
+    try:
+        big = await conn.deliver(address, "POST", HEAD, b"x" * LARGE, b"", 10, lambda: True)
+        assert big == 413
+        assert await conn.deliver(address, "POST", HEAD, b"{}", b"", 5, lambda: True) == 200
+        assert connections == 2
+    finally:
+        conn.close()
+        server.close()
+
+
+async def eventually_equal(value: Callable[[], int], expected: int) -> None:
+    for _ in range(100):
+        if value() == expected:
+            return
+        await asyncio.sleep(0.02)
+    assert value() == expected

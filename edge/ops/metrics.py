@@ -97,7 +97,8 @@ def _queue_families(
         "edge_queue_events",
         "Durable queue events: accepted, dedupe_hit, refused_*, too_large, delivered, "
         "retried, dead_lettered, already_done, dead_letter_trimmed (dropped over "
-        "max_dead_letters), lease_lost (a replayer fenced off by a newer lease holder).",
+        "max_dead_letters), lease_lost (a replayer fenced off by a newer lease holder, "
+        "or by its own lease term running out).",
         labels=["app", "event"],
     )
     for key, n in sorted(_sum_by(snapshots, "queue").items()):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 from collections.abc import Iterable
 
 from scheduler_client import backoff
@@ -118,8 +119,10 @@ def retry_delay(attempts: int, initial: float, ceiling: float) -> float:
 
 class LeaseTerm:
     """Until when a replayer may act on its lease by its own clock: a margin before the
-    store would let it lapse (the term counts from when the grant or renewal was asked),
-    so a holder frozen past its lease never sends on it after it thaws."""
+    store would let it lapse (the term counts from when the grant or renewal was asked,
+    never from its answer: the store's clock started no earlier), so a holder frozen past
+    its lease never sends on it after it thaws. A refused renewal ends the term for good:
+    the store gave the lease to another holder."""
 
     __slots__ = ("margin", "ttl", "until")
 
@@ -129,7 +132,13 @@ class LeaseTerm:
         self.until = asked_at + ttl * (1.0 - margin)
 
     def renewed(self, asked_at: float) -> None:
-        self.until = max(self.until, asked_at + self.ttl * (1.0 - self.margin))
+        # max: a late answer to an older renewal never shortens the term. An ended term
+        # stays ended: once the store refused us, only a new grant (a new term) is ours.
+        if self.until != -math.inf:
+            self.until = max(self.until, asked_at + self.ttl * (1.0 - self.margin))
+
+    def end(self) -> None:
+        self.until = -math.inf
 
     def valid(self, now: float) -> bool:
         return now < self.until

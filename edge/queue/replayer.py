@@ -13,7 +13,12 @@ then dead-lettered. A replayer that dies leaves its entries
 pending; the next lease holder claims them once idle for `claim_idle` (or at once
 when it is the same worker restarted, which reads its own pending entries first).
 Every replay write is fenced by the lease's token (checked in its Lua script): a
-replayer whose lease lapsed and was taken over gets LeaseLost and stops.
+replayer whose lease lapsed and was taken over gets LeaseLost and stops. A send to
+the app cannot be fenced by the store, so it is fenced by the replayer's own term
+(LeaseTerm: its clock, a margin inside the TTL, ended by a refused renewal): the
+request's last byte is written only when the term, asked right then with no await
+before the write, is still valid; a replayer frozen or starved past it sends nothing
+the app could act on.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import functools
 import itertools
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -34,7 +40,7 @@ from edge.queue.durable_queue import (
     QueuedRequest,
     id_ms,
 )
-from edge.queue.replay_delivery import DeliveryFailed, ReplayConnection
+from edge.queue.replay_delivery import DeliveryFailed, NotSent, ReplayConnection
 from edge.queue.replay_policy import LeaseTerm, Outcome, dead_reason, outcome_of, retry_delay
 from edge.server.config import AppConfig
 from scheduler_client import backoff
@@ -65,6 +71,7 @@ class Replayer:
         consumer: str,
         apps: Callable[[], dict[str, AppConfig]],
         count: Callable[[str, str], None],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.queue = queue
         self.wake = wake
@@ -72,10 +79,12 @@ class Replayer:
         self.owner = f"{consumer}/{os.getpid()}"
         self.apps = apps
         self.count = count
+        # Lease terms are counted and checked on it: read at each call (never a time
+        # cached before an await), as it must be right before a delivery's last byte.
+        self.clock = clock
         self._running: dict[str, asyncio.Task[None]] = {}
         self._poke = asyncio.Event()
         self._stopping = False
-        self._terms: dict[str, LeaseTerm] = {}  # app -> the term of the lease held on it
         self._last_problem: dict[str, str] = {}  # logged once per app until it changes
         self._lost_events: set[asyncio.Event] = set()  # one per app being replayed here
 
@@ -115,7 +124,7 @@ class Replayer:
                 self.count(app.name, "dead_lettered")
             self._dropped(app, dropped)
             target = await self.wake.ensure_hot(app.name, float(app.hold_timeout))
-            asked = asyncio.get_running_loop().time()
+            asked = self.clock()
             lease = await self.queue.acquire_replayer(app.name, self.owner, LEASE_TTL)
             if lease is None:
                 logger.debug("app %s: %d queued, replayed by another edge", app.name, queued)
@@ -147,11 +156,15 @@ class Replayer:
     ) -> None:
         lost = asyncio.Event()  # set when the lease is lost, or on shutdown
         self._lost_events.add(lost)
-        self._terms[app.name] = term
         renewer = asyncio.get_running_loop().create_task(self._renew(app.name, lease, lost, term))
         connection = ReplayConnection()
+
+        def within_term() -> bool:
+            # Asked right before each write of a delivery, the clock read then.
+            return term.valid(self.clock())
+
         try:
-            await self._replay_batches(app, target, lease, lost, connection)
+            await self._replay_batches(app, target, lease, lost, connection, within_term)
         except LeaseLost:
             # Every replay write checks the lease: one refused means another edge holds
             # the app now (ours lapsed: a failover, a long pause), and it replays from here.
@@ -159,7 +172,6 @@ class Replayer:
             logger.info("app %s: replayer lease lost; another edge takes over", app.name)
         finally:
             self._lost_events.discard(lost)
-            self._terms.pop(app.name, None)
             connection.close()
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -172,6 +184,7 @@ class Replayer:
         lease: Lease,
         lost: asyncio.Event,
         connection: ReplayConnection,
+        within_term: Callable[[], bool],
     ) -> None:
         while not lost.is_set() and not self._stopping:
             policy = app.replay
@@ -201,7 +214,7 @@ class Replayer:
                     continue
                 after = batch[i + 1] if i + 1 < len(batch) else None
                 target, begun = await self._deliver(
-                    app, entry, target, connection, begun, after, lost, lease
+                    app, entry, target, connection, begun, after, lost, lease, within_term
                 )
             app = self.apps().get(app.name, app)  # a reload changes the policy
 
@@ -215,9 +228,11 @@ class Replayer:
         after: QueuedRequest | None,
         lost: asyncio.Event,
         lease: Lease,
+        within_term: Callable[[], bool],
     ) -> tuple[HotTarget, int | None]:
         """Deliver until done or dead-lettered. Returns the target for the next entry and,
-        when the finish began `after` too, its attempt number."""
+        when the finish began `after` too, its attempt number. Each write of the request
+        is made only `within_term`."""
         policy = app.replay
         assert policy is not None
         while True:
@@ -227,13 +242,6 @@ class Replayer:
             begun = None
             if attempt == 0:
                 self.count(app.name, "already_done")
-                return target, None
-            term = self._terms.get(app.name)
-            if term is None or not term.valid(asyncio.get_running_loop().time()):
-                # Frozen (or starved) past our own term: the lease may be another edge's
-                # by now, so sending could deliver twice. The entry stays pending.
-                self.count(app.name, "lease_lost")
-                lost.set()
                 return target, None
             extra = b"X-Edge-Queued-Id: %b\r\nX-Edge-Replay-Attempt: %d\r\n" % (
                 entry.id.encode(),
@@ -249,8 +257,17 @@ class Replayer:
                     entry.body,
                     extra,
                     float(policy.attempt_timeout),
+                    within_term,
                 )
                 error, final = f"status {status}", False
+            except NotSent:
+                # Frozen (or starved) past our own term, or a renewal was refused: the
+                # lease may be another edge's by now, so sending could deliver twice. The
+                # app has no whole request of this attempt; the entry stays pending.
+                self.count(app.name, "lease_lost")
+                logger.info("app %s: replayer lease term over; %s not sent", app.name, entry.id)
+                lost.set()
+                return target, None
             except DeliveryFailed as exc:
                 status, error, final = None, str(exc), exc.final
                 if not final:  # the app answered, badly: it is still there
@@ -333,7 +350,7 @@ class Replayer:
     async def _renew(self, app: str, lease: Lease, lost: asyncio.Event, term: LeaseTerm) -> None:
         while True:
             await asyncio.sleep(LEASE_TTL / 3)
-            asked = asyncio.get_running_loop().time()
+            asked = self.clock()  # before the ask: the store's TTL starts no earlier
             try:
                 renewed = await self.queue.renew_replayer(app, lease, LEASE_TTL)
             except StoreUnavailable as exc:
@@ -342,6 +359,7 @@ class Replayer:
                 continue
             if not renewed:
                 logger.info("app %s: replayer lease lost; another edge takes over", app)
+                term.end()  # a delivery under way must not send its last byte now
                 lost.set()
                 return
             term.renewed(asked)

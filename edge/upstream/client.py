@@ -8,6 +8,7 @@ response handling (1xx, HEAD, keep-alive, upgrades, framing errors) exists once.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edge.upstream.pool import UpstreamConnection, UpstreamPeer
@@ -33,7 +34,14 @@ class MalformedResponse(UpstreamFailed):
     """The upstream's bytes are not an HTTP/1.1 response (the parser refused them)."""
 
 
+class Withheld(Exception):
+    """The caller's `may_send` said no: the request's last byte never went out, so the
+    upstream holds no whole request (and, the connection closed, never will)."""
+
+
 MALFORMED = "malformed response"
+# How often a gated write looks again whether the upstream took the bytes before the last.
+DRAIN_POLL = 0.005
 
 
 class UpstreamClient:
@@ -56,25 +64,35 @@ class UpstreamClient:
         self._error = ""
 
     async def request(
-        self, host: str, port: int, data: bytes, *, head_only: bool, timeout: float
+        self,
+        host: str,
+        port: int,
+        data: bytes,
+        *,
+        head_only: bool,
+        timeout: float,
+        may_send: Callable[[], bool] | None = None,
     ) -> UpstreamResponse:
         """Send `data` (a whole request) and return the final response; raises UpstreamFailed.
 
-        `timeout` bounds everything: connecting, a replaced connection and the response."""
+        `timeout` bounds everything: connecting, a replaced connection and the response.
+        With `may_send`, each write of the request is decided by it right before it
+        (no await between); refused, nothing the upstream could act on went out and
+        Withheld is raised."""
         try:
             async with asyncio.timeout(timeout):
                 peer = self._peer_for(host, port)
                 conn = peer.take_idle()
                 if conn is not None:
                     try:
-                        return await self._exchange(conn, data, head_only)
+                        return await self._exchange(conn, data, head_only, may_send)
                     except UpstreamFailed:
                         if conn.got_bytes or self._peer is not peer:
                             raise  # an answer began, or close() ended the exchange
                         # Closed by the upstream while idle: the request got no answer at
                         # all, so a fresh connection is not a second attempt.
                 conn = await self._connect(peer)
-                return await self._exchange(conn, data, head_only)
+                return await self._exchange(conn, data, head_only, may_send)
         except TimeoutError as exc:
             raise UpstreamFailed(f"no whole response within {timeout:g}s") from exc
         except OSError as exc:
@@ -109,7 +127,11 @@ class UpstreamClient:
         return conn
 
     async def _exchange(
-        self, conn: UpstreamConnection, data: bytes, head_only: bool
+        self,
+        conn: UpstreamConnection,
+        data: bytes,
+        head_only: bool,
+        may_send: Callable[[], bool] | None,
     ) -> UpstreamResponse:
         self._response = None
         self._error = ""
@@ -118,7 +140,10 @@ class UpstreamClient:
         conn.owner = self
         conn.head_only = head_only
         try:
-            conn.write(data)
+            if may_send is None:
+                conn.write(data)
+            else:
+                await self._write_gated(conn, data, may_send, done)
             await done
         finally:
             self._done = None
@@ -129,6 +154,38 @@ class UpstreamClient:
             raise (MalformedResponse if self._error == MALFORMED else UpstreamFailed)(self._error)
         assert self._response is not None
         return self._response
+
+    @staticmethod
+    async def _write_gated(
+        conn: UpstreamConnection,
+        data: bytes,
+        may_send: Callable[[], bool],
+        done: asyncio.Future[None],
+    ) -> None:
+        """Write `data` so that its last byte goes out only on `may_send()` asked right
+        before, with no await between: an upstream acts on a request once it has all of
+        it, so what the loop may still send later, unasked, is only ever the bytes before
+        the last one. A refusal raises Withheld (the caller's exchange aborts the
+        connection, dropping whatever part of the request it held)."""
+        if not may_send():
+            raise Withheld
+        conn.write(data[:-1])
+        # Until the kernel holds every byte before the last and has room for one more,
+        # so that the last goes into the kernel in the write that was decided.
+        while not done.done() and not conn.writable():
+            await asyncio.sleep(DRAIN_POLL)
+        if done.done():
+            # Answered before the whole request (or the connection failed): the rest is
+            # not sent, and a connection holding part of a request is never reused.
+            conn.abort()
+            return
+        if not may_send():
+            raise Withheld
+        conn.write(data[-1:])
+        if conn.unsent():
+            # The kernel refused it after all: buffered here, the loop would send it later,
+            # undecided. The caller's exchange aborts the connection, dropping it.
+            raise UpstreamFailed("the upstream took no more of the request")
 
     def _finish(self, error: str = "") -> None:
         done = self._done

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
@@ -198,6 +199,21 @@ class UpstreamConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)  # type: ignore[union-attr]
+
+    def unsent(self) -> int:
+        """Bytes written that the kernel did not take yet: the loop sends them later."""
+        if self.transport is None or self.closed:
+            return 0
+        return self.transport.get_write_buffer_size()
+
+    def writable(self) -> bool:
+        """Nothing left unsent and the kernel takes more now (POLLOUT): a short write made
+        next goes into the kernel within that call, not later by the loop."""
+        if self.transport is None or self.closed or self.unsent():
+            return False
+        poller = select.poll()
+        poller.register(self.transport.get_extra_info("socket").fileno(), select.POLLOUT)
+        return bool(poller.poll(0))
 
     def pause_reading(self) -> None:
         if not self.closed:
