@@ -18,6 +18,11 @@ starts is stopped on the way out, including on errors and Ctrl-C.
 
     .venv/bin/python bench/throughput.py --json bench/results/latest.json
     .venv/bin/python bench/throughput.py --json /tmp/smoke.json --duration 3
+    .venv/bin/python bench/throughput.py --json /tmp/limit.json --duration 5 \
+        --rows nginx_proxy_1w,edge_1w --max-concurrency 10000
+
+``--max-concurrency N`` gives the edge's app that limit (the cost of the limit when it
+never binds); ``--rows`` runs only the rows named (the upstream always runs).
 """
 
 from __future__ import annotations
@@ -202,7 +207,7 @@ store = "{store}"
 name = "bench"
 hosts = ["{host}"]
 upstreams = ["127.0.0.1:{upstream}"]
-"""
+{app_extra}"""
 
 
 def start_nginx(
@@ -414,6 +419,7 @@ class Bench:
     upstream_port: int = 0
     notes: list[str] = field(default_factory=list)
     redis_port: int | None = None
+    max_concurrency: int = 0  # 0: the edge's app has no max_concurrency
 
     @property
     def warmup(self) -> float:
@@ -486,6 +492,9 @@ class Bench:
                 store=store,
                 host=HOST_HEADER,
                 upstream=self.upstream_port,
+                app_extra=(
+                    f"max_concurrency = {self.max_concurrency}\n" if self.max_concurrency else ""
+                ),
             )
         )
         argv = [binary, "run", "--config", str(cfg), "--workers", str(workers)]
@@ -598,7 +607,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--edge", metavar="PATH", help="edge executable (default: .venv/bin/edge, then PATH)"
     )
+    parser.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=0,
+        metavar="N",
+        help="give the edge's app max_concurrency = N (default: no limit)",
+    )
+    parser.add_argument(
+        "--rows",
+        default=",".join(ROW_ORDER),
+        help=f"comma-separated rows to run (default: all of {','.join(ROW_ORDER)})",
+    )
     args = parser.parse_args(argv)
+    rows_wanted = [row.strip() for row in args.rows.split(",") if row.strip()]
+    if unknown := [row for row in rows_wanted if row not in ROW_ORDER]:
+        parser.error(f"unknown rows: {', '.join(unknown)}")
+    if args.max_concurrency < 0:
+        parser.error("--max-concurrency must be 0 or more")
     global EDGE_OVERRIDE
     EDGE_OVERRIDE = args.edge
     if args.duration <= 0 or args.connections <= 0:
@@ -630,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, on_signal)
 
     bench = Bench(procs, tmp, args.duration, args.connections, use_wrk, notes=notes)
+    bench.max_concurrency = args.max_concurrency
     rows: dict[str, dict[str, Any] | None] = {}
     upstream_kind: str | None = None
     try:
@@ -659,6 +686,9 @@ def main(argv: list[str] | None = None) -> int:
             ("edge_2w", lambda: bench.row_edge("edge_2w", 2)),
         ]
         for name, run in plan:
+            if name not in rows_wanted:
+                rows[name] = None
+                continue
             if name.startswith("nginx") and not have_nginx:
                 rows[name] = None
                 continue
@@ -728,6 +758,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": args.duration,
         "warmup_s": bench.warmup,
         "connections": args.connections,
+        "max_concurrency": args.max_concurrency or None,
         "load_generator": (
             " ".join((tool_version(["wrk", "-v"]) or "wrk").split()[:2])
             if use_wrk
