@@ -635,3 +635,64 @@ def test_replay_max_body_above_the_held_body_caps_is_refused() -> None:
     big = REPLAY.replace('max_body = "1MiB"', 'max_body = "16MiB"')
     err = config_error(REDIS + COLD_APP + QUEUE_RULE + big)
     assert err.path == "apps[0].replay.max_body" and "held-body cap" in err.problem
+
+
+# --------------------------------------------------------------------------- max_concurrency
+
+
+def test_max_concurrency_and_release_ramp_load() -> None:
+    from edge.routing.app_upstreams import concurrency_limit
+    from edge.routing.concurrency_limit import ConcurrencyLimit, ReleaseRamp
+
+    plain = load_config_text(APP, FILE).apps[0]
+    assert plain.max_concurrency is None and plain.ramp() is None
+    assert concurrency_limit(plain, 4) is None  # unset: no limit at all
+    limited = load_config_text(APP + "max_concurrency = 9\n", FILE).apps[0]
+    assert concurrency_limit(limited, 1) == ConcurrencyLimit(9)
+    assert concurrency_limit(limited, 2) == ConcurrencyLimit(5)  # ceil(9 / 2)
+    assert concurrency_limit(limited, 16) == ConcurrencyLimit(1)
+    ramped = load_config_text(COLD_APP + "max_concurrency = 8\nrelease_ramp = true\n", FILE)
+    assert concurrency_limit(ramped.apps[0], 1) == ConcurrencyLimit(8, ReleaseRamp(0.25, 1.0))
+    table = 'release_ramp = {start = 0.5, double_every = "250ms"}\n'
+    tuned = load_config_text(COLD_APP + "max_concurrency = 8\n" + table, FILE).apps[0]
+    assert concurrency_limit(tuned, 2) == ConcurrencyLimit(4, ReleaseRamp(0.5, 0.25))
+    # What `edge check` prints loads back the same.
+    for config in (ramped, load_config_text(COLD_APP + "max_concurrency = 8\n" + table)):
+        assert load_config_text(render_toml(effective_config(config))) == config
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "problem"),
+    [
+        (APP + "max_concurrency = 0\n", "apps[0].max_concurrency", "Expected `int` >= 1, got 0"),
+        (APP + "max_concurrency = 2.5\n", "apps[0].max_concurrency", "Expected `int | null`"),
+        (
+            COLD_APP + "max_concurrency = 8\nrelease_ramp = {start = 0}\n",
+            "apps[0].release_ramp.start",
+            "Expected `float` > 0.0, got 0",
+        ),
+        (
+            COLD_APP + "max_concurrency = 8\nrelease_ramp = {start = 2.0}\n",
+            "apps[0].release_ramp.start",
+            "Expected `float` <= 1.0, got 2.0",
+        ),
+        (
+            COLD_APP + 'max_concurrency = 8\nrelease_ramp = {double_every = "0s"}\n',
+            "apps[0].release_ramp.double_every",
+            "Expected a duration > 0s, got '0s'",
+        ),
+        (
+            COLD_APP + "release_ramp = true\n",
+            "apps[0].release_ramp",
+            "ramps max_concurrency up after a wake: set it too",
+        ),
+        (
+            APP + "max_concurrency = 8\nrelease_ramp = true\n",
+            "apps[0].release_ramp",
+            "app 'hello' does not scale to zero: there is no wake to ramp after",
+        ),
+    ],
+)
+def test_bad_max_concurrency_and_release_ramp(text: str, path: str, problem: str) -> None:
+    err = config_error(text)
+    assert err.path == path and problem in err.problem, (err.path, err.problem)

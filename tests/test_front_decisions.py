@@ -17,6 +17,7 @@ from edge.http.exchange import (
     IDLE,
     NOTHING,
     UPSTREAM_TIMEOUT,
+    WAIT_TIMEOUT,
     Exchange,
     body_rate_deadline,
     deadline_action,
@@ -45,6 +46,7 @@ from edge.routing.admission import (
     hold_wait,
     wake_failed,
 )
+from edge.routing.concurrency_limit import Ticket
 from edge.upstream.retry_policy import replayable, retry_elsewhere, retry_on_stale_connection
 
 
@@ -146,6 +148,15 @@ def test_deadline_actions() -> None:
     assert deadline_action(EXCHANGE, False, exchange(held=0)) == EXTEND
     assert deadline_action(EXCHANGE, False, exchange(response_started=True)) == ABORT
     assert deadline_action(EXCHANGE, False, exchange(waiting_head=True)) == UPSTREAM_TIMEOUT
+
+
+def test_a_request_waiting_under_a_concurrency_limit_times_out_unless_its_turn_came() -> None:
+    waiting = Ticket(0.0)
+    assert deadline_action(EXCHANGE, False, exchange(ticket=waiting)) == WAIT_TIMEOUT
+    # Held and released by a wake, then in line: the line's bound applies, not the hold's.
+    assert deadline_action(EXCHANGE, False, exchange(ticket=waiting, held=0)) == WAIT_TIMEOUT
+    waiting.granted = True  # carried out on the next loop pass, which sets a new deadline
+    assert deadline_action(EXCHANGE, False, exchange(ticket=waiting)) == EXTEND
 
 
 def test_hold_wait_and_what_follows_a_hold_timeout() -> None:

@@ -164,7 +164,10 @@ scale_to_zero = true
 
 def test_restart_keys_names_the_settings_read_only_at_start() -> None:
     running = load_config_text(BASE)
-    live = BASE.replace("scale_to_zero = true", 'scale_to_zero = true\nidle_timeout = "1m"')
+    live = BASE.replace(
+        "scale_to_zero = true",
+        'scale_to_zero = true\nidle_timeout = "1m"\nmax_concurrency = 4\nrelease_ramp = true',
+    )
     live += '\n[budget]\nmax_concurrent_wakes = 3\n[log]\nlevel = "debug"\n'
     assert restart_keys(running, load_config_text(live)) == []
     changed = (

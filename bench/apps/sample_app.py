@@ -22,6 +22,10 @@ allocation id; the environment variable ALLOCATION_ID overrides it). Binds
     GET  /webhooks         {"count": N, "deliveries": [...]}: what the receivers got (read
                            from --record FILE when given: every instance, across restarts)
     *    /checkout         "order placed by <name>" (an ordinary non-idempotent POST)
+    GET  /in-flight        {"in_flight", "max", "overloaded"}: requests in flight now, the
+                           most seen at once, and how many got 503 "overloaded" (below);
+                           `?reset=1` starts the count again. Neither it nor the readiness
+                           path is counted.
 
 Start delay (`--start-delay`, or START_DELAY): the port is bound at once (so a
 port handed out by the control plane is claimed early), but every route answers
@@ -38,6 +42,10 @@ over, every response also carries `X-Ready-At: <unix time, 6 decimals>`: the mom
 the app began answering 2xx, so a client on the same machine can tell how long a
 proxy in front took to deliver its first answer (bench/stampede.py). The 503
 "starting" answers before that moment do not carry it.
+
+Overload (`--max-in-flight N`): with more than N requests in flight at once, the one
+over the limit is answered 503 "overloaded" at once, like a server with N threads or a
+JVM still warming up; 0 (the default) answers everything.
 
 SIGTERM/SIGINT: stop accepting connections, let in-flight requests finish (up to
 --shutdown-timeout), close open WebSockets with 1001 (going away), exit 0.
@@ -77,6 +85,10 @@ class AppState:
     # time.time() when the app began answering 2xx (end of the start delay); None before.
     ready_at: float | None = None
     in_flight: int = 0
+    # Overload: above `max_in_flight` (0: no limit) a request gets 503; what was seen.
+    max_in_flight: int = 0
+    most_in_flight: int = 0
+    overloaded: int = 0
     websockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
     leaked: list[bytes] = field(default_factory=list)
     record: str = ""
@@ -250,6 +262,18 @@ async def list_deliveries(request: web.Request) -> web.Response:
     return web.Response(text=body + "\n", content_type="application/json")
 
 
+async def in_flight(request: web.Request) -> web.Response:
+    state = _state(request)
+    body = {
+        "in_flight": state.in_flight,
+        "max": state.most_in_flight,
+        "overloaded": state.overloaded,
+    }
+    if request.query.get("reset"):
+        state.most_in_flight = state.overloaded = 0
+    return web.json_response(body)
+
+
 async def checkout(request: web.Request) -> web.Response:
     await request.read()
     return web.Response(text=f"order placed by {_state(request).name}\n")
@@ -257,12 +281,19 @@ async def checkout(request: web.Request) -> web.Response:
 
 @web.middleware
 async def lifecycle(request: web.Request, handler) -> web.StreamResponse:
-    """Count in-flight requests; answer 503 on every route until the start delay is over."""
+    """Count in-flight requests; answer 503 on every route until the start delay is over,
+    and to a request over --max-in-flight."""
     state = _state(request)
     if not state.started:
         return web.Response(status=503, text="starting\n", headers={"Retry-After": "1"})
+    if request.path in (state.readiness_path, "/in-flight"):
+        return await handler(request)  # the probe and the count itself are not traffic
     state.in_flight += 1
+    state.most_in_flight = max(state.most_in_flight, state.in_flight)
     try:
+        if state.max_in_flight and state.in_flight > state.max_in_flight:
+            state.overloaded += 1
+            return web.Response(status=503, text="overloaded\n")
         return await handler(request)
     finally:
         state.in_flight -= 1
@@ -293,6 +324,7 @@ def make_app(
     started: bool = True,
     record: str = "",
     status_file: str = "",
+    max_in_flight: int = 0,
 ) -> web.Application:
     """The aiohttp application; `started=False` answers 503 until state.started is set."""
     app = web.Application(middlewares=[lifecycle], client_max_size=16 * MIB)
@@ -302,6 +334,7 @@ def make_app(
         started=started,
         record=record,
         status_file=status_file,
+        max_in_flight=max_in_flight,
     )
     app.on_response_prepare.append(_stamp_headers)
     app.on_shutdown.append(_close_websockets)
@@ -314,6 +347,7 @@ def make_app(
         "/crash": crash,
         "/slow": slow,
         "/webhooks": list_deliveries,
+        "/in-flight": in_flight,
     }
     # The readiness path wins over a route of the same path (e.g. --readiness-path /).
     routes[readiness_path] = ready
@@ -335,6 +369,7 @@ async def serve(
     shutdown_timeout: float,
     record: str = "",
     status_file: str = "",
+    max_in_flight: int = 0,
 ) -> int:
     """Bind, wait out the start delay, serve until SIGTERM/SIGINT; the exit status."""
     loop = asyncio.get_running_loop()
@@ -342,7 +377,7 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
-    app = make_app(name, readiness_path, start_delay <= 0, record, status_file)
+    app = make_app(name, readiness_path, start_delay <= 0, record, status_file, max_in_flight)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:
@@ -411,7 +446,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--status-file", default="", help="statuses the webhook receivers answer with (default 200)"
     )
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=0,
+        metavar="N",
+        help="answer 503 'overloaded' to a request over N in flight at once (default 0: off)",
+    )
     args = parser.parse_args(argv)
+    if args.max_in_flight < 0:
+        parser.error("--max-in-flight must be 0 or more")
     if not args.readiness_path.startswith("/"):
         parser.error("--readiness-path must start with '/'")
     name = os.environ.get("ALLOCATION_ID") or args.name
@@ -425,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             args.shutdown_timeout,
             args.record,
             args.status_file,
+            args.max_in_flight,
         )
     )
 

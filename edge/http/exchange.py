@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from edge.http.forward_headers import RequestFields
     from edge.routing.admission import ColdRequest
+    from edge.routing.concurrency_limit import Gate, Ticket
     from edge.upstream.pool import UpstreamConnection, UpstreamPeer
     from wake.store.protocol import WakePhases
 
@@ -34,6 +35,7 @@ class Exchange:
         "body_seen",
         "cold",
         "early_tunnel",
+        "gate",
         "head",
         "held",
         "html",
@@ -53,6 +55,7 @@ class Exchange:
         "send_continue",
         "started_at",
         "status",
+        "ticket",
         "upgrade",
         "upstream",
         "waited_ms",
@@ -82,6 +85,9 @@ class Exchange:
         self.body_buffered = 0
         self.early_tunnel = b""
         self.peer: UpstreamPeer | None = None
+        # The peer's concurrency gate it holds a slot in, or waits in line at (`ticket`).
+        self.gate: Gate | None = None
+        self.ticket: Ticket | None = None
         self.upstream: UpstreamConnection | None = None
         self.status = 0
         self.response_started = False
@@ -107,6 +113,7 @@ BODY_TIMEOUT = "body_timeout"  # 408: a body to queue stalled
 EXTEND = "extend"  # a held request: its own bound applies, look again in a second
 ABORT = "abort"  # a response in progress stalled: cut it so the client sees it
 UPSTREAM_TIMEOUT = "upstream_timeout"  # 504: the upstream did not answer in time
+WAIT_TIMEOUT = "concurrency_wait_timeout"  # 503: its turn under the app's limit never came
 NOTHING = "nothing"
 
 
@@ -122,6 +129,10 @@ def deadline_action(kind: int, parsing: bool, ex: Exchange | None) -> str:
         return CLOSE
     if ex.queue_waiting:
         return BODY_TIMEOUT
+    if ex.ticket is not None:
+        # In line under the app's concurrency limit; a turn that just came is carried out
+        # on the next loop pass (and sets its own deadline then).
+        return EXTEND if ex.ticket.granted else WAIT_TIMEOUT
     if ex.held >= 0 and ex.upstream is None:
         # Held while its app wakes (or being queued): that wait has its own bound
         # (the hold timeout, the store's call timeout), not this one.

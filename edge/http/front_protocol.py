@@ -16,6 +16,10 @@ the worker's hold accounting, starts the wake, and answers or waits, and tells t
 wake controller what it did (the gallery's counts). A request released by a wake
 gets `Server-Timing` with its own wait and that wake's phases.
 
+An app with `max_concurrency` has a gate on each of its peers: `_forward` asks
+`edge.routing.concurrency_limit` whether the request may go or waits its turn, and
+`_release_peer`, which every ending passes through, gives its slot or place back.
+
 Timeouts are deadlines stored on the connection and enforced by the worker's
 sweeper, so the hot path never arms or cancels a timer.
 """
@@ -30,6 +34,7 @@ import socket
 import struct
 import time
 from collections import deque
+from functools import partial
 from typing import TYPE_CHECKING
 
 from httptools import (
@@ -50,6 +55,7 @@ from edge.http.exchange import (
     HEADERS,
     IDLE,
     UPSTREAM_TIMEOUT,
+    WAIT_TIMEOUT,
     Exchange,
     body_rate_deadline,
     deadline_action,
@@ -97,6 +103,7 @@ from edge.routing.admission import (
 )
 from edge.routing.classification import facts_from
 from edge.routing.client_wake_rate import client_key
+from edge.routing.concurrency_limit import Gate, Ticket, enter, give_back, pump, wait_bound
 from edge.upstream.pool import HEAD_TOO_LARGE, UpstreamConnection, UpstreamPeer
 from edge.upstream.retry_policy import retry_elsewhere, retry_on_stale_connection
 from wake.controller import WakeRefused
@@ -108,6 +115,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 _LINGER_ZERO = struct.pack("ii", 1, 0)
+# A request that waited out its bound under an app's concurrency limit: 503, retry after.
+WAIT_RETRY_AFTER = 1.0
 __all__ = ["DRAINING", "EXCHANGE", "HEADERS", "IDLE", "Exchange", "FrontConnection"]
 
 
@@ -473,10 +482,65 @@ class FrontConnection(asyncio.Protocol):
         self._forward(ex)
 
     def _forward(self, ex: Exchange) -> None:
-        ex.peer.in_flight += 1  # type: ignore[union-attr]
+        peer = ex.peer
+        peer.in_flight += 1  # type: ignore[union-attr]
+        if peer.gate is not None and not self._pass_gate(ex, peer.gate):  # type: ignore[union-attr]
+            return
         self._acquire_connection(ex)
         if self.out:
             self.upstream_flush()
+
+    def _pass_gate(self, ex: Exchange, gate: Gate) -> bool:
+        """Under the app's concurrency limit: True when `ex` took a slot; else it waits in
+        line, for what is left of its hold timeout (a wake released it) or the upstream
+        response-header timeout, then 503 (see `on_deadline`)."""
+        now = self.loop.time()
+        ex.gate = gate
+        ticket = enter(gate, now)
+        if ticket is None:
+            return True
+        ticket.item = partial(self._turn_came, ex, ticket)
+        ex.ticket = ticket
+        route = self.ctx.apps.get(ex.app)
+        hold_timeout = route.admission.hold_timeout if route is not None else 0.0
+        released_by_wake = ex.waited_ms >= 0
+        wait = wait_bound(
+            now, ex.started_at, released_by_wake, hold_timeout, self.ctx.upstream_header_timeout
+        )
+        self._set_deadline(EXCHANGE, wait)
+        self._carry_out(pump(gate, now))  # slots the ramp freed since: the head of the line
+        if self.out:
+            self.upstream_flush()
+        return False
+
+    def _turn_came(self, ex: Exchange, ticket: Ticket) -> None:
+        """`ex` may go now: a slot under the app's limit is held for it."""
+        if ex.ticket is not ticket:
+            return  # it ended meanwhile and gave the slot back then
+        ex.ticket = None
+        self.ctx.stats.concurrency_wait(ex.app, self.loop.time() - ticket.since)
+        if self.current is not ex or self.closed:
+            self._release_peer(ex)
+            return
+        self._set_deadline(EXCHANGE, self.ctx.upstream_idle_timeout)
+        self._acquire_connection(ex)
+        if self.out:
+            self.upstream_flush()
+
+    def _carry_out(self, tickets: list[Ticket]) -> None:
+        # On the next loop pass: a slot given back inside an upstream parser callback must
+        # not hand that connection over before its parser is done with it.
+        if tickets:
+            self.loop.call_soon(run_turns, tickets)
+
+    def _leave_gate(self, ex: Exchange, failed: bool) -> None:
+        """`ex` ended: give back its slot or its place in line, exactly once."""
+        gate, ticket = ex.gate, ex.ticket
+        ex.gate = ex.ticket = None
+        now = self.loop.time()
+        if ticket is not None:
+            self.ctx.stats.concurrency_wait(ex.app, now - ticket.since)
+        self._carry_out(give_back(gate, ticket, now, failed))  # type: ignore[arg-type]
 
     def _acquire_connection(self, ex: Exchange) -> None:
         """An idle pooled connection, a new one if the peer has room, else wait in line."""
@@ -629,12 +693,13 @@ class FrontConnection(asyncio.Protocol):
         self._unhold(ex)
         if self.current is not ex or self.closed:
             return
-        if ex.app not in ctx.apps:  # a reload removed the app while the request was held
+        route = ctx.apps.get(ex.app)
+        if route is None:  # a reload removed the app while the request was held
             self._refuse_gone(ex)
             return
         ex.waited_ms = (self.loop.time() - ex.started_at) * 1000
         ex.wake_phases = target.phases
-        ex.peer = ctx.pool.peer(target.address)
+        ex.peer = route.peer_for(target.address, target.allocation_id)
         self._forward(ex)
 
     async def _queue_then_answer(self, ex: Exchange) -> None:
@@ -704,11 +769,10 @@ class FrontConnection(asyncio.Protocol):
         if other is None:
             return False
         ex.retried = True
-        failed.in_flight -= 1
+        self._release_peer(ex, failed=True)
         ex.peer = other
-        other.in_flight += 1
         self.ctx.stats.upstream_error(ex.app, "retried_elsewhere")
-        self._acquire_connection(ex)
+        self._forward(ex)
         return True
 
     def _refuse_held(self, ex: Exchange, reason: str, kind: str, retry_after: float) -> None:
@@ -951,7 +1015,8 @@ class FrontConnection(asyncio.Protocol):
         self.out.append(error_response(status, reason, close=not ex.keep_alive, kind=kind))
         self._complete(ex)
 
-    def _release_peer(self, ex: Exchange) -> None:
+    def _release_peer(self, ex: Exchange, failed: bool = False) -> None:
+        """Every ending of an exchange that was given a peer comes here (once it has one)."""
         peer = ex.peer
         if peer is not None:
             peer.in_flight -= 1
@@ -959,6 +1024,8 @@ class FrontConnection(asyncio.Protocol):
             if ex.waiter is not None:  # gave up waiting for a connection: leave the line
                 peer.unwait(ex.waiter)
                 ex.waiter = None
+            if ex.gate is not None:
+                self._leave_gate(ex, failed or ex.status >= 500)
 
     def _record(self, ex: Exchange) -> None:
         ctx = self.ctx
@@ -1063,6 +1130,9 @@ class FrontConnection(asyncio.Protocol):
         elif action == ABORT:
             self.ctx.stats.upstream_error(ex.app, "idle_timeout")  # type: ignore[union-attr]
             self._close(abort=True)
+        elif action == WAIT_TIMEOUT:
+            reason = f"app {ex.app} is at its concurrency limit; retry"  # type: ignore[union-attr]
+            self._refuse_held(ex, reason, WAIT_TIMEOUT, WAIT_RETRY_AFTER)  # type: ignore[arg-type]
         elif action == UPSTREAM_TIMEOUT:
             conn, ex.upstream = ex.upstream, None  # type: ignore[union-attr]
             if conn is not None:
@@ -1116,3 +1186,9 @@ class FrontConnection(asyncio.Protocol):
             self._close()
         elif self.current is not None:
             self.current.keep_alive = False
+
+
+def run_turns(tickets: list[Ticket]) -> None:
+    """Carry out requests whose turn came under an app's concurrency limit."""
+    for ticket in tickets:
+        ticket.item()  # type: ignore[misc]

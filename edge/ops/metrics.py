@@ -66,19 +66,11 @@ class SnapshotCollector(Collector):
             family.add_metric([app, kind], n)
         yield family
 
-        histogram = HistogramMetricFamily(
+        yield _histogram(
             "edge_request_duration_seconds",
             "Time from request head to response end, by app.",
-            labels=["app"],
+            latency,
         )
-        for app, (counts, total) in sorted(latency.items()):
-            buckets = []
-            running = 0
-            for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
-                running += n
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
-            histogram.add_metric([app], buckets, total)
-        yield histogram
 
         yield GaugeMetricFamily(
             "edge_open_connections", "Client connections open, all workers.", open_connections
@@ -88,6 +80,59 @@ class SnapshotCollector(Collector):
         )
         yield from _wake_families(snapshots, self._budget_in_use)
         yield from _queue_families(snapshots, self._queue_depths)
+        yield from _limit_families(snapshots)
+
+
+def _histogram(
+    name: str, documentation: str, by_app: dict[str, tuple[list[int], float]]
+) -> HistogramMetricFamily:
+    """A histogram by app over LATENCY_BUCKETS, from summed bucket counts and totals."""
+    histogram = HistogramMetricFamily(name, documentation, labels=["app"])
+    for app, (counts, total) in sorted(by_app.items()):
+        buckets = []
+        running = 0
+        for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
+            running += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        histogram.add_metric([app], buckets, total)
+    return histogram
+
+
+def _limit_families(snapshots: list[StatsSnapshot]) -> Iterator[Metric]:
+    """Apps with max_concurrency: requests through the limit, waiting, and how long they waited."""
+    in_flight = GaugeMetricFamily(
+        "edge_upstream_in_flight",
+        "Requests forwarded at once under the app's max_concurrency, all workers.",
+        labels=["app"],
+    )
+    queued = GaugeMetricFamily(
+        "edge_upstream_queued",
+        "Requests waiting in the edge for a slot under the app's max_concurrency.",
+        labels=["app"],
+    )
+    totals: dict[str, list[int]] = {}
+    waits: dict[str, tuple[list[int], float]] = {}
+    for snap in snapshots:
+        for app, counts in snap.limited.items():
+            app_totals = totals.setdefault(app, [0, 0])
+            app_totals[0] += counts[0]
+            app_totals[1] += counts[1]
+        for app, hist in snap.concurrency_wait.items():
+            counts, total = waits.get(app, ([0] * len(hist.counts), 0.0))
+            waits[app] = (
+                [a + b for a, b in zip(counts, hist.counts, strict=True)],
+                total + hist.total,
+            )
+    for app, (flying, waiting) in sorted(totals.items()):
+        in_flight.add_metric([app], flying)
+        queued.add_metric([app], waiting)
+    yield in_flight
+    yield queued
+    yield _histogram(
+        "edge_upstream_queue_wait_seconds",
+        "Time requests waited in line under the app's max_concurrency (those that waited).",
+        waits,
+    )
 
 
 def _queue_families(
@@ -128,7 +173,7 @@ def _sum_by(snapshots: list[StatsSnapshot], field: str) -> dict[str, int]:
 def _wake_families(snapshots: list[StatsSnapshot], budget_in_use: int | None) -> Iterator[Metric]:
     rejections = CounterMetricFamily(
         "edge_rejections",
-        "Requests answered 503 while their app was not hot, by reason.",
+        "Requests the edge answered 503 for an app: not hot, or over its max_concurrency.",
         labels=["app", "reason"],
     )
     for key, n in sorted(_sum_by(snapshots, "rejections").items()):

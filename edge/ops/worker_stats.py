@@ -60,6 +60,10 @@ class StatsSnapshot(msgspec.Struct):
     route: dict[str, float] = {}
     # Durable queue: "app\x00event" -> count (accepted, dedupe_hit, delivered, ...).
     queue: dict[str, int] = {}
+    # Apps with max_concurrency: app -> [requests in flight through the limit, waiting now].
+    limited: dict[str, list[int]] = {}
+    # app -> time requests waited in line under max_concurrency (those that had to wait).
+    concurrency_wait: dict[str, LatencyHistogram] = {}
 
 
 class WorkerStats:
@@ -70,12 +74,14 @@ class WorkerStats:
         "held_by_app",
         "index",
         "latency",
+        "limited",
         "open_connections",
         "queue",
         "rejections",
         "requests",
         "route",
         "upstream_errors",
+        "waits",
         "wake_events",
         "wake_phases",
     )
@@ -95,6 +101,8 @@ class WorkerStats:
         self.wake_phases: dict[str, list[float]] = {}
         self.route: dict[str, float] = {}
         self.queue: dict[tuple[str, str], int] = {}
+        self.limited: dict[str, list[int]] = {}
+        self.waits: dict[str, LatencyHistogram] = {}  # see concurrency_wait
 
     def record(self, app: str, status: int, seconds: float) -> None:
         key = (app, status)
@@ -102,6 +110,14 @@ class WorkerStats:
         hist = self.latency.get(app)
         if hist is None:
             hist = self.latency[app] = LatencyHistogram.empty()
+        hist.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        hist.total += seconds
+
+    def concurrency_wait(self, app: str, seconds: float) -> None:
+        """A request's wait in line under its app's concurrency limit ended (either way)."""
+        hist = self.waits.get(app)
+        if hist is None:
+            hist = self.waits[app] = LatencyHistogram.empty()
         hist.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         hist.total += seconds
 
@@ -138,6 +154,8 @@ class WorkerStats:
             wake_phases={k: list(v) for k, v in self.wake_phases.items()},
             route=dict(self.route),
             queue={f"{a}\x00{e}": n for (a, e), n in self.queue.items()},
+            limited={app: list(counts) for app, counts in self.limited.items()},
+            concurrency_wait=dict(self.waits),
         )
 
 

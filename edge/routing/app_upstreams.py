@@ -3,11 +3,19 @@ scale-to-zero app (from the route table, else what this process's wake made hot)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from edge.routing.admission import AppAdmission
 from edge.routing.classification import make_rule
+from edge.routing.concurrency_limit import (
+    ConcurrencyLimit,
+    Gate,
+    ReleaseRamp,
+    restart_ramp,
+    worker_share,
+)
 from edge.routing.hold_accounting import HoldCaps
 from edge.routing.route_table import RouteTable
 from edge.server.config import AppConfig, RuleConfig
@@ -21,13 +29,38 @@ class RouteTableSource(Protocol):
     route_table: RouteTable | None
 
 
+def concurrency_limit(spec: AppConfig, workers: int) -> ConcurrencyLimit | None:
+    """The app's limit in one of `workers` workers (None: no limit)."""
+    if spec.max_concurrency is None:
+        return None
+    ramp = spec.ramp()
+    return ConcurrencyLimit(
+        worker_share(spec.max_concurrency, workers),
+        ReleaseRamp(ramp.start, float(ramp.double_every)) if ramp is not None else None,
+    )
+
+
 class AppUpstreams:
     """An app's upstreams: static peers, or (scale to zero) whatever its wake made hot.
 
-    `pick` prefers the peer with fewest requests in flight; None means not hot.
+    `pick` prefers the peer with fewest requests in flight; None means not hot. With
+    `max_concurrency`, static peers get their gates from the worker (`gate_static_peers`)
+    and allocations theirs when first picked (`_pick_gated`, chosen once per config: an
+    app without a limit never looks).
     """
 
-    __slots__ = ("admission", "name", "peers", "pool", "source", "spec", "wake")
+    __slots__ = (
+        "_pick_hot",
+        "admission",
+        "clock",
+        "limit",
+        "name",
+        "peers",
+        "pool",
+        "source",
+        "spec",
+        "wake",
+    )
 
     def __init__(
         self,
@@ -36,13 +69,20 @@ class AppUpstreams:
         wake: WakeController | None,
         source: RouteTableSource,
         shared_rules: Sequence[RuleConfig] = (),
+        workers: int = 1,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = spec.name
         self.spec = spec
         self.pool = pool
         self.source = source
+        self.clock = clock
         self.wake = wake if spec.scale_to_zero else None
         self.peers = [pool.peer(address) for address in spec.upstreams]
+        self.limit = concurrency_limit(spec, workers)
+        self._pick_hot: Callable[[], UpstreamPeer | None] = (
+            self._pick_dynamic if self.limit is None else self._pick_gated
+        )
         rules = tuple(
             make_rule(
                 rule.request_class,
@@ -68,13 +108,49 @@ class AppUpstreams:
             dedupe_key=replay.dedupe_key if replay is not None else "idempotency-key",
         )
 
+    def gate_static_peers(self) -> None:
+        """With a limit, each static peer without a gate gets one (no ramp: no wake)."""
+        if self.limit is not None and self.wake is None:
+            for peer in self.peers:
+                if peer.gate is None:
+                    peer.gate = Gate(self.name, self.limit, self.clock())
+
     def pick(self) -> UpstreamPeer | None:
         if self.wake is not None:
-            return self._pick_dynamic(self.wake)
+            return self._pick_hot()
         peers = self.peers
         if len(peers) == 1:
             return peers[0]
         return min(peers, key=_in_flight)
+
+    def _pick_gated(self) -> UpstreamPeer | None:
+        """Like `_pick_dynamic`; the allocation's gate is made the first time this worker
+        routes to it (its release ramp begins then)."""
+        table = self.source.route_table
+        if table is not None:
+            targets = table.targets(self.name)
+            if targets:
+                target = min(targets, key=lambda t: self.pool.peer(t.address).in_flight)
+                return self.peer_for(target.address, target.allocation_id)
+        hot = self.wake.hot_target(self.name)  # type: ignore[union-attr]
+        if hot is None:
+            return None
+        if table is not None and table.blocked(self.name, hot.allocation_id):
+            return None
+        return self.peer_for(hot.address, hot.allocation_id)
+
+    def peer_for(self, address: str, allocation: str) -> UpstreamPeer:
+        """The pool's peer for an allocation of this app; with a limit, its gate too (the
+        ramp begins afresh for an allocation new at that address)."""
+        peer = self.pool.peer(address)
+        limit = self.limit
+        if limit is not None:
+            gate = peer.gate
+            if gate is None:
+                peer.gate = Gate(self.name, limit, self.clock(), allocation, after_wake=True)
+            elif gate.allocation != allocation:
+                restart_ramp(gate, allocation, self.clock())
+        return peer
 
     def pick_other(self, failed: UpstreamPeer) -> UpstreamPeer | None:
         """Another routable peer of this app than `failed` (least in flight), if any."""
@@ -84,11 +160,13 @@ class AppUpstreams:
             table = self.source.route_table
             targets = table.targets(self.name) if table is not None else None
             others = [
-                self.pool.peer(t.address) for t in targets or () if t.address != failed.address
+                self.peer_for(t.address, t.allocation_id)
+                for t in targets or ()
+                if t.address != failed.address
             ]
         return min(others, key=_in_flight) if others else None
 
-    def _pick_dynamic(self, wake: WakeController) -> UpstreamPeer | None:
+    def _pick_dynamic(self) -> UpstreamPeer | None:
         """Ready allocations from the route table, else what this process's wake made hot."""
         table = self.source.route_table
         if table is not None:
@@ -97,7 +175,7 @@ class AppUpstreams:
                 if len(targets) == 1:
                     return self.pool.peer(targets[0].address)
                 return min((self.pool.peer(t.address) for t in targets), key=_in_flight)
-        target = wake.hot_target(self.name)
+        target = self.wake.hot_target(self.name)  # type: ignore[union-attr]
         if target is None:
             return None
         if table is not None and table.blocked(self.name, target.allocation_id):

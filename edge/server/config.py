@@ -209,6 +209,14 @@ class ReplayPolicy(_Section):
     )
 
 
+class ReleaseRampConfig(_Section):
+    """After a wake the limit starts at `start` x max_concurrency and doubles every
+    `double_every` while the app answers without 5xx (a 5xx restarts the interval)."""
+
+    start: Annotated[float, Meta(gt=0, le=1)] = 0.25
+    double_every: PositiveDuration = PositiveDuration(1.0)
+
+
 class AppConfig(_Section):
     name: str
     hosts: list[str]
@@ -228,6 +236,17 @@ class AppConfig(_Section):
     # Tried in order before [[classification]] and the defaults, while the app is not hot.
     rules: list[RuleConfig] = []
     replay: ReplayPolicy | None = None
+    # Requests forwarded at once to each allocation (upstream peer); the rest wait in the
+    # edge, in arrival order. Each worker takes ceil(limit / workers); unset: no limit.
+    max_concurrency: Annotated[int, Meta(ge=1)] | None = None
+    # Scale-to-zero apps with max_concurrency: true (the defaults) or a table.
+    release_ramp: bool | ReleaseRampConfig = False
+
+    def ramp(self) -> ReleaseRampConfig | None:
+        """The release ramp after a wake, when one is configured."""
+        if isinstance(self.release_ramp, ReleaseRampConfig):
+            return self.release_ramp
+        return ReleaseRampConfig() if self.release_ramp else None
 
     def can_queue(self, shared_rules: list[RuleConfig]) -> bool:
         """Whether a request to this app may be queued while the app is not hot."""
@@ -470,6 +489,14 @@ def _check_app(
             parse_address(address)
         except ValueError as exc:
             fail(f"{where}.upstreams[{j}]", str(exc))
+    if app.ramp() is not None:
+        if app.max_concurrency is None:
+            fail(f"{where}.release_ramp", "ramps max_concurrency up after a wake: set it too")
+        if not app.scale_to_zero:
+            fail(
+                f"{where}.release_ramp",
+                f"app {app.name!r} does not scale to zero: there is no wake to ramp after",
+            )
 
 
 def _check(config: Config, file: str) -> None:

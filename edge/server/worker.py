@@ -217,7 +217,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     client = control_plane_client(config, config_path)
     wake = build_wake_controller(config, client, index)
-    ctx = WorkerContext(config, loop, index, open_access_log(config.edge.access_log, index), wake)
+    access_log = open_access_log(config.edge.access_log, index)
+    ctx = WorkerContext(config, loop, index, access_log, wake, workers)
     follower = None
     if client is not None:
         follower = RouteFollower(client, edge_id(config, index), ctx.adopt_route_table)
@@ -350,6 +351,7 @@ async def serve(
             if tick % SNAPSHOT_EVERY == 0:
                 ctx.stats.held = ctx.holds.total
                 ctx.stats.held_by_app = dict(ctx.holds.by_app)
+                ctx.stats.limited = ctx.limited_counts()
                 if follower is not None:
                     ctx.stats.route = route_stats(follower, ctx.route_table)
                 write_snapshot(stats_dir, ctx.stats.snapshot())

@@ -15,6 +15,7 @@ from edge.http.host_pattern import HostTable, host_bytes, parse_host_header
 from edge.ops.worker_stats import WorkerStats
 from edge.routing.app_upstreams import AppUpstreams
 from edge.routing.client_wake_rate import ClientWakeAllowance, ClientWakeRate
+from edge.routing.concurrency_limit import Ticket, pump, set_limit
 from edge.routing.hold_accounting import HoldAccounting, HoldCaps
 from edge.server.config import REPLAY_POLICY_GATE, Config, ConfigError, refused_gate
 from edge.upstream.pool import UpstreamPool
@@ -88,9 +89,11 @@ class WorkerContext:
         index: int,
         access_log: AccessLog | None = None,
         wake: WakeController | None = None,
+        workers: int = 1,
     ) -> None:
         self.loop = loop
         self.index = index
+        self.workers = workers  # each takes its share of an app's max_concurrency
         self.stats = WorkerStats(index)
         self.connections: set[FrontConnection] = set()
         self.draining = False
@@ -132,15 +135,57 @@ class WorkerContext:
         self.pool.keepalive_idle = config.upstream.keepalive_idle
         self.pool.max_head = int(config.limits.max_response_head)
         self.apps = {
-            app.name: AppUpstreams(app, self.pool, self.wake, self, config.classification)
+            app.name: AppUpstreams(
+                app,
+                self.pool,
+                self.wake,
+                self,
+                config.classification,
+                self.workers,
+                self.loop.time,
+            )
             for app in config.apps
         }
+        self._apply_limits()
         self.routes = HostTable(
             {host: self.apps[app.name] for app in config.apps for host in app.hosts}
         )
         self._route_cache: dict[bytes, tuple[AppUpstreams, bytes]] = {}
         if self.wake is not None:
             self.wake.apply(budget_limits(config), wake_specs(config))
+
+    def _apply_limits(self) -> None:
+        """A reload's max_concurrency applies at once to the gates in use; a gate whose app
+        lost its limit (or went) lets its line through and is dropped; then static peers of
+        limited apps get the gates they lack."""
+        limits = {name: route.limit for name, route in self.apps.items()}
+        now = self.loop.time()
+        for peer in self.pool.peers():
+            gate = peer.gate
+            if gate is None:
+                continue
+            limit = limits.get(gate.app)
+            if limit != gate.limit:
+                self._run_turns(set_limit(gate, limit, now))
+            if limit is None:
+                peer.gate = None  # requests in flight give their slots back to it all the same
+        for route in self.apps.values():
+            route.gate_static_peers()
+
+    def _run_turns(self, tickets: list[Ticket]) -> None:
+        for ticket in tickets:
+            self.loop.call_soon(ticket.item)  # type: ignore[arg-type]
+
+    def limited_counts(self) -> dict[str, list[int]]:
+        """Per app with max_concurrency: [requests in flight through its gates, waiting]."""
+        counts: dict[str, list[int]] = {}
+        for peer in self.pool.peers():
+            gate = peer.gate
+            if gate is not None:
+                app = counts.setdefault(gate.app, [0, 0])
+                app[0] += gate.in_flight
+                app[1] += gate.queued
+        return counts
 
     def adopt_route_table(self, table: RouteTable) -> None:
         """Swap in a new table; tunnels to draining allocations close at their deadline."""
@@ -192,4 +237,8 @@ class WorkerContext:
                 conn.on_deadline(now)
             if conn.body_check and conn.body_check <= now:
                 conn.on_body_check(now)
+        for peer in self.pool.peers():
+            gate = peer.gate
+            if gate is not None and gate.queued:  # the ramp may have grown since
+                self._run_turns(pump(gate, now))
         self.pool.sweep(now)

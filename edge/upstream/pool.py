@@ -12,10 +12,13 @@ import asyncio
 import contextlib
 import select
 from collections import deque
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Protocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+if TYPE_CHECKING:
+    from edge.routing.concurrency_limit import Gate
 
 # A response head (status line and fields) larger than this is refused, like a request's.
 DEFAULT_MAX_RESPONSE_HEAD = 64 * 1024
@@ -241,6 +244,7 @@ class UpstreamPeer:
 
     __slots__ = (
         "address",
+        "gate",
         "handoff_scheduled",
         "host",
         "idle",
@@ -259,10 +263,13 @@ class UpstreamPeer:
         self.max_idle = max_idle
         self.max_conns = max_conns  # 0: no cap
         self.idle: list[UpstreamConnection] = []
-        self.in_flight = 0
+        self.in_flight = 0  # requests sent, or waiting for a connection or in the gate's line
         self.open = 0
         self.handoff_scheduled = False
         self.waiters: deque[Callable[[UpstreamConnection | None], bool]] = deque()
+        # The app's concurrency limit at this allocation (edge/routing/concurrency_limit.py);
+        # None (no limit) costs the front one attribute check per request.
+        self.gate: Gate | None = None
 
     def reserve(self) -> bool:
         """Room for one more connection? Counts it as open when so."""
@@ -384,6 +391,9 @@ class UpstreamPool:
                 lambda: UpstreamConnection(peer, self.max_head), peer.host, peer.port
             )
         return conn
+
+    def peers(self) -> Iterable[UpstreamPeer]:
+        return self._peers.values()
 
     def sweep(self, now: float) -> None:
         cutoff = now - self.keepalive_idle
