@@ -21,6 +21,7 @@ process it starts is stopped on the way out, including on errors and Ctrl-C.
 
     .venv/bin/python bench/throughput.py --json bench/results/latest.json
     .venv/bin/python bench/throughput.py --json /tmp/smoke.json --quick
+    .venv/bin/python bench/throughput.py --json /tmp/limit.json --max-concurrency 10000
 
 JSON keys (--json FILE):
     edge_rps         requests/s of edge_1w (null when the row failed; so each *_rps, *_p99_ms)
@@ -214,6 +215,7 @@ class Bench:
     edge: str | None
     upstream_port: int = 0
     notes: list[str] = field(default_factory=list)
+    max_concurrency: int | None = None  # the edge's app limit, for its cost when it never binds
 
     def measure(self, name: str, port: int) -> dict[str, Any]:
         if self.warmup > 0:
@@ -261,16 +263,13 @@ class Bench:
         store = "memory://" if workers == 1 else start_redis(self.procs, self.tmp)
         if workers > 1:
             self.notes.append(f"{name} used store {store}")
-        config = {
-            "edge": {"workers": workers, "store": store},
-            "apps": [
-                {
-                    "name": "bench",
-                    "hosts": [HOST_HEADER],
-                    "upstreams": [f"127.0.0.1:{self.upstream_port}"],
-                }
-            ],
+        app = {
+            "name": "bench",
+            "hosts": [HOST_HEADER],
+            "upstreams": [f"127.0.0.1:{self.upstream_port}"],
+            "max_concurrency": self.max_concurrency,  # None: left out (unlimited)
         }
+        config = {"edge": {"workers": workers, "store": store}, "apps": [app]}
         ready = lambda port, _admin: answers_200(port)  # noqa: E731
         edge = start_edge(self.procs, self.tmp, None, config, ready, name, self.edge)
         return self.measure(name, edge.port)
@@ -319,11 +318,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--edge", metavar="PATH", help="edge executable (default: .venv/bin/edge, then PATH)"
     )
+    parser.add_argument(
+        "--max-concurrency",
+        type=int,
+        metavar="N",
+        help="give the edge's app max_concurrency = N (set high, it measures the limit's cost)",
+    )
     add_quick(parser, QUICK)
     args = parser.parse_args(argv)
     apply_quick(parser, args)
     if args.duration <= 0 or args.connections <= 0:
         parser.error("--duration and --connections must be positive")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        parser.error("--max-concurrency must be at least 1")
     warmup = warmup_s(args)
 
     started = time.monotonic()
@@ -348,8 +355,18 @@ def main(argv: list[str] | None = None) -> int:
     atexit.register(procs.stop_all)
     install_signal_handlers()
 
+    if args.max_concurrency is not None:
+        notes.append(f"the edge's app has max_concurrency = {args.max_concurrency}")
     bench = Bench(
-        procs, tmp, args.duration, args.connections, warmup, wrk, find_edge(args.edge), notes=notes
+        procs,
+        tmp,
+        args.duration,
+        args.connections,
+        warmup,
+        wrk,
+        find_edge(args.edge),
+        notes=notes,
+        max_concurrency=args.max_concurrency,
     )
     rows: dict[str, dict[str, Any] | None] = {}
     upstream_kind: str | None = None
