@@ -68,6 +68,21 @@ def shop() -> AppConfig:
     return load_config_text(CONFIG, "edge.toml").apps[0]
 
 
+def edge_a_replayer(
+    queue: DurableQueue, address: str, events: list[str], **clock: Callable[[], float]
+) -> Replayer:
+    """Edge A's replayer of app `shop` at `address`, counting its events into `events`."""
+    config = shop()
+    return Replayer(
+        queue,
+        HotAt(address),  # type: ignore[arg-type]
+        "edge-a",
+        lambda: {"shop": config},
+        lambda _app, event: events.append(event),
+        **clock,
+    )
+
+
 async def test_a_replayer_whose_lease_lapsed_mid_delivery_sends_nothing_more(
     fresh_redis: str,
 ) -> None:
@@ -90,14 +105,7 @@ async def test_a_replayer_whose_lease_lapsed_mid_delivery_sends_nothing_more(
     queue = DurableQueue(fresh_redis)
     raw = aioredis.from_url(fresh_redis)
     events: list[str] = []
-    config = shop()
-    replayer = Replayer(
-        queue,
-        HotAt(address),  # type: ignore[arg-type]
-        "edge-a",
-        lambda: {"shop": config},
-        lambda _app, event: events.append(event),
-    )
+    replayer = edge_a_replayer(queue, address, events)
     task = asyncio.get_running_loop().create_task(replayer.run())
     try:
         for i in range(3):
@@ -191,15 +199,7 @@ async def replaying_one(
     queued; yields the queue and the events A counted."""
     queue = DurableQueue(redis_url)
     events: list[str] = []
-    config = shop()
-    replayer = Replayer(
-        queue,
-        HotAt(address),  # type: ignore[arg-type]
-        "edge-a",
-        lambda: {"shop": config},
-        lambda _app, event: events.append(event),
-        **clock,
-    )
+    replayer = edge_a_replayer(queue, address, events, **clock)
     task = asyncio.get_running_loop().create_task(replayer.run())
     try:
         await queue.enqueue(
