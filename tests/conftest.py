@@ -26,6 +26,8 @@ from stack import (
     stop_process,
 )
 
+from scheduler_client.local.redis_cluster import ClusterStartError, LocalRedisCluster
+
 # --------------------------------------------------------------------------- redis
 
 
@@ -61,6 +63,34 @@ def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory) -> Iterator[LocalRedisCluster]:
+    """A Redis Cluster (3 masters, 3 replicas, AOF on) on free 127.0.0.1 ports; `.url` is
+    the redis+cluster:// seed URL, `.nodes` the processes to kill, pause or restart."""
+    cluster = LocalRedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+    except ClusterStartError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def fresh_cluster(redis_cluster: LocalRedisCluster) -> LocalRedisCluster:
+    """The session's cluster, emptied and whole (a test before may have killed a node)."""
+    for node in redis_cluster.nodes:
+        if node.paused:
+            redis_cluster.resume(node)
+        elif not redis_cluster.running(node):
+            redis_cluster.start_node(node)
+    redis_cluster.wait_healthy()
+    redis_cluster.flush()
+    return redis_cluster
 
 
 # --------------------------------------------------------------------------- upstream
