@@ -84,6 +84,21 @@ def stop_process(proc: subprocess.Popen, group: bool) -> None:
 # --------------------------------------------------------------------------- redis
 
 
+def redis_client(url: str, **options: Any) -> Any:
+    """A plain redis-py asyncio client for a store URL: one server, or the whole cluster
+    for redis+cluster:// (commands routed by key; FLUSHALL etc. need target_nodes)."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+    from wake.store.redis_connection import cluster_seeds, is_cluster
+
+    if is_cluster(url):
+        seeds, parsed = cluster_seeds(url)
+        nodes = [ClusterNode(host, port) for host, port in seeds]
+        return RedisCluster(startup_nodes=nodes, **parsed, **options)
+    return aioredis.from_url(url, **options)
+
+
 class RedisProcess:
     """A redis-server of our own on 127.0.0.1: startable, stoppable, restartable on its port.
 

@@ -7,7 +7,9 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+import redis
 import redis.asyncio as aioredis
+from stack import redis_client
 
 from edge.queue.durable_queue import DurableQueue, LeaseLost, QueueFull, lease_value
 from edge.queue.replay_policy import (
@@ -136,14 +138,24 @@ def test_retry_delay_doubles_up_to_the_ceiling() -> None:
 LEASE = Lease("edge-a/1", 0)
 
 
+@pytest.fixture(params=["redis", "cluster"])
+def queue_url(request: pytest.FixtureRequest) -> str:
+    """An empty Redis: the session's redis-server, or its Redis Cluster (redis+cluster://)."""
+    if request.param == "cluster":
+        return request.getfixturevalue("fresh_cluster").url
+    url = request.getfixturevalue("redis_server")
+    with redis.Redis.from_url(url) as client:
+        client.flushall()
+    return url
+
+
 @pytest.fixture
-async def queue(redis_server: str) -> AsyncIterator[DurableQueue]:
+async def queue(queue_url: str) -> AsyncIterator[DurableQueue]:
     """An empty queue whose "shop" lease is held as LEASE, so replay writes pass the fence."""
-    client = aioredis.from_url(redis_server)
-    await client.flushall()
+    client = redis_client(queue_url)
     await client.set("edge:{shop}:replayer", lease_value(LEASE), px=600_000)
     await client.aclose()
-    q = DurableQueue(redis_server)
+    q = DurableQueue(queue_url)
     yield q
     await q.close()
 
@@ -406,7 +418,7 @@ async def test_dead_letters_over_the_cap_are_trimmed_exactly_and_reported(
     assert [d.queued_id for d in await queue.list("shop", "dead", 10)] == [ids[3], ids[4]]
 
 
-async def test_replay_writes_are_fenced_by_the_lease(queue: DurableQueue, redis_server) -> None:
+async def test_replay_writes_are_fenced_by_the_lease(queue: DurableQueue, queue_url: str) -> None:
     """Issue 12: after a lease lapse (a failover that lost it, a long pause) and a takeover,
     the first holder's read, begin, dead letter and expiry are refused in the script, its
     finish records the delivery it made but begins nothing, and renew/release miss."""
@@ -418,7 +430,7 @@ async def test_replay_writes_are_fenced_by_the_lease(queue: DurableQueue, redis_
     batch = await queue.next_batch("shop", "edge-a", claim_idle=60, count=10, lease=lease_a)
     first, second = batch[0], batch[1]  # type: ignore[index]
     assert await queue.begin("shop", first, lease_a) == 1
-    raw = aioredis.from_url(redis_server)
+    raw = redis_client(queue_url)
     try:
         assert await raw.get(queue.key("shop", "replayer")) == f"edge-a#{lease_a.token}".encode()
         await raw.pexpire(queue.key("shop", "replayer"), 1)  # the lease lapses

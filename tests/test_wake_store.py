@@ -1,6 +1,8 @@
-"""The wake store contract, run against memory:// and a real redis-server.
+"""The wake store contract, run against memory://, a real redis-server and a real Redis
+Cluster (redis+cluster://, 3 masters with a replica each).
 
-Each test gets an empty store (memory: a new one; redis: FLUSHDB). Redis-only tests
+Each test gets an empty store (memory: a new one; redis: FLUSHDB; cluster: FLUSHALL on
+every master). Redis-only tests
 at the end cover what only a shared store can show: one slot per app, a region
 budget contended by several edges, and behaviour while Redis is down or hung.
 Every wait is bounded; timing assertions only check bounds, never speed.
@@ -65,7 +67,7 @@ async def publish_until_done(
     assert not pending, f"{len(pending)} of {len(waiters)} waiters not woken by publish"
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def backend(request: pytest.FixtureRequest) -> str:
     return request.param
 
@@ -75,7 +77,9 @@ async def make_store(backend: str, request: pytest.FixtureRequest) -> AsyncItera
     """Factory for stores of the current backend; redis ones share one flushed DB."""
     made: list[WakeStore] = []
     url = ""
-    if backend == "redis":
+    if backend == "cluster":
+        url = request.getfixturevalue("fresh_cluster").url
+    elif backend == "redis":
         url = request.getfixturevalue("redis_server")
         admin = aioredis.from_url(url)
         try:

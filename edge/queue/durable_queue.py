@@ -21,7 +21,7 @@ import contextlib
 import msgspec
 
 from wake.store.protocol import Lease, StoreUnavailable
-from wake.store.redis_connection import bounded_client, guarded
+from wake.store.redis_connection import bounded_client, close_client, guarded, info_everywhere
 
 GROUP = "replay"
 PURGE_PAGE = 500
@@ -626,16 +626,14 @@ class DurableQueue:
             start = "(" + entries[-1].id
 
     async def aof_enabled(self) -> bool:
+        """Whether the server (on a cluster: every node) persists with AOF."""
         async with self._guard("info"):
-            info = await self._redis.info("persistence")
-        return bool(int(info.get("aof_enabled", 0)))
+            infos = await info_everywhere(self._redis, "persistence")
+        return all(int(info.get("aof_enabled", 0)) for info in infos)
 
     async def close(self) -> None:
         self._closed = True
-        with contextlib.suppress(Exception):
-            await self._redis.aclose()
-        with contextlib.suppress(Exception):
-            await self._redis.connection_pool.aclose()
+        await close_client(self._redis)
 
 
 __all__ = [

@@ -31,6 +31,8 @@ from scheduler_client.config_file import (
     read_config_file,
     to_builtins,
 )
+from wake.store.redis_connection import CLUSTER_SCHEMES, cluster_seeds
+from wake.store.url import REDIS_SCHEMES
 
 ADMIN_TOKEN_ENV = "EDGE_ADMIN_TOKEN"
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -385,8 +387,17 @@ def _check_edge(edge: EdgeSection, fail: Callable[[str, str], None]) -> None:
     memory_store_problem = check_store_for_workers(edge.store, edge.workers)
     if memory_store_problem:
         fail("edge.store", memory_store_problem)
-    if not edge.store.startswith(("memory://", "redis://", "rediss://", "unix://")):
-        fail("edge.store", f"expected memory:// or redis://host:port/db, got {edge.store!r}")
+    if not edge.store.startswith(("memory://", *REDIS_SCHEMES)):
+        fail(
+            "edge.store",
+            "expected memory://, redis://host:port/db or "
+            f"redis+cluster://host:port[,host:port...], got {edge.store!r}",
+        )
+    elif edge.store.startswith(CLUSTER_SCHEMES):
+        try:
+            cluster_seeds(edge.store)
+        except ValueError as exc:
+            fail("edge.store", str(exc))
     for i, cidr in enumerate(edge.trusted_proxies):
         try:
             ipaddress.ip_network(cidr, strict=False)

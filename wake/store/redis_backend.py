@@ -1,10 +1,11 @@
-"""redis:// — the wake store shared by every worker and edge host of a region.
+"""redis:// — the wake store shared by every worker and edge host of a region
+(one server, or a Redis Cluster with redis+cluster://).
 
 Keys (prefix `edge` by default) carry a hash tag, so every script touches one
 Cluster slot:
 - per app: `edge:{app}:lease` (owner, PX ttl), `edge:{app}:fence` (INCR token),
   `edge:{app}:state` (HASH data/token/version), `edge:{app}:seen` (server ms),
-  channel `edge:{app}:changed`;
+  channel `edge:{app}:changed` (sharded pub/sub on a cluster, see `_listen`);
 - region budget: `edge:{budget}:slots|slot_tenant|queue|waiting_until|
   queue_entry|seq|bucket|tenants` (see wake/store/redis_scripts.py);
 - journal: the capped stream `edge:{journal}`;
@@ -27,12 +28,14 @@ import re
 from collections.abc import Iterable
 
 import msgspec
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterPubSub
 
 from scheduler_client import backoff
 from wake.budget import BudgetDecision, BudgetLimits, BudgetUsage
 from wake.store import redis_scripts
 from wake.store.protocol import AppWakeState, Lease, StoreUnavailable, Transition
-from wake.store.redis_connection import bounded_client, guarded
+from wake.store.redis_connection import bounded_client, close_client, guarded, is_cluster
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ _JOURNAL_PAGE = 500
 _MAX_U64 = 2**64 - 1
 PUBSUB_RETRY_MIN = 0.05
 PUBSUB_RETRY_MAX = 2.0
+# How long the cluster listener waits on one node's pub/sub connection per read (s).
+SHARDED_READ_WAIT = 0.05
 
 
 def _ms(seconds: float) -> int:
@@ -113,7 +118,6 @@ class RedisStore:
             socket_timeout=socket_timeout,
             connect_timeout=connect_timeout,
         )
-        self._pool = self._redis.connection_pool
         r = self._redis
         self._acquire_lease = r.register_script(redis_scripts.ACQUIRE_LEASE)
         self._renew_lease = r.register_script(redis_scripts.RENEW_LEASE)
@@ -143,11 +147,14 @@ class RedisStore:
         self._counts_key = f"{key_prefix}:{{gallery}}:counts"
         self._channel_head = f"{key_prefix}:{{"
         self._channel_tail = "}:changed"
-        self._pattern = f"{_glob_escape(key_prefix)}:{{*}}:changed"
+        self._pattern_glob = f"{_glob_escape(key_prefix)}:{{*}}:changed"
+        self._cluster = is_cluster(url)
+        self._watch_added = asyncio.Event()
         self._state_decoder = msgspec.json.Decoder(AppWakeState)
         self._transition_decoder = msgspec.json.Decoder(Transition)
         self._watches: dict[str, _Watch] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._pubsub_failures = 0
         self._closed = False
 
     # ------------------------------------------------------------------ keys
@@ -263,8 +270,12 @@ class RedisStore:
     # ------------------------------------------------------------------ change notification
 
     async def publish(self, app: str) -> None:
+        channel = self.app_key(app, "changed")
         async with self._guard("publish"):
-            await self._redis.publish(self.app_key(app, "changed"), "1")
+            if self._cluster:
+                await self._redis.spublish(channel, "1")  # to the app's slot's node only
+            else:
+                await self._redis.publish(channel, "1")
 
     async def wait_change(self, app: str, version: int, timeout: float) -> AppWakeState:
         if self._closed:
@@ -274,6 +285,7 @@ class RedisStore:
         if watch is None:
             watch = self._watches[app] = _Watch()
             watch.task = asyncio.create_task(self._poll(app, watch), name=f"wake-watch:{app}")
+            self._watch_added.set()
         watch.waiters += 1
         arrived = watch.results
         loop = asyncio.get_running_loop()
@@ -339,25 +351,21 @@ class RedisStore:
                 watch.kick.set()
 
     async def _listen(self) -> None:
-        """One pattern subscription for the whole store; reconnects with back-off."""
-        failed_in_a_row = 0
+        """Turn change notifications into kicks; reconnects with back-off.
+
+        One server: a single pattern subscription (`prefix:{*}:changed`) for the
+        whole store. A Redis Cluster has no pattern subscription for sharded
+        channels, and a classic PUBLISH there is broadcast to every node; so
+        each watched app's channel is SSUBSCRIBEd on the node owning the app's
+        slot (SPUBLISH goes only there), and dropped when its last waiter leaves.
+        Polling covers any gap either way: while (re)subscribing, and for a
+        message lost in a failover.
+        """
+        self._pubsub_failures = 0  # in a row; a session that subscribes resets it
         while not self._closed:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
-                async with asyncio.timeout(self._op_timeout):
-                    await pubsub.psubscribe(self._pattern)
-                failed_in_a_row = 0
-                # Messages sent while we were not subscribed are gone: re-read everything.
-                self._kick(list(self._watches))
-                while not self._closed:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is not None and message.get("type") == "pmessage":
-                        channel: str = message["channel"]
-                        if channel.startswith(self._channel_head) and channel.endswith(
-                            self._channel_tail
-                        ):
-                            app = channel[len(self._channel_head) : -len(self._channel_tail)]
-                            self._kick((app,))
+                await (self._sharded(pubsub) if self._cluster else self._pattern(pubsub))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis down or reset: polling covers us meanwhile
@@ -371,8 +379,61 @@ class RedisStore:
                         await pubsub.aclose()
             if self._closed:
                 break
-            await asyncio.sleep(backoff.delay(failed_in_a_row, PUBSUB_RETRY_MIN, PUBSUB_RETRY_MAX))
-            failed_in_a_row += 1
+            delay = backoff.delay(self._pubsub_failures, PUBSUB_RETRY_MIN, PUBSUB_RETRY_MAX)
+            await asyncio.sleep(delay)
+            self._pubsub_failures += 1
+
+    def _app_of(self, channel: str) -> str | None:
+        if channel.startswith(self._channel_head) and channel.endswith(self._channel_tail):
+            return channel[len(self._channel_head) : -len(self._channel_tail)]
+        return None
+
+    async def _pattern(self, pubsub: PubSub) -> None:
+        """One server: one pattern subscription, read until the store closes."""
+        async with asyncio.timeout(self._op_timeout):
+            await pubsub.psubscribe(self._pattern_glob)
+        self._pubsub_failures = 0
+        # Messages sent while we were not subscribed are gone: re-read everything.
+        self._kick(list(self._watches))
+        while not self._closed:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is not None and message.get("type") == "pmessage":
+                app = self._app_of(message["channel"])
+                if app is not None:
+                    self._kick((app,))
+
+    async def _sharded(self, pubsub: ClusterPubSub) -> None:
+        """Cluster: the watched apps' channels, SSUBSCRIBEd as watches come and go."""
+        subscribed: set[str] = set()
+        while not self._closed:
+            self._watch_added.clear()  # before reading the watches: a new one sets it again
+            wanted = set(self._watches)
+            if wanted != subscribed:
+                gone, new = subscribed - wanted, wanted - subscribed
+                async with asyncio.timeout(self._op_timeout):
+                    if gone:
+                        await pubsub.sunsubscribe(*(self.app_key(a, "changed") for a in gone))
+                        subscribed -= gone
+                    if new:
+                        await pubsub.ssubscribe(*(self.app_key(a, "changed") for a in new))
+                        subscribed |= new
+                self._pubsub_failures = 0
+                # Messages sent before the subscription are gone: re-read those apps.
+                self._kick(new)
+            if not subscribed:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await self._watch_added.wait()
+                continue
+            # Short waits: one node's connection is read at a time, round-robin, and
+            # new watches are subscribed between reads.
+            message = await pubsub.get_sharded_message(
+                ignore_subscribe_messages=True, timeout=SHARDED_READ_WAIT
+            )
+            if message is not None and message.get("type") == "smessage":
+                app = self._app_of(message["channel"])
+                if app is not None:
+                    self._kick((app,))
 
     # ------------------------------------------------------------------ budget
 
@@ -464,7 +525,4 @@ class RedisStore:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self._redis.aclose()
-        with contextlib.suppress(Exception):
-            await self._pool.aclose()
+        await close_client(self._redis)

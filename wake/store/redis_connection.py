@@ -1,18 +1,95 @@
-"""Bounded redis-py connections shared by the wake store and the durable queue."""
+"""Bounded redis-py connections shared by the wake store and the durable queue.
+
+One server (`redis://`, `rediss://`, `unix://`) or a Redis Cluster
+(`redis+cluster://host:port[,host:port...]`, `rediss+cluster://` for TLS): the
+seed nodes are where the client first asks for the slot map; any one that
+answers is enough.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from wake.store.protocol import StoreUnavailable
+
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+RedisClient = aioredis.Redis | RedisCluster
+
+
+def is_cluster(url: str) -> bool:
+    return url.startswith(CLUSTER_SCHEMES)
+
+
+def cluster_seeds(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """The seed nodes of a `redis+cluster://` URL, and the connection options it gives
+    (credentials, TLS, query string) as redis-py parses them for one server.
+
+    Raises ValueError for a URL without seeds, with a port missing, or with a db.
+    """
+    scheme, _, rest = url.partition("://")
+    parts = urlsplit(f"//{rest}")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    seeds: list[tuple[str, int]] = []
+    for seed in hosts.split(","):
+        host, _, port = seed.strip().rpartition(":")
+        host = host.strip("[]")  # [::1]:7000
+        if not host or not port.isdigit():
+            raise ValueError(f"cluster seed {seed!r}: expected host:port")
+        seeds.append((host, int(port)))
+    if parts.path not in ("", "/", "/0"):
+        raise ValueError(f"a Redis Cluster has only db 0, not {parts.path!r}")
+    single = "rediss" if scheme == "rediss+cluster" else "redis"
+    at = f"{userinfo}@" if userinfo else ""
+    query = f"?{parts.query}" if parts.query else ""
+    options: dict[str, Any] = dict(parse_url(f"{single}://{at}{seeds[0][0]}:{seeds[0][1]}{query}"))
+    for name in ("host", "port", "db"):
+        options.pop(name, None)
+    if options.pop("connection_class", None) is SSLConnection:
+        options["ssl"] = True
+    return seeds, options
+
+
+# Connections a node may have beyond the gated commands': pub/sub (one per node),
+# the slot map refresh, and pipelines (which bypass the gate).
+NODE_HEADROOM = 4
+
+
+class BoundedCluster(RedisCluster):
+    """RedisCluster whose commands queue for one of `max_connections` slots.
+
+    redis-py's cluster client raises MaxConnectionsError at once when a node's
+    connections are all busy; a stampede must instead wait its turn (up to
+    `wait_timeout`), as it does for the single-server BlockingConnectionPool.
+    """
+
+    def __init__(self, *, max_connections: int, wait_timeout: float, **kwargs: Any) -> None:
+        super().__init__(max_connections=max_connections + NODE_HEADROOM, **kwargs)
+        self._gate = asyncio.Semaphore(max_connections)
+        self._wait_timeout = wait_timeout
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            async with asyncio.timeout(self._wait_timeout):
+                await self._gate.acquire()
+        except TimeoutError as exc:
+            raise RedisConnectionError("no free Redis Cluster connection in time") from exc
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            self._gate.release()
 
 
 def bounded_client(
@@ -22,14 +99,31 @@ def bounded_client(
     max_connections: int = 64,
     socket_timeout: float = 2.0,
     connect_timeout: float = 2.0,
-) -> aioredis.Redis:
+) -> RedisClient:
     """A client whose pool is capped and whose every socket operation has a timeout.
 
     A stampede of calls queues for a connection (up to the connect timeout)
-    instead of opening thousands of sockets. One retry, on connection errors
-    only, replaces a pooled socket that died with a Redis restart; timeouts are
-    not retried, so a hung Redis costs one timeout.
+    instead of opening thousands of sockets. One server: one retry, on
+    connection errors only, replaces a pooled socket that died with a Redis
+    restart; timeouts are not retried, so a hung Redis costs one timeout. A
+    cluster: a few quick retries, each after re-reading the slot map, so a
+    moved slot or a promoted replica is found (callers bound the whole call).
     """
+    if is_cluster(url):
+        seeds, options = cluster_seeds(url)
+        settings: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": connect_timeout,
+            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+            "decode_responses": decode_responses,
+        }
+        settings.update(options)  # the URL's options win, as for one server
+        return BoundedCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in seeds],
+            max_connections=max_connections,
+            wait_timeout=connect_timeout,
+            **settings,
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -40,6 +134,23 @@ def bounded_client(
         decode_responses=decode_responses,
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+async def close_client(client: RedisClient) -> None:
+    """Close the client and every pooled connection, ignoring errors (we are leaving)."""
+    with contextlib.suppress(Exception):
+        await client.aclose()
+    if isinstance(client, aioredis.Redis):
+        with contextlib.suppress(Exception):
+            await client.connection_pool.aclose()
+
+
+async def info_everywhere(client: RedisClient, section: str) -> list[dict[str, Any]]:
+    """INFO `section` of the server, or of every node of a cluster."""
+    if isinstance(client, RedisCluster):
+        found = await client.info(section, target_nodes=RedisCluster.ALL_NODES)
+        return list(found.values())
+    return [await client.info(section)]
 
 
 @contextlib.asynccontextmanager
@@ -55,4 +166,5 @@ async def guarded(what: str, op_timeout: float, closed: bool = False) -> AsyncIt
     except TimeoutError as exc:  # our overall deadline, or redis-py's socket timeout
         raise StoreUnavailable(f"redis {what}: timed out ({exc})") from exc
     except (RedisError, OSError) as exc:
-        raise StoreUnavailable(f"redis {what}: {exc}") from exc
+        # Some errors (MaxConnectionsError) say nothing: name them at least.
+        raise StoreUnavailable(f"redis {what}: {exc or type(exc).__name__}") from exc

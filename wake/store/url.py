@@ -1,11 +1,13 @@
-"""Open the wake store named by `edge.store`: memory:// or redis:// (rediss://, unix://)."""
+"""Open the wake store named by `edge.store`: memory://, redis:// (rediss://, unix://) or
+a Redis Cluster (redis+cluster://host:port,host:port..., rediss+cluster:// for TLS)."""
 
 from __future__ import annotations
 
 from wake.store.memory import JOURNAL_LIMIT, MemoryStore
 from wake.store.protocol import WakeStore
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+# The schemes the Redis store takes (kept here so config checks need not import redis-py).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 
 
 def open_store(
@@ -22,4 +24,7 @@ def open_store(
         from wake.store.redis_backend import RedisStore  # redis-py only when it is used
 
         return RedisStore(url, journal_limit=journal_limit, key_prefix=key_prefix)
-    raise ValueError(f"unknown store {url!r}: expected memory://, redis://, rediss:// or unix://")
+    raise ValueError(
+        f"unknown store {url!r}: expected memory://, redis://, rediss://, unix://, "
+        "redis+cluster:// or rediss+cluster://"
+    )

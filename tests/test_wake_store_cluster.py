@@ -1,0 +1,179 @@
+"""The wake store on a real Redis Cluster, beyond the shared contract (test_wake_store.py
+runs that over redis+cluster:// too): the seed URL, sharded change notification across
+every master, waiters queueing for the capped connections, and config validation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from stack import redis_client
+
+from edge.server.config import ConfigError, load_config_text
+from scheduler_client.local.redis_cluster import LocalRedisCluster
+from wake.store.protocol import AppWakeState
+from wake.store.redis_backend import RedisStore
+from wake.store.redis_connection import cluster_seeds
+from wake.store.url import open_store
+
+WAIT = 5.0
+APP = '[[apps]]\nname = "hello"\nhosts = ["hello.localhost"]\nupstreams = ["127.0.0.1:9001"]\n'
+
+
+def test_cluster_seeds_take_credentials_tls_and_options() -> None:
+    seeds, options = cluster_seeds("redis+cluster://10.0.0.1:7000,10.0.0.2:7001")
+    assert seeds == [("10.0.0.1", 7000), ("10.0.0.2", 7001)] and options == {}
+    seeds, options = cluster_seeds(
+        "rediss+cluster://edge:s%40cret@a.example:7000,[::1]:7001/0?socket_timeout=5"
+    )
+    assert seeds == [("a.example", 7000), ("::1", 7001)]
+    assert options == {"username": "edge", "password": "s@cret", "ssl": True, "socket_timeout": 5}
+    for bad in ("redis+cluster://a.example", "redis+cluster://a:1,b", "redis+cluster://a:1/2"):
+        with pytest.raises(ValueError):
+            cluster_seeds(bad)
+
+
+def test_config_accepts_a_cluster_store_and_refuses_a_bad_one() -> None:
+    ok = load_config_text(
+        '[edge]\nstore = "redis+cluster://127.0.0.1:7000,127.0.0.1:7001"\n' + APP, "edge.toml"
+    )
+    assert ok.edge.store.startswith("redis+cluster://")
+    with pytest.raises(ConfigError, match="expected host:port"):
+        load_config_text('[edge]\nstore = "redis+cluster://127.0.0.1"\n' + APP, "edge.toml")
+
+
+async def test_open_store_by_cluster_url(fresh_cluster: LocalRedisCluster) -> None:
+    store = open_store(fresh_cluster.url, key_prefix="other")
+    try:
+        assert isinstance(store, RedisStore) and await store.ping()
+        lease = await store.acquire_lease("shop", "a", 5)
+        assert lease is not None
+        assert await store.lease_owner("shop") == "a"
+    finally:
+        await store.close()
+    tls = open_store(fresh_cluster.url.replace("redis+", "rediss+", 1))
+    try:  # the nodes speak plain TCP: a TLS client is refused, within the store's bounds
+        assert not await tls.ping()
+    finally:
+        await tls.close()
+
+
+def apps_on_every_master(cluster: LocalRedisCluster, per_master: int = 2) -> list[str]:
+    """App names whose `{app}` slots fall on every master, `per_master` on each."""
+    import redis
+
+    with cluster.nodes[0].client() as c:
+        ranges = [(int(r[0]), int(r[1]), f"{r[2][0]}:{r[2][1]}") for r in c.cluster("SLOTS")]
+    picked: dict[str, list[str]] = {}
+    for i in range(1000):
+        app = f"app-{i}"
+        slot = redis.crc.key_slot(f"x:{{{app}}}".encode())
+        owner = next(node for low, high, node in ranges if low <= slot <= high)
+        if len(picked.setdefault(owner, [])) < per_master:
+            picked[owner].append(app)
+    assert len(picked) == 3 and all(len(a) == per_master for a in picked.values())
+    return [app for apps in picked.values() for app in apps]
+
+
+async def test_sharded_notification_reaches_other_edges_on_every_master(
+    fresh_cluster: LocalRedisCluster,
+) -> None:
+    """Watchers that never poll (60 s) learn of writes on apps of all three masters."""
+    apps = apps_on_every_master(fresh_cluster)
+    holder = RedisStore(fresh_cluster.url)
+    watchers = [RedisStore(fresh_cluster.url, poll_interval=60.0) for _ in range(2)]
+    waiters: list[asyncio.Task[AppWakeState]] = []
+    try:
+        waiters = [
+            asyncio.create_task(w.wait_change(app, 0, timeout=30)) for w in watchers for app in apps
+        ]
+        await asyncio.sleep(0.5)  # read version 0 and subscribed; only a message wakes them
+        for app in apps:
+            lease = await holder.acquire_lease(app, "holder", 5)
+            assert lease is not None
+            assert await holder.write_state(AppWakeState(app=app, state="hot"), lease.token)
+            await holder.publish(app)
+        done, _ = await asyncio.wait(waiters, timeout=WAIT)
+        assert len(done) == len(waiters), f"{len(waiters) - len(done)} waiters not woken"
+        assert {w.result().state for w in waiters} == {"hot"}
+    finally:
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        await holder.close()
+        for w in watchers:
+            await w.close()
+
+
+async def test_subscriptions_follow_the_watches(fresh_cluster: LocalRedisCluster) -> None:
+    """A channel is dropped when its last waiter leaves and taken again for a new one."""
+    holder = RedisStore(fresh_cluster.url)
+    watcher = RedisStore(fresh_cluster.url, poll_interval=60.0)
+    admin = redis_client(fresh_cluster.url, decode_responses=True)
+    channel = watcher.app_key("shop", "changed")
+    try:
+        lease = await holder.acquire_lease("shop", "holder", 30)
+        assert lease is not None
+        first = asyncio.create_task(watcher.wait_change("shop", 0, timeout=30))
+
+        async def subscribers() -> int:
+            counts = await admin.pubsub_shardnumsub(channel, target_nodes=admin.PRIMARIES)
+            return sum(n for name, n in counts if name == channel)
+
+        await until(subscribers, 1)
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await until(subscribers, 0)
+        second = asyncio.create_task(watcher.wait_change("shop", 0, timeout=30))
+        await until(subscribers, 1)
+        assert await holder.write_state(AppWakeState(app="shop", state="hot"), lease.token)
+        await holder.publish("shop")
+        assert (await asyncio.wait_for(second, WAIT)).state == "hot"
+    finally:
+        await admin.aclose()
+        await holder.close()
+        await watcher.close()
+
+
+async def until(count, expected: int) -> None:
+    """Wait (bounded) until `await count()` is `expected`."""
+    async with asyncio.timeout(WAIT):
+        while await count() != expected:
+            await asyncio.sleep(0.02)
+
+
+async def test_many_waiters_queue_for_few_connections(fresh_cluster: LocalRedisCluster) -> None:
+    """400 waiters over 200 apps polling every 50 ms through 4 connections: they wait
+    their turn (no MaxConnectionsError, no StoreUnavailable) and each node sees few
+    connections from the store."""
+    store = RedisStore(fresh_cluster.url, poll_interval=0.05, max_connections=4)
+    writer = RedisStore(fresh_cluster.url)
+    apps = [f"app-{i}" for i in range(200)]
+    waiters: list[asyncio.Task[AppWakeState]] = []
+    try:
+        waiters = [
+            asyncio.create_task(store.wait_change(app, 0, timeout=30))
+            for app in apps
+            for _ in (1, 2)
+        ]
+        await asyncio.sleep(0.5)
+        assert not [w for w in waiters if w.done()], "a waiter ended early (an error?)"
+        for node in fresh_cluster.nodes:
+            with node.client() as c:
+                # The store's 4 + its pub/sub, the writer's, the cluster's own bus, ours.
+                assert len(c.client_list()) <= 4 + 1 + 4 + 2
+        for app in apps:
+            lease = await writer.acquire_lease(app, "w", 5)
+            assert lease is not None
+            await writer.write_state(AppWakeState(app=app, state="hot"), lease.token)
+            await writer.publish(app)
+        done, _ = await asyncio.wait(waiters, timeout=WAIT * 2)
+        assert len(done) == len(waiters)
+        assert all(w.result().state == "hot" for w in waiters)
+    finally:
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        await writer.close()
+        await store.close()
