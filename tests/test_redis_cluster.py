@@ -57,16 +57,26 @@ def test_a_cluster_that_cannot_form_is_stopped_in_bounded_time(tmp_path: Path) -
     assert all(node.proc is None for node in cluster.nodes)
 
 
+def node(node_id: str, flags: str, master_id: str = "-", slots=(), connected=True) -> dict:
+    """One node of CLUSTER NODES as redis-py parses it."""
+    return {
+        "node_id": node_id,
+        "flags": flags,
+        "master_id": master_id,
+        "slots": [list(r) for r in slots],
+        "connected": connected,
+    }
+
+
 def test_parse_cluster_nodes_leaves_out_failed_nodes() -> None:
-    text = "\n".join(
-        [
-            "a 127.0.0.1:1@11 myself,master - 0 0 1 connected 0-5460",
-            "b 127.0.0.1:2@12 master - 0 0 2 connected 5461-10922 [10923->-c]",
-            "c 127.0.0.1:3@13 master,fail - 0 0 3 disconnected 10923-16383",
-            "d 127.0.0.1:4@14 slave a 0 0 1 connected",
-            "e 127.0.0.1:5@15 slave c 0 0 3 connected",
-        ]
-    )
-    info = parse_cluster_nodes(text)
+    nodes = {
+        "127.0.0.1:1": node("a", "myself,master", slots=[("0", "5460")]),
+        "127.0.0.1:2": node("b", "master", slots=[("5461", "10922")]),
+        "127.0.0.1:3": node("c", "master,fail", slots=[("10923", "16383")], connected=False),
+        "127.0.0.1:4": node("d", "slave", "a"),
+        "127.0.0.1:5": node("e", "slave", "c"),
+        "127.0.0.1:6": node("f", "slave,fail", "b"),
+    }
+    info = parse_cluster_nodes(nodes)
     assert info.masters == {"127.0.0.1:1": ["127.0.0.1:4"], "127.0.0.1:2": []}
     assert info.slots_covered == 10923

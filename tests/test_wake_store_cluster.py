@@ -6,15 +6,18 @@ every master, waiters queueing for the capped connections, and config validation
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
 
 import pytest
+from helpers import run_edge_cli
 from stack import redis_client
 
 from edge.server.config import ConfigError, load_config_text
 from scheduler_client.local.redis_cluster import LocalRedisCluster
 from wake.store.protocol import AppWakeState
 from wake.store.redis_backend import RedisStore
-from wake.store.redis_connection import cluster_seeds
+from wake.store.redis_connection import ClusterState, cluster_seeds, summarize_cluster_nodes
 from wake.store.url import open_store
 
 WAIT = 5.0
@@ -177,3 +180,58 @@ async def test_many_waiters_queue_for_few_connections(fresh_cluster: LocalRedisC
         await asyncio.gather(*waiters, return_exceptions=True)
         await writer.close()
         await store.close()
+
+
+def test_edge_check_reports_the_cluster(fresh_cluster: LocalRedisCluster, tmp_path: Path) -> None:
+    path = tmp_path / "edge.toml"
+    path.write_text(f'[edge]\nstore = "{fresh_cluster.url}"\n' + APP)
+    done = run_edge_cli("check", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "# store: Redis Cluster ok: 16384/16384 slots covered, 3 masters, 3 replicas" in (
+        done.stdout
+    )
+    assert "warning" not in done.stderr
+
+
+def test_edge_check_warns_of_a_master_without_replica(
+    fresh_cluster: LocalRedisCluster, tmp_path: Path
+) -> None:
+    """A replica down (flagged failed by the others): its master's slots have no copy."""
+    replica = fresh_cluster.node_for(next(iter(fresh_cluster.info().masters.values()))[0])
+    fresh_cluster.kill(replica)
+    try:
+        deadline = time.monotonic() + 15  # node timeout 2 s, then gossip agrees on it
+        while replica.address in {r for rs in fresh_cluster.info().masters.values() for r in rs}:
+            assert time.monotonic() < deadline, "the killed replica was never flagged failed"
+            time.sleep(0.1)
+        path = tmp_path / "edge.toml"
+        path.write_text(f'[edge]\nstore = "{fresh_cluster.url}"\n' + APP)
+        done = run_edge_cli("check", str(path))
+        assert done.returncode == 0, done.stderr
+        assert "3 masters, 2 replicas" in done.stdout, done.stdout
+        assert "warning: 1 masters have no replica" in done.stderr, done.stderr
+    finally:
+        fresh_cluster.start_node(replica)  # it rejoins with its nodes.conf and data
+        fresh_cluster.wait_healthy()
+
+
+def test_cluster_state_counts_only_live_nodes() -> None:
+    def node(node_id: str, flags: str, master_id: str = "-", slots=(), connected=True) -> dict:
+        return {
+            "node_id": node_id,
+            "flags": flags,
+            "master_id": master_id,
+            "slots": [list(r) for r in slots],
+            "connected": connected,
+        }
+
+    nodes = {
+        "127.0.0.1:1": node("a", "myself,master", slots=[("0", "5460")]),
+        "127.0.0.1:2": node("b", "master", slots=[("5461", "10922")]),
+        "127.0.0.1:3": node("c", "master,fail", slots=[("10923", "16383")], connected=False),
+        "127.0.0.1:4": node("d", "slave", "a"),
+        "127.0.0.1:6": node("f", "slave,fail", "b"),
+    }
+    assert summarize_cluster_nodes("fail", nodes) == ClusterState(
+        state="fail", slots_covered=10923, masters=2, replicas=1, masters_without_replica=1
+    )

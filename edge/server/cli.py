@@ -53,6 +53,36 @@ def _durability_warning(config: Config) -> str | None:
     )
 
 
+def _cluster_report(store: str) -> tuple[str | None, str | None]:
+    """(what to report, what to warn about) for a redis+cluster:// store, else (None, None)."""
+    import asyncio
+
+    from wake.store.protocol import StoreUnavailable
+    from wake.store.redis_connection import SLOTS, cluster_state, is_cluster
+
+    if not is_cluster(store):
+        return None, None
+    try:
+        state = asyncio.run(cluster_state(store))
+    except StoreUnavailable as exc:
+        return None, f"could not reach the Redis Cluster: {exc}"
+    report = (
+        f"Redis Cluster {state.state}: {state.slots_covered}/{SLOTS} slots covered, "
+        f"{state.masters} masters, {state.replicas} replicas"
+    )
+    problems = []
+    if state.state != "ok":
+        problems.append(f"the cluster says cluster_state:{state.state}")
+    if state.slots_covered < SLOTS:
+        problems.append(f"{SLOTS - state.slots_covered} slots are not served")
+    if state.masters_without_replica:
+        problems.append(
+            f"{state.masters_without_replica} masters have no replica: losing one loses "
+            "its slots' data"
+        )
+    return report, "; ".join(problems) or None
+
+
 def _load(path: str) -> Config | None:
     """The config, or None once the problem is printed (the caller exits 2)."""
     try:
@@ -69,6 +99,11 @@ def _check(path: str) -> int:
     warning = _durability_warning(config)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+    report, cluster_warning = _cluster_report(config.edge.store)
+    if cluster_warning:
+        print(f"warning: {cluster_warning}", file=sys.stderr)
+    if report:
+        print(f"# store: {report}")
     print(f"# {path}: ok; effective config with defaults:")
     print(render_toml(effective_config(config)))
     return 0

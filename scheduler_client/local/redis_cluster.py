@@ -19,6 +19,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -236,7 +237,7 @@ class LocalRedisCluster:
             if not self.running(node):
                 continue
             with contextlib.suppress(redis.RedisError), node.client(timeout=0.5) as c:
-                return parse_cluster_nodes(c.execute_command("CLUSTER", "NODES"))
+                return parse_cluster_nodes(c.cluster("NODES"))
         return ClusterInfo()
 
     def stop(self) -> None:
@@ -295,32 +296,22 @@ class LocalRedisCluster:
         return next(n for n in self.nodes if n.address == address)
 
 
-def parse_cluster_nodes(text: str) -> ClusterInfo:
-    """ClusterInfo from CLUSTER NODES output (failed and disconnected nodes left out)."""
+def parse_cluster_nodes(nodes: dict[str, dict[str, Any]]) -> ClusterInfo:
+    """ClusterInfo from redis-py's parsed CLUSTER NODES (failed, disconnected nodes left out)."""
     masters: dict[str, list[str]] = {}
-    replicas_of: list[tuple[str, str]] = []
-    by_id: dict[str, str] = {}
+    address_of = {node["node_id"]: address for address, node in nodes.items()}
     covered = 0
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) < 8:
-            continue
-        node_id, addr, flags, master_id, link = parts[0], parts[1], parts[2], parts[3], parts[7]
-        address = addr.split("@")[0]
-        by_id[node_id] = address
-        if "fail" in flags.split(",") or "noaddr" in flags or link != "connected":
-            continue
-        if "master" in flags:
+    live = {
+        address: node
+        for address, node in nodes.items()
+        if node["connected"] and not {"fail", "noaddr"} & set(node["flags"].split(","))
+    }
+    for address, node in live.items():
+        if "master" in node["flags"].split(","):
             masters[address] = []
-            for slot_range in parts[8:]:
-                if slot_range.startswith("["):
-                    continue  # a slot being migrated or imported
-                first, _, last = slot_range.partition("-")
-                covered += int(last or first) - int(first) + 1
-        elif "slave" in flags:
-            replicas_of.append((address, master_id))
-    for address, master_id in replicas_of:
-        master = by_id.get(master_id)
-        if master in masters:
+            covered += sum(int(high) - int(low) + 1 for low, high in node["slots"])
+    for address, node in live.items():
+        master = address_of.get(node["master_id"])
+        if "slave" in node["flags"].split(",") and master in masters:
             masters[master].append(address)
     return ClusterInfo(masters=masters, slots_covered=covered)

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
@@ -25,6 +26,7 @@ from redis.exceptions import RedisError
 from wake.store.protocol import StoreUnavailable
 
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+SLOTS = 16384
 
 RedisClient = aioredis.Redis | RedisCluster
 
@@ -151,6 +153,62 @@ async def info_everywhere(client: RedisClient, section: str) -> list[dict[str, A
         found = await client.info(section, target_nodes=RedisCluster.ALL_NODES)
         return list(found.values())
     return [await client.info(section)]
+
+
+class ClusterState(msgspec.Struct, frozen=True, kw_only=True):
+    """A Redis Cluster as its slot map shows it (what `edge check` reports)."""
+
+    state: str  # cluster_state of the node asked: ok or fail
+    slots_covered: int
+    masters: int
+    replicas: int
+    masters_without_replica: int
+
+
+def summarize_cluster_nodes(state: str, nodes: dict[str, dict[str, Any]]) -> ClusterState:
+    """ClusterState from redis-py's parsed CLUSTER NODES; failed or disconnected nodes
+    count for nothing (a replica that is down protects no data)."""
+    live = {
+        node["node_id"]: node
+        for node in nodes.values()
+        if node["connected"] and not {"fail", "noaddr"} & set(node["flags"].split(","))
+    }
+    masters = {i: n for i, n in live.items() if "master" in n["flags"].split(",")}
+    replicas = [n for n in live.values() if "slave" in n["flags"].split(",")]
+    with_replica = {n["master_id"] for n in replicas} & masters.keys()
+    return ClusterState(
+        state=state,
+        slots_covered=sum(
+            int(high) - int(low) + 1 for n in masters.values() for low, high in n["slots"]
+        ),
+        masters=len(masters),
+        replicas=len(replicas),
+        masters_without_replica=len(masters) - len(with_replica),
+    )
+
+
+async def cluster_state(url: str, timeout: float = 5.0) -> ClusterState:
+    """Ask the cluster behind a redis+cluster:// URL for its state (one node's view);
+    raises StoreUnavailable when no seed answers in time."""
+    seeds, options = cluster_seeds(url)
+    options.setdefault("socket_timeout", 2.0)
+    options.setdefault("socket_connect_timeout", 2.0)
+    # Partial coverage is what we want to report, not a reason to refuse to connect.
+    client = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in seeds],
+        require_full_coverage=False,
+        decode_responses=True,
+        **options,
+    )
+    try:
+        async with guarded("cluster state", timeout):
+            await client.initialize()
+            node = client.get_random_node()
+            info = await client.cluster_info(target_nodes=node)
+            nodes = await client.cluster_nodes()
+            return summarize_cluster_nodes(str(info.get("cluster_state", "unknown")), nodes)
+    finally:
+        await close_client(client)
 
 
 @contextlib.asynccontextmanager
