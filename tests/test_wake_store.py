@@ -128,6 +128,15 @@ async def test_token_increases_on_each_acquire(store: WakeStore) -> None:
     assert tokens == sorted(tokens) and len(set(tokens)) == 3
 
 
+async def test_token_is_at_least_the_store_clock_in_microseconds(store: WakeStore) -> None:
+    """The time floor that keeps tokens rising across a failover (next_fence_token);
+    the store's clock is this machine's (redis-server runs here)."""
+    before = time.time()
+    lease = await store.acquire_lease("shop", "edge-a", 5)
+    assert lease is not None
+    assert (before - 1.0) * 1e6 <= lease.token <= (time.time() + 1.0) * 1e6
+
+
 async def test_lease_expires_and_next_owner_gets_higher_token(store: WakeStore) -> None:
     first = await store.acquire_lease("shop", "dead-edge", 0.3)
     assert first is not None

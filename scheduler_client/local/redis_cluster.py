@@ -295,6 +295,30 @@ class LocalRedisCluster:
     def node_for(self, address: str) -> ClusterNode:
         return next(n for n in self.nodes if n.address == address)
 
+    def owner_of(self, key: str) -> tuple[ClusterNode, ClusterNode]:
+        """The master serving `key`'s slot (CLUSTER KEYSLOT, CLUSTER SLOTS), and its replica."""
+        node = next(n for n in self.nodes if self.running(n))
+        with node.client() as c:
+            slot = int(c.cluster("KEYSLOT", key))
+            ranges = c.cluster("SLOTS")
+        master = next(r[2] for r in ranges if int(r[0]) <= slot <= int(r[1]))
+        address = f"{master[0]}:{master[1]}"
+        return self.node_for(address), self.node_for(self.info().masters[address][0])
+
+    def take_over(self, replica: ClusterNode, timeout: float = START_TIMEOUT) -> None:
+        """Promote `replica` now (CLUSTER FAILOVER TAKEOVER: no vote, no node timeout) and
+        wait until it says it is a master."""
+        with replica.client() as c:
+            c.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+        deadline = time.monotonic() + timeout
+        while True:
+            with replica.client() as c:
+                if c.info("replication")["role"] == "master":
+                    return
+            if time.monotonic() > deadline:
+                raise ClusterStartError(f"{replica.address} not promoted after {timeout:.1f}s")
+            time.sleep(0.02)
+
 
 def parse_cluster_nodes(nodes: dict[str, dict[str, Any]]) -> ClusterInfo:
     """ClusterInfo from redis-py's parsed CLUSTER NODES (failed, disconnected nodes left out)."""

@@ -16,7 +16,7 @@ import msgspec
 
 from wake import budget
 from wake.budget import BudgetDecision, BudgetLimits, BudgetUsage
-from wake.store.protocol import AppWakeState, Lease, Transition
+from wake.store.protocol import AppWakeState, Lease, Transition, next_fence_token
 
 JOURNAL_LIMIT = 10_000
 
@@ -51,7 +51,7 @@ class MemoryStore:
         if self._live_lease(app) is not None:
             return None
         self._leases[app] = (owner, self._clock() + ttl)
-        token = self._fences.get(app, 0) + 1
+        token = next_fence_token(self._fences.get(app, 0), self._clock())
         self._fences[app] = token
         return Lease(owner, token)
 

@@ -69,6 +69,16 @@ class Lease(msgspec.Struct, frozen=True):
     token: int
 
 
+def next_fence_token(last: int, now: float) -> int:
+    """The token a new lease gets: above the last one issued, and at least `now` in µs.
+
+    The time floor keeps tokens rising when the store lost its last few (a promoted
+    replica that missed them), assuming its clock is not behind the lost node's by
+    more than the failover took (seconds); redis_scripts.ACQUIRE_LEASE does the same.
+    """
+    return max(last + 1, int(now * 1_000_000))
+
+
 class WakeStore(Protocol):
     """What the wake controller needs from shared state; every method is bounded in time."""
 

@@ -3,7 +3,7 @@
 
 Keys (prefix `edge` by default) carry a hash tag, so every script touches one
 Cluster slot:
-- per app: `edge:{app}:lease` (owner, PX ttl), `edge:{app}:fence` (INCR token),
+- per app: `edge:{app}:lease` (owner, PX ttl), `edge:{app}:fence` (last token issued),
   `edge:{app}:state` (HASH data/token/version), `edge:{app}:seen` (server ms),
   channel `edge:{app}:changed` (sharded pub/sub on a cluster, see `_listen`);
 - region budget: `edge:{budget}:slots|slot_tenant|queue|waiting_until|

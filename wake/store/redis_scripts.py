@@ -26,14 +26,17 @@ end
 # --------------------------------------------------------------------------- lease
 
 # KEYS: lease, fence. ARGV: owner, ttl_ms. Returns the new fencing token, or 0 if held.
+# The token is max(fence + 1, server time in µs) (protocol.next_fence_token): a replica
+# promoted after its master died may lack the last tokens issued, but its clock has
+# moved on by the failover's seconds, so it never reissues one (unless the clocks are
+# skewed by more than that). µs since 1970 (~1.7e15) stay exact in Lua's doubles (2^53).
 ACQUIRE_LEASE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  if redis.call('EXISTS', KEYS[2]) == 0 then
-    -- Seeded from server time: tokens stay above any issued before a data loss.
-    local now = redis.call('TIME')
-    redis.call('SET', KEYS[2], tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
-  end
-  return redis.call('INCR', KEYS[2])
+  local t = redis.call('TIME')
+  local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local token = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, now_us)
+  redis.call('SET', KEYS[2], string.format('%d', token))
+  return token
 end
 return 0
 """
