@@ -29,7 +29,7 @@ from collections.abc import Iterable
 
 import msgspec
 from redis.asyncio.client import PubSub
-from redis.asyncio.cluster import ClusterPubSub
+from redis.asyncio.cluster import ClusterNode, ClusterPubSub
 
 from scheduler_client import backoff
 from wake.budget import BudgetDecision, BudgetLimits, BudgetUsage
@@ -48,8 +48,9 @@ _JOURNAL_PAGE = 500
 _MAX_U64 = 2**64 - 1
 PUBSUB_RETRY_MIN = 0.05
 PUBSUB_RETRY_MAX = 2.0
-# How long the cluster listener waits on one node's pub/sub connection per read (s).
-SHARDED_READ_WAIT = 0.05
+# How long a cluster node's reader blocks per read (s): a message ends the read at once,
+# so this only bounds how soon a reader notices its node's subscriptions are gone.
+SHARDED_READ_WAIT = 1.0
 
 
 def _ms(seconds: float) -> int:
@@ -149,7 +150,7 @@ class RedisStore:
         self._channel_tail = "}:changed"
         self._pattern_glob = f"{_glob_escape(key_prefix)}:{{*}}:changed"
         self._cluster = is_cluster(url)
-        self._watch_added = asyncio.Event()
+        self._watches_changed = asyncio.Event()
         self._state_decoder = msgspec.json.Decoder(AppWakeState)
         self._transition_decoder = msgspec.json.Decoder(Transition)
         self._watches: dict[str, _Watch] = {}
@@ -285,7 +286,7 @@ class RedisStore:
         if watch is None:
             watch = self._watches[app] = _Watch()
             watch.task = asyncio.create_task(self._poll(app, watch), name=f"wake-watch:{app}")
-            self._watch_added.set()
+            self._watches_changed.set()
         watch.waiters += 1
         arrived = watch.results
         loop = asyncio.get_running_loop()
@@ -312,6 +313,7 @@ class RedisStore:
                 watch.kick.set()
                 if self._watches.get(app) is watch:
                     del self._watches[app]
+                    self._watches_changed.set()
         # At the timeout: the poller's latest view (at most one poll interval old).
         return watch.state if watch.state is not None else await self.read_state(app)
 
@@ -403,32 +405,61 @@ class RedisStore:
                     self._kick((app,))
 
     async def _sharded(self, pubsub: ClusterPubSub) -> None:
-        """Cluster: the watched apps' channels, SSUBSCRIBEd as watches come and go."""
+        """Cluster: the watched apps' channels, SSUBSCRIBEd as watches come and go, and
+        one reader per node blocking on that node's connection, so a message is read
+        the moment it arrives whichever node it comes from."""
         subscribed: set[str] = set()
-        while not self._closed:
-            self._watch_added.clear()  # before reading the watches: a new one sets it again
-            wanted = set(self._watches)
-            if wanted != subscribed:
-                gone, new = subscribed - wanted, wanted - subscribed
-                async with asyncio.timeout(self._op_timeout):
-                    if gone:
-                        await pubsub.sunsubscribe(*(self.app_key(a, "changed") for a in gone))
-                        subscribed -= gone
-                    if new:
-                        await pubsub.ssubscribe(*(self.app_key(a, "changed") for a in new))
-                        subscribed |= new
-                self._pubsub_failures = 0
-                # Messages sent before the subscription are gone: re-read those apps.
-                self._kick(new)
-            if not subscribed:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(1.0):
-                        await self._watch_added.wait()
-                continue
-            # Short waits: one node's connection is read at a time, round-robin, and
-            # new watches are subscribed between reads.
+        readers: dict[str, asyncio.Task[None]] = {}
+        try:
+            while not self._closed:
+                self._watches_changed.clear()  # before reading the watches: a change sets it
+                wanted = set(self._watches)
+                if wanted != subscribed:
+                    gone, new = subscribed - wanted, wanted - subscribed
+                    async with asyncio.timeout(self._op_timeout):
+                        if gone:
+                            await pubsub.sunsubscribe(*(self.app_key(a, "changed") for a in gone))
+                            subscribed -= gone
+                        if new:
+                            await pubsub.ssubscribe(*(self.app_key(a, "changed") for a in new))
+                            subscribed |= new
+                    self._pubsub_failures = 0
+                    # Messages sent before the subscription are gone: re-read those apps.
+                    self._kick(new)
+                # redis-py keeps a connection per node with subscriptions (a failover may
+                # move channels to a new one): each gets a reader.
+                for name, node_pubsub in list(pubsub.node_pubsub_mapping.items()):
+                    if name not in readers and node_pubsub.connection is not None:
+                        readers[name] = asyncio.create_task(
+                            self._read_node(pubsub, name), name=f"wake-store-pubsub:{name}"
+                        )
+                changed = asyncio.create_task(self._watches_changed.wait())
+                try:
+                    await asyncio.wait(
+                        [changed, *readers.values()],
+                        timeout=1.0,  # also re-checks for nodes added by redis-py itself
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    changed.cancel()
+                for name, task in list(readers.items()):
+                    if task.done():
+                        del readers[name]
+                        task.result()  # a reader's error reconnects everything (_listen)
+        finally:
+            for task in readers.values():
+                task.cancel()
+            await asyncio.gather(*readers.values(), return_exceptions=True)
+
+    async def _read_node(self, pubsub: ClusterPubSub, name: str) -> None:
+        """Kick the apps whose messages arrive on node `name`, until it has no channel left."""
+        node = self._redis.get_node(node_name=name)
+        if node is None:  # gone from the slot map; only its name is read, nothing opened
+            host, _, port = name.rpartition(":")
+            node = ClusterNode(host, int(port))
+        while not self._closed and name in pubsub.node_pubsub_mapping:
             message = await pubsub.get_sharded_message(
-                ignore_subscribe_messages=True, timeout=SHARDED_READ_WAIT
+                ignore_subscribe_messages=True, timeout=SHARDED_READ_WAIT, target_node=node
             )
             if message is not None and message.get("type") == "smessage":
                 app = self._app_of(message["channel"])

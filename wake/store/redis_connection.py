@@ -83,6 +83,11 @@ class BoundedCluster(RedisCluster):
         self._wait_timeout = wait_timeout
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._initialize:
+            # Read the slot map before any command goes out: redis-py 8.1, reading it
+            # under a stampede of first commands, disconnects seed connections others
+            # are still using (AttributeError on a None writer, not retried).
+            await self.initialize()
         try:
             async with asyncio.timeout(self._wait_timeout):
                 await self._gate.acquire()
