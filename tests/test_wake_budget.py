@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from wake.budget import BudgetLimits, BudgetState, release, renew, try_acquire, usage
+from wake.budget import (
+    BudgetLimits,
+    BudgetState,
+    release,
+    renew,
+    starts_bound_after_failover,
+    try_acquire,
+    usage,
+)
 
 LIMITS = BudgetLimits(
     max_concurrent_wakes=2, max_wakes_per_second=100.0, tenant_max_concurrent_wakes=5, slot_ttl=10
@@ -207,3 +215,19 @@ def test_a_new_tenant_waits_for_at_most_one_turn_of_each_other_tenant() -> None:
     first = grant_next(state, waiters, ONE_AT_A_TIME, 2.0)
     release(state, first)
     assert (first, grant_next(state, waiters, ONE_AT_A_TIME, 2.0)) == ("big-000", "small")
+
+
+def test_a_lost_budget_master_at_most_doubles_the_starts() -> None:
+    """The master granted every slot, its replica got none of it and is promoted: the
+    replica grants a full budget again, and no more."""
+    master, replica = BudgetState(), BudgetState()
+    lost = [
+        f"a{i}" for i in range(5) if try_acquire(master, f"a{i}", "t", LIMITS, 0.0, 30.0).granted
+    ]
+    fresh = [
+        f"b{i}" for i in range(5) if try_acquire(replica, f"b{i}", "t", LIMITS, 1.0, 30.0).granted
+    ]
+    assert not renew(replica, lost[0], LIMITS, 1.0)  # the lost holders' slots are not back
+    assert len(lost) == 2 and len(lost) + len(fresh) == 4
+    assert starts_bound_after_failover(2, len(lost)) == 4
+    assert starts_bound_after_failover(2, 0) == 2 and starts_bound_after_failover(2, 9) == 4

@@ -71,11 +71,19 @@ def worker_pids(edge) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+@pytest.fixture(params=["redis", "cluster"])
+def region_store(request: pytest.FixtureRequest) -> str:
+    """The shared store's URL, emptied: one redis-server, or the Redis Cluster."""
+    if request.param == "cluster":
+        return request.getfixturevalue("fresh_cluster").url
+    return request.getfixturevalue("fresh_redis")
+
+
 async def test_stampede_across_two_edges_is_one_wake(
-    start_control_plane, start_edge, fresh_redis, client
+    start_control_plane, start_edge, region_store, client
 ) -> None:
     cp = start_control_plane(apps=[tiny_app_spec("shop")])
-    edges = [start_region_edge(start_edge, cp, fresh_redis, [cold_app("shop")]) for _ in range(2)]
+    edges = [start_region_edge(start_edge, cp, region_store, [cold_app("shop")]) for _ in range(2)]
     results = await asyncio.gather(
         *(fetch(client, edges[i % 2], "shop.localhost") for i in range(2000))
     )

@@ -143,6 +143,18 @@ def _ahead(
     return ahead
 
 
+def starts_bound_after_failover(max_concurrent: int, held_on_lost_master: int) -> int:
+    """Most wakes starting at once when the master of `{budget}` is lost with
+    `held_on_lost_master` slots its replica had not received.
+
+    A node grants only while it holds fewer than `max_concurrent` slots, so the
+    promoted replica adds at most `max_concurrent` to the lost holders, who keep
+    starting (their renewals are refused, their wakes are not stopped). The lost
+    master never held more than `max_concurrent`: at worst twice the budget.
+    """
+    return max_concurrent + min(held_on_lost_master, max_concurrent)
+
+
 def try_acquire(
     state: BudgetState,
     holder: str,
