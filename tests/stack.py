@@ -105,7 +105,7 @@ class RedisProcess:
     AOF is on (fsync every write), as a production queue needs: a restart keeps the data.
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra_args: tuple[str, ...] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail(
@@ -116,6 +116,7 @@ class RedisProcess:
         self.binary = binary
         self.workdir = workdir
         self.port = free_port()
+        self.extra_args = extra_args  # e.g. ("--replicaof", "127.0.0.1", "6379")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -138,6 +139,7 @@ class RedisProcess:
                     "--appendfsync", "always",
                     "--daemonize", "no",
                     "--dir", str(self.workdir),
+                    *self.extra_args,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

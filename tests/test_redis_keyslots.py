@@ -32,7 +32,8 @@ import redis
 from redis.commands.core import AsyncScript
 from stack import RedisProcess
 
-from edge.queue.durable_queue import DurableQueue
+from edge.queue.durable_queue import DurableQueue, NotReplicated
+from edge.queue.replica_ack import ReplicaAck
 from scheduler_client.local.redis_cluster import LocalRedisCluster
 from wake.budget import BudgetLimits
 from wake.store.protocol import AppWakeState, Transition
@@ -188,6 +189,21 @@ async def scenario(store: RedisStore, queue: DurableQueue) -> None:
             arrived=1.0,
             retention=60,
             max_queued=100,
+        )
+    # With min_replicas_acked: the script and WAIT on one connection; a duplicate's
+    # record rewritten (no replica here: refused, which changes no key).
+    with contextlib.suppress(NotReplicated):
+        await queue.enqueue(
+            "shop",
+            method=b"POST",
+            path=b"/hooks",
+            head=b"",
+            body=b"",
+            key="k1",
+            arrived=1.0,
+            retention=60,
+            max_queued=100,
+            ack=ReplicaAck(1, 0.05),
         )
     batch = await queue.next_batch("shop", "edge-a", 60, 3, replayer)
     assert batch is not None and len(batch) == 3
