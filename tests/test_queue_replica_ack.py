@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 from helpers import eventually, metric_sum
-from stack import RedisProcess
+from stack import RedisProcess, shard_of
 from webhooks import HOST, WebhookApp, shop, start_queue_edge
 
 from edge.queue.durable_queue import DurableQueue, Enqueued, NotReplicated
@@ -182,27 +182,6 @@ async def test_cluster_master_waits_for_its_replica(fresh_cluster: LocalRedisClu
         assert (again.id, again.duplicate) == (refused.value.entry_id, True)
     finally:
         await queue.close()
-
-
-def shard_of(cluster: LocalRedisCluster, key: str) -> tuple[Any, Any]:
-    """The (master, replica) harness nodes serving `key`'s slot now."""
-    live = next(n for n in cluster.nodes if cluster.running(n))
-    with live.client() as c:
-        slot = int(c.execute_command("CLUSTER", "KEYSLOT", key))
-        nodes = c.cluster("NODES")
-    master = next(
-        (address, node)
-        for address, node in nodes.items()
-        if "master" in node["flags"]
-        and "fail" not in node["flags"]
-        and any(int(low) <= slot <= int(high) for low, high in node["slots"])
-    )
-    replica = next(
-        address
-        for address, node in nodes.items()
-        if node["master_id"] == master[1]["node_id"] and "fail" not in node["flags"]
-    )
-    return cluster.node_for(master[0]), cluster.node_for(replica)
 
 
 # --------------------------------------------------------------- through a real edge

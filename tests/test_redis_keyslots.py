@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -96,6 +97,13 @@ def parse_monitor(lines: list[str]) -> list[Command]:
         else:
             commands.append(command)
     return commands
+
+
+def script_sha(command: Command) -> str:
+    """The sha of the script a command runs: EVALSHA names it, EVAL sends the text."""
+    if command.argv[0].upper() in ("EVAL", "EVAL_RO"):
+        return hashlib.sha1(command.argv[1].encode("latin-1")).hexdigest()
+    return command.argv[1]
 
 
 def is_script(command: Command) -> bool:
@@ -260,7 +268,7 @@ async def test_every_call_stays_in_one_slot(own_redis: RedisProcess, slots) -> N
     with redis.Redis(port=own_redis.port, decode_responses=True) as admin:
         for command in commands:
             if is_script(command):
-                sha = command.argv[1]
+                sha = script_sha(command)
                 name = scripts.get(sha, sha)
                 ran.add(sha)
                 declared = command.argv[3 : 3 + int(command.argv[2])]

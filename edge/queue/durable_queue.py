@@ -21,7 +21,6 @@ import contextlib
 from typing import Any
 
 import msgspec
-from redis.exceptions import NoScriptError
 
 from edge.queue.replica_ack import ReplicaAck, not_replicated_reason, replicated, wait_timeout_ms
 from wake.store.protocol import Lease, StoreUnavailable
@@ -486,18 +485,15 @@ class DurableQueue:
         cannot run inside Lua), so on any other connection it would confirm nothing."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._op_timeout  # the guard's own bound
-        call = ("EVALSHA", self._enqueue.sha, len(keys), *keys, *args)
-        prefix: list[tuple[Any, ...]] = []
-        for _ in range(2):
-            millis = wait_timeout_ms(ack.timeout, deadline - loop.time())
-            if millis is None:
-                raise NotReplicated(not_replicated_reason(app, 0, ack.replicas, None), "")
-            batch = [*prefix, call, ("WAIT", ack.replicas, millis)]
-            answer = (await on_one_connection(self._redis, keys[0], batch))[len(prefix) :]
-            if not isinstance(answer[0], NoScriptError):
-                break
-            # A new or restarted master (a failover): load the script on that connection.
-            prefix = [("SCRIPT", "LOAD", self._enqueue.script)]
+        millis = wait_timeout_ms(ack.timeout, deadline - loop.time())
+        if millis is None:
+            raise NotReplicated(not_replicated_reason(app, 0, ack.replicas, None), "")
+        # EVAL, not EVALSHA: a master new since a failover has no script cached, and a
+        # NOSCRIPT would cost the WAIT behind it a whole timeout before a second batch.
+        call = ("EVAL", self._enqueue.script, len(keys), *keys, *args)
+        answer = await on_one_connection(
+            self._redis, keys[0], [call, ("WAIT", ack.replicas, millis)]
+        )
         for result in answer:
             if isinstance(result, Exception):
                 raise result

@@ -124,6 +124,15 @@ class BoundedCluster(RedisCluster):
                 failure = exc
                 continue
             first = batch[0].result
+            if isinstance(first, RedisConnectionError | RedisTimeoutError):
+                # The connection broke under the batch (the master died): as above. The
+                # script may have run; a resend finds its dedupe record.
+                node.update_active_connections_for_reconnect()
+                await node.disconnect_free_connections()
+                self.nodes_manager.move_node_to_end_of_cached_nodes(node.name)
+                self._initialize = True
+                failure = first
+                continue
             # Redirected (MOVED is an AskError) or the cluster between masters: the
             # later commands ran on the wrong node or not at all, so the batch is void.
             if isinstance(first, AskError | ClusterDownError | TryAgainError):
