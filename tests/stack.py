@@ -27,6 +27,7 @@ import pytest
 from helpers import ROOT, TESTS, app_entry, free_port, to_toml
 
 from scheduler_client.local.loopback import accepts, redis_pong
+from scheduler_client.local.redis_cluster import ClusterNode, LocalRedisCluster
 
 UPSTREAM_APP = TESTS / "upstream_app.py"
 SAMPLE_APP = ROOT / "bench" / "apps" / "sample_app.py"
@@ -88,13 +89,14 @@ def redis_client(url: str, **options: Any) -> Any:
     """A plain redis-py asyncio client for a store URL: one server, or the whole cluster
     for redis+cluster:// (commands routed by key; FLUSHALL etc. need target_nodes)."""
     import redis.asyncio as aioredis
-    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.asyncio.cluster import ClusterNode as SeedNode
+    from redis.asyncio.cluster import RedisCluster
 
     from wake.store.redis_connection import cluster_seeds, is_cluster
 
     if is_cluster(url):
         seeds, parsed = cluster_seeds(url)
-        nodes = [ClusterNode(host, port) for host, port in seeds]
+        nodes = [SeedNode(host, port) for host, port in seeds]
         return RedisCluster(startup_nodes=nodes, **parsed, **options)
     return aioredis.from_url(url, **options)
 
@@ -105,7 +107,7 @@ class RedisProcess:
     AOF is on (fsync every write), as a production queue needs: a restart keeps the data.
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra_args: tuple[str, ...] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail(
@@ -116,6 +118,7 @@ class RedisProcess:
         self.binary = binary
         self.workdir = workdir
         self.port = free_port()
+        self.extra_args = extra_args  # e.g. ("--replicaof", "127.0.0.1", "6379")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -138,6 +141,7 @@ class RedisProcess:
                     "--appendfsync", "always",
                     "--daemonize", "no",
                     "--dir", str(self.workdir),
+                    *self.extra_args,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -574,3 +578,24 @@ def kill_leftover_apps(state_file: Path) -> None:
         for (pid,) in db.execute("SELECT pid FROM allocations WHERE pid IS NOT NULL"):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
+
+
+def shard_of(cluster: LocalRedisCluster, key: str) -> tuple[ClusterNode, ClusterNode]:
+    """The (master, replica) harness nodes serving `key`'s slot now."""
+    live = next(n for n in cluster.nodes if cluster.running(n))
+    with live.client() as c:
+        slot = int(c.execute_command("CLUSTER", "KEYSLOT", key))
+        nodes = c.cluster("NODES")
+    master = next(
+        (address, node)
+        for address, node in nodes.items()
+        if "master" in node["flags"]
+        and "fail" not in node["flags"]
+        and any(int(low) <= slot <= int(high) for low, high in node["slots"])
+    )
+    replica = next(
+        address
+        for address, node in nodes.items()
+        if node["master_id"] == master[1]["node_id"] and "fail" not in node["flags"]
+    )
+    return cluster.node_for(master[0]), cluster.node_for(replica)

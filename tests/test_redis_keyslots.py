@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -32,7 +33,8 @@ import redis
 from redis.commands.core import AsyncScript
 from stack import RedisProcess
 
-from edge.queue.durable_queue import DurableQueue
+from edge.queue.durable_queue import DurableQueue, NotReplicated
+from edge.queue.replica_ack import ReplicaAck
 from scheduler_client.local.redis_cluster import LocalRedisCluster
 from wake.budget import BudgetLimits
 from wake.store.protocol import AppWakeState, Transition
@@ -95,6 +97,13 @@ def parse_monitor(lines: list[str]) -> list[Command]:
         else:
             commands.append(command)
     return commands
+
+
+def script_sha(command: Command) -> str:
+    """The sha of the script a command runs: EVALSHA names it, EVAL sends the text."""
+    if command.argv[0].upper() in ("EVAL", "EVAL_RO"):
+        return hashlib.sha1(command.argv[1].encode("latin-1")).hexdigest()
+    return command.argv[1]
 
 
 def is_script(command: Command) -> bool:
@@ -189,6 +198,21 @@ async def scenario(store: RedisStore, queue: DurableQueue) -> None:
             retention=60,
             max_queued=100,
         )
+    # With min_replicas_acked: the script and WAIT on one connection; a duplicate's
+    # record rewritten (no replica here: refused, which changes no key).
+    with contextlib.suppress(NotReplicated):
+        await queue.enqueue(
+            "shop",
+            method=b"POST",
+            path=b"/hooks",
+            head=b"",
+            body=b"",
+            key="k1",
+            arrived=1.0,
+            retention=60,
+            max_queued=100,
+            ack=ReplicaAck(1, 0.05),
+        )
     batch = await queue.next_batch("shop", "edge-a", 60, 3, replayer)
     assert batch is not None and len(batch) == 3
     assert await queue.begin("shop", batch[0], replayer) == 1
@@ -244,7 +268,7 @@ async def test_every_call_stays_in_one_slot(own_redis: RedisProcess, slots) -> N
     with redis.Redis(port=own_redis.port, decode_responses=True) as admin:
         for command in commands:
             if is_script(command):
-                sha = command.argv[1]
+                sha = script_sha(command)
                 name = scripts.get(sha, sha)
                 ran.add(sha)
                 declared = command.argv[3 : 3 + int(command.argv[2])]

@@ -67,10 +67,16 @@ class WebhookApp:
         return [json.loads(line) for line in self.record.read_text().splitlines() if line]
 
 
-def start_queue_edge(start_edge, cp, store: str, app: dict[str, Any], **edge: Any):
+def start_queue_edge(
+    start_edge, cp, store: str, app: dict[str, Any], store_section: dict | None = None, **edge: Any
+):
+    """An edge queueing for `app` on `store`; `store_section`: its [store] table."""
+    sections = {"control_plane": {"url": cp.url}, "budget": {"wake_lease_ttl": "2s"}}
+    if store_section:
+        sections["store"] = store_section
     return start_edge(
         apps=[app],
         edge={"store": store, **edge},
-        sections={"control_plane": {"url": cp.url}, "budget": {"wake_lease_ttl": "2s"}},
+        sections=sections,
         env={"CONTROL_PLANE_TOKEN": CONTROL_PLANE_TOKEN},
     )

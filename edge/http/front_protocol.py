@@ -88,8 +88,10 @@ from edge.http.request_head import (
     too_many_pipelined,
 )
 from edge.http.websocket import going_away_frames
-from edge.queue.durable_queue import QueueFull
+from edge.queue.durable_queue import NotReplicated, QueueFull
 from edge.queue.replay_policy import body_key
+from edge.queue.replica_ack import RETRY_AFTER as REPLICA_ACK_RETRY_AFTER
+from edge.queue.replica_ack import ReplicaAck
 from edge.routing.admission import (
     ColdRequest,
     Hold,
@@ -710,6 +712,7 @@ class FrontConnection(asyncio.Protocol):
         body = b"".join(ex.body_buffer or ())
         ex.body_buffer = None
         ex.body_buffered = 0
+        store = ctx.config.store  # as last reloaded
         try:
             if policy is None or ctx.queue is None:
                 raise StoreUnavailable("no queue for this app after a reload")
@@ -724,12 +727,22 @@ class FrontConnection(asyncio.Protocol):
                 arrived=time.time(),
                 retention=float(policy.retention),
                 max_queued=policy.max_queued,
+                ack=ReplicaAck(store.min_replicas_acked, float(store.replica_ack_timeout)),
             )
         except QueueFull as exc:
             self._unhold(ex)
             self._queue_answered(Admitted.REJECTED)
             ctx.stats.queue_event(ex.app, "refused_full")
             self._refuse_held(ex, str(exc), "queue_full", 30.0)
+            return
+        except NotReplicated as exc:
+            # Queued on the master all the same: it may be delivered, and a resend with
+            # the same dedupe key maps to it (answered 202 once a replica has it).
+            self._unhold(ex)
+            self._queue_answered(Admitted.REJECTED)
+            ctx.stats.queue_event(ex.app, "replica_ack_timeout")
+            logger.debug("%s (queued id %s)", exc, exc.entry_id or "none")
+            self._refuse_held(ex, str(exc), "queue_unavailable", REPLICA_ACK_RETRY_AFTER)
             return
         except StoreUnavailable:
             self._unhold(ex)

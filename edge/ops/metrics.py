@@ -140,7 +140,9 @@ def _queue_families(
 ) -> Iterator[Metric]:
     events = CounterMetricFamily(
         "edge_queue_events",
-        "Durable queue events: accepted, dedupe_hit, refused_*, too_large, delivered, "
+        "Durable queue events: accepted, dedupe_hit, refused_*, replica_ack_timeout (queued "
+        "but not confirmed by [store] min_replicas_acked replicas in time: 503), too_large, "
+        "delivered, "
         "retried, dead_lettered, already_done, dead_letter_trimmed (dropped over "
         "max_dead_letters), lease_lost (a replayer fenced off by a newer lease holder, "
         "or by its own lease term running out).",

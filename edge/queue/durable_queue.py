@@ -16,21 +16,37 @@ Every call is bounded in time and any Redis failure raises `StoreUnavailable`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+from typing import Any
 
 import msgspec
 
+from edge.queue.replica_ack import ReplicaAck, not_replicated_reason, replicated, wait_timeout_ms
 from wake.store.protocol import Lease, StoreUnavailable
-from wake.store.redis_connection import bounded_client, close_client, guarded, info_everywhere
+from wake.store.redis_connection import (
+    bounded_client,
+    close_client,
+    guarded,
+    info_everywhere,
+    on_one_connection,
+)
 
 GROUP = "replay"
+NO_ACK = ReplicaAck()  # the master's acknowledgement is enough
 PURGE_PAGE = 500
 
-# KEYS: queue, dedupe. ARGV: retention_ms, max_queued, method, path, head, body, key, arrived.
-# {'new', id} | {'dup', first id} | {'full', ''}
+# KEYS: queue, dedupe. ARGV: retention_ms, max_queued, method, path, head, body, key,
+# arrived, touch. {'new', id} | {'dup', first id} | {'full', ''}. With touch ('1': a
+# WAIT follows), a duplicate rewrites its record as it is: a write of this connection
+# after the entry's own, so WAIT's count covers the entry even when another connection
+# (a first try answered 503) wrote it.
 _ENQUEUE = """
 local record = redis.call('GET', KEYS[2])
-if record then return {'dup', string.match(record, '^%S+')} end
+if record then
+  if ARGV[9] == '1' then redis.call('SET', KEYS[2], record, 'KEEPTTL') end
+  return {'dup', string.match(record, '^%S+')}
+end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('XGROUP', 'CREATE', KEYS[1], 'replay', '0', 'MKSTREAM')
 elseif redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[2]) then
@@ -319,6 +335,15 @@ class QueueFull(Exception):
     """The app's queue holds max_queued requests."""
 
 
+class NotReplicated(StoreUnavailable):
+    """Queued, but fewer replicas than asked confirmed it in time: the entry stays (and
+    may be delivered); a resend with its dedupe key maps to it."""
+
+    def __init__(self, reason: str, entry_id: str) -> None:
+        super().__init__(reason)
+        self.entry_id = entry_id
+
+
 class LeaseLost(Exception):
     """The replayer lease lapsed and is no longer ours: this edge must stop replaying."""
 
@@ -426,8 +451,11 @@ class DurableQueue:
         arrived: float,
         retention: float,
         max_queued: int,
+        ack: ReplicaAck = NO_ACK,
     ) -> Enqueued:
-        """Append once per dedupe key; returns after Redis acknowledged the write."""
+        """Append once per dedupe key; returns after Redis acknowledged the write, and
+        with `ack.replicas`, after that many replicas confirmed the entry (else raises
+        NotReplicated; a duplicate waits for them too)."""
         keys = [self.key(app, "queue"), self.key(app, f"key:{key}")]
         args = [
             round(retention * 1000),
@@ -438,12 +466,42 @@ class DurableQueue:
             body,
             key,
             repr(arrived),
+            "1" if ack.replicas else "0",
         ]
         async with self._guard("enqueue"):
-            kind, stream_id = await self._enqueue(keys, args)
+            if ack.replicas:
+                kind, stream_id = await self._enqueue_replicated(app, keys, args, ack)
+            else:
+                kind, stream_id = await self._enqueue(keys, args)
         if kind == b"full":
             raise QueueFull(f"app {app} has {max_queued} requests queued")
         return Enqueued(_text(stream_id), kind == b"dup")
+
+    async def _enqueue_replicated(
+        self, app: str, keys: list[str], args: list[Any], ack: ReplicaAck
+    ) -> tuple[bytes, bytes]:
+        """The enqueue script then WAIT, back to back on one connection to the master of
+        the app's slot: WAIT counts the replicas that have that connection's writes (and
+        cannot run inside Lua), so on any other connection it would confirm nothing."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._op_timeout  # the guard's own bound
+        millis = wait_timeout_ms(ack.timeout, deadline - loop.time())
+        if millis is None:
+            raise NotReplicated(not_replicated_reason(app, 0, ack.replicas, None), "")
+        # EVAL, not EVALSHA: a master new since a failover has no script cached, and a
+        # NOSCRIPT would cost the WAIT behind it a whole timeout before a second batch.
+        call = ("EVAL", self._enqueue.script, len(keys), *keys, *args)
+        answer = await on_one_connection(
+            self._redis, keys[0], [call, ("WAIT", ack.replicas, millis)]
+        )
+        for result in answer:
+            if isinstance(result, Exception):
+                raise result
+        kind, stream_id = answer[0]
+        if kind != b"full" and not replicated(int(answer[1]), ack.replicas):
+            reason = not_replicated_reason(app, int(answer[1]), ack.replicas, millis)
+            raise NotReplicated(reason, _text(stream_id))
+        return kind, stream_id
 
     # ----------------------------------------------------------- replay side
 

@@ -95,6 +95,22 @@ class EdgeSection(_Section):
     tls: TlsConfig | None = None
 
 
+class ReplicaAckTimeout(Duration):
+    """WAIT's timeout: over 0 (WAIT 0 blocks for ever) and within the store client's
+    2 s socket timeout, which would otherwise cut the wait off as a broken connection."""
+
+    bounds = Meta(ge=0.01, le=1.5)
+
+
+class StoreSection(_Section):
+    """What the durable queue asks of Redis before a 202; applies live on reload."""
+
+    # Replicas that must confirm a queued request (WAIT) before its 202; fewer in time:
+    # 503 queue_unavailable. 0: the master's acknowledgement is enough.
+    min_replicas_acked: Annotated[int, Meta(ge=0, le=16)] = 0
+    replica_ack_timeout: ReplicaAckTimeout = ReplicaAckTimeout(0.5)
+
+
 class LogSection(_Section):
     """The edge's own messages (not the access log): stderr, at this level and above."""
 
@@ -263,6 +279,7 @@ class AppConfig(_Section):
 
 class Config(_Section):
     edge: EdgeSection = EdgeSection()
+    store: StoreSection = StoreSection()
     log: LogSection = LogSection()
     limits: LimitsSection = LimitsSection()
     upstream: UpstreamSection = UpstreamSection()
@@ -517,6 +534,11 @@ def _check(config: Config, file: str) -> None:
         raise GateRefused(file, path, problem, gate) if gate else ConfigError(file, path, problem)
 
     _check_edge(config.edge, fail)
+    if config.store.min_replicas_acked and config.edge.store.startswith("memory://"):
+        fail(
+            "store.min_replicas_acked",
+            "memory:// has no replicas to wait for: use a redis:// or redis+cluster:// store, or 0",
+        )
     _check_control_plane(config.control_plane, fail)
     for i, rule in enumerate(config.classification):
         _check_rule(rule, f"classification[{i}]", config.edge.store, fail)

@@ -16,12 +16,13 @@ from urllib.parse import urlsplit
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import AskError, ClusterDownError, RedisError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from wake.store.protocol import StoreUnavailable
 
@@ -67,6 +68,8 @@ def cluster_seeds(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
 # Connections a node may have beyond the gated commands': pub/sub (one per node),
 # the slot map refresh, and pipelines (which bypass the gate).
 NODE_HEADROOM = 4
+# Tries of a batch that must reach the master of a slot (a failover in between).
+ONE_CONNECTION_ATTEMPTS = 3
 
 
 class BoundedCluster(RedisCluster):
@@ -82,21 +85,67 @@ class BoundedCluster(RedisCluster):
         self._gate = asyncio.Semaphore(max_connections)
         self._wait_timeout = wait_timeout
 
-    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        if self._initialize:
-            # Read the slot map before any command goes out: redis-py 8.1, reading it
-            # under a stampede of first commands, disconnects seed connections others
-            # are still using (AttributeError on a None writer, not retried).
-            await self.initialize()
+    @contextlib.asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
         try:
             async with asyncio.timeout(self._wait_timeout):
                 await self._gate.acquire()
         except TimeoutError as exc:
             raise RedisConnectionError("no free Redis Cluster connection in time") from exc
         try:
-            return await super().execute_command(*args, **kwargs)
+            yield
         finally:
             self._gate.release()
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._initialize:
+            # Read the slot map before any command goes out: redis-py 8.1, reading it
+            # under a stampede of first commands, disconnects seed connections others
+            # are still using (AttributeError on a None writer, not retried).
+            await self.initialize()
+        async with self._turn():
+            return await super().execute_command(*args, **kwargs)
+
+    async def on_master(self, key: str, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send `commands` back to back on one connection to the master of `key`'s slot;
+        each one's result or error, in order. Raises when no attempt reached the master."""
+        failure: Exception = RedisConnectionError(f"no master for {key!r}")
+        for attempt in range(ONE_CONNECTION_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(0.05 * 2**attempt)
+            await self.initialize()  # re-reads the slot map when a failure asked for it
+            node = self.get_node_from_key(key)
+            batch = [PipelineCommand(i, *args) for i, args in enumerate(commands)]
+            try:
+                async with self._turn():
+                    await node.execute_pipeline(batch)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                # As redis-py does for one command: drop the node's sockets and re-read
+                # the slot map before the next try (the master may have failed over).
+                node.update_active_connections_for_reconnect()
+                await node.disconnect_free_connections()
+                self.nodes_manager.move_node_to_end_of_cached_nodes(node.name)
+                self._initialize = True
+                failure = exc
+                continue
+            first = batch[0].result
+            if isinstance(first, RedisConnectionError | RedisTimeoutError):
+                # The connection broke under the batch (the master died): as above. The
+                # script may have run; a resend finds its dedupe record.
+                node.update_active_connections_for_reconnect()
+                await node.disconnect_free_connections()
+                self.nodes_manager.move_node_to_end_of_cached_nodes(node.name)
+                self._initialize = True
+                failure = first
+                continue
+            # Redirected (MOVED is an AskError) or the cluster between masters: the
+            # later commands ran on the wrong node or not at all, so the batch is void.
+            if isinstance(first, AskError | ClusterDownError | TryAgainError):
+                self._initialize = True
+                failure = first
+                continue
+            return [command.result for command in batch]
+        raise failure
 
 
 def bounded_client(
@@ -141,6 +190,22 @@ def bounded_client(
         decode_responses=decode_responses,
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+async def on_one_connection(
+    client: RedisClient, key: str, commands: list[tuple[Any, ...]]
+) -> list[Any]:
+    """Send `commands` back to back on one connection (on a cluster: to the master of
+    `key`'s slot), as WAIT needs: it counts the replicas that have the writes of its own
+    connection. Each command's result or error, in order."""
+    if isinstance(client, BoundedCluster):
+        return await client.on_master(key, commands)
+    if isinstance(client, RedisCluster):
+        raise TypeError("on_one_connection needs the bounded cluster client")
+    pipe = client.pipeline(transaction=False)  # one pooled connection for the batch
+    for args in commands:
+        pipe.execute_command(*args)
+    return await pipe.execute(raise_on_error=False)
 
 
 async def close_client(client: RedisClient) -> None:
