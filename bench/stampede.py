@@ -1,26 +1,57 @@
 #!/usr/bin/env python3
-"""Wake-stampede benchmark: N concurrent GETs for one cold scale-to-zero app.
+"""Wake-stampede benchmark: N concurrent GETs at a cold scale-to-zero app, measured beside
+the same N GETs at it hot, in one run, with the same client, app and edge.
 
 Starts, all on 127.0.0.1 and free ports, in its own temp dir:
 
     redis-server        (only with --store redis)
-    edge controlplane   one app "stampede": bench/apps/sample_app.py --start-delay S
-    edge run            that app scale_to_zero, --workers N, [budget] defaults
+    edge controlplane   apps "stampede" and "limited": bench/apps/sample_app.py --start-delay S
+    edge run            both scale_to_zero, --workers N, [budget] defaults; "stampede" with
+                        idle_timeout --idle-timeout (so it goes back to sleep), "limited"
+                        with max_concurrency --max-concurrency (32)
 
-then fires --requests GETs at once (one connection each, Host stampede.localhost)
-at the cold app. Overhead is first response byte (time.time() when the headers
-arrived) minus X-Ready-At, the moment the app began answering 2xx (both clocks are
-this machine's); the edge workers' VmRSS and the control plane's allocations are
-sampled every 50 ms. The table also splits the overhead into a timeline (app ready
--> control plane ready -> edge hot -> first byte) and shows machine-wide
-listen-backlog overflows (TcpExt ListenOverflows), before and after the app became
-ready.
+then fires, from one client (the same code each time: every GET on a fresh connection,
+all let go at once), four rows one after the other:
 
-The app's `max_held` is raised to --requests by default (the per-app default, 1000
-per worker, would answer most of a 5,000-request stampede 503 hold_cap); --max-held
-sets it. --client raw uses bare asyncio sockets instead of aiohttp; --dump FILE
-writes every response's record as JSON lines. --quick: 50 requests, the app starts
-in 0.3 s.
+    cold      --requests GETs at "stampede" asleep: one wake releases them all
+    hot       at once after, the same --requests GETs at "stampede", now hot
+    limited   --requests GETs at "limited" asleep (max_concurrency = 32)
+    small     --small GETs (20) at "stampede" asleep again: the run first waits until the
+              edge has put it to sleep (idle for --idle-timeout, drained, `cold` in the
+              store) and one upkeep more (1.25 s), so every worker has seen it cold
+
+What each row measures (ms; every time is time.time() on this one machine):
+
+    wall                  from the fire (the moment the requests are let go) to the last
+                          response's first byte (its headers; the body is one short line)
+    p50, p99              each 200's latency: its first byte minus the fire
+    app ready             the app's X-Ready-At: the moment it began answering 2xx
+    ready_to_hot          app ready -> edge hot: the `at` of the Wake machine's `hot`
+                          transition (/admin/apps), stamped by the wake's lease holder just
+                          before it writes `hot` and releases the requests it holds (other
+                          workers follow on the store's change notification)
+    ready_to_first_byte   per held response (Server-Timing wake;dur): first byte - app ready
+    release               app ready -> the last held response's first byte
+    release_vs_hot        release / the hot row's wall: releasing N held requests against
+                          serving N fresh ones (the hot wall also holds N client connects
+                          and requests read; the release starts with them read and held)
+    wakes                 allocations the control plane created for the row's app in it
+    errors                non-200 answers + client exceptions
+    memory growth         peak minus baseline VmRSS of the edge workers (sampled every
+                          50 ms), summed
+
+Targets: wakes 1 in every cold row (and 0 in the hot row), errors 0 in every row,
+ready_to_hot_ms <= 10 (the cold row), release_vs_hot <= 1.25 (the cold row; judged only
+at --requests >= 5000, null in targets_met below that), small ready_to_first_byte_p50_ms
+<= 15. For scale: Knative's activator probes readiness every 200 ms, OpenFaaS polls
+every 100 ms, Sablier every 5 s.
+
+The apps' `max_held` is raised to --requests by default (the per-app default, 1000 per
+worker, would answer most of a 5,000-request stampede 503 hold_cap); --max-held sets it.
+--client raw uses bare asyncio sockets instead of aiohttp; --dump FILE writes every
+response's record (with its row) as JSON lines. --quick: 50 requests, the app starts in
+0.3 s, idle timeout 3 s. The table also shows machine-wide listen-backlog overflows
+(TcpExt ListenOverflows) of the cold row, before and after the app became ready.
 
 Prints a table, writes JSON (--json FILE). Every process it starts (and every app
 process the control plane started) is stopped on the way out, also on errors and
@@ -30,51 +61,60 @@ Ctrl-C.
     .venv/bin/python bench/stampede.py --json /tmp/stampede.json --store memory --workers 1
 
 JSON keys (--json FILE; times in ms unless named _s; null where nothing was measured):
-    requests                 GETs fired
+    requests                 GETs fired in the cold, hot and limited rows
     store                    redis or memory
     workers                  edge worker processes
     client                   aiohttp or raw
-    start_delay_s            the app's start time
-    max_held                 the app's max_held
-    wakes                    allocations the control plane created for the app (1 wanted)
-    errors                   non-200 answers + client exceptions (0 wanted)
-    ok                       200 answers
+    start_delay_s            the apps' start time
+    max_held                 the apps' max_held
+    idle_timeout_s           "stampede"'s idle_timeout (it sleeps before the small row)
+    max_concurrency          "limited"'s max_concurrency
+    hot_wall_ms              the hot row: wall, p50, p99
+    hot_p50_ms
+    hot_p99_ms
+    release_ms               the cold row: release, release_vs_hot, ready_to_hot,
+    release_vs_hot           ready_to_first_byte p50 and p99, wakes, errors, memory growth
+    ready_to_hot_ms
+    ready_to_first_byte_p50_ms
+    ready_to_first_byte_p99_ms
+    wakes
+    errors
+    memory_growth_mib
+    cold                     each row: app, requests, max_concurrency, wall_ms, p50_ms,
+    hot                          p99_ms, release_ms, release_vs_hot, ready_to_hot_ms,
+    small                        ready_to_first_byte_p50_ms, ready_to_first_byte_p99_ms,
+    limited                      wakes, errors, errors_by_kind, held, memory_growth_mib
+    ok                       the cold row from here on: 200 answers
     errors_by_kind           errors by "status X-Edge-Error" or exception name
     statuses                 answers by status
     allocation_ids           the distinct X-Allocation-Id of the 200s
     missing_ready_at         200s without X-Ready-At
-    overhead_min_ms          first byte minus X-Ready-At: min, p50, p90, p99, max
-    overhead_p50_ms
-    overhead_p90_ms
-    overhead_p99_ms
-    overhead_max_ms
     held                     200s whose Server-Timing says they waited for the wake
     wake_wait_p50_ms         that wait (Server-Timing wake;dur): p50, max
     wake_wait_max_ms
-    ready_after_fire_ms      from the fire to the app's first X-Ready-At
-    first_byte_spread_ms     from the first answer's first byte to the last's
+    ready_after_fire_ms      from the fire to the app's X-Ready-At
     peak_concurrent_starts   most allocations planned/pulling/starting at once
-    memory_growth_mib        peak minus baseline VmRSS of the edge workers, summed
     memory_growth_max_worker_mib   the largest growth of one worker
     memory_growth_by_worker_mib    growth by worker pid
     rss_before_mib           the workers' VmRSS before, summed; and at its peak
     rss_peak_mib
     rss_samples              VmRSS samples taken
-    wall_s                   the stampede's wall time
-    allocations              id, state, reason, created_at, updated_at of each
+    allocations              id, state, reason, created_at, updated_at of each (after the
+                             hot row)
     tcp_counters_delta       machine-wide listen_overflows, listen_drops, tcp_retrans_segs
     listen_overflows_before_app_ready   of those, before the app was ready; and after
     listen_overflows_after_app_ready
     cp_polls                 control-plane polls, and those that failed
     cp_poll_errors
-    edge_app_state           the app in /admin/apps after the stampede
-    app_ready_at             the first X-Ready-At (unix time)
-    cp_ready_after_app_ready_ms    timeline: control plane ready, edge hot, first byte
-    edge_hot_after_app_ready_ms
+    edge_app_state           the app in /admin/apps after the cold row
+    app_ready_at             X-Ready-At (unix time)
+    cp_ready_after_app_ready_ms    timeline: control plane ready; first byte after edge hot
     first_byte_after_edge_hot_ms
     nofile_limit             RLIMIT_NOFILE of the client
-    targets                  wakes, errors, memory_growth_mib, overhead_p50_ms, overhead_p99_ms
-    targets_met              each target, and all
+    targets                  wakes, errors, ready_to_hot_ms, release_vs_hot,
+                             small_ready_to_first_byte_p50_ms
+    targets_met              each target (true, false; release_vs_hot null when not
+                             judged), and all (of those judged)
     edge_log                 error lines of the edge's log when the run had trouble, else []
     controlplane_log         the same of the control plane's
     machine                  nproc, cpu, python, platform, load average at the start
@@ -96,7 +136,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +144,8 @@ from bench_stack import (
     COLD_APP,
     COLD_HOST,
     STOP_SIGNALS,
+    ControlPlane,
+    Edge,
     Processes,
     add_quick,
     apply_quick,
@@ -123,14 +165,39 @@ from bench_stack import (
 
 POLL_INTERVAL = 0.05
 STARTING_STATES = frozenset({"planned", "pulling", "starting"})
+# The app with a concurrency limit (its own host, same program as COLD_APP).
+LIMITED_APP = "limited"
+LIMITED_HOST = f"{LIMITED_APP}.localhost"
 TARGETS: dict[str, float] = {
     "wakes": 1,
     "errors": 0,
-    "memory_growth_mib": 64,
-    "overhead_p50_ms": 10,
-    "overhead_p99_ms": 50,
+    "ready_to_hot_ms": 10,
+    "release_vs_hot": 1.25,
+    "small_ready_to_first_byte_p50_ms": 15,
 }
-QUICK = {"requests": 50, "start_delay": 0.3, "timeout": 30.0}
+# release_vs_hot is judged from this many requests on (below it, fixed costs dominate).
+RELEASE_JUDGED_FROM = 5000
+# One pass of every worker's wake upkeep (1 s) and some: each has re-read the store.
+UPKEEP_SETTLE_S = 1.25
+ROW_KEYS = (
+    "app",
+    "requests",
+    "max_concurrency",
+    "wall_ms",
+    "p50_ms",
+    "p99_ms",
+    "release_ms",
+    "release_vs_hot",
+    "ready_to_hot_ms",
+    "ready_to_first_byte_p50_ms",
+    "ready_to_first_byte_p99_ms",
+    "wakes",
+    "errors",
+    "errors_by_kind",
+    "held",
+    "memory_growth_mib",
+)
+QUICK = {"requests": 50, "start_delay": 0.3, "idle_timeout": 3.0, "timeout": 30.0}
 
 log = logger("stampede")
 
@@ -203,21 +270,24 @@ class MemorySampler(threading.Thread):
 
 
 class ControlPlanePoller(threading.Thread):
-    """GET /v1/allocations every 50 ms: peak allocations starting at once, app pids."""
+    """GET /v1/allocations?app=APP every 50 ms: peak allocations starting at once, app pids."""
 
-    def __init__(self, port: int, token: str, procs: Processes) -> None:
+    def __init__(self, port: int, token: str, procs: Processes, app: str) -> None:
         super().__init__(name="cp-poller", daemon=True)
         self.port = port
+        self.app = app
         self.headers = {"Authorization": f"Bearer {token}"}
         self.procs = procs
         self.peak_starting = 0
         self.polls = 0
         self.poll_errors = 0
         self.allocations: dict[str, dict[str, Any]] = {}
+        # id -> the control plane's `updated_at` when this poller first saw it ready.
+        self.ready_seen: dict[str, float] = {}
         self._stop_event = threading.Event()
 
     def poll(self) -> list[dict[str, Any]] | None:
-        status, body = http_get(self.port, f"/v1/allocations?app={COLD_APP}", self.headers, 2.0)
+        status, body = http_get(self.port, f"/v1/allocations?app={self.app}", self.headers, 2.0)
         if status != 200:
             self.poll_errors += 1
             return None
@@ -227,6 +297,8 @@ class ControlPlanePoller(threading.Thread):
         self.peak_starting = max(self.peak_starting, starting)
         for a in allocations:
             self.allocations[a["id"]] = a
+            if a["state"] == "ready":
+                self.ready_seen.setdefault(a["id"], a["updated_at"])
             if a.get("pid"):
                 self.procs.app_pids.add(a["pid"])
         return allocations
@@ -293,7 +365,7 @@ def _result(status: int, first_byte: float, headers: Any) -> Result:
     )
 
 
-async def fire_aiohttp(port: int, n: int, timeout: float) -> list[Result]:
+async def fire_aiohttp(port: int, host: str, n: int, timeout: float) -> tuple[float, list[Result]]:
     import aiohttp
 
     url = f"http://127.0.0.1:{port}/"
@@ -308,7 +380,7 @@ async def fire_aiohttp(port: int, n: int, timeout: float) -> list[Result]:
         async def one(i: int) -> None:
             await start.wait()
             try:
-                async with session.get(url, headers={"Host": COLD_HOST}) as resp:
+                async with session.get(url, headers={"Host": host}) as resp:
                     first_byte = time.time()
                     results[i] = _result(resp.status, first_byte, resp.headers)
                     await resp.read()
@@ -317,13 +389,14 @@ async def fire_aiohttp(port: int, n: int, timeout: float) -> list[Result]:
 
         tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
         await asyncio.sleep(0)  # every task is parked on the event: release them together
+        fired_at = time.time()
         start.set()
         await asyncio.wait(tasks, timeout=timeout + 5)
         for i, task in enumerate(tasks):
             if not task.done():
                 task.cancel()
                 results[i].exception = results[i].exception or "Unfinished"
-    return results
+    return fired_at, results
 
 
 class _RawResponse(asyncio.Protocol):
@@ -366,10 +439,10 @@ class _Caseless(dict):
         return super().get(key.lower(), default)
 
 
-async def fire_raw(port: int, n: int, timeout: float) -> list[Result]:
+async def fire_raw(port: int, host: str, n: int, timeout: float) -> tuple[float, list[Result]]:
     loop = asyncio.get_running_loop()
     request = (
-        f"GET / HTTP/1.1\r\nHost: {COLD_HOST}\r\nConnection: close\r\nUser-Agent: stampede\r\n\r\n"
+        f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: stampede\r\n\r\n"
     ).encode()
     results = [Result() for _ in range(n)]
     start = asyncio.Event()
@@ -391,16 +464,17 @@ async def fire_raw(port: int, n: int, timeout: float) -> list[Result]:
 
     tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
     await asyncio.sleep(0)
+    fired_at = time.time()
     start.set()
     await asyncio.wait(tasks, timeout=timeout)
     for i, task in enumerate(tasks):
         if not task.done():
             task.cancel()
             results[i].exception = results[i].exception or "Timeout"
-    return results
+    return fired_at, results
 
 
-async def guarded(coro: Any) -> list[Result]:
+async def guarded(coro: Any) -> tuple[float, list[Result]]:
     """Run the stampede; SIGTERM/SIGHUP cancel it cleanly, then exit as the handler would."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -426,129 +500,296 @@ async def guarded(coro: Any) -> list[Result]:
 
 
 # --------------------------------------------------------------------------
+# One row: a stampede at one app
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    args: argparse.Namespace
+    procs: Processes
+    cp: ControlPlane
+    edge: Edge
+    token: str
+
+
+@dataclass
+class Run:
+    """What one row's stampede left: its answers, and what the samplers saw meanwhile."""
+
+    name: str
+    app: str
+    requests: int
+    max_concurrency: int | None
+    fired_at: float
+    results: list[Result]
+    known: set[str]  # the app's allocation ids before the row
+    poller: ControlPlanePoller
+    memory: dict[str, Any]
+    overflows: list[tuple[float, int]]
+    tcp_delta: dict[str, int]
+    app_state: dict[str, Any] | None = None
+    allocations: list[dict[str, Any]] = field(default_factory=list)
+
+    def new_allocations(self) -> list[dict[str, Any]]:
+        return [a for i, a in self.poller.allocations.items() if i not in self.known]
+
+
+def app_state(edge: Edge, app: str) -> dict[str, Any] | None:
+    """The app in the edge's /admin/apps (state, last transitions), or None."""
+    status, body = http_get(edge.admin_port, "/admin/apps", timeout=2.0)
+    if status != 200:
+        return None
+    with contextlib.suppress(ValueError, KeyError):
+        return {a["name"]: a for a in json.loads(body)["apps"]}.get(app)
+    return None
+
+
+def stampede(
+    stack: Stack, name: str, app: str, host: str, n: int, max_concurrency: int | None = None
+) -> Run:
+    """Fire `n` GETs at once at `host` and sample the edge's memory and the app's
+    allocations meanwhile; the analysis is left for later (rows follow each other fast)."""
+    args = stack.args
+    poller = ControlPlanePoller(stack.cp.port, stack.token, stack.procs, app)
+    known = {a["id"] for a in poller.poll() or []}
+    memory = MemorySampler(stack.edge.workers)
+    memory.start()
+    poller.start()
+    fire = fire_raw if args.client == "raw" else fire_aiohttp
+    log(f"{name}: firing {n} GETs at {host} ({args.client})")
+    tcp_before = tcp_counters()
+    try:
+        fired_at, results = asyncio.run(guarded(fire(stack.edge.port, host, n, args.timeout)))
+    finally:
+        tcp_after = tcp_counters()
+        poller.stop()
+        memory.stop()
+    return Run(
+        name=name,
+        app=app,
+        requests=n,
+        max_concurrency=max_concurrency,
+        fired_at=fired_at,
+        results=results,
+        known=known,
+        poller=poller,
+        memory=memory.result(),
+        overflows=list(memory.overflows),
+        # Machine-wide deltas over the row (other processes on the box count too).
+        tcp_delta={k: v - tcp_before.get(k, 0) for k, v in tcp_after.items()},
+    )
+
+
+def wait_until_cold(stack: Stack, app: str, timeout: float) -> float:
+    """Until the edge has put `app` to sleep (idle, drained, `cold` in the store) and one
+    upkeep more has passed; the seconds it took. RuntimeError after `timeout`."""
+    began = time.monotonic()
+    deadline = began + timeout
+    while time.monotonic() < deadline:
+        state = app_state(stack.edge, app)
+        if state is not None and state.get("state") == "cold":
+            time.sleep(UPKEEP_SETTLE_S)
+            return time.monotonic() - began
+        time.sleep(0.1)
+    raise RuntimeError(f"app {app} not put to sleep by the edge within {timeout:g}s")
+
+
+# --------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------
 
 
-def summarize(results: list[Result], fired_at: float) -> dict[str, Any]:
-    ok = [r for r in results if r.status == 200]
-    statuses = Counter(str(r.status) for r in results if r.status is not None)
+def ms(later: float | None, earlier: float | None) -> float | None:
+    return None if later is None or earlier is None else round((later - earlier) * 1000, 3)
+
+
+def hot_at(state: dict[str, Any] | None, since: float) -> float | None:
+    """The first `hot` transition at or after `since` in the app's journal, as /admin/apps
+    shows it (its newest ten)."""
+    found = [
+        t["at"]
+        for t in (state or {}).get("transitions", [])
+        if t.get("to_state") == "hot" and t.get("at", 0) >= since
+    ]
+    return min(found, default=None)
+
+
+def failures_of(results: list[Result]) -> Counter[str]:
     failures: Counter[str] = Counter()
     for r in results:
         if r.exception is not None:
             failures[f"exception:{r.exception}"] += 1
         elif r.status != 200:
             failures[f"{r.status} {r.edge_error or '-'}"] += 1
-    overhead = sorted(
-        (r.first_byte - r.ready_at) * 1000
-        for r in ok
-        if r.first_byte is not None and r.ready_at is not None
+    return failures
+
+
+def row(run: Run, hot_wall_ms: float | None) -> dict[str, Any]:
+    """The table's row of one stampede (see ROW_KEYS and the module's docstring)."""
+    ok = [r for r in run.results if r.status == 200]
+    first_bytes = [r.first_byte for r in run.results if r.first_byte is not None]
+    latencies = sorted((r.first_byte - run.fired_at) * 1000 for r in ok if r.first_byte)
+    held = [r for r in ok if wake_wait_ms(r.server_timing) is not None]
+    ready_at = min((r.ready_at for r in held if r.ready_at is not None), default=None)
+    to_first_byte = sorted(
+        (r.first_byte - r.ready_at) * 1000 for r in held if r.first_byte and r.ready_at
     )
-    waits = sorted(w for w in (wake_wait_ms(r.server_timing) for r in ok) if w is not None)
-    first_bytes = sorted(r.first_byte for r in results if r.first_byte is not None)
-    ready_ats = sorted({r.ready_at for r in ok if r.ready_at is not None})
+    last_held = max((r.first_byte for r in held if r.first_byte), default=None)
+    release = ms(last_held, ready_at)
+    cold = run.name != "hot"
     return {
+        "app": run.app,
+        "requests": run.requests,
+        "max_concurrency": run.max_concurrency,
+        "wall_ms": ms(max(first_bytes, default=None), run.fired_at),
+        "p50_ms": r3(percentile(latencies, 50)),
+        "p99_ms": r3(percentile(latencies, 99)),
+        "release_ms": release,
+        "release_vs_hot": (
+            round(release / hot_wall_ms, 3) if release is not None and hot_wall_ms else None
+        ),
+        "ready_to_hot_ms": ms(hot_at(run.app_state, run.fired_at), ready_at) if cold else None,
+        "ready_to_first_byte_p50_ms": r3(percentile(to_first_byte, 50)),
+        "ready_to_first_byte_p99_ms": r3(percentile(to_first_byte, 99)),
+        "wakes": len(run.new_allocations()),
+        "errors": len(run.results) - len(ok),
+        "errors_by_kind": dict(failures_of(run.results).most_common()),
+        "held": len(held),
+        "memory_growth_mib": run.memory["memory_growth_mib"],
+    }
+
+
+def cold_details(run: Run) -> dict[str, Any]:
+    """The cold row's diagnostics: answers, the wake's timeline, memory, TCP, samplers."""
+    results = run.results
+    ok = [r for r in results if r.status == 200]
+    waits = sorted(w for w in (wake_wait_ms(r.server_timing) for r in ok) if w is not None)
+    ready_at = min((r.ready_at for r in ok if r.ready_at is not None), default=None)
+    cp_ready = min(
+        (
+            run.poller.ready_seen[a["id"]]
+            for a in run.new_allocations()
+            if a["id"] in run.poller.ready_seen
+        ),
+        default=None,
+    )
+    first = min((r.first_byte for r in ok if r.first_byte), default=None)
+    details: dict[str, Any] = {
         "ok": len(ok),
-        "errors": len(results) - len(ok),
-        "errors_by_kind": dict(failures.most_common()),
-        "statuses": dict(statuses),
+        "errors_by_kind": dict(failures_of(results).most_common()),
+        "statuses": dict(Counter(str(r.status) for r in results if r.status is not None)),
         "allocation_ids": sorted({r.allocation for r in ok if r.allocation}),
         "missing_ready_at": sum(1 for r in ok if r.ready_at is None),
-        "overhead_min_ms": r3(overhead[0] if overhead else None),
-        "overhead_p50_ms": r3(percentile(overhead, 50)),
-        "overhead_p90_ms": r3(percentile(overhead, 90)),
-        "overhead_p99_ms": r3(percentile(overhead, 99)),
-        "overhead_max_ms": r3(overhead[-1] if overhead else None),
         "held": len(waits),
         "wake_wait_p50_ms": r3(percentile(waits, 50)),
         "wake_wait_max_ms": r3(waits[-1] if waits else None),
-        "ready_after_fire_ms": r3((ready_ats[0] - fired_at) * 1000 if ready_ats else None),
-        "first_byte_spread_ms": r3(
-            (first_bytes[-1] - first_bytes[0]) * 1000 if first_bytes else None
-        ),
-    }
-
-
-def timeline(
-    results: list[Result], allocations: list[dict[str, Any]], app_state: dict[str, Any] | None
-) -> dict[str, Any]:
-    """Where the overhead goes: app ready -> control plane ready -> edge hot -> first byte."""
-    ready_at = min((r.ready_at for r in results if r.ready_at is not None), default=None)
-    cp_ready = min(
-        (a["updated_at"] for a in allocations if a.get("state") == "ready"), default=None
-    )
-    hot_at = None
-    for t in (app_state or {}).get("transitions", []):
-        if t.get("to_state") == "hot":
-            hot_at = t["at"] if hot_at is None else min(hot_at, t["at"])
-    first = min((r.first_byte for r in results if r.status == 200 and r.first_byte), default=None)
-
-    def ms(later: float | None, earlier: float | None) -> float | None:
-        return None if later is None or earlier is None else round((later - earlier) * 1000, 3)
-
-    return {
+        "ready_after_fire_ms": ms(ready_at, run.fired_at),
+        "peak_concurrent_starts": run.poller.peak_starting,
+        **{k: v for k, v in run.memory.items() if k != "memory_growth_mib"},
+        "allocations": [
+            {k: a.get(k) for k in ("id", "state", "reason", "created_at", "updated_at")}
+            for a in run.allocations
+        ],
+        "tcp_counters_delta": run.tcp_delta,
+        "listen_overflows_before_app_ready": None,
+        "listen_overflows_after_app_ready": None,
+        "cp_polls": run.poller.polls,
+        "cp_poll_errors": run.poller.poll_errors,
+        "edge_app_state": run.app_state,
         "app_ready_at": ready_at,
         "cp_ready_after_app_ready_ms": ms(cp_ready, ready_at),
-        "edge_hot_after_app_ready_ms": ms(hot_at, ready_at),
-        "first_byte_after_edge_hot_ms": ms(first, hot_at),
+        "first_byte_after_edge_hot_ms": ms(first, hot_at(run.app_state, run.fired_at)),
     }
+    if ready_at is not None and run.overflows:
+        # Before the app was ready only the edge's listener took connections; after, the
+        # app's own listener too (the edge connecting to it for every held request).
+        at_ready = max((n for t, n in run.overflows if t <= ready_at), default=None)
+        first_n, last_n = run.overflows[0][1], run.overflows[-1][1]
+        if at_ready is not None:
+            details["listen_overflows_before_app_ready"] = at_ready - first_n
+            details["listen_overflows_after_app_ready"] = last_n - at_ready
+    return details
+
+
+def targets_met(report: dict[str, Any]) -> dict[str, bool | None]:
+    def at_most(value: float | None, key: str) -> bool:
+        return value is not None and value <= TARGETS[key]
+
+    cold_rows = [report[name] for name in ("cold", "small", "limited")]
+    rows = [*cold_rows, report["hot"]]
+    met: dict[str, bool | None] = {
+        # And none in the hot row: had the app gone to sleep before it, it was no hot row.
+        "wakes": all(r["wakes"] == TARGETS["wakes"] for r in cold_rows)
+        and report["hot"]["wakes"] == 0,
+        "errors": all(r["errors"] == TARGETS["errors"] for r in rows),
+        "ready_to_hot_ms": at_most(report["ready_to_hot_ms"], "ready_to_hot_ms"),
+        "release_vs_hot": (
+            at_most(report["release_vs_hot"], "release_vs_hot")
+            if report["requests"] >= RELEASE_JUDGED_FROM
+            else None
+        ),
+        "small_ready_to_first_byte_p50_ms": at_most(
+            report["small"]["ready_to_first_byte_p50_ms"], "small_ready_to_first_byte_p50_ms"
+        ),
+    }
+    met["all"] = all(v for v in met.values() if v is not None)
+    return met
 
 
 def print_table(report: dict[str, Any]) -> None:
-    # (label, report key); keys in TARGETS also show their target and verdict.
-    rows = [
-        ("requests", "requests"),
-        ("store", "store"),
-        ("edge workers", "workers"),
-        ("client", "client"),
-        ("app start delay s", "start_delay_s"),
+    columns = [
+        ("N", "requests"),
+        ("wall ms", "wall_ms"),
+        ("p50 ms", "p50_ms"),
+        ("p99 ms", "p99_ms"),
+        ("release ms", "release_ms"),
+        ("rel/hot", "release_vs_hot"),
+        ("ready->hot", "ready_to_hot_ms"),
+        ("ready->1st p50", "ready_to_first_byte_p50_ms"),
         ("wakes", "wakes"),
         ("errors", "errors"),
-        ("overhead p50 ms", "overhead_p50_ms"),
-        ("overhead p90 ms", "overhead_p90_ms"),
-        ("overhead p99 ms", "overhead_p99_ms"),
-        ("overhead max ms", "overhead_max_ms"),
-        ("peak concurrent starts", "peak_concurrent_starts"),
-        ("memory growth MiB (sum)", "memory_growth_mib"),
-        ("memory growth MiB (max worker)", "memory_growth_max_worker_mib"),
-        ("held (Server-Timing)", "held"),
-        ("wake wait p50 ms", "wake_wait_p50_ms"),
-        ("app ready after fire ms", "ready_after_fire_ms"),
-        ("control plane ready after app ms", "cp_ready_after_app_ready_ms"),
-        ("edge hot after app ready ms", "edge_hot_after_app_ready_ms"),
-        ("first byte after edge hot ms", "first_byte_after_edge_hot_ms"),
-        ("stampede wall s", "wall_s"),
+        ("mem MiB", "memory_growth_mib"),
     ]
-    width = max(len(label) for label, _ in rows)
-    print()
-    for label, key in rows:
-        line = f"{label:<{width}}  {report[key]!s:>14}"
-        if key in TARGETS:
-            relation = "==" if key in ("wakes", "errors") else "<="
-            verdict = "met" if report["targets_met"][key] else "NOT met"
-            line += f"   target {relation} {TARGETS[key]:g}: {verdict}"
-        print(line)
-    if report["errors_by_kind"]:
-        print(f"{'errors by kind':<{width}}  {report['errors_by_kind']}")
-    if report.get("tcp_counters_delta"):
-        print(f"{'TCP counters (whole machine)':<{width}}  {report['tcp_counters_delta']}")
-    print(f"{'all targets met':<{width}}  {report['targets_met']['all']!s:>14}")
-
-
-def targets_met(report: dict[str, Any]) -> dict[str, bool]:
-    def at_most(key: str) -> bool:
-        value = report.get(key)
-        return value is not None and value <= TARGETS[key]
-
-    met = {
-        "wakes": report["wakes"] == TARGETS["wakes"],
-        "errors": report["errors"] == TARGETS["errors"],
-        "memory_growth_mib": at_most("memory_growth_mib"),
-        "overhead_p50_ms": at_most("overhead_p50_ms"),
-        "overhead_p99_ms": at_most("overhead_p99_ms"),
+    labels = {
+        "hot": "hot",
+        "cold": "cold",
+        "limited": f"cold max_concurrency={report['max_concurrency']}",
+        "small": f"small (N={report['small']['requests']})",
     }
-    met["all"] = all(met.values())
-    return met
+    width = max(len(label) for label in labels.values())
+    widths = [max(len(title), 9) for title, _ in columns]
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+    print()
+    print(
+        f"{'':<{width}}  "
+        + "  ".join(f"{t:>{w}}" for (t, _), w in zip(columns, widths, strict=True))
+    )
+    for name in ("hot", "cold", "limited", "small"):
+        r = report[name]
+        cells = "  ".join(f"{cell(r[k]):>{w}}" for (_, k), w in zip(columns, widths, strict=True))
+        print(f"{labels[name]:<{width}}  {cells}")
+    print()
+    met = report["targets_met"]
+    for key, target in TARGETS.items():
+        relation = "==" if key in ("wakes", "errors") else "<="
+        verdict = {True: "met", False: "NOT met", None: "not judged"}[met[key]]
+        extra = f" (from N = {RELEASE_JUDGED_FROM})" if key == "release_vs_hot" else ""
+        print(f"target {key} {relation} {target:g}{extra}: {verdict}")
+    for name in ("cold", "hot", "limited", "small"):
+        if report[name]["errors_by_kind"]:
+            print(f"errors ({name}): {report[name]['errors_by_kind']}")
+    print(
+        f"cold: control plane ready {cell(report['cp_ready_after_app_ready_ms'])} ms after the "
+        f"app, first byte {cell(report['first_byte_after_edge_hot_ms'])} ms after edge hot; "
+        f"TCP (whole machine) {report['tcp_counters_delta']}"
+    )
+    print(f"all targets met: {met['all']}")
 
 
 def edge_log_excerpt(log_path: Path, limit: int = 40) -> list[str]:
@@ -572,48 +813,54 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]
     token = secrets.token_hex(16)
     store = start_redis(procs, tmp) if args.store == "redis" else "memory://"
     max_held = args.max_held if args.max_held is not None else max(1000, args.requests)
+    idle = f"{args.idle_timeout:g}s"
     cp, edge = start_cold_app_stack(
-        procs, tmp, token, store, args.workers, args.start_delay, (), {"max_held": max_held}
+        procs,
+        tmp,
+        token,
+        store,
+        args.workers,
+        args.start_delay,
+        (),
+        {"max_held": max_held, "idle_timeout": idle},
+        {LIMITED_APP: {"max_held": max_held, "max_concurrency": args.max_concurrency}},
     )
     log(f"edge ready: workers {edge.workers}, store {store}, max_held {max_held}")
+    stack = Stack(args, procs, cp, edge, token)
+    for app in (COLD_APP, LIMITED_APP):
+        before = ControlPlanePoller(cp.port, token, procs, app).poll() or []
+        if before:
+            raise RuntimeError(f"app {app} is not cold: {len(before)} allocations already exist")
 
-    poller = ControlPlanePoller(cp.port, token, procs)
-    before = poller.poll() or []
-    if before:
-        raise RuntimeError(f"the app is not cold: {len(before)} allocations already exist")
-    memory = MemorySampler(edge.workers)
-    memory.start()
-    poller.start()
-    fire = fire_raw if args.client == "raw" else fire_aiohttp
-    log(f"firing {args.requests} GETs ({args.client})")
-    tcp_before = tcp_counters()
-    fired_at = time.time()
-    t0 = time.monotonic()
-    try:
-        results = asyncio.run(guarded(fire(edge.port, args.requests, args.timeout)))
-    finally:
-        wall = time.monotonic() - t0
-        tcp_after = tcp_counters()
-        poller.stop()
-        memory.stop()
-
-    summary = summarize(results, fired_at)
+    # cold, then hot at once (nothing in between: "stampede" must not go idle meanwhile).
+    cold = stampede(stack, "cold", COLD_APP, COLD_HOST, args.requests)
+    hot = stampede(stack, "hot", COLD_APP, COLD_HOST, args.requests)
+    cold.app_state = hot.app_state = app_state(edge, COLD_APP)
+    cold.allocations = list(hot.poller.allocations.values())
+    if hot.new_allocations():
+        log(f"{COLD_APP} went to sleep before the hot row: raise --idle-timeout")
+    # The limited row while "stampede" idles toward its sleep (which then takes the
+    # edge's drain deadline, 5 s, too): the run is shorter, and nothing of it is timed.
+    limited = stampede(
+        stack, "limited", LIMITED_APP, LIMITED_HOST, args.requests, args.max_concurrency
+    )
+    limited.app_state = app_state(edge, LIMITED_APP)
+    slept = wait_until_cold(stack, COLD_APP, args.idle_timeout + 30.0)
+    log(f"{COLD_APP} asleep again {slept:.1f}s after the limited row")
+    small = stampede(stack, "small", COLD_APP, COLD_HOST, args.small)
+    small.app_state = app_state(edge, COLD_APP)
+    runs = (cold, hot, small, limited)
     if args.dump:
         with open(args.dump, "w") as f:
-            for r in results:
-                f.write(json.dumps(asdict(r)) + "\n")
-    allocations = poller.poll() or list(poller.allocations.values())
-    # The control plane's own readiness probe can lag behind a saturated app: give it a
-    # moment, so the timeline below has its `ready` time (diagnostic only, bounded).
-    settle = time.monotonic() + 3.0
-    while any(a["state"] in STARTING_STATES for a in allocations) and time.monotonic() < settle:
-        time.sleep(0.05)
-        allocations = poller.poll() or allocations
-    admin_status, admin_body = http_get(edge.admin_port, "/admin/apps", timeout=2.0)
-    app_state = None
-    if admin_status == 200:
-        with contextlib.suppress(ValueError, KeyError):
-            app_state = {a["name"]: a for a in json.loads(admin_body)["apps"]}.get(COLD_APP)
+            for r in runs:
+                for result in r.results:
+                    f.write(json.dumps({"row": r.name, **asdict(result)}) + "\n")
+
+    hot_row = row(hot, None)
+    rows = {r.name: row(r, hot_row["wall_ms"]) for r in (cold, small, limited)}
+    small_row = rows["small"]
+    small_row["release_vs_hot"] = None  # no hot row of that size to compare with
+    cold_row = rows["cold"]
     report: dict[str, Any] = {
         "requests": args.requests,
         "store": args.store,
@@ -621,44 +868,40 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]
         "client": args.client,
         "start_delay_s": args.start_delay,
         "max_held": max_held,
-        "wakes": len(allocations),
-        "errors": summary["errors"],
-        "overhead_p50_ms": summary["overhead_p50_ms"],
-        "overhead_p99_ms": summary["overhead_p99_ms"],
-        "peak_concurrent_starts": poller.peak_starting,
-        **memory.result(),
-        "wall_s": round(wall, 3),
-        **{k: v for k, v in summary.items() if k not in ("errors",)},
-        "allocations": [
-            {k: a.get(k) for k in ("id", "state", "reason", "created_at", "updated_at")}
-            for a in allocations
-        ],
-        # Machine-wide deltas over the stampede (other processes on the box count too).
-        "tcp_counters_delta": {k: v - tcp_before.get(k, 0) for k, v in tcp_after.items()},
-        "cp_polls": poller.polls,
-        "cp_poll_errors": poller.poll_errors,
-        "edge_app_state": app_state,
+        "idle_timeout_s": args.idle_timeout,
+        "max_concurrency": args.max_concurrency,
+        "hot_wall_ms": hot_row["wall_ms"],
+        "hot_p50_ms": hot_row["p50_ms"],
+        "hot_p99_ms": hot_row["p99_ms"],
+        **{
+            k: cold_row[k]
+            for k in (
+                "release_ms",
+                "release_vs_hot",
+                "ready_to_hot_ms",
+                "ready_to_first_byte_p50_ms",
+                "ready_to_first_byte_p99_ms",
+                "wakes",
+                "errors",
+                "memory_growth_mib",
+            )
+        },
+        "cold": cold_row,
+        "hot": hot_row,
+        "small": small_row,
+        "limited": rows["limited"],
+        **cold_details(cold),
         "nofile_limit": nofile,
-        "machine": machine_info(),
-        "quick": args.quick,
+        "targets": TARGETS,
     }
-    report.update(timeline(results, allocations, app_state))
-    ready_at = report["app_ready_at"]
-    report["listen_overflows_before_app_ready"] = None
-    report["listen_overflows_after_app_ready"] = None
-    if ready_at is not None and memory.overflows:
-        # Before the app was ready only the edge's listener took connections; after, the
-        # app's own listener too (the edge connecting to it for every held request).
-        at_ready = max((n for t, n in memory.overflows if t <= ready_at), default=None)
-        first, last = memory.overflows[0][1], memory.overflows[-1][1]
-        if at_ready is not None:
-            report["listen_overflows_before_app_ready"] = at_ready - first
-            report["listen_overflows_after_app_ready"] = last - at_ready
-    report["targets"] = TARGETS
     report["targets_met"] = targets_met(report)
-    troubled = report["errors"] or report["wakes"] != 1 or len(summary["allocation_ids"]) > 1
+    troubled = any(r["errors"] for r in (cold_row, hot_row, small_row, rows["limited"])) or not (
+        report["targets_met"]["wakes"] and len(report["allocation_ids"]) == 1
+    )
     report["edge_log"] = edge_log_excerpt(edge.log_path) if troubled else []
     report["controlplane_log"] = edge_log_excerpt(cp.log_path) if troubled else []
+    report["machine"] = machine_info()
+    report["quick"] = args.quick
     report["total_s"] = round(time.monotonic() - started, 3)
     return report
 
@@ -667,10 +910,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", required=True, metavar="FILE", help="write results here")
     parser.add_argument("--requests", type=int, default=5000, help="concurrent GETs (5000)")
+    parser.add_argument("--small", type=int, default=20, help="GETs of the small row (20)")
     parser.add_argument("--start-delay", type=float, default=0.5, help="app start delay s (0.5)")
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=10.0,
+        help="the app's idle_timeout s before the small row (10): longer than the gap "
+        "from the cold row's last answer to the hot row's first request (seconds at 5,000)",
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=32,
+        help="max_concurrency of the limited row's app (32)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="edge worker processes (2)")
     parser.add_argument("--store", choices=("redis", "memory"), default="redis")
-    parser.add_argument("--timeout", type=float, default=60.0, help="bound on the stampede s")
+    parser.add_argument("--timeout", type=float, default=60.0, help="bound on each stampede s")
     parser.add_argument(
         "--client",
         choices=("aiohttp", "raw"),
@@ -681,7 +938,7 @@ def main(argv: list[str] | None = None) -> int:
         "--max-held",
         type=int,
         default=None,
-        help="the app's max_held per worker (default: max(1000, --requests))",
+        help="the apps' max_held per worker (default: max(1000, --requests))",
     )
     parser.add_argument(
         "--dump", metavar="FILE", help="also write every response's record (JSON lines)"
@@ -690,8 +947,10 @@ def main(argv: list[str] | None = None) -> int:
     add_quick(parser, QUICK)
     args = parser.parse_args(argv)
     apply_quick(parser, args)
-    if args.requests < 1 or args.workers < 1 or args.timeout <= 0:
-        parser.error("--requests, --workers and --timeout must be positive")
+    if min(args.requests, args.small, args.workers, args.max_concurrency) < 1:
+        parser.error("--requests, --small, --workers and --max-concurrency must be positive")
+    if args.timeout <= 0 or args.idle_timeout <= 0:
+        parser.error("--timeout and --idle-timeout must be positive")
     if args.store == "memory" and args.workers != 1:
         parser.error("--store memory needs --workers 1 (memory:// lives in one process)")
 

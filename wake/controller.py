@@ -348,7 +348,13 @@ class WakeController:
         # Counted once written (the journal append below may still fail): it happened.
         self._tally(gallery_tally.transition_keys(state.state, target, reason_code))
         if target == "hot":
-            self._adopt(state.app, move.record)  # release held requests before the bookkeeping
+            # Every process releases what it holds at once: the others hear it first (their
+            # flights wait on this notification), then this process releases its own (done
+            # first, that release keeps this loop busy before a notification goes out, tens
+            # of ms at a stampede), and the bookkeeping (journal) comes last.
+            with contextlib.suppress(Exception):  # a lost notification: the others poll
+                await self.store.publish(state.app)
+            self._adopt(state.app, move.record)
         entry = move.entry
         await self.store.append_transition(
             Transition(
@@ -362,7 +368,8 @@ class WakeController:
                 at=entry.at,
             )
         )
-        await self.store.publish(state.app)
+        if target != "hot":
+            await self.store.publish(state.app)
         self._count(f"transition:{state.state}->{target}")
         if reason_code:
             self._count(f"gallery:{reason_code}")
