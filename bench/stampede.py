@@ -10,11 +10,17 @@ Starts, all on 127.0.0.1 and free ports, in its own temp dir:
                         idle_timeout --idle-timeout (so it goes back to sleep), "limited"
                         with max_concurrency --max-concurrency (32)
 
-then fires, from one client (the same code each time: every GET on a fresh connection,
-all let go at once), four rows one after the other:
+then fires, from one asyncio client (the same code every time, `fire`: every GET on a
+fresh connection), four rows one after the other. In every row the client first opens
+all N connections (waiting at most 8 s, under the edge's header_timeout; a connection
+not made by then is an error of its request), then writes all N requests in one pass
+(the barrier: the client does nothing else meanwhile). So every row starts with the N
+connections made and measures only the requests: in the cold row they are held at the
+edge before the app is ready, and in the hot row they meet it hot the same way.
 
     cold      --requests GETs at "stampede" asleep: one wake releases them all
-    hot       at once after, the same --requests GETs at "stampede", now hot
+    hot       at once after, the same --requests GETs at "stampede", now hot (then,
+              only for comparison, the same N again old style: `hot_with_connect`)
     limited   --requests GETs at "limited" asleep (max_concurrency = 32)
     small     --small GETs (20) at "stampede" asleep again: the run first waits until the
               edge has put it to sleep (idle for --idle-timeout, drained, `cold` in the
@@ -22,9 +28,14 @@ all let go at once), four rows one after the other:
 
 What each row measures (ms; every time is time.time() on this one machine):
 
-    wall                  from the fire (the moment the requests are let go) to the last
-                          response's first byte (its headers; the body is one short line)
-    p50, p99              each 200's latency: its first byte minus the fire
+    connect               from the first connect to the barrier (all N connections made,
+                          or the 8 s wait over): the client's connection setup, outside
+                          every other figure
+    wall                  from the fire (the first request written, right after the
+                          barrier) to the last response's first byte (its headers; the
+                          body is one short line)
+    p50, p99              each 200's latency: its first byte minus its own send (the
+                          moment its request was written; the pass over N takes some ms)
     app ready             the app's X-Ready-At: the moment it began answering 2xx
     ready_to_hot          app ready -> edge hot: the `at` of the Wake machine's `hot`
                           transition (/admin/apps), stamped by the wake's lease holder just
@@ -33,22 +44,28 @@ What each row measures (ms; every time is time.time() on this one machine):
     ready_to_first_byte   per held response (Server-Timing wake;dur): first byte - app ready
     release               app ready -> the last held response's first byte
     release_vs_hot        release / the hot row's wall: releasing N held requests against
-                          serving N fresh ones (the hot wall also holds N client connects
-                          and requests read; the release starts with them read and held)
+                          serving N requests sent at once on open connections. Both start
+                          with the connections made; the release also with the requests
+                          read and held, the hot wall with them in flight on the wire
     wakes                 allocations the control plane created for the row's app in it
     errors                non-200 answers + client exceptions
     memory growth         peak minus baseline VmRSS of the edge workers (sampled every
                           50 ms), summed
 
-Targets: wakes 1 in every cold row (and 0 in the hot row), errors 0 in every row,
+Targets: wakes 1 in every cold row (and 0 in the hot row), errors 0 in every row (and
+the old-style hot pass),
 ready_to_hot_ms <= 10 (the cold row), release_vs_hot <= 1.25 (the cold row; judged only
 at --requests >= 5000, null in targets_met below that), small ready_to_first_byte_p50_ms
-<= 15. For scale: Knative's activator probes readiness every 200 ms, OpenFaaS polls
-every 100 ms, Sablier every 5 s.
+<= 15. For scale: Knative's activator probes readiness every 200 ms (its queue-proxy
+probes the container every 25 ms while it starts), OpenFaaS polls every 100 ms, Sablier
+every 5 s.
 
 The apps' `max_held` is raised to --requests by default (the per-app default, 1000 per
 worker, would answer most of a 5,000-request stampede 503 hold_cap); --max-held sets it.
---client raw uses bare asyncio sockets instead of aiohttp; --dump FILE writes every
+`hot_with_connect` (diagnostic, not a row): the hot N again right after the hot row,
+old style: all let go at once, each GET written as soon as its own connection is made;
+wall and p50/p99 from the let-go, so they hold the client's N connects (and the edge
+accepting them while it serves the first ones). --dump FILE writes every
 response's record (with its row) as JSON lines. --quick: 50 requests, the app starts in
 0.3 s, idle timeout 3 s. The table also shows machine-wide listen-backlog overflows
 (TcpExt ListenOverflows) of the cold row, before and after the app became ready.
@@ -64,14 +81,18 @@ JSON keys (--json FILE; times in ms unless named _s; null where nothing was meas
     requests                 GETs fired in the cold, hot and limited rows
     store                    redis or memory
     workers                  edge worker processes
-    client                   aiohttp or raw
     start_delay_s            the apps' start time
     max_held                 the apps' max_held
     idle_timeout_s           "stampede"'s idle_timeout (it sleeps before the small row)
     max_concurrency          "limited"'s max_concurrency
-    hot_wall_ms              the hot row: wall, p50, p99
+    hot_wall_ms              the hot row: wall, p50, p99, connect
     hot_p50_ms
     hot_p99_ms
+    hot_connect_ms
+    hot_with_connect_wall_ms the old-style hot pass (connects in it): wall, p50, p99,
+    hot_with_connect_p50_ms  errors (from the let-go)
+    hot_with_connect_p99_ms
+    hot_with_connect_errors
     release_ms               the cold row: release, release_vs_hot, ready_to_hot,
     release_vs_hot           ready_to_first_byte p50 and p99, wakes, errors, memory growth
     ready_to_hot_ms
@@ -80,8 +101,8 @@ JSON keys (--json FILE; times in ms unless named _s; null where nothing was meas
     wakes
     errors
     memory_growth_mib
-    cold                     each row: app, requests, max_concurrency, wall_ms, p50_ms,
-    hot                          p99_ms, release_ms, release_vs_hot, ready_to_hot_ms,
+    cold                     each row: app, requests, max_concurrency, connect_ms, wall_ms,
+    hot                          p50_ms, p99_ms, release_ms, release_vs_hot, ready_to_hot_ms,
     small                        ready_to_first_byte_p50_ms, ready_to_first_byte_p99_ms,
     limited                      wakes, errors, errors_by_kind, held, memory_growth_mib
     ok                       the cold row from here on: 200 answers
@@ -164,6 +185,9 @@ from bench_stack import (
 )
 
 POLL_INTERVAL = 0.05
+# The split client opens its connections for at most this long (s) before it sends:
+# under the edge's header_timeout (10 s), so none is closed idle before its request.
+CONNECT_WAIT = 8.0
 STARTING_STATES = frozenset({"planned", "pulling", "starting"})
 # The app with a concurrency limit (its own host, same program as COLD_APP).
 LIMITED_APP = "limited"
@@ -183,6 +207,7 @@ ROW_KEYS = (
     "app",
     "requests",
     "max_concurrency",
+    "connect_ms",
     "wall_ms",
     "p50_ms",
     "p99_ms",
@@ -341,6 +366,7 @@ def tcp_counters() -> dict[str, int]:
 @dataclass
 class Result:
     status: int | None = None
+    sent: float | None = None  # time.time() when the request was written
     first_byte: float | None = None  # time.time() when the response headers arrived
     ready_at: float | None = None  # X-Ready-At
     allocation: str | None = None  # X-Allocation-Id
@@ -349,7 +375,7 @@ class Result:
     exception: str | None = None
 
 
-def _result(status: int, first_byte: float, headers: Any) -> Result:
+def _result(status: int, sent: float | None, first_byte: float, headers: Any) -> Result:
     ready = headers.get("X-Ready-At")
     try:
         ready_at = float(ready) if ready else None
@@ -357,6 +383,7 @@ def _result(status: int, first_byte: float, headers: Any) -> Result:
         ready_at = None
     return Result(
         status=status,
+        sent=sent,
         first_byte=first_byte,
         ready_at=ready_at,
         allocation=headers.get("X-Allocation-Id"),
@@ -365,52 +392,36 @@ def _result(status: int, first_byte: float, headers: Any) -> Result:
     )
 
 
-async def fire_aiohttp(port: int, host: str, n: int, timeout: float) -> tuple[float, list[Result]]:
-    import aiohttp
+class _Caseless(dict):
+    """Header lookup by any case (keys stored lower-case)."""
 
-    url = f"http://127.0.0.1:{port}/"
-    connector = aiohttp.TCPConnector(limit=n, limit_per_host=0, force_close=True)
-    client_timeout = aiohttp.ClientTimeout(total=timeout)
-    results = [Result() for _ in range(n)]
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=client_timeout, auto_decompress=False
-    ) as session:
-        start = asyncio.Event()
-
-        async def one(i: int) -> None:
-            await start.wait()
-            try:
-                async with session.get(url, headers={"Host": host}) as resp:
-                    first_byte = time.time()
-                    results[i] = _result(resp.status, first_byte, resp.headers)
-                    await resp.read()
-            except Exception as exc:
-                results[i].exception = type(exc).__name__
-
-        tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
-        await asyncio.sleep(0)  # every task is parked on the event: release them together
-        fired_at = time.time()
-        start.set()
-        await asyncio.wait(tasks, timeout=timeout + 5)
-        for i, task in enumerate(tasks):
-            if not task.done():
-                task.cancel()
-                results[i].exception = results[i].exception or "Unfinished"
-    return fired_at, results
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return super().get(key.lower(), default)
 
 
-class _RawResponse(asyncio.Protocol):
-    """One HTTP/1.1 GET on its own connection; stamps the first byte, parses the head."""
+class _Exchange(asyncio.Protocol):
+    """One HTTP/1.1 GET on its own connection: `send` writes it (stamping the moment),
+    `data_received` stamps the first byte and parses the head. With `send_at_once` the
+    request goes out as soon as the connection is made."""
 
-    def __init__(self, request: bytes, done: asyncio.Future[Result]) -> None:
+    def __init__(self, request: bytes, done: asyncio.Future[Result], send_at_once: bool) -> None:
         self.request = request
         self.done = done
+        self.send_at_once = send_at_once
         self.buffer = bytearray()
+        self.sent: float | None = None
         self.first_byte: float | None = None
+        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        transport.write(self.request)  # type: ignore[attr-defined]
+        self.transport = transport  # type: ignore[assignment]
+        if self.send_at_once:
+            self.send()
+
+    def send(self) -> None:
+        assert self.transport is not None
+        self.sent = time.time()
+        self.transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
         if self.first_byte is None:
@@ -424,7 +435,9 @@ class _RawResponse(asyncio.Protocol):
         for line in lines[1:]:
             name, _, val = line.partition(":")
             headers[name.strip().lower()] = val.strip()
-        self.done.set_result(_result(int(lines[0].split()[1]), self.first_byte, headers))
+        status = int(lines[0].split()[1])
+        self.done.set_result(_result(status, self.sent, self.first_byte, headers))
+        assert self.transport is not None
         self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -432,49 +445,83 @@ class _RawResponse(asyncio.Protocol):
             self.done.set_exception(exc or ConnectionResetError("closed before the headers"))
 
 
-class _Caseless(dict):
-    """Header lookup by any case (keys stored lower-case)."""
-
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
-        return super().get(key.lower(), default)
+class ConnectError(Exception):
+    """The connection of a request was not made (in time)."""
 
 
-async def fire_raw(port: int, host: str, n: int, timeout: float) -> tuple[float, list[Result]]:
+@dataclass
+class Fired:
+    """What one stampede's client saw: when connecting began, when every connection was
+    open (split only), the fire (the first request written) and each request's result."""
+
+    connect_began: float
+    connected_at: float | None
+    fired_at: float
+    results: list[Result]
+
+
+async def fire(port: int, host: str, n: int, timeout: float, *, split: bool) -> Fired:
+    """N GETs at `host`, each on its own connection, from one asyncio client.
+
+    split (every row of the table): open all N connections first (at most CONNECT_WAIT),
+    then write all N requests in one pass (the barrier: nothing else runs meanwhile);
+    the fire is the first write. Not split (`hot_with_connect`, the old-style figure):
+    all N let go at once, each written as soon as its own connection is made; the fire
+    is the let-go. A connection not made in time counts as an error of its request."""
     loop = asyncio.get_running_loop()
     request = (
         f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: stampede\r\n\r\n"
     ).encode()
-    results = [Result() for _ in range(n)]
-    start = asyncio.Event()
+    done: list[asyncio.Future[Result]] = [loop.create_future() for _ in range(n)]
+    exchanges = [_Exchange(request, future, not split) for future in done]
 
-    async def one(i: int) -> None:
-        await start.wait()
-        done: asyncio.Future[Result] = loop.create_future()
-        transport = None
+    async def connect(exchange: _Exchange) -> None:
         try:
-            transport, _ = await loop.create_connection(
-                lambda: _RawResponse(request, done), "127.0.0.1", port
-            )
-            results[i] = await done
-        except Exception as exc:
-            results[i].exception = type(exc).__name__
-        finally:
-            if transport is not None:
-                transport.close()
+            await loop.create_connection(lambda: exchange, "127.0.0.1", port)
+        except Exception as exc:  # its request's error; the others go on
+            if not exchange.done.done():
+                exchange.done.set_exception(ConnectError(type(exc).__name__))
 
-    tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
-    await asyncio.sleep(0)
-    fired_at = time.time()
-    start.set()
-    await asyncio.wait(tasks, timeout=timeout)
-    for i, task in enumerate(tasks):
-        if not task.done():
-            task.cancel()
-            results[i].exception = results[i].exception or "Timeout"
-    return fired_at, results
+    connect_began = time.time()
+    connects = [asyncio.ensure_future(connect(e)) for e in exchanges]
+    connected_at = None
+    if split:
+        await asyncio.wait(connects, timeout=min(CONNECT_WAIT, timeout))
+        connected_at = fired_at = time.time()
+        for connecting in connects:
+            connecting.cancel()  # not made in time: its request is not sent
+        for exchange in exchanges:
+            if exchange.transport is None and not exchange.done.done():
+                exchange.done.set_exception(ConnectError("ConnectTimeout"))
+        first = True
+        for exchange in exchanges:
+            if exchange.transport is not None and not exchange.done.done():
+                if first:
+                    fired_at, first = time.time(), False
+                exchange.send()
+    else:
+        fired_at = connect_began
+    await asyncio.wait(done, timeout=timeout)
+    results = []
+    for connecting, exchange in zip(connects, exchanges, strict=True):
+        connecting.cancel()
+        future = exchange.done
+        if not future.done():
+            future.cancel()
+            results.append(Result(sent=exchange.sent, exception="Timeout"))
+        elif future.exception() is not None:
+            error = future.exception()
+            name = f"connect:{error}" if isinstance(error, ConnectError) else type(error).__name__
+            results.append(Result(sent=exchange.sent, exception=name))
+        else:
+            results.append(future.result())
+        if exchange.transport is not None:
+            exchange.transport.close()
+    await asyncio.gather(*connects, return_exceptions=True)
+    return Fired(connect_began, connected_at, fired_at, results)
 
 
-async def guarded(coro: Any) -> tuple[float, list[Result]]:
+async def guarded(coro: Any) -> Fired:
     """Run the stampede; SIGTERM/SIGHUP cancel it cleanly, then exit as the handler would."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -522,6 +569,8 @@ class Run:
     requests: int
     max_concurrency: int | None
     fired_at: float
+    connect_began: float
+    connected_at: float | None
     results: list[Result]
     known: set[str]  # the app's allocation ids before the row
     poller: ControlPlanePoller
@@ -546,21 +595,29 @@ def app_state(edge: Edge, app: str) -> dict[str, Any] | None:
 
 
 def stampede(
-    stack: Stack, name: str, app: str, host: str, n: int, max_concurrency: int | None = None
+    stack: Stack,
+    name: str,
+    app: str,
+    host: str,
+    n: int,
+    max_concurrency: int | None = None,
+    *,
+    split: bool = True,
 ) -> Run:
-    """Fire `n` GETs at once at `host` and sample the edge's memory and the app's
-    allocations meanwhile; the analysis is left for later (rows follow each other fast)."""
+    """Fire `n` GETs at once at `host` (see `fire`) and sample the edge's memory and the
+    app's allocations meanwhile; the analysis is left for later (rows follow each other
+    fast)."""
     args = stack.args
     poller = ControlPlanePoller(stack.cp.port, stack.token, stack.procs, app)
     known = {a["id"] for a in poller.poll() or []}
     memory = MemorySampler(stack.edge.workers)
     memory.start()
     poller.start()
-    fire = fire_raw if args.client == "raw" else fire_aiohttp
-    log(f"{name}: firing {n} GETs at {host} ({args.client})")
+    how = "connect all, then send all" if split else "connect and send each at once"
+    log(f"{name}: firing {n} GETs at {host} ({how})")
     tcp_before = tcp_counters()
     try:
-        fired_at, results = asyncio.run(guarded(fire(stack.edge.port, host, n, args.timeout)))
+        fired = asyncio.run(guarded(fire(stack.edge.port, host, n, args.timeout, split=split)))
     finally:
         tcp_after = tcp_counters()
         poller.stop()
@@ -570,8 +627,10 @@ def stampede(
         app=app,
         requests=n,
         max_concurrency=max_concurrency,
-        fired_at=fired_at,
-        results=results,
+        fired_at=fired.fired_at,
+        connect_began=fired.connect_began,
+        connected_at=fired.connected_at,
+        results=fired.results,
         known=known,
         poller=poller,
         memory=memory.result(),
@@ -629,7 +688,12 @@ def row(run: Run, hot_wall_ms: float | None) -> dict[str, Any]:
     """The table's row of one stampede (see ROW_KEYS and the module's docstring)."""
     ok = [r for r in run.results if r.status == 200]
     first_bytes = [r.first_byte for r in run.results if r.first_byte is not None]
-    latencies = sorted((r.first_byte - run.fired_at) * 1000 for r in ok if r.first_byte)
+    split = run.connected_at is not None  # latency from each request's send, else the fire
+    latencies = sorted(
+        (r.first_byte - (r.sent if split and r.sent else run.fired_at)) * 1000
+        for r in ok
+        if r.first_byte
+    )
     held = [r for r in ok if wake_wait_ms(r.server_timing) is not None]
     ready_at = min((r.ready_at for r in held if r.ready_at is not None), default=None)
     to_first_byte = sorted(
@@ -637,11 +701,12 @@ def row(run: Run, hot_wall_ms: float | None) -> dict[str, Any]:
     )
     last_held = max((r.first_byte for r in held if r.first_byte), default=None)
     release = ms(last_held, ready_at)
-    cold = run.name != "hot"
+    cold = not run.name.startswith("hot")
     return {
         "app": run.app,
         "requests": run.requests,
         "max_concurrency": run.max_concurrency,
+        "connect_ms": ms(run.connected_at, run.connect_began),
         "wall_ms": ms(max(first_bytes, default=None), run.fired_at),
         "p50_ms": r3(percentile(latencies, 50)),
         "p99_ms": r3(percentile(latencies, 99)),
@@ -722,7 +787,8 @@ def targets_met(report: dict[str, Any]) -> dict[str, bool | None]:
         # And none in the hot row: had the app gone to sleep before it, it was no hot row.
         "wakes": all(r["wakes"] == TARGETS["wakes"] for r in cold_rows)
         and report["hot"]["wakes"] == 0,
-        "errors": all(r["errors"] == TARGETS["errors"] for r in rows),
+        "errors": all(r["errors"] == TARGETS["errors"] for r in rows)
+        and report["hot_with_connect_errors"] == TARGETS["errors"],
         "ready_to_hot_ms": at_most(report["ready_to_hot_ms"], "ready_to_hot_ms"),
         "release_vs_hot": (
             at_most(report["release_vs_hot"], "release_vs_hot")
@@ -789,6 +855,14 @@ def print_table(report: dict[str, Any]) -> None:
         f"app, first byte {cell(report['first_byte_after_edge_hot_ms'])} ms after edge hot; "
         f"TCP (whole machine) {report['tcp_counters_delta']}"
     )
+    print(
+        f"hot row: connecting took {cell(report['hot_connect_ms'])} ms before the send; "
+        f"old style (each GET connects and sends at once, from the let-go): wall "
+        f"{cell(report['hot_with_connect_wall_ms'])} ms, p50 "
+        f"{cell(report['hot_with_connect_p50_ms'])} ms, p99 "
+        f"{cell(report['hot_with_connect_p99_ms'])} ms, errors "
+        f"{report['hot_with_connect_errors']}"
+    )
     print(f"all targets met: {met['all']}")
 
 
@@ -835,9 +909,14 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]
     # cold, then hot at once (nothing in between: "stampede" must not go idle meanwhile).
     cold = stampede(stack, "cold", COLD_APP, COLD_HOST, args.requests)
     hot = stampede(stack, "hot", COLD_APP, COLD_HOST, args.requests)
+    # The same N again, old style (each connects and sends at once): the hot figure
+    # with the client's connection setup in it, for comparison only.
+    hot_connect = stampede(
+        stack, "hot_with_connect", COLD_APP, COLD_HOST, args.requests, split=False
+    )
     cold.app_state = hot.app_state = app_state(edge, COLD_APP)
     cold.allocations = list(hot.poller.allocations.values())
-    if hot.new_allocations():
+    if hot.new_allocations() or hot_connect.new_allocations():
         log(f"{COLD_APP} went to sleep before the hot row: raise --idle-timeout")
     # The limited row while "stampede" idles toward its sleep (which then takes the
     # edge's drain deadline, 5 s, too): the run is shorter, and nothing of it is timed.
@@ -849,7 +928,7 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]
     log(f"{COLD_APP} asleep again {slept:.1f}s after the limited row")
     small = stampede(stack, "small", COLD_APP, COLD_HOST, args.small)
     small.app_state = app_state(edge, COLD_APP)
-    runs = (cold, hot, small, limited)
+    runs = (cold, hot, hot_connect, small, limited)
     if args.dump:
         with open(args.dump, "w") as f:
             for r in runs:
@@ -857,6 +936,7 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]
                     f.write(json.dumps({"row": r.name, **asdict(result)}) + "\n")
 
     hot_row = row(hot, None)
+    hot_connect_row = row(hot_connect, None)
     rows = {r.name: row(r, hot_row["wall_ms"]) for r in (cold, small, limited)}
     small_row = rows["small"]
     small_row["release_vs_hot"] = None  # no hot row of that size to compare with
@@ -865,7 +945,6 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]
         "requests": args.requests,
         "store": args.store,
         "workers": args.workers,
-        "client": args.client,
         "start_delay_s": args.start_delay,
         "max_held": max_held,
         "idle_timeout_s": args.idle_timeout,
@@ -873,6 +952,11 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]
         "hot_wall_ms": hot_row["wall_ms"],
         "hot_p50_ms": hot_row["p50_ms"],
         "hot_p99_ms": hot_row["p99_ms"],
+        "hot_connect_ms": hot_row["connect_ms"],
+        "hot_with_connect_wall_ms": hot_connect_row["wall_ms"],
+        "hot_with_connect_p50_ms": hot_connect_row["p50_ms"],
+        "hot_with_connect_p99_ms": hot_connect_row["p99_ms"],
+        "hot_with_connect_errors": hot_connect_row["errors"],
         **{
             k: cold_row[k]
             for k in (
@@ -895,7 +979,8 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]
         "targets": TARGETS,
     }
     report["targets_met"] = targets_met(report)
-    troubled = any(r["errors"] for r in (cold_row, hot_row, small_row, rows["limited"])) or not (
+    rows_run = (cold_row, hot_row, hot_connect_row, small_row, rows["limited"])
+    troubled = any(r["errors"] for r in rows_run) or not (
         report["targets_met"]["wakes"] and len(report["allocation_ids"]) == 1
     )
     report["edge_log"] = edge_log_excerpt(edge.log_path) if troubled else []
@@ -928,12 +1013,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="edge worker processes (2)")
     parser.add_argument("--store", choices=("redis", "memory"), default="redis")
     parser.add_argument("--timeout", type=float, default=60.0, help="bound on each stampede s")
-    parser.add_argument(
-        "--client",
-        choices=("aiohttp", "raw"),
-        default="aiohttp",
-        help="aiohttp client, or raw asyncio sockets stamping the first byte in data_received",
-    )
     parser.add_argument(
         "--max-held",
         type=int,

@@ -37,6 +37,7 @@ STAMPEDE_ROW_KEYS = {
     "app",
     "requests",
     "max_concurrency",
+    "connect_ms",
     "wall_ms",
     "p50_ms",
     "p99_ms",
@@ -65,6 +66,8 @@ def stampede_row(app: str, requests: int, limit: int | None, *, cold: bool, rati
             row["app"] == app
             and row["requests"] == requests
             and row["max_concurrency"] == limit
+            # Every row opens its connections first, then sends (the barrier).
+            and pos(row["connect_ms"])
             and pos(row["wall_ms"])
             and pos(row["p50_ms"])
             and row["p50_ms"] <= row["p99_ms"] <= row["wall_ms"]
@@ -118,7 +121,6 @@ def test_stampede_quick(tmp_path: Path) -> None:
             "requests": eq(requests),
             "store": eq("redis"),
             "workers": eq(2),
-            "client": eq("aiohttp"),
             "start_delay_s": eq(0.3),
             "max_held": eq(1000),
             "idle_timeout_s": eq(3.0),
@@ -126,6 +128,11 @@ def test_stampede_quick(tmp_path: Path) -> None:
             "hot_wall_ms": pos,
             "hot_p50_ms": pos,
             "hot_p99_ms": pos,
+            "hot_connect_ms": pos,
+            "hot_with_connect_wall_ms": pos,
+            "hot_with_connect_p50_ms": pos,
+            "hot_with_connect_p99_ms": pos,
+            "hot_with_connect_errors": eq(0),
             "release_ms": pos,
             "release_vs_hot": pos,
             "ready_to_hot_ms": nonneg,
@@ -178,6 +185,9 @@ def test_stampede_quick(tmp_path: Path) -> None:
     for key in ("release_ms", "release_vs_hot", "ready_to_hot_ms", "wakes", "errors"):
         assert r[key] == r["cold"][key], key
     assert (r["hot_wall_ms"], r["hot_p50_ms"]) == (r["hot"]["wall_ms"], r["hot"]["p50_ms"])
+    assert r["hot_connect_ms"] == r["hot"]["connect_ms"]
+    assert r["hot_with_connect_p50_ms"] <= r["hot_with_connect_p99_ms"]
+    assert r["hot_with_connect_p99_ms"] <= r["hot_with_connect_wall_ms"]
     assert r["release_vs_hot"] == round(r["release_ms"] / r["hot_wall_ms"], 3)
     assert r["wake_wait_p50_ms"] <= r["wake_wait_max_ms"]
     assert r["rss_before_mib"] <= r["rss_peak_mib"]
