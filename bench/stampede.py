@@ -1,26 +1,74 @@
 #!/usr/bin/env python3
-"""Wake-stampede benchmark: N concurrent GETs for one cold scale-to-zero app.
+"""Wake-stampede benchmark: N concurrent GETs at a cold scale-to-zero app, measured beside
+the same N GETs at it hot, in one run, with the same client, app and edge.
 
 Starts, all on 127.0.0.1 and free ports, in its own temp dir:
 
     redis-server        (only with --store redis)
-    edge controlplane   one app "stampede": bench/apps/sample_app.py --start-delay S
-    edge run            that app scale_to_zero, --workers N, [budget] defaults
+    edge controlplane   apps "stampede" and "limited": bench/apps/sample_app.py --start-delay S
+    edge run            both scale_to_zero, --workers N, [budget] defaults; "stampede" with
+                        idle_timeout --idle-timeout (so it goes back to sleep), "limited"
+                        with max_concurrency --max-concurrency (32)
 
-then fires --requests GETs at once (one connection each, Host stampede.localhost)
-at the cold app. Overhead is first response byte (time.time() when the headers
-arrived) minus X-Ready-At, the moment the app began answering 2xx (both clocks are
-this machine's); the edge workers' VmRSS and the control plane's allocations are
-sampled every 50 ms. The table also splits the overhead into a timeline (app ready
--> control plane ready -> edge hot -> first byte) and shows machine-wide
-listen-backlog overflows (TcpExt ListenOverflows), before and after the app became
-ready.
+then fires, from one asyncio client (the same code every time, `fire`: every GET on a
+fresh connection), four rows one after the other. In every row the client first opens
+all N connections (waiting at most 8 s, under the edge's header_timeout; a connection
+not made by then is an error of its request), then writes all N requests in one pass
+(the barrier: the client does nothing else meanwhile). So every row starts with the N
+connections made and measures only the requests: in the cold row they are held at the
+edge before the app is ready, and in the hot row they meet it hot the same way.
 
-The app's `max_held` is raised to --requests by default (the per-app default, 1000
-per worker, would answer most of a 5,000-request stampede 503 hold_cap); --max-held
-sets it. --client raw uses bare asyncio sockets instead of aiohttp; --dump FILE
-writes every response's record as JSON lines. --quick: 50 requests, the app starts
-in 0.3 s.
+    cold      --requests GETs at "stampede" asleep: one wake releases them all
+    hot       at once after, the same --requests GETs at "stampede", now hot (then,
+              only for comparison, the same N again old style: `hot_with_connect`)
+    limited   --requests GETs at "limited" asleep (max_concurrency = 32)
+    small     --small GETs (20) at "stampede" asleep again: the run first waits until the
+              edge has put it to sleep (idle for --idle-timeout, drained, `cold` in the
+              store) and one upkeep more (1.25 s), so every worker has seen it cold
+
+What each row measures (ms; every time is time.time() on this one machine):
+
+    connect               from the first connect to the barrier (all N connections made,
+                          or the 8 s wait over): the client's connection setup, outside
+                          every other figure
+    wall                  from the fire (the first request written, right after the
+                          barrier) to the last response's first byte (its headers; the
+                          body is one short line)
+    p50, p99              each 200's latency: its first byte minus its own send (the
+                          moment its request was written; the pass over N takes some ms)
+    app ready             the app's X-Ready-At: the moment it began answering 2xx
+    ready_to_hot          app ready -> edge hot: the `at` of the Wake machine's `hot`
+                          transition (/admin/apps), stamped by the wake's lease holder just
+                          before it writes `hot` and releases the requests it holds (other
+                          workers follow on the store's change notification)
+    ready_to_first_byte   per held response (Server-Timing wake;dur): first byte - app ready
+    release               app ready -> the last held response's first byte
+    release_vs_hot        release / the hot row's wall: releasing N held requests against
+                          serving N requests sent at once on open connections. Both start
+                          with the connections made; the release also with the requests
+                          read and held, the hot wall with them in flight on the wire
+    wakes                 allocations the control plane created for the row's app in it
+    errors                non-200 answers + client exceptions
+    memory growth         peak minus baseline VmRSS of the edge workers (sampled every
+                          50 ms), summed
+
+Targets: wakes 1 in every cold row (and 0 in the hot row), errors 0 in every row (and
+the old-style hot pass),
+ready_to_hot_ms <= 10 (the cold row), release_vs_hot <= 1.25 (the cold row; judged only
+at --requests >= 5000, null in targets_met below that), small ready_to_first_byte_p50_ms
+<= 15. For scale: Knative's activator probes readiness every 200 ms (its queue-proxy
+probes the container every 25 ms while it starts), OpenFaaS polls every 100 ms, Sablier
+every 5 s.
+
+The apps' `max_held` is raised to --requests by default (the per-app default, 1000 per
+worker, would answer most of a 5,000-request stampede 503 hold_cap); --max-held sets it.
+`hot_with_connect` (diagnostic, not a row): the hot N again right after the hot row,
+old style: all let go at once, each GET written as soon as its own connection is made;
+wall and p50/p99 from the let-go, so they hold the client's N connects (and the edge
+accepting them while it serves the first ones). --dump FILE writes every
+response's record (with its row) as JSON lines. --quick: 50 requests, the app starts in
+0.3 s, idle timeout 3 s. The table also shows machine-wide listen-backlog overflows
+(TcpExt ListenOverflows) of the cold row, before and after the app became ready.
 
 Prints a table, writes JSON (--json FILE). Every process it starts (and every app
 process the control plane started) is stopped on the way out, also on errors and
@@ -30,51 +78,64 @@ Ctrl-C.
     .venv/bin/python bench/stampede.py --json /tmp/stampede.json --store memory --workers 1
 
 JSON keys (--json FILE; times in ms unless named _s; null where nothing was measured):
-    requests                 GETs fired
+    requests                 GETs fired in the cold, hot and limited rows
     store                    redis or memory
     workers                  edge worker processes
-    client                   aiohttp or raw
-    start_delay_s            the app's start time
-    max_held                 the app's max_held
-    wakes                    allocations the control plane created for the app (1 wanted)
-    errors                   non-200 answers + client exceptions (0 wanted)
-    ok                       200 answers
+    start_delay_s            the apps' start time
+    max_held                 the apps' max_held
+    idle_timeout_s           "stampede"'s idle_timeout (it sleeps before the small row)
+    max_concurrency          "limited"'s max_concurrency
+    hot_wall_ms              the hot row: wall, p50, p99, connect
+    hot_p50_ms
+    hot_p99_ms
+    hot_connect_ms
+    hot_with_connect_wall_ms the old-style hot pass (connects in it): wall, p50, p99,
+    hot_with_connect_p50_ms  errors (from the let-go)
+    hot_with_connect_p99_ms
+    hot_with_connect_errors
+    release_ms               the cold row: release, release_vs_hot, ready_to_hot,
+    release_vs_hot           ready_to_first_byte p50 and p99, wakes, errors, memory growth
+    ready_to_hot_ms
+    ready_to_first_byte_p50_ms
+    ready_to_first_byte_p99_ms
+    wakes
+    errors
+    memory_growth_mib
+    cold                     each row: app, requests, max_concurrency, connect_ms, wall_ms,
+    hot                          p50_ms, p99_ms, release_ms, release_vs_hot, ready_to_hot_ms,
+    small                        ready_to_first_byte_p50_ms, ready_to_first_byte_p99_ms,
+    limited                      wakes, errors, errors_by_kind, held, memory_growth_mib
+    ok                       the cold row from here on: 200 answers
     errors_by_kind           errors by "status X-Edge-Error" or exception name
     statuses                 answers by status
     allocation_ids           the distinct X-Allocation-Id of the 200s
     missing_ready_at         200s without X-Ready-At
-    overhead_min_ms          first byte minus X-Ready-At: min, p50, p90, p99, max
-    overhead_p50_ms
-    overhead_p90_ms
-    overhead_p99_ms
-    overhead_max_ms
     held                     200s whose Server-Timing says they waited for the wake
     wake_wait_p50_ms         that wait (Server-Timing wake;dur): p50, max
     wake_wait_max_ms
-    ready_after_fire_ms      from the fire to the app's first X-Ready-At
-    first_byte_spread_ms     from the first answer's first byte to the last's
+    ready_after_fire_ms      from the fire to the app's X-Ready-At
     peak_concurrent_starts   most allocations planned/pulling/starting at once
-    memory_growth_mib        peak minus baseline VmRSS of the edge workers, summed
     memory_growth_max_worker_mib   the largest growth of one worker
     memory_growth_by_worker_mib    growth by worker pid
     rss_before_mib           the workers' VmRSS before, summed; and at its peak
     rss_peak_mib
     rss_samples              VmRSS samples taken
-    wall_s                   the stampede's wall time
-    allocations              id, state, reason, created_at, updated_at of each
+    allocations              id, state, reason, created_at, updated_at of each (after the
+                             hot row)
     tcp_counters_delta       machine-wide listen_overflows, listen_drops, tcp_retrans_segs
     listen_overflows_before_app_ready   of those, before the app was ready; and after
     listen_overflows_after_app_ready
     cp_polls                 control-plane polls, and those that failed
     cp_poll_errors
-    edge_app_state           the app in /admin/apps after the stampede
-    app_ready_at             the first X-Ready-At (unix time)
-    cp_ready_after_app_ready_ms    timeline: control plane ready, edge hot, first byte
-    edge_hot_after_app_ready_ms
+    edge_app_state           the app in /admin/apps after the cold row
+    app_ready_at             X-Ready-At (unix time)
+    cp_ready_after_app_ready_ms    timeline: control plane ready; first byte after edge hot
     first_byte_after_edge_hot_ms
     nofile_limit             RLIMIT_NOFILE of the client
-    targets                  wakes, errors, memory_growth_mib, overhead_p50_ms, overhead_p99_ms
-    targets_met              each target, and all
+    targets                  wakes, errors, ready_to_hot_ms, release_vs_hot,
+                             small_ready_to_first_byte_p50_ms
+    targets_met              each target (true, false; release_vs_hot null when not
+                             judged), and all (of those judged)
     edge_log                 error lines of the edge's log when the run had trouble, else []
     controlplane_log         the same of the control plane's
     machine                  nproc, cpu, python, platform, load average at the start
@@ -96,7 +157,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +165,8 @@ from bench_stack import (
     COLD_APP,
     COLD_HOST,
     STOP_SIGNALS,
+    ControlPlane,
+    Edge,
     Processes,
     add_quick,
     apply_quick,
@@ -122,15 +185,44 @@ from bench_stack import (
 )
 
 POLL_INTERVAL = 0.05
+# The split client opens its connections for at most this long (s) before it sends:
+# under the edge's header_timeout (10 s), so none is closed idle before its request.
+CONNECT_WAIT = 8.0
 STARTING_STATES = frozenset({"planned", "pulling", "starting"})
+# The app with a concurrency limit (its own host, same program as COLD_APP).
+LIMITED_APP = "limited"
+LIMITED_HOST = f"{LIMITED_APP}.localhost"
 TARGETS: dict[str, float] = {
     "wakes": 1,
     "errors": 0,
-    "memory_growth_mib": 64,
-    "overhead_p50_ms": 10,
-    "overhead_p99_ms": 50,
+    "ready_to_hot_ms": 10,
+    "release_vs_hot": 1.25,
+    "small_ready_to_first_byte_p50_ms": 15,
 }
-QUICK = {"requests": 50, "start_delay": 0.3, "timeout": 30.0}
+# release_vs_hot is judged from this many requests on (below it, fixed costs dominate).
+RELEASE_JUDGED_FROM = 5000
+# One pass of every worker's wake upkeep (1 s) and some: each has re-read the store.
+UPKEEP_SETTLE_S = 1.25
+ROW_KEYS = (
+    "app",
+    "requests",
+    "max_concurrency",
+    "connect_ms",
+    "wall_ms",
+    "p50_ms",
+    "p99_ms",
+    "release_ms",
+    "release_vs_hot",
+    "ready_to_hot_ms",
+    "ready_to_first_byte_p50_ms",
+    "ready_to_first_byte_p99_ms",
+    "wakes",
+    "errors",
+    "errors_by_kind",
+    "held",
+    "memory_growth_mib",
+)
+QUICK = {"requests": 50, "start_delay": 0.3, "idle_timeout": 3.0, "timeout": 30.0}
 
 log = logger("stampede")
 
@@ -203,21 +295,24 @@ class MemorySampler(threading.Thread):
 
 
 class ControlPlanePoller(threading.Thread):
-    """GET /v1/allocations every 50 ms: peak allocations starting at once, app pids."""
+    """GET /v1/allocations?app=APP every 50 ms: peak allocations starting at once, app pids."""
 
-    def __init__(self, port: int, token: str, procs: Processes) -> None:
+    def __init__(self, port: int, token: str, procs: Processes, app: str) -> None:
         super().__init__(name="cp-poller", daemon=True)
         self.port = port
+        self.app = app
         self.headers = {"Authorization": f"Bearer {token}"}
         self.procs = procs
         self.peak_starting = 0
         self.polls = 0
         self.poll_errors = 0
         self.allocations: dict[str, dict[str, Any]] = {}
+        # id -> the control plane's `updated_at` when this poller first saw it ready.
+        self.ready_seen: dict[str, float] = {}
         self._stop_event = threading.Event()
 
     def poll(self) -> list[dict[str, Any]] | None:
-        status, body = http_get(self.port, f"/v1/allocations?app={COLD_APP}", self.headers, 2.0)
+        status, body = http_get(self.port, f"/v1/allocations?app={self.app}", self.headers, 2.0)
         if status != 200:
             self.poll_errors += 1
             return None
@@ -227,6 +322,8 @@ class ControlPlanePoller(threading.Thread):
         self.peak_starting = max(self.peak_starting, starting)
         for a in allocations:
             self.allocations[a["id"]] = a
+            if a["state"] == "ready":
+                self.ready_seen.setdefault(a["id"], a["updated_at"])
             if a.get("pid"):
                 self.procs.app_pids.add(a["pid"])
         return allocations
@@ -269,6 +366,7 @@ def tcp_counters() -> dict[str, int]:
 @dataclass
 class Result:
     status: int | None = None
+    sent: float | None = None  # time.time() when the request was written
     first_byte: float | None = None  # time.time() when the response headers arrived
     ready_at: float | None = None  # X-Ready-At
     allocation: str | None = None  # X-Allocation-Id
@@ -277,7 +375,7 @@ class Result:
     exception: str | None = None
 
 
-def _result(status: int, first_byte: float, headers: Any) -> Result:
+def _result(status: int, sent: float | None, first_byte: float, headers: Any) -> Result:
     ready = headers.get("X-Ready-At")
     try:
         ready_at = float(ready) if ready else None
@@ -285,6 +383,7 @@ def _result(status: int, first_byte: float, headers: Any) -> Result:
         ready_at = None
     return Result(
         status=status,
+        sent=sent,
         first_byte=first_byte,
         ready_at=ready_at,
         allocation=headers.get("X-Allocation-Id"),
@@ -293,51 +392,36 @@ def _result(status: int, first_byte: float, headers: Any) -> Result:
     )
 
 
-async def fire_aiohttp(port: int, n: int, timeout: float) -> list[Result]:
-    import aiohttp
+class _Caseless(dict):
+    """Header lookup by any case (keys stored lower-case)."""
 
-    url = f"http://127.0.0.1:{port}/"
-    connector = aiohttp.TCPConnector(limit=n, limit_per_host=0, force_close=True)
-    client_timeout = aiohttp.ClientTimeout(total=timeout)
-    results = [Result() for _ in range(n)]
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=client_timeout, auto_decompress=False
-    ) as session:
-        start = asyncio.Event()
-
-        async def one(i: int) -> None:
-            await start.wait()
-            try:
-                async with session.get(url, headers={"Host": COLD_HOST}) as resp:
-                    first_byte = time.time()
-                    results[i] = _result(resp.status, first_byte, resp.headers)
-                    await resp.read()
-            except Exception as exc:
-                results[i].exception = type(exc).__name__
-
-        tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
-        await asyncio.sleep(0)  # every task is parked on the event: release them together
-        start.set()
-        await asyncio.wait(tasks, timeout=timeout + 5)
-        for i, task in enumerate(tasks):
-            if not task.done():
-                task.cancel()
-                results[i].exception = results[i].exception or "Unfinished"
-    return results
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return super().get(key.lower(), default)
 
 
-class _RawResponse(asyncio.Protocol):
-    """One HTTP/1.1 GET on its own connection; stamps the first byte, parses the head."""
+class _Exchange(asyncio.Protocol):
+    """One HTTP/1.1 GET on its own connection: `send` writes it (stamping the moment),
+    `data_received` stamps the first byte and parses the head. With `send_at_once` the
+    request goes out as soon as the connection is made."""
 
-    def __init__(self, request: bytes, done: asyncio.Future[Result]) -> None:
+    def __init__(self, request: bytes, done: asyncio.Future[Result], send_at_once: bool) -> None:
         self.request = request
         self.done = done
+        self.send_at_once = send_at_once
         self.buffer = bytearray()
+        self.sent: float | None = None
         self.first_byte: float | None = None
+        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        transport.write(self.request)  # type: ignore[attr-defined]
+        self.transport = transport  # type: ignore[assignment]
+        if self.send_at_once:
+            self.send()
+
+    def send(self) -> None:
+        assert self.transport is not None
+        self.sent = time.time()
+        self.transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
         if self.first_byte is None:
@@ -351,7 +435,9 @@ class _RawResponse(asyncio.Protocol):
         for line in lines[1:]:
             name, _, val = line.partition(":")
             headers[name.strip().lower()] = val.strip()
-        self.done.set_result(_result(int(lines[0].split()[1]), self.first_byte, headers))
+        status = int(lines[0].split()[1])
+        self.done.set_result(_result(status, self.sent, self.first_byte, headers))
+        assert self.transport is not None
         self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -359,48 +445,83 @@ class _RawResponse(asyncio.Protocol):
             self.done.set_exception(exc or ConnectionResetError("closed before the headers"))
 
 
-class _Caseless(dict):
-    """Header lookup by any case (keys stored lower-case)."""
-
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
-        return super().get(key.lower(), default)
+class ConnectError(Exception):
+    """The connection of a request was not made (in time)."""
 
 
-async def fire_raw(port: int, n: int, timeout: float) -> list[Result]:
+@dataclass
+class Fired:
+    """What one stampede's client saw: when connecting began, when every connection was
+    open (split only), the fire (the first request written) and each request's result."""
+
+    connect_began: float
+    connected_at: float | None
+    fired_at: float
+    results: list[Result]
+
+
+async def fire(port: int, host: str, n: int, timeout: float, *, split: bool) -> Fired:
+    """N GETs at `host`, each on its own connection, from one asyncio client.
+
+    split (every row of the table): open all N connections first (at most CONNECT_WAIT),
+    then write all N requests in one pass (the barrier: nothing else runs meanwhile);
+    the fire is the first write. Not split (`hot_with_connect`, the old-style figure):
+    all N let go at once, each written as soon as its own connection is made; the fire
+    is the let-go. A connection not made in time counts as an error of its request."""
     loop = asyncio.get_running_loop()
     request = (
-        f"GET / HTTP/1.1\r\nHost: {COLD_HOST}\r\nConnection: close\r\nUser-Agent: stampede\r\n\r\n"
+        f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: stampede\r\n\r\n"
     ).encode()
-    results = [Result() for _ in range(n)]
-    start = asyncio.Event()
+    done: list[asyncio.Future[Result]] = [loop.create_future() for _ in range(n)]
+    exchanges = [_Exchange(request, future, not split) for future in done]
 
-    async def one(i: int) -> None:
-        await start.wait()
-        done: asyncio.Future[Result] = loop.create_future()
-        transport = None
+    async def connect(exchange: _Exchange) -> None:
         try:
-            transport, _ = await loop.create_connection(
-                lambda: _RawResponse(request, done), "127.0.0.1", port
-            )
-            results[i] = await done
-        except Exception as exc:
-            results[i].exception = type(exc).__name__
-        finally:
-            if transport is not None:
-                transport.close()
+            await loop.create_connection(lambda: exchange, "127.0.0.1", port)
+        except Exception as exc:  # its request's error; the others go on
+            if not exchange.done.done():
+                exchange.done.set_exception(ConnectError(type(exc).__name__))
 
-    tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
-    await asyncio.sleep(0)
-    start.set()
-    await asyncio.wait(tasks, timeout=timeout)
-    for i, task in enumerate(tasks):
-        if not task.done():
-            task.cancel()
-            results[i].exception = results[i].exception or "Timeout"
-    return results
+    connect_began = time.time()
+    connects = [asyncio.ensure_future(connect(e)) for e in exchanges]
+    connected_at = None
+    if split:
+        await asyncio.wait(connects, timeout=min(CONNECT_WAIT, timeout))
+        connected_at = fired_at = time.time()
+        for connecting in connects:
+            connecting.cancel()  # not made in time: its request is not sent
+        for exchange in exchanges:
+            if exchange.transport is None and not exchange.done.done():
+                exchange.done.set_exception(ConnectError("ConnectTimeout"))
+        first = True
+        for exchange in exchanges:
+            if exchange.transport is not None and not exchange.done.done():
+                if first:
+                    fired_at, first = time.time(), False
+                exchange.send()
+    else:
+        fired_at = connect_began
+    await asyncio.wait(done, timeout=timeout)
+    results = []
+    for connecting, exchange in zip(connects, exchanges, strict=True):
+        connecting.cancel()
+        future = exchange.done
+        if not future.done():
+            future.cancel()
+            results.append(Result(sent=exchange.sent, exception="Timeout"))
+        elif future.exception() is not None:
+            error = future.exception()
+            name = f"connect:{error}" if isinstance(error, ConnectError) else type(error).__name__
+            results.append(Result(sent=exchange.sent, exception=name))
+        else:
+            results.append(future.result())
+        if exchange.transport is not None:
+            exchange.transport.close()
+    await asyncio.gather(*connects, return_exceptions=True)
+    return Fired(connect_began, connected_at, fired_at, results)
 
 
-async def guarded(coro: Any) -> list[Result]:
+async def guarded(coro: Any) -> Fired:
     """Run the stampede; SIGTERM/SIGHUP cancel it cleanly, then exit as the handler would."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -426,129 +547,323 @@ async def guarded(coro: Any) -> list[Result]:
 
 
 # --------------------------------------------------------------------------
+# One row: a stampede at one app
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    args: argparse.Namespace
+    procs: Processes
+    cp: ControlPlane
+    edge: Edge
+    token: str
+
+
+@dataclass
+class Run:
+    """What one row's stampede left: its answers, and what the samplers saw meanwhile."""
+
+    name: str
+    app: str
+    requests: int
+    max_concurrency: int | None
+    fired_at: float
+    connect_began: float
+    connected_at: float | None
+    results: list[Result]
+    known: set[str]  # the app's allocation ids before the row
+    poller: ControlPlanePoller
+    memory: dict[str, Any]
+    overflows: list[tuple[float, int]]
+    tcp_delta: dict[str, int]
+    app_state: dict[str, Any] | None = None
+    allocations: list[dict[str, Any]] = field(default_factory=list)
+
+    def new_allocations(self) -> list[dict[str, Any]]:
+        return [a for i, a in self.poller.allocations.items() if i not in self.known]
+
+
+def app_state(edge: Edge, app: str) -> dict[str, Any] | None:
+    """The app in the edge's /admin/apps (state, last transitions), or None."""
+    status, body = http_get(edge.admin_port, "/admin/apps", timeout=2.0)
+    if status != 200:
+        return None
+    with contextlib.suppress(ValueError, KeyError):
+        return {a["name"]: a for a in json.loads(body)["apps"]}.get(app)
+    return None
+
+
+def stampede(
+    stack: Stack,
+    name: str,
+    app: str,
+    host: str,
+    n: int,
+    max_concurrency: int | None = None,
+    *,
+    split: bool = True,
+) -> Run:
+    """Fire `n` GETs at once at `host` (see `fire`) and sample the edge's memory and the
+    app's allocations meanwhile; the analysis is left for later (rows follow each other
+    fast)."""
+    args = stack.args
+    poller = ControlPlanePoller(stack.cp.port, stack.token, stack.procs, app)
+    known = {a["id"] for a in poller.poll() or []}
+    memory = MemorySampler(stack.edge.workers)
+    memory.start()
+    poller.start()
+    how = "connect all, then send all" if split else "connect and send each at once"
+    log(f"{name}: firing {n} GETs at {host} ({how})")
+    tcp_before = tcp_counters()
+    try:
+        fired = asyncio.run(guarded(fire(stack.edge.port, host, n, args.timeout, split=split)))
+    finally:
+        tcp_after = tcp_counters()
+        poller.stop()
+        memory.stop()
+    return Run(
+        name=name,
+        app=app,
+        requests=n,
+        max_concurrency=max_concurrency,
+        fired_at=fired.fired_at,
+        connect_began=fired.connect_began,
+        connected_at=fired.connected_at,
+        results=fired.results,
+        known=known,
+        poller=poller,
+        memory=memory.result(),
+        overflows=list(memory.overflows),
+        # Machine-wide deltas over the row (other processes on the box count too).
+        tcp_delta={k: v - tcp_before.get(k, 0) for k, v in tcp_after.items()},
+    )
+
+
+def wait_until_cold(stack: Stack, app: str, timeout: float) -> float:
+    """Until the edge has put `app` to sleep (idle, drained, `cold` in the store) and one
+    upkeep more has passed; the seconds it took. RuntimeError after `timeout`."""
+    began = time.monotonic()
+    deadline = began + timeout
+    while time.monotonic() < deadline:
+        state = app_state(stack.edge, app)
+        if state is not None and state.get("state") == "cold":
+            time.sleep(UPKEEP_SETTLE_S)
+            return time.monotonic() - began
+        time.sleep(0.1)
+    raise RuntimeError(f"app {app} not put to sleep by the edge within {timeout:g}s")
+
+
+# --------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------
 
 
-def summarize(results: list[Result], fired_at: float) -> dict[str, Any]:
-    ok = [r for r in results if r.status == 200]
-    statuses = Counter(str(r.status) for r in results if r.status is not None)
+def ms(later: float | None, earlier: float | None) -> float | None:
+    return None if later is None or earlier is None else round((later - earlier) * 1000, 3)
+
+
+def hot_at(state: dict[str, Any] | None, since: float) -> float | None:
+    """The first `hot` transition at or after `since` in the app's journal, as /admin/apps
+    shows it (its newest ten)."""
+    found = [
+        t["at"]
+        for t in (state or {}).get("transitions", [])
+        if t.get("to_state") == "hot" and t.get("at", 0) >= since
+    ]
+    return min(found, default=None)
+
+
+def failures_of(results: list[Result]) -> Counter[str]:
     failures: Counter[str] = Counter()
     for r in results:
         if r.exception is not None:
             failures[f"exception:{r.exception}"] += 1
         elif r.status != 200:
             failures[f"{r.status} {r.edge_error or '-'}"] += 1
-    overhead = sorted(
-        (r.first_byte - r.ready_at) * 1000
+    return failures
+
+
+def row(run: Run, hot_wall_ms: float | None) -> dict[str, Any]:
+    """The table's row of one stampede (see ROW_KEYS and the module's docstring)."""
+    ok = [r for r in run.results if r.status == 200]
+    first_bytes = [r.first_byte for r in run.results if r.first_byte is not None]
+    split = run.connected_at is not None  # latency from each request's send, else the fire
+    latencies = sorted(
+        (r.first_byte - (r.sent if split and r.sent else run.fired_at)) * 1000
         for r in ok
-        if r.first_byte is not None and r.ready_at is not None
+        if r.first_byte
     )
-    waits = sorted(w for w in (wake_wait_ms(r.server_timing) for r in ok) if w is not None)
-    first_bytes = sorted(r.first_byte for r in results if r.first_byte is not None)
-    ready_ats = sorted({r.ready_at for r in ok if r.ready_at is not None})
+    held = [r for r in ok if wake_wait_ms(r.server_timing) is not None]
+    ready_at = min((r.ready_at for r in held if r.ready_at is not None), default=None)
+    to_first_byte = sorted(
+        (r.first_byte - r.ready_at) * 1000 for r in held if r.first_byte and r.ready_at
+    )
+    last_held = max((r.first_byte for r in held if r.first_byte), default=None)
+    release = ms(last_held, ready_at)
+    cold = not run.name.startswith("hot")
     return {
+        "app": run.app,
+        "requests": run.requests,
+        "max_concurrency": run.max_concurrency,
+        "connect_ms": ms(run.connected_at, run.connect_began),
+        "wall_ms": ms(max(first_bytes, default=None), run.fired_at),
+        "p50_ms": r3(percentile(latencies, 50)),
+        "p99_ms": r3(percentile(latencies, 99)),
+        "release_ms": release,
+        "release_vs_hot": (
+            round(release / hot_wall_ms, 3) if release is not None and hot_wall_ms else None
+        ),
+        "ready_to_hot_ms": ms(hot_at(run.app_state, run.fired_at), ready_at) if cold else None,
+        "ready_to_first_byte_p50_ms": r3(percentile(to_first_byte, 50)),
+        "ready_to_first_byte_p99_ms": r3(percentile(to_first_byte, 99)),
+        "wakes": len(run.new_allocations()),
+        "errors": len(run.results) - len(ok),
+        "errors_by_kind": dict(failures_of(run.results).most_common()),
+        "held": len(held),
+        "memory_growth_mib": run.memory["memory_growth_mib"],
+    }
+
+
+def cold_details(run: Run) -> dict[str, Any]:
+    """The cold row's diagnostics: answers, the wake's timeline, memory, TCP, samplers."""
+    results = run.results
+    ok = [r for r in results if r.status == 200]
+    waits = sorted(w for w in (wake_wait_ms(r.server_timing) for r in ok) if w is not None)
+    ready_at = min((r.ready_at for r in ok if r.ready_at is not None), default=None)
+    cp_ready = min(
+        (
+            run.poller.ready_seen[a["id"]]
+            for a in run.new_allocations()
+            if a["id"] in run.poller.ready_seen
+        ),
+        default=None,
+    )
+    first = min((r.first_byte for r in ok if r.first_byte), default=None)
+    details: dict[str, Any] = {
         "ok": len(ok),
-        "errors": len(results) - len(ok),
-        "errors_by_kind": dict(failures.most_common()),
-        "statuses": dict(statuses),
+        "errors_by_kind": dict(failures_of(results).most_common()),
+        "statuses": dict(Counter(str(r.status) for r in results if r.status is not None)),
         "allocation_ids": sorted({r.allocation for r in ok if r.allocation}),
         "missing_ready_at": sum(1 for r in ok if r.ready_at is None),
-        "overhead_min_ms": r3(overhead[0] if overhead else None),
-        "overhead_p50_ms": r3(percentile(overhead, 50)),
-        "overhead_p90_ms": r3(percentile(overhead, 90)),
-        "overhead_p99_ms": r3(percentile(overhead, 99)),
-        "overhead_max_ms": r3(overhead[-1] if overhead else None),
         "held": len(waits),
         "wake_wait_p50_ms": r3(percentile(waits, 50)),
         "wake_wait_max_ms": r3(waits[-1] if waits else None),
-        "ready_after_fire_ms": r3((ready_ats[0] - fired_at) * 1000 if ready_ats else None),
-        "first_byte_spread_ms": r3(
-            (first_bytes[-1] - first_bytes[0]) * 1000 if first_bytes else None
-        ),
-    }
-
-
-def timeline(
-    results: list[Result], allocations: list[dict[str, Any]], app_state: dict[str, Any] | None
-) -> dict[str, Any]:
-    """Where the overhead goes: app ready -> control plane ready -> edge hot -> first byte."""
-    ready_at = min((r.ready_at for r in results if r.ready_at is not None), default=None)
-    cp_ready = min(
-        (a["updated_at"] for a in allocations if a.get("state") == "ready"), default=None
-    )
-    hot_at = None
-    for t in (app_state or {}).get("transitions", []):
-        if t.get("to_state") == "hot":
-            hot_at = t["at"] if hot_at is None else min(hot_at, t["at"])
-    first = min((r.first_byte for r in results if r.status == 200 and r.first_byte), default=None)
-
-    def ms(later: float | None, earlier: float | None) -> float | None:
-        return None if later is None or earlier is None else round((later - earlier) * 1000, 3)
-
-    return {
+        "ready_after_fire_ms": ms(ready_at, run.fired_at),
+        "peak_concurrent_starts": run.poller.peak_starting,
+        **{k: v for k, v in run.memory.items() if k != "memory_growth_mib"},
+        "allocations": [
+            {k: a.get(k) for k in ("id", "state", "reason", "created_at", "updated_at")}
+            for a in run.allocations
+        ],
+        "tcp_counters_delta": run.tcp_delta,
+        "listen_overflows_before_app_ready": None,
+        "listen_overflows_after_app_ready": None,
+        "cp_polls": run.poller.polls,
+        "cp_poll_errors": run.poller.poll_errors,
+        "edge_app_state": run.app_state,
         "app_ready_at": ready_at,
         "cp_ready_after_app_ready_ms": ms(cp_ready, ready_at),
-        "edge_hot_after_app_ready_ms": ms(hot_at, ready_at),
-        "first_byte_after_edge_hot_ms": ms(first, hot_at),
+        "first_byte_after_edge_hot_ms": ms(first, hot_at(run.app_state, run.fired_at)),
     }
+    if ready_at is not None and run.overflows:
+        # Before the app was ready only the edge's listener took connections; after, the
+        # app's own listener too (the edge connecting to it for every held request).
+        at_ready = max((n for t, n in run.overflows if t <= ready_at), default=None)
+        first_n, last_n = run.overflows[0][1], run.overflows[-1][1]
+        if at_ready is not None:
+            details["listen_overflows_before_app_ready"] = at_ready - first_n
+            details["listen_overflows_after_app_ready"] = last_n - at_ready
+    return details
+
+
+def targets_met(report: dict[str, Any]) -> dict[str, bool | None]:
+    def at_most(value: float | None, key: str) -> bool:
+        return value is not None and value <= TARGETS[key]
+
+    cold_rows = [report[name] for name in ("cold", "small", "limited")]
+    rows = [*cold_rows, report["hot"]]
+    met: dict[str, bool | None] = {
+        # And none in the hot row: had the app gone to sleep before it, it was no hot row.
+        "wakes": all(r["wakes"] == TARGETS["wakes"] for r in cold_rows)
+        and report["hot"]["wakes"] == 0,
+        "errors": all(r["errors"] == TARGETS["errors"] for r in rows)
+        and report["hot_with_connect_errors"] == TARGETS["errors"],
+        "ready_to_hot_ms": at_most(report["ready_to_hot_ms"], "ready_to_hot_ms"),
+        "release_vs_hot": (
+            at_most(report["release_vs_hot"], "release_vs_hot")
+            if report["requests"] >= RELEASE_JUDGED_FROM
+            else None
+        ),
+        "small_ready_to_first_byte_p50_ms": at_most(
+            report["small"]["ready_to_first_byte_p50_ms"], "small_ready_to_first_byte_p50_ms"
+        ),
+    }
+    met["all"] = all(v for v in met.values() if v is not None)
+    return met
 
 
 def print_table(report: dict[str, Any]) -> None:
-    # (label, report key); keys in TARGETS also show their target and verdict.
-    rows = [
-        ("requests", "requests"),
-        ("store", "store"),
-        ("edge workers", "workers"),
-        ("client", "client"),
-        ("app start delay s", "start_delay_s"),
+    columns = [
+        ("N", "requests"),
+        ("wall ms", "wall_ms"),
+        ("p50 ms", "p50_ms"),
+        ("p99 ms", "p99_ms"),
+        ("release ms", "release_ms"),
+        ("rel/hot", "release_vs_hot"),
+        ("ready->hot", "ready_to_hot_ms"),
+        ("ready->1st p50", "ready_to_first_byte_p50_ms"),
         ("wakes", "wakes"),
         ("errors", "errors"),
-        ("overhead p50 ms", "overhead_p50_ms"),
-        ("overhead p90 ms", "overhead_p90_ms"),
-        ("overhead p99 ms", "overhead_p99_ms"),
-        ("overhead max ms", "overhead_max_ms"),
-        ("peak concurrent starts", "peak_concurrent_starts"),
-        ("memory growth MiB (sum)", "memory_growth_mib"),
-        ("memory growth MiB (max worker)", "memory_growth_max_worker_mib"),
-        ("held (Server-Timing)", "held"),
-        ("wake wait p50 ms", "wake_wait_p50_ms"),
-        ("app ready after fire ms", "ready_after_fire_ms"),
-        ("control plane ready after app ms", "cp_ready_after_app_ready_ms"),
-        ("edge hot after app ready ms", "edge_hot_after_app_ready_ms"),
-        ("first byte after edge hot ms", "first_byte_after_edge_hot_ms"),
-        ("stampede wall s", "wall_s"),
+        ("mem MiB", "memory_growth_mib"),
     ]
-    width = max(len(label) for label, _ in rows)
-    print()
-    for label, key in rows:
-        line = f"{label:<{width}}  {report[key]!s:>14}"
-        if key in TARGETS:
-            relation = "==" if key in ("wakes", "errors") else "<="
-            verdict = "met" if report["targets_met"][key] else "NOT met"
-            line += f"   target {relation} {TARGETS[key]:g}: {verdict}"
-        print(line)
-    if report["errors_by_kind"]:
-        print(f"{'errors by kind':<{width}}  {report['errors_by_kind']}")
-    if report.get("tcp_counters_delta"):
-        print(f"{'TCP counters (whole machine)':<{width}}  {report['tcp_counters_delta']}")
-    print(f"{'all targets met':<{width}}  {report['targets_met']['all']!s:>14}")
-
-
-def targets_met(report: dict[str, Any]) -> dict[str, bool]:
-    def at_most(key: str) -> bool:
-        value = report.get(key)
-        return value is not None and value <= TARGETS[key]
-
-    met = {
-        "wakes": report["wakes"] == TARGETS["wakes"],
-        "errors": report["errors"] == TARGETS["errors"],
-        "memory_growth_mib": at_most("memory_growth_mib"),
-        "overhead_p50_ms": at_most("overhead_p50_ms"),
-        "overhead_p99_ms": at_most("overhead_p99_ms"),
+    labels = {
+        "hot": "hot",
+        "cold": "cold",
+        "limited": f"cold max_concurrency={report['max_concurrency']}",
+        "small": f"small (N={report['small']['requests']})",
     }
-    met["all"] = all(met.values())
-    return met
+    width = max(len(label) for label in labels.values())
+    widths = [max(len(title), 9) for title, _ in columns]
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+    print()
+    print(
+        f"{'':<{width}}  "
+        + "  ".join(f"{t:>{w}}" for (t, _), w in zip(columns, widths, strict=True))
+    )
+    for name in ("hot", "cold", "limited", "small"):
+        r = report[name]
+        cells = "  ".join(f"{cell(r[k]):>{w}}" for (_, k), w in zip(columns, widths, strict=True))
+        print(f"{labels[name]:<{width}}  {cells}")
+    print()
+    met = report["targets_met"]
+    for key, target in TARGETS.items():
+        relation = "==" if key in ("wakes", "errors") else "<="
+        verdict = {True: "met", False: "NOT met", None: "not judged"}[met[key]]
+        extra = f" (from N = {RELEASE_JUDGED_FROM})" if key == "release_vs_hot" else ""
+        print(f"target {key} {relation} {target:g}{extra}: {verdict}")
+    for name in ("cold", "hot", "limited", "small"):
+        if report[name]["errors_by_kind"]:
+            print(f"errors ({name}): {report[name]['errors_by_kind']}")
+    print(
+        f"cold: control plane ready {cell(report['cp_ready_after_app_ready_ms'])} ms after the "
+        f"app, first byte {cell(report['first_byte_after_edge_hot_ms'])} ms after edge hot; "
+        f"TCP (whole machine) {report['tcp_counters_delta']}"
+    )
+    print(
+        f"hot row: connecting took {cell(report['hot_connect_ms'])} ms before the send; "
+        f"old style (each GET connects and sends at once, from the let-go): wall "
+        f"{cell(report['hot_with_connect_wall_ms'])} ms, p50 "
+        f"{cell(report['hot_with_connect_p50_ms'])} ms, p99 "
+        f"{cell(report['hot_with_connect_p99_ms'])} ms, errors "
+        f"{report['hot_with_connect_errors']}"
+    )
+    print(f"all targets met: {met['all']}")
 
 
 def edge_log_excerpt(log_path: Path, limit: int = 40) -> list[str]:
@@ -572,93 +887,106 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]
     token = secrets.token_hex(16)
     store = start_redis(procs, tmp) if args.store == "redis" else "memory://"
     max_held = args.max_held if args.max_held is not None else max(1000, args.requests)
+    idle = f"{args.idle_timeout:g}s"
     cp, edge = start_cold_app_stack(
-        procs, tmp, token, store, args.workers, args.start_delay, (), {"max_held": max_held}
+        procs,
+        tmp,
+        token,
+        store,
+        args.workers,
+        args.start_delay,
+        (),
+        {"max_held": max_held, "idle_timeout": idle},
+        {LIMITED_APP: {"max_held": max_held, "max_concurrency": args.max_concurrency}},
     )
     log(f"edge ready: workers {edge.workers}, store {store}, max_held {max_held}")
+    stack = Stack(args, procs, cp, edge, token)
+    for app in (COLD_APP, LIMITED_APP):
+        before = ControlPlanePoller(cp.port, token, procs, app).poll() or []
+        if before:
+            raise RuntimeError(f"app {app} is not cold: {len(before)} allocations already exist")
 
-    poller = ControlPlanePoller(cp.port, token, procs)
-    before = poller.poll() or []
-    if before:
-        raise RuntimeError(f"the app is not cold: {len(before)} allocations already exist")
-    memory = MemorySampler(edge.workers)
-    memory.start()
-    poller.start()
-    fire = fire_raw if args.client == "raw" else fire_aiohttp
-    log(f"firing {args.requests} GETs ({args.client})")
-    tcp_before = tcp_counters()
-    fired_at = time.time()
-    t0 = time.monotonic()
-    try:
-        results = asyncio.run(guarded(fire(edge.port, args.requests, args.timeout)))
-    finally:
-        wall = time.monotonic() - t0
-        tcp_after = tcp_counters()
-        poller.stop()
-        memory.stop()
-
-    summary = summarize(results, fired_at)
+    # cold, then hot at once (nothing in between: "stampede" must not go idle meanwhile).
+    cold = stampede(stack, "cold", COLD_APP, COLD_HOST, args.requests)
+    hot = stampede(stack, "hot", COLD_APP, COLD_HOST, args.requests)
+    # The same N again, old style (each connects and sends at once): the hot figure
+    # with the client's connection setup in it, for comparison only.
+    hot_connect = stampede(
+        stack, "hot_with_connect", COLD_APP, COLD_HOST, args.requests, split=False
+    )
+    cold.app_state = hot.app_state = app_state(edge, COLD_APP)
+    cold.allocations = list(hot.poller.allocations.values())
+    if hot.new_allocations() or hot_connect.new_allocations():
+        log(f"{COLD_APP} went to sleep before the hot row: raise --idle-timeout")
+    # The limited row while "stampede" idles toward its sleep (which then takes the
+    # edge's drain deadline, 5 s, too): the run is shorter, and nothing of it is timed.
+    limited = stampede(
+        stack, "limited", LIMITED_APP, LIMITED_HOST, args.requests, args.max_concurrency
+    )
+    limited.app_state = app_state(edge, LIMITED_APP)
+    slept = wait_until_cold(stack, COLD_APP, args.idle_timeout + 30.0)
+    log(f"{COLD_APP} asleep again {slept:.1f}s after the limited row")
+    small = stampede(stack, "small", COLD_APP, COLD_HOST, args.small)
+    small.app_state = app_state(edge, COLD_APP)
+    runs = (cold, hot, hot_connect, small, limited)
     if args.dump:
         with open(args.dump, "w") as f:
-            for r in results:
-                f.write(json.dumps(asdict(r)) + "\n")
-    allocations = poller.poll() or list(poller.allocations.values())
-    # The control plane's own readiness probe can lag behind a saturated app: give it a
-    # moment, so the timeline below has its `ready` time (diagnostic only, bounded).
-    settle = time.monotonic() + 3.0
-    while any(a["state"] in STARTING_STATES for a in allocations) and time.monotonic() < settle:
-        time.sleep(0.05)
-        allocations = poller.poll() or allocations
-    admin_status, admin_body = http_get(edge.admin_port, "/admin/apps", timeout=2.0)
-    app_state = None
-    if admin_status == 200:
-        with contextlib.suppress(ValueError, KeyError):
-            app_state = {a["name"]: a for a in json.loads(admin_body)["apps"]}.get(COLD_APP)
+            for r in runs:
+                for result in r.results:
+                    f.write(json.dumps({"row": r.name, **asdict(result)}) + "\n")
+
+    hot_row = row(hot, None)
+    hot_connect_row = row(hot_connect, None)
+    rows = {r.name: row(r, hot_row["wall_ms"]) for r in (cold, small, limited)}
+    small_row = rows["small"]
+    small_row["release_vs_hot"] = None  # no hot row of that size to compare with
+    cold_row = rows["cold"]
     report: dict[str, Any] = {
         "requests": args.requests,
         "store": args.store,
         "workers": args.workers,
-        "client": args.client,
         "start_delay_s": args.start_delay,
         "max_held": max_held,
-        "wakes": len(allocations),
-        "errors": summary["errors"],
-        "overhead_p50_ms": summary["overhead_p50_ms"],
-        "overhead_p99_ms": summary["overhead_p99_ms"],
-        "peak_concurrent_starts": poller.peak_starting,
-        **memory.result(),
-        "wall_s": round(wall, 3),
-        **{k: v for k, v in summary.items() if k not in ("errors",)},
-        "allocations": [
-            {k: a.get(k) for k in ("id", "state", "reason", "created_at", "updated_at")}
-            for a in allocations
-        ],
-        # Machine-wide deltas over the stampede (other processes on the box count too).
-        "tcp_counters_delta": {k: v - tcp_before.get(k, 0) for k, v in tcp_after.items()},
-        "cp_polls": poller.polls,
-        "cp_poll_errors": poller.poll_errors,
-        "edge_app_state": app_state,
+        "idle_timeout_s": args.idle_timeout,
+        "max_concurrency": args.max_concurrency,
+        "hot_wall_ms": hot_row["wall_ms"],
+        "hot_p50_ms": hot_row["p50_ms"],
+        "hot_p99_ms": hot_row["p99_ms"],
+        "hot_connect_ms": hot_row["connect_ms"],
+        "hot_with_connect_wall_ms": hot_connect_row["wall_ms"],
+        "hot_with_connect_p50_ms": hot_connect_row["p50_ms"],
+        "hot_with_connect_p99_ms": hot_connect_row["p99_ms"],
+        "hot_with_connect_errors": hot_connect_row["errors"],
+        **{
+            k: cold_row[k]
+            for k in (
+                "release_ms",
+                "release_vs_hot",
+                "ready_to_hot_ms",
+                "ready_to_first_byte_p50_ms",
+                "ready_to_first_byte_p99_ms",
+                "wakes",
+                "errors",
+                "memory_growth_mib",
+            )
+        },
+        "cold": cold_row,
+        "hot": hot_row,
+        "small": small_row,
+        "limited": rows["limited"],
+        **cold_details(cold),
         "nofile_limit": nofile,
-        "machine": machine_info(),
-        "quick": args.quick,
+        "targets": TARGETS,
     }
-    report.update(timeline(results, allocations, app_state))
-    ready_at = report["app_ready_at"]
-    report["listen_overflows_before_app_ready"] = None
-    report["listen_overflows_after_app_ready"] = None
-    if ready_at is not None and memory.overflows:
-        # Before the app was ready only the edge's listener took connections; after, the
-        # app's own listener too (the edge connecting to it for every held request).
-        at_ready = max((n for t, n in memory.overflows if t <= ready_at), default=None)
-        first, last = memory.overflows[0][1], memory.overflows[-1][1]
-        if at_ready is not None:
-            report["listen_overflows_before_app_ready"] = at_ready - first
-            report["listen_overflows_after_app_ready"] = last - at_ready
-    report["targets"] = TARGETS
     report["targets_met"] = targets_met(report)
-    troubled = report["errors"] or report["wakes"] != 1 or len(summary["allocation_ids"]) > 1
+    rows_run = (cold_row, hot_row, hot_connect_row, small_row, rows["limited"])
+    troubled = any(r["errors"] for r in rows_run) or not (
+        report["targets_met"]["wakes"] and len(report["allocation_ids"]) == 1
+    )
     report["edge_log"] = edge_log_excerpt(edge.log_path) if troubled else []
     report["controlplane_log"] = edge_log_excerpt(cp.log_path) if troubled else []
+    report["machine"] = machine_info()
+    report["quick"] = args.quick
     report["total_s"] = round(time.monotonic() - started, 3)
     return report
 
@@ -667,21 +995,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", required=True, metavar="FILE", help="write results here")
     parser.add_argument("--requests", type=int, default=5000, help="concurrent GETs (5000)")
+    parser.add_argument("--small", type=int, default=20, help="GETs of the small row (20)")
     parser.add_argument("--start-delay", type=float, default=0.5, help="app start delay s (0.5)")
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=10.0,
+        help="the app's idle_timeout s before the small row (10): longer than the gap "
+        "from the cold row's last answer to the hot row's first request (seconds at 5,000)",
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=32,
+        help="max_concurrency of the limited row's app (32)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="edge worker processes (2)")
     parser.add_argument("--store", choices=("redis", "memory"), default="redis")
-    parser.add_argument("--timeout", type=float, default=60.0, help="bound on the stampede s")
-    parser.add_argument(
-        "--client",
-        choices=("aiohttp", "raw"),
-        default="aiohttp",
-        help="aiohttp client, or raw asyncio sockets stamping the first byte in data_received",
-    )
+    parser.add_argument("--timeout", type=float, default=60.0, help="bound on each stampede s")
     parser.add_argument(
         "--max-held",
         type=int,
         default=None,
-        help="the app's max_held per worker (default: max(1000, --requests))",
+        help="the apps' max_held per worker (default: max(1000, --requests))",
     )
     parser.add_argument(
         "--dump", metavar="FILE", help="also write every response's record (JSON lines)"
@@ -690,8 +1026,10 @@ def main(argv: list[str] | None = None) -> int:
     add_quick(parser, QUICK)
     args = parser.parse_args(argv)
     apply_quick(parser, args)
-    if args.requests < 1 or args.workers < 1 or args.timeout <= 0:
-        parser.error("--requests, --workers and --timeout must be positive")
+    if min(args.requests, args.small, args.workers, args.max_concurrency) < 1:
+        parser.error("--requests, --small, --workers and --max-concurrency must be positive")
+    if args.timeout <= 0 or args.idle_timeout <= 0:
+        parser.error("--timeout and --idle-timeout must be positive")
     if args.store == "memory" and args.workers != 1:
         parser.error("--store memory needs --workers 1 (memory:// lives in one process)")
 

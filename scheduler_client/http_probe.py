@@ -9,7 +9,12 @@ _MAX_RESPONSE = 64 * 1024
 
 
 async def http_get(
-    host: str, port: int, path: str, timeout: float, body: bool = True
+    host: str,
+    port: int,
+    path: str,
+    timeout: float,
+    body: bool = True,
+    user_agent: str = "edge-probe",
 ) -> tuple[int, bytes]:
     """(status, body) of one GET to host:port; raises OSError, TimeoutError or ValueError.
 
@@ -22,7 +27,7 @@ async def http_get(
         try:
             writer.write(
                 f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                "Connection: close\r\nUser-Agent: edge-probe\r\n\r\n".encode("latin-1")
+                f"Connection: close\r\nUser-Agent: {user_agent}\r\n\r\n".encode("latin-1")
             )
             await writer.drain()
             try:

@@ -696,3 +696,37 @@ def test_max_concurrency_and_release_ramp_load() -> None:
 def test_bad_max_concurrency_and_release_ramp(text: str, path: str, problem: str) -> None:
     err = config_error(text)
     assert err.path == path and problem in err.problem, (err.path, err.problem)
+
+
+# --------------------------------------------------------------- readiness_probe_interval
+
+
+def test_readiness_probe_interval_loads_and_reaches_the_wake_spec() -> None:
+    from edge.server.worker_context import wake_specs
+    from wake import decisions
+
+    default = load_config_text(COLD_APP, FILE)
+    assert default.apps[0].readiness_probe_interval == decisions.PROBE_INTERVAL == 0.005
+    tuned = load_config_text(COLD_APP + 'readiness_probe_interval = "20ms"\n', FILE)
+    assert wake_specs(tuned)[tuned.apps[0].name].readiness_probe_interval == 0.02
+    assert load_config_text(render_toml(effective_config(tuned))) == tuned
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('readiness_probe_interval = "0s"', "Expected a duration > 0s, got '0s'"),
+        ('readiness_probe_interval = "0.5ms"', "use at least 1ms"),
+        (
+            'readiness_timeout = "1s"\nreadiness_probe_interval = "2s"',
+            "2000ms: use at least 1ms (a probe is a connection to the starting app) and at "
+            "most readiness_timeout",
+        ),
+    ],
+)
+def test_bad_readiness_probe_interval(line: str, problem: str) -> None:
+    err = config_error(COLD_APP + line + "\n")
+    assert err.path == "apps[0].readiness_probe_interval" and problem in err.problem, (
+        err.path,
+        err.problem,
+    )

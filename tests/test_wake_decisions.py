@@ -11,13 +11,15 @@ holder died is recovered from each half-finished state, and an app the store's
 from __future__ import annotations
 
 import asyncio
+import itertools
+from typing import Any
 
 import pytest
 from helpers import eventually
 from stack import sample_app_spec
 
 from scheduler_client.client import ControlPlaneClient
-from scheduler_client.models import Allocation
+from scheduler_client.models import Allocation, AppRoute, RouteSnapshot
 from wake import controller as wake_controller
 from wake import decisions
 from wake.budget import BudgetDecision, BudgetLimits
@@ -33,7 +35,7 @@ from wake.decisions import (
 )
 from wake.machine import WAKE
 from wake.store.memory import MemoryStore
-from wake.store.protocol import AppWakeState
+from wake.store.protocol import AppWakeState, WakePhases
 
 NOW = 1_700_000_000.0  # a wall-clock "now" for the pure tests
 
@@ -214,8 +216,78 @@ def test_readiness_gate_and_probe_pauses() -> None:
     assert [decisions.allocation_passes_readiness(s) for s in (199, 200, 204, 299, 300, 503)] == [
         False, True, True, True, False, False,
     ]  # fmt: skip
-    pauses = [decisions.probe_pause(n) for n in range(8)]
-    assert pauses == pytest.approx([0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.25, 0.25])
+
+
+def probe_times(start: float, *, expected: float = 0.0, interval: float = 0.005) -> list[float]:
+    """When probes go out (s into the readiness phase) for an app that answers non-2xx
+    until `start`, each probe taking no time: the schedule probe_pause makes."""
+    times, t = [0.0], 0.0
+    while t < start:
+        t += decisions.probe_pause(t, refused=False, expected=expected, interval=interval)
+        times.append(t)
+    return times
+
+
+def test_a_refused_connect_is_retried_on_a_short_fixed_interval() -> None:
+    for elapsed in (0.0, 0.5, 30.0):
+        for expected in (0.0, 1.0, 20.0):
+            pause = decisions.probe_pause(elapsed, refused=True, expected=expected)
+            assert pause == decisions.PROBE_REFUSED == 0.002
+    # Never sparser than the app's interval, when that is denser.
+    assert decisions.probe_pause(3.0, refused=True, interval=0.001) == 0.001
+
+
+def test_without_history_the_pause_is_a_small_fraction_of_the_time_spent() -> None:
+    def pause(elapsed: float, interval: float = 0.005) -> float:
+        return decisions.probe_pause(elapsed, refused=False, interval=interval)
+
+    # Dense for the first second, then about 0.5 % of the time spent, up to 250 ms.
+    assert [pause(t) for t in (0.0, 0.3, 1.0)] == [0.005] * 3
+    assert [pause(t) for t in (2.0, 10.0, 50.0, 600.0)] == pytest.approx([0.01, 0.05, 0.25, 0.25])
+    assert pause(0.3, interval=0.02) == 0.02  # the app's own interval is the floor
+    assert pause(900.0, interval=2.0) == 2.0  # and an interval over 250 ms is kept
+    assert pause(-1.0) == 0.005  # a clock that went back is no reason to stop
+
+
+def test_with_history_probes_are_sparse_before_half_the_last_readiness_dense_after() -> None:
+    def pause(elapsed: float, expected: float = 2.0) -> float:
+        return decisions.probe_pause(elapsed, refused=False, expected=expected, interval=0.005)
+
+    # Before 1 s (half of 2 s): doubling from the interval, up to 250 ms...
+    assert [pause(t) for t in (0.0, 0.005, 0.01, 0.04, 0.1, 0.5)] == pytest.approx(
+        [0.005, 0.005, 0.01, 0.04, 0.1, 0.25]
+    )
+    # ...the last pause cut short to land on 1 s (never under the interval)...
+    assert pause(0.9) == pytest.approx(0.1) and pause(0.999) == 0.005
+    # ...dense from there to twice the last readiness, then as with no history.
+    assert [pause(t) for t in (1.0, 2.0, 4.0)] == [0.005] * 3
+    assert pause(4.5) == pytest.approx(0.0225) and pause(100.0) == 0.25
+    # A probe lands on the dense window's start, and every probe after is 5 ms apart.
+    times = probe_times(2.0, expected=2.0)
+    assert 1.0 in [round(t, 9) for t in times]
+    dense = [b - a for a, b in itertools.pairwise(times) if a >= 1.0 - 1e-9]
+    assert dense and max(dense) == pytest.approx(0.005)
+
+
+def test_probes_during_a_start_are_bounded() -> None:
+    """How many probes a starting app answers: dense only near the expected moment."""
+    # A 1 s start: ~200 probes without history (dense all along); with the last wake's
+    # readiness to go by, ~100 dense ones in its second half and a handful before.
+    assert 195 <= len(probe_times(1.0)) <= 205
+    assert len(probe_times(1.0, expected=1.0)) <= 115
+    # The old schedule (5 ms doubling to 250 ms) is late by up to 250 ms; this one by at
+    # most its pause at the moment the app becomes ready.
+    assert decisions.probe_pause(1.0, refused=False, expected=1.0) == 0.005
+    # A 20 s start without history: ~800 probes (40 a second, Knative's startup rate).
+    assert len(probe_times(20.0)) <= 820
+    # With history, the sparse part stays small however long the start.
+    assert len(probe_times(20.0, expected=20.0)) - 10.0 / 0.005 <= 60
+
+
+def test_the_expected_readiness_is_the_last_wakes_readiness_phase() -> None:
+    assert decisions.expected_readiness(AppWakeState(app="a")) == 0.0
+    phases = WakePhases(readiness_ms=850.0, total_ms=900.0)
+    assert decisions.expected_readiness(AppWakeState(app="a", last_wake=phases)) == 0.85
 
 
 def test_the_budget_slot_is_held_until_the_allocation_is_past_starting() -> None:
@@ -296,6 +368,36 @@ def test_old_epoch_from_the_snapshot_otherwise() -> None:
     assert not decisions.epoch_replaced(probed, promoted_epoch=3)
     assert not decisions.epoch_replaced(probed, promoted_epoch=2)
     assert not decisions.epoch_replaced(probed, promoted_epoch=None)  # app not in the snapshot
+
+
+class SnapshotClient:
+    """A control plane whose route snapshot promoted "shop" at `promoted`; counts asks."""
+
+    def __init__(self, promoted: int) -> None:
+        self.promoted = promoted
+        self.asked = 0
+
+    async def route_snapshot(self) -> RouteSnapshot:
+        self.asked += 1
+        route = AppRoute(app="shop", epoch=self.promoted, promoted_epoch=self.promoted)
+        return RouteSnapshot(epoch=self.promoted, apps=[route])
+
+
+async def test_the_old_epoch_check_reads_the_followed_route_table_before_a_snapshot() -> None:
+    """Between the app answering and `hot`: the route table this process follows when it
+    trusts one, no control-plane round trip; a snapshot only without one."""
+    client = SnapshotClient(promoted=5)
+    cp: Any = client  # only route_snapshot is called
+    wake = WakeController(MemoryStore(), cp, edge_id="e", budget=BudgetLimits(), apps={})
+    probed = alloc("starting", route_epoch=4)  # the edge's probe saw it ready first
+    assert await wake._epoch_replaced("shop", probed)  # no table: the snapshot's 5 > 4
+    assert client.asked == 1
+    for table, replaced in (({"shop": 4}, False), ({"shop": 6}, True), ({}, False)):
+        wake.promoted_epochs = lambda table=table: table
+        assert await wake._epoch_replaced("shop", probed) is replaced, table
+    # The control plane's own verdict (it saw the allocation ready) needs neither.
+    assert not await wake._epoch_replaced("shop", alloc("ready", route_epoch=4, routed=True))
+    assert client.asked == 1
 
 
 def test_old_epoch_goes_back_to_wake_requested_and_is_refused_when_it_keeps_moving() -> None:

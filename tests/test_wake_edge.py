@@ -7,6 +7,7 @@ process (memory:// store, one worker) in front of it.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import aiohttp
@@ -135,6 +136,35 @@ async def test_readiness_timeout_fails_and_backs_off(
         return (await allocations(cp))[0]["state"] in ("draining", "stopped")
 
     await eventually(drained, timeout=20, what="the timed-out allocation drained")
+
+
+async def test_the_edge_notices_readiness_itself_with_bounded_dense_probing(
+    start_control_plane, start_edge, client
+) -> None:
+    """The control plane probes a path that never passes (so its allocation stays
+    `starting`): the wake completes on the edge's own probe. The app counts the probes
+    it answered during its 1 s start: dense (the old 5 ms doubling to 250 ms schedule
+    sends about ten), but bounded (about 200 a second at most, decisions.probe_pause)."""
+    spec = sample_app_spec("shop")
+    slow = sample_app_spec(
+        "shop",
+        command=[*spec["command"], "--start-delay", "1"],
+        readiness_path="/never",  # 503 while starting, 404 after: never ready for the CP
+        start_timeout="60s",
+    )
+    cp = start_control_plane(apps=[slow])
+    edge = edge_for(start_edge, cp, [scale_to_zero_app()])
+    status, headers, body = await get(client, edge)
+    assert status == 200, body
+    assert "Server-Timing" in headers  # held for the wake
+    allocated = await allocations(cp)
+    assert len(allocated) == 1 and allocated[0]["state"] == "starting"
+    assert headers["X-Allocation-Id"] == allocated[0]["id"]
+    status, _, body = await get(client, edge, path="/probes")
+    assert status == 200, body
+    probes = json.loads(body)["readiness"]
+    assert set(probes) == {"edge-wake-probe"}, probes  # the control plane probes /never
+    assert 20 < probes["edge-wake-probe"] < 400, probes
 
 
 async def test_hold_timeout_answers_503_and_the_wake_completes(

@@ -27,8 +27,9 @@ state records it for, wakes the app to adopt it, or drains it; and its budget
 slot is kept until the control plane has that start settled.
 
 Every choice (recovery of a half-finished wake, the back-off, the budget pauses,
-the old-epoch check, the moving average of wake time, idleness) is a plain
-function in `wake/decisions.py`; this module only carries them out. Two injected
+the readiness probe's pauses, the old-epoch check, the moving average of wake time,
+idleness) is a plain function in `wake/decisions.py`; this module only carries them
+out. Two injected
 clocks: `clock` (monotonic) for deadlines and durations inside this process,
 `wall_clock` for times written to the store, which other processes compare.
 """
@@ -41,7 +42,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NoReturn
 
 import msgspec
@@ -67,6 +68,9 @@ from wake.store.protocol import (
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 1.0
+# The readiness probe's User-Agent (an app can tell the edge's probes from the control
+# plane's).
+PROBE_USER_AGENT = "edge-wake-probe"
 OLD_EPOCH_RETRIES = 3
 SLEEP_DRAIN_DEADLINE = 5.0
 # At close, pending gallery counts get this long (s) to reach the store.
@@ -83,6 +87,7 @@ class WakeAppSpec(msgspec.Struct, frozen=True, kw_only=True):
     hold_timeout: float = 30.0
     readiness_path: str = "/healthz"
     readiness_timeout: float = 20.0
+    readiness_probe_interval: float = decisions.PROBE_INTERVAL
     idle_timeout: float = 300.0
 
 
@@ -150,6 +155,7 @@ class WakeController:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         in_flight: Callable[[str], int] = lambda app: 0,
+        promoted_epochs: Callable[[], Mapping[str, int] | None] = lambda: None,
     ) -> None:
         self.store = store
         self.client = client
@@ -165,6 +171,9 @@ class WakeController:
         self._outcomes: dict[str, asyncio.Future[HotTarget]] = {}
         self._seen: set[str] = set()  # apps with requests since the last flush
         self.in_flight = in_flight  # requests and tunnels open to the app in this process
+        # Each app's promoted route epoch in the route table this process follows; None
+        # when it has none it trusts (not synced, or the control plane unreachable).
+        self.promoted_epochs = promoted_epochs
         self._expected: dict[str, float] = {}
         self._background: set[asyncio.Task] = set()
         self.counters: dict[str, int] = {}
@@ -348,7 +357,13 @@ class WakeController:
         # Counted once written (the journal append below may still fail): it happened.
         self._tally(gallery_tally.transition_keys(state.state, target, reason_code))
         if target == "hot":
-            self._adopt(state.app, move.record)  # release held requests before the bookkeeping
+            # Every process releases what it holds at once: the others hear it first (their
+            # flights wait on this notification), then this process releases its own (done
+            # first, that release keeps this loop busy before a notification goes out, tens
+            # of ms at a stampede), and the bookkeeping (journal) comes last.
+            with contextlib.suppress(Exception):  # a lost notification: the others poll
+                await self.store.publish(state.app)
+            self._adopt(state.app, move.record)
         entry = move.entry
         await self.store.append_transition(
             Transition(
@@ -362,7 +377,8 @@ class WakeController:
                 at=entry.at,
             )
         )
-        await self.store.publish(state.app)
+        if target != "hot":
+            await self.store.publish(state.app)
         self._count(f"transition:{state.state}->{target}")
         if reason_code:
             self._count(f"gallery:{reason_code}")
@@ -586,7 +602,8 @@ class WakeController:
             address=alloc.address,
             route_epoch=alloc.route_epoch,
         )
-        seen_ready = await self._probe(alloc, spec, deadline)
+        expected = decisions.expected_readiness(state)
+        seen_ready = await self._probe(alloc, spec, deadline, expected)
         if seen_ready is None:
             await self._refuse(decisions.readiness_timeout(alloc, spec.readiness_timeout))
         readiness_s = self.clock() - probing
@@ -637,10 +654,11 @@ class WakeController:
         raise WakeRefused.of(refusal)
 
     async def _probe(
-        self, alloc: Allocation, spec: WakeAppSpec, deadline: float
+        self, alloc: Allocation, spec: WakeAppSpec, deadline: float, expected: float
     ) -> Allocation | None:
-        """Readiness: GET the path from 5 ms backing off to 250 ms; the control plane's
-        own `ready` (seen by a concurrent watch) counts at once. None: not ready in time."""
+        """Readiness: GET the path, pausing as `decisions.probe_pause` says (`expected`: the
+        previous wake's readiness phase, s; 0 unknown); the control plane's own `ready`
+        (seen by a concurrent watch) counts at once. None: not ready in time."""
         host, _, port = alloc.address.rpartition(":")
         ready = asyncio.Event()
         latest = [alloc]
@@ -658,9 +676,10 @@ class WakeController:
                 ready.set()
 
         watcher = asyncio.get_running_loop().create_task(watch())
-        attempt = 0
+        began = self.clock()
         try:
             while self.clock() < deadline and not ready.is_set():
+                refused = False
                 try:
                     status, _ = await http_get(
                         host,
@@ -668,16 +687,23 @@ class WakeController:
                         spec.readiness_path,
                         min(PROBE_TIMEOUT, max(0.01, deadline - self.clock())),
                         body=False,
+                        user_agent=PROBE_USER_AGENT,
                     )
                     if decisions.allocation_passes_readiness(status):
                         return latest[0]
+                except ConnectionRefusedError:
+                    refused = True
                 except (OSError, TimeoutError, ValueError):
                     pass
+                pause = decisions.probe_pause(
+                    self.clock() - began,
+                    refused=refused,
+                    expected=expected,
+                    interval=spec.readiness_probe_interval,
+                )
                 with contextlib.suppress(TimeoutError):
-                    pause = decisions.probe_pause(attempt)
                     async with asyncio.timeout(min(pause, max(0.0, deadline - self.clock()))):
                         await ready.wait()
-                attempt += 1
             return latest[0] if ready.is_set() else None
         finally:
             watcher.cancel()
@@ -685,11 +711,21 @@ class WakeController:
                 await watcher
 
     async def _epoch_replaced(self, app: str, alloc: Allocation) -> bool:
-        """True when a promotion replaced the app's route after this allocation was granted."""
+        """True when a promotion replaced the app's route after this allocation was granted.
+
+        Unless the control plane decided it (it saw the allocation ready first), the
+        promoted epoch is the route table this process follows (`promoted_epochs`: the
+        control plane's change feed, a long poll it answers on every change), else a
+        snapshot asked for now. Either can miss a promotion made in the last
+        milliseconds, the snapshot while its answer travels; the table spares the wake a
+        control-plane round trip between the app answering and `hot`."""
         promoted: int | None = None
         if decisions.needs_route_snapshot(alloc):
-            snapshot = await self.client.route_snapshot()
-            promoted = next((r.promoted_epoch for r in snapshot.apps if r.app == app), None)
+            known = self.promoted_epochs()
+            if known is None:
+                snapshot = await self.client.route_snapshot()
+                known = {r.app: r.promoted_epoch for r in snapshot.apps}
+            promoted = known.get(app)
         return decisions.epoch_replaced(alloc, promoted)
 
     async def _fail(self, app: str, lease: Lease, reason: str, reason_code: str = "") -> None:

@@ -44,9 +44,20 @@ GIVE_UP_SLACK = 30.0
 BUDGET_PAUSE = 0.02
 BUDGET_PAUSE_MIN = 0.005
 BUDGET_PAUSE_MAX = 0.25
-# Readiness probes: from 5 ms doubling to 250 ms.
-PROBE_FIRST = 0.005
+# Readiness probes (`probe_pause`). The dense interval is the app's
+# `readiness_probe_interval` (this by default); never sparser than PROBE_MAX.
+PROBE_INTERVAL = 0.005
 PROBE_MAX = 0.25
+# A refused connect (nothing listening yet) is retried this often (or at the interval,
+# if shorter): it costs the app nothing and the edge a syscall or two.
+PROBE_REFUSED = 0.002
+# With no previous wake to go by, a probe comes at most this fraction of the time
+# already spent after the previous one: dense (the interval) for the first second at
+# 5 ms, 10 ms apart at 2 s, 50 ms at 10 s, PROBE_MAX from 50 s.
+PROBE_LATENESS = 0.005
+# With one (its readiness phase took R), sparse before R/2, dense from R/2 to R x this,
+# then as with none.
+PROBE_DENSE_UNTIL = 2.0
 # Refusals that carry no timeout of their own ask the client back after this long.
 RETRY_SOON = 5.0
 
@@ -306,9 +317,44 @@ def allocation_passes_readiness(status: int) -> bool:
     return 200 <= status < 300
 
 
-def probe_pause(attempt: int) -> float:
-    """The pause after readiness probe number `attempt` (0-based)."""
-    return backoff.delay(attempt, PROBE_FIRST, PROBE_MAX)
+def probe_pause(
+    elapsed: float,
+    *,
+    refused: bool,
+    expected: float = 0.0,
+    interval: float = PROBE_INTERVAL,
+) -> float:
+    """The pause after a readiness probe that did not pass, `elapsed` seconds into the
+    readiness phase (monotonic, from `readiness_wait`).
+
+    `refused`: the connect was refused (nothing bound yet): retried every PROBE_REFUSED
+    (or `interval` if shorter) however long that lasts. Otherwise something answered
+    (non-2xx, like an app answering 503 "starting" while it warms up) or failed, and the
+    probe itself costs the app: `expected` is how long the readiness phase of the app's
+    previous wake took (0: unknown). Dense (`interval`) from half of it until
+    PROBE_DENSE_UNTIL times it, sparse before (doubling from `interval`, the last pause
+    cut to land on the dense window's start). Past that window, or with no history,
+    about PROBE_LATENESS of `elapsed` (at least `interval`): a probe is never later than
+    that fraction of the start, and a long start costs probes in the log of its length.
+    Never over PROBE_MAX.
+    """
+    if refused:
+        return min(PROBE_REFUSED, interval)
+    elapsed = max(0.0, elapsed)
+    sparsest = max(interval, PROBE_MAX)
+    if expected > 0:
+        dense_from = expected / 2
+        if elapsed < dense_from:
+            doubling = min(max(elapsed, interval), sparsest)
+            return max(interval, min(doubling, dense_from - elapsed))
+        if elapsed <= expected * PROBE_DENSE_UNTIL:
+            return interval
+    return min(max(elapsed * PROBE_LATENESS, interval), sparsest)
+
+
+def expected_readiness(state: AppWakeState) -> float:
+    """How long (s) the readiness phase of the app's previous wake took; 0: unknown."""
+    return state.last_wake.readiness_ms / 1000 if state.last_wake is not None else 0.0
 
 
 def readiness_timeout(alloc: Allocation, readiness_timeout: float) -> Refuse:

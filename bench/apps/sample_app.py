@@ -26,6 +26,10 @@ allocation id; the environment variable ALLOCATION_ID overrides it). Binds
                            most seen at once, and how many got 503 "overloaded" (below);
                            `?reset=1` starts the count again. Neither it nor the readiness
                            path is counted.
+    GET  /probes           {"readiness": {<User-Agent>: N}}: requests to the readiness path
+                           so far (503 "starting" ones included), by User-Agent (the
+                           edge's probes and the control plane's tell apart); not counted
+                           in /in-flight either.
 
 Start delay (`--start-delay`, or START_DELAY): the port is bound at once (so a
 port handed out by the control plane is claimed early), but every route answers
@@ -63,7 +67,7 @@ import signal
 import sys
 import time
 import weakref
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -89,6 +93,8 @@ class AppState:
     max_in_flight: int = 0
     most_in_flight: int = 0
     overloaded: int = 0
+    # Requests to the readiness path (answered 503 or 200) by User-Agent.
+    probes: Counter[str] = field(default_factory=Counter)
     websockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
     leaked: list[bytes] = field(default_factory=list)
     record: str = ""
@@ -274,6 +280,10 @@ async def in_flight(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+async def probes(request: web.Request) -> web.Response:
+    return web.json_response({"readiness": dict(_state(request).probes)})
+
+
 async def checkout(request: web.Request) -> web.Response:
     await request.read()
     return web.Response(text=f"order placed by {_state(request).name}\n")
@@ -284,9 +294,11 @@ async def lifecycle(request: web.Request, handler) -> web.StreamResponse:
     """Count in-flight requests; answer 503 on every route until the start delay is over,
     and to a request over --max-in-flight."""
     state = _state(request)
+    if request.path == state.readiness_path:
+        state.probes[request.headers.get("User-Agent", "")] += 1
     if not state.started:
         return web.Response(status=503, text="starting\n", headers={"Retry-After": "1"})
-    if request.path in (state.readiness_path, "/in-flight"):
+    if request.path in (state.readiness_path, "/in-flight", "/probes"):
         return await handler(request)  # the probe and the count itself are not traffic
     state.in_flight += 1
     state.most_in_flight = max(state.most_in_flight, state.in_flight)
@@ -348,6 +360,7 @@ def make_app(
         "/slow": slow,
         "/webhooks": list_deliveries,
         "/in-flight": in_flight,
+        "/probes": probes,
     }
     # The readiness path wins over a route of the same path (e.g. --readiness-path /).
     routes[readiness_path] = ready

@@ -38,6 +38,8 @@ ADMIN_TOKEN_ENV = "EDGE_ADMIN_TOKEN"
 LogLevel = Literal["debug", "info", "warning", "error"]
 # The Wake gate checked at load (wake/machine.py): every request class resolves.
 REPLAY_POLICY_GATE = "unsafe_replay_policy_exists"
+# The densest readiness probing an app may ask for (s).
+MIN_PROBE_INTERVAL = 0.001
 
 
 class GateRefused(ConfigError):
@@ -249,6 +251,9 @@ class AppConfig(_Section):
     max_held_body_bytes: ByteSize = ByteSize(8 * 1024 * 1024)
     readiness_path: str = "/healthz"
     readiness_timeout: PositiveDuration = PositiveDuration(20.0)
+    # The readiness probe's dense interval (wake/decisions.py probe_pause): what the edge
+    # may be late noticing the app ready, and what it costs the starting app.
+    readiness_probe_interval: PositiveDuration = PositiveDuration(0.005)
     # A browser (Accept: text/html) held longer than this gets an auto-refreshing page; 0: off.
     starting_page_after: Duration = Duration(0.0)
     # Tried in order before [[classification]] and the defaults, while the app is not hot.
@@ -485,6 +490,13 @@ def _check_app(
         fail(f"{where}.upstreams", f"app {app.name!r} has no upstream")
     if not app.readiness_path.startswith("/"):
         fail(f"{where}.readiness_path", "must start with '/'")
+    interval = float(app.readiness_probe_interval)
+    if not MIN_PROBE_INTERVAL <= interval <= float(app.readiness_timeout):
+        fail(
+            f"{where}.readiness_probe_interval",
+            f"{interval * 1000:g}ms: use at least {MIN_PROBE_INTERVAL * 1000:g}ms (a probe "
+            "is a connection to the starting app) and at most readiness_timeout",
+        )
     store = config.edge.store
     for j, rule in enumerate(app.rules):
         _check_rule(rule, f"{where}.rules[{j}]", store, fail)

@@ -235,6 +235,7 @@ async def serve(
             return
         ctx.wake = wake
         wake.in_flight = in_flight
+        wake.promoted_epochs = ctx.promoted_epochs
         ctx.stats.wake_events = wake.counters
         ctx.stats.wake_phases = wake.phases
 

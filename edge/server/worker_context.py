@@ -40,6 +40,7 @@ def wake_specs(config: Config) -> dict[str, WakeAppSpec]:
             hold_timeout=float(app.hold_timeout),
             readiness_path=app.readiness_path,
             readiness_timeout=float(app.readiness_timeout),
+            readiness_probe_interval=float(app.readiness_probe_interval),
             idle_timeout=float(app.idle_timeout),
         )
         for app in config.apps
@@ -186,6 +187,15 @@ class WorkerContext:
                 app[0] += gate.in_flight
                 app[1] += gate.queued
         return counts
+
+    def promoted_epochs(self) -> dict[str, int] | None:
+        """Each app's promoted route epoch in the followed table, for the wake's old-epoch
+        check; None while the follower has no table it trusts (none yet, a resync due,
+        or the control plane unreachable)."""
+        follower = self.follower
+        if follower is None or follower.table is None or follower.stale or follower.resync_needed:
+            return None
+        return {app: route.promoted_epoch for app, route in follower.table.apps.items()}
 
     def adopt_route_table(self, table: RouteTable) -> None:
         """Swap in a new table; tunnels to draining allocations close at their deadline."""
