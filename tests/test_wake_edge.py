@@ -57,6 +57,12 @@ async def test_cold_get_is_held_woken_and_served(start_control_plane, start_edge
     status, headers, body = await get(client, edge)
     assert status == 200, body
     assert headers["Server-Timing"].startswith("wake;dur=")
+
+    # The edge may see the app answer before the control plane's own readiness poll does.
+    async def control_plane_ready() -> bool:
+        return [a["state"] for a in await allocations(cp)] == ["ready"]
+
+    await eventually(control_plane_ready, timeout=10, interval=0.05, what="allocation ready")
     allocated = await allocations(cp)
     assert len(allocated) == 1 and allocated[0]["state"] == "ready"
     assert headers["X-Allocation-Id"] == allocated[0]["id"]
