@@ -24,7 +24,9 @@ lease. The allocation's idempotency key is stored before the allocation is asked
 for, so the next holder asks with the same key and adopts that allocation, never
 a second. A wake that did not complete leaves its allocation to the holder the
 state records it for, wakes the app to adopt it, or drains it; and its budget
-slot is kept until the control plane has that start settled.
+slot is kept until the control plane has that start settled. A slot given back
+while the store is down is asked back again until the store takes it or its lease
+would have run out (`_give_back`); a slot being given back is never renewed.
 
 Every choice (recovery of a half-finished wake, the back-off, the budget pauses,
 the old-epoch check, the moving average of wake time, idleness) is a plain
@@ -114,7 +116,7 @@ class _LeaseLost(Exception):
 class _Attempt:
     """One holder's wake attempt: its budget slot and the allocation it asked for."""
 
-    __slots__ = ("allocation_id", "began", "budget_s", "completed", "holder", "key")
+    __slots__ = ("allocation_id", "began", "budget_s", "completed", "ended", "holder", "key")
 
     def __init__(self, holder: str) -> None:
         self.holder = holder  # the budget slot's holder name
@@ -123,6 +125,7 @@ class _Attempt:
         self.completed = False  # the app went hot through this attempt
         self.began = 0.0  # monotonic, when the attempt asked for its budget
         self.budget_s = 0.0  # how long the budget took
+        self.ended = False  # its slot is being given back: never renewed again
 
 
 class _Flight:
@@ -383,7 +386,7 @@ class WakeController:
         attempt = _Attempt(f"{app}#{lease.token}")
         loop = asyncio.get_running_loop()
         work = loop.create_task(self._drive(app, spec, lease, state, attempt))
-        renewer = loop.create_task(self._renew(app, lease, attempt.holder))
+        renewer = loop.create_task(self._renew(app, lease, attempt))
         try:
             await asyncio.wait((work, renewer), return_when=asyncio.FIRST_COMPLETED)
             if not work.done():  # the renewer returned: another holder has the lease
@@ -424,8 +427,11 @@ class WakeController:
         """Give the budget slot back, at once if no allocation was asked for, else once the
         control plane has settled that start: the budget counts starts not yet settled."""
         if not attempt.key:
-            with contextlib.suppress(Exception):  # a slot the store cannot free expires
+            attempt.ended = True
+            try:
                 await self.store.release_budget(attempt.holder)
+            except Exception:  # any: asked again in the background, the flight goes on
+                self._spawn(self._give_back(attempt, self.clock()))
             return
         current = asyncio.current_task()
         if current is not None and current.cancelling():
@@ -441,7 +447,7 @@ class WakeController:
         """Hold the attempt's slot (renewing it) until the control plane has its allocation
         past starting, then give it back. The allocation of a wake that did not complete is
         left to the holder its key is recorded for, adopted by a new wake, or drained."""
-        keeper = asyncio.get_running_loop().create_task(self._keep_slot(attempt.holder))
+        keeper = asyncio.get_running_loop().create_task(self._keep_slot(attempt))
         limit = decisions.slot_hold_limit(spec.readiness_timeout, self.budget.slot_ttl)
         try:
             async with asyncio.timeout(limit):
@@ -462,8 +468,30 @@ class WakeController:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
-            with contextlib.suppress(Exception):
+            await self._give_back(attempt, self.clock())
+
+    async def _give_back(self, attempt: _Attempt, ended_at: float) -> None:
+        """Give the attempt's slot back, asked again while the store fails, until the slot
+        would have expired by itself: one lost answer must not hold it for its whole lease."""
+        attempt.ended = True
+        tries = 0
+        while True:
+            try:
                 await self.store.release_budget(attempt.holder)
+                return
+            except Exception as exc:  # any: the slot is region-wide capacity
+                pause = decisions.give_back_pause(
+                    tries, self.clock(), ended_at, self.budget.slot_ttl
+                )
+                if pause is None:
+                    log.warning("wake slot %s not given back (%r); expired", attempt.holder, exc)
+                    self._count("budget_release_expired")
+                    return
+                if not tries:
+                    log.warning("wake slot %s not given back (%r); retrying", attempt.holder, exc)
+                self._count("budget_release_retry")
+                tries += 1
+                await asyncio.sleep(pause)
 
     async def _find_allocation(self, app: str, attempt: _Attempt) -> Allocation | None:
         """The allocation asked for under the attempt's key; None if the control plane
@@ -507,14 +535,21 @@ class WakeController:
             except ControlPlaneError:
                 await asyncio.sleep(0.5)
 
-    async def _keep_slot(self, holder: str) -> None:
+    async def _keep_slot(self, attempt: _Attempt) -> None:
         """Renew a budget slot on its own schedule, whatever the calls around it take."""
         while True:
             await asyncio.sleep(self.budget.slot_ttl / 3)
-            with contextlib.suppress(Exception):
-                await self.store.renew_budget(holder, self.budget)
+            await self._renew_slot(attempt)
 
-    async def _renew(self, app: str, lease: Lease, holder: str) -> None:
+    async def _renew_slot(self, attempt: _Attempt) -> None:
+        """Extend the attempt's slot unless it is being given back; store errors are ridden
+        out (the next renewal tries again, and the slot's lease bounds it anyway)."""
+        if attempt.ended:
+            return
+        with contextlib.suppress(Exception):
+            await self.store.renew_budget(attempt.holder, self.budget)
+
+    async def _renew(self, app: str, lease: Lease, attempt: _Attempt) -> None:
         """Keep the lease (and the slot) while the wake runs; return once another holder
         has the lease. Store errors are ridden out: the fencing token still guards writes."""
         failing = False
@@ -531,8 +566,7 @@ class WakeController:
             failing = False
             if not renewed:
                 return
-            with contextlib.suppress(Exception):
-                await self.store.renew_budget(holder, self.budget)
+            await self._renew_slot(attempt)
 
     async def _take_budget(self, app: str, spec: WakeAppSpec, holder: str) -> None:
         deadline = self.clock() + spec.hold_timeout

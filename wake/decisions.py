@@ -49,6 +49,9 @@ PROBE_FIRST = 0.005
 PROBE_MAX = 0.25
 # Refusals that carry no timeout of their own ask the client back after this long.
 RETRY_SOON = 5.0
+# A budget slot the store did not take back is asked for again from 50 ms doubling to 1 s.
+GIVE_BACK_FIRST = 0.05
+GIVE_BACK_MAX = 1.0
 
 
 class RefuseKind(enum.StrEnum):
@@ -293,6 +296,18 @@ def orphan_action(state: AppWakeState, key: str, lease_held: bool) -> Orphan:
 def slot_hold_limit(readiness_timeout: float, slot_ttl: float) -> float:
     """How long a wake's slot is kept, at most, waiting for its start to settle."""
     return max(readiness_timeout, slot_ttl)
+
+
+def give_back_pause(tries: int, now: float, ended_at: float, slot_ttl: float) -> float | None:
+    """The pause before asking the store again to take back a slot it did not take after
+    `tries` asks; None once past `ended_at + slot_ttl`, when it has expired by itself.
+
+    Nothing renews a slot once its attempt ended (`ended_at`), so by then its lease
+    runs out: retrying longer frees nothing, retrying less leaves it held to its lease."""
+    remaining = ended_at + slot_ttl - now
+    if remaining <= 0:
+        return None
+    return min(backoff.delay(tries, GIVE_BACK_FIRST, GIVE_BACK_MAX), remaining)
 
 
 def renew_pause(lease_ttl: float, failing: bool) -> float:

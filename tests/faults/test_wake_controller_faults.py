@@ -24,7 +24,7 @@ from stack import ControlPlaneProcess, RedisProcess, sample_app_spec
 from scheduler_client.client import ControlPlaneClient
 from scheduler_client.models import Allocation
 from wake.budget import BudgetLimits
-from wake.controller import HotTarget, WakeAppSpec, WakeController, WakeRefused
+from wake.controller import HotTarget, WakeAppSpec, WakeController, WakeRefused, _Attempt
 from wake.store.memory import MemoryStore
 from wake.store.protocol import AppWakeState, StoreUnavailable, WakeStore
 from wake.store.redis_backend import RedisStore
@@ -201,6 +201,49 @@ async def test_a_wake_ended_by_a_control_plane_error_keeps_its_slot_until_the_st
         allocs, in_use = await settled(cp, store)
         assert [a.id for a in allocs if a.state == "ready"] == [target.allocation_id]
         assert in_use == 0
+    finally:
+        await close_all(wake)
+
+
+async def test_slots_given_back_while_redis_is_down_go_back_once_it_is_up(
+    start_control_plane, own_redis: RedisProcess
+) -> None:
+    # Two wakes end while Redis is SIGKILLed: one that never asked for an allocation (its
+    # slot goes back at once) and one whose allocation the control plane has settled
+    # (its slot goes back after that check). Neither give-back may be lost with the
+    # outage: once Redis is back (AOF) both slots are free, not held to their 30 s lease.
+    cp = start_control_plane(apps=[sample_app_spec("shop")])
+    store = redis_store(own_redis.url)
+    wake = wake_controller(cp, store, "edge-a")
+    spec = wake.apps["shop"]
+    try:
+        alloc = await wake.client.create_allocation("shop", idempotency_key="wake-shop-2-1")
+
+        async def ready() -> bool:
+            return (await wake.client.get_allocation(alloc.id)).state == "ready"
+
+        await eventually(ready, timeout=20, interval=0.1, what="the allocation ready")
+        unasked, settled_start = _Attempt("shop#1"), _Attempt("shop#2")
+        settled_start.key, settled_start.allocation_id = "wake-shop-2-1", alloc.id
+        settled_start.completed = True
+        for attempt in (unasked, settled_start):
+            granted = await store.acquire_budget(attempt.holder, "default", LIMITS, 5.0)
+            assert granted.granted
+        assert (await store.budget_usage(LIMITS)).in_use == 2
+
+        own_redis.crash()
+        for attempt in (unasked, settled_start):
+            await wake._end_attempt("shop", spec, attempt)
+        await asyncio.sleep(2.0)  # the settled start is checked with the control plane
+        own_redis.start()
+
+        async def slots_free() -> bool:
+            try:
+                return (await store.budget_usage(LIMITS)).in_use == 0
+            except StoreUnavailable:
+                return False
+
+        await eventually(slots_free, timeout=10, interval=0.2, what="both slots given back")
     finally:
         await close_all(wake)
 
