@@ -284,6 +284,14 @@ def test_a_slot_is_asked_back_until_it_would_have_expired_by_itself() -> None:
     assert decisions.give_back_pause(0, 150.0, 100.0, 30.0) is None
 
 
+def test_a_wake_renews_its_lease_only_while_it_runs_and_its_slot_until_given_back() -> None:
+    assert decisions.keep(wake_over=False, slot_given_back=False) == decisions.Keep(True, True)
+    # Over, its slot kept until the control plane settled the start (the keeper renews it).
+    assert decisions.keep(wake_over=True, slot_given_back=False) == decisions.Keep(False, True)
+    assert decisions.keep(wake_over=True, slot_given_back=True) == decisions.Keep(False, False)
+    assert decisions.keep(wake_over=False, slot_given_back=True).slot is False
+
+
 def test_lease_renewal_comes_sooner_while_the_store_fails() -> None:
     assert decisions.renew_pause(9.0, failing=False) == 3.0
     assert decisions.renew_pause(9.0, failing=True) == pytest.approx(0.9)
