@@ -344,6 +344,26 @@ def test_an_allocation_whose_wake_did_not_complete_is_left_adopted_or_drained(
     assert decisions.orphan_action(app, "k1", lease_held) is action
 
 
+def test_a_slot_not_taken_back_is_asked_for_again_backing_off_to_a_second() -> None:
+    pauses = [decisions.give_back_pause(n, 100.0, 100.0, 30.0) for n in range(7)]
+    assert pauses == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+
+
+def test_a_slot_is_asked_back_until_it_would_have_expired_by_itself() -> None:
+    # Ended at 100 with a 30 s lease: past 130 the store dropped it anyway.
+    assert decisions.give_back_pause(9, 129.5, 100.0, 30.0) == pytest.approx(0.5)
+    assert decisions.give_back_pause(0, 130.0, 100.0, 30.0) is None
+    assert decisions.give_back_pause(0, 150.0, 100.0, 30.0) is None
+
+
+def test_a_wake_renews_its_lease_only_while_it_runs_and_its_slot_until_given_back() -> None:
+    assert decisions.keep(wake_over=False, slot_given_back=False) == decisions.Keep(True, True)
+    # Over, its slot kept until the control plane settled the start (the keeper renews it).
+    assert decisions.keep(wake_over=True, slot_given_back=False) == decisions.Keep(False, True)
+    assert decisions.keep(wake_over=True, slot_given_back=True) == decisions.Keep(False, False)
+    assert decisions.keep(wake_over=False, slot_given_back=True).slot is False
+
+
 def test_lease_renewal_comes_sooner_while_the_store_fails() -> None:
     assert decisions.renew_pause(9.0, failing=False) == 3.0
     assert decisions.renew_pause(9.0, failing=True) == pytest.approx(0.9)

@@ -24,13 +24,17 @@ lease. The allocation's idempotency key is stored before the allocation is asked
 for, so the next holder asks with the same key and adopts that allocation, never
 a second. A wake that did not complete leaves its allocation to the holder the
 state records it for, wakes the app to adopt it, or drains it; and its budget
-slot is kept until the control plane has that start settled.
+slot is kept until the control plane has that start settled. A slot given back
+while the store is down is asked back again until the store takes it or its lease
+would have run out (`_give_back`); a slot being given back is never renewed. The
+helper tasks of a wake (lease renewer, slot keeper, readiness watch) stop on the
+attempt's state, not only on cancel(), which a redis-py call can lose; they are waited
+for a bounded time (`_stop`), so a wake always lets its lease and slot go.
 
 Every choice (recovery of a half-finished wake, the back-off, the budget pauses,
 the readiness probe's pauses, the old-epoch check, the moving average of wake time,
 idleness) is a plain function in `wake/decisions.py`; this module only carries them
-out. Two injected
-clocks: `clock` (monotonic) for deadlines and durations inside this process,
+out. Two injected clocks: `clock` (monotonic) for deadlines and durations inside this process,
 `wall_clock` for times written to the store, which other processes compare.
 """
 
@@ -119,7 +123,16 @@ class _LeaseLost(Exception):
 class _Attempt:
     """One holder's wake attempt: its budget slot and the allocation it asked for."""
 
-    __slots__ = ("allocation_id", "began", "budget_s", "completed", "holder", "key")
+    __slots__ = (
+        "allocation_id",
+        "began",
+        "budget_s",
+        "completed",
+        "ended",
+        "holder",
+        "key",
+        "over",
+    )
 
     def __init__(self, holder: str) -> None:
         self.holder = holder  # the budget slot's holder name
@@ -128,6 +141,19 @@ class _Attempt:
         self.completed = False  # the app went hot through this attempt
         self.began = 0.0  # monotonic, when the attempt asked for its budget
         self.budget_s = 0.0  # how long the budget took
+        self.ended = False  # its slot is being given back: never renewed again
+        self.over = False  # the wake holding the lease for it ended: the lease is let go
+
+    def keep(self) -> decisions.Keep:
+        """What its renewers may still renew (checked before each renewal)."""
+        return decisions.keep(self.over, self.ended)
+
+
+def _going_on(attempt: _Attempt) -> None:
+    """Before asking for a slot or an allocation: a wake's work whose cancellation was lost
+    (see `_stop`) must not take what nobody would give back."""
+    if attempt.over:
+        raise asyncio.CancelledError
 
 
 class _Flight:
@@ -398,8 +424,8 @@ class WakeController:
             state = await self._move(state, move.target, lease, move.reason)
         attempt = _Attempt(f"{app}#{lease.token}")
         loop = asyncio.get_running_loop()
-        work = loop.create_task(self._drive(app, spec, lease, state, attempt))
-        renewer = loop.create_task(self._renew(app, lease, attempt.holder))
+        work = loop.create_task(self._drive(app, spec, lease, state, attempt), name="wake work")
+        renewer = loop.create_task(self._renew(app, lease, attempt), name="wake lease renewer")
         try:
             await asyncio.wait((work, renewer), return_when=asyncio.FIRST_COMPLETED)
             if not work.done():  # the renewer returned: another holder has the lease
@@ -415,19 +441,39 @@ class WakeController:
             await self._fail(app, lease, f"control plane: {exc.message}")
             raise WakeRefused.of(decisions.control_plane_error(app)) from exc
         finally:
-            for task in (work, renewer):
-                task.cancel()
-            for task in (work, renewer):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            await self._end_attempt(app, spec, attempt)
+            attempt.over = True  # the renewer stops on this even if its cancellation is lost
+            try:
+                await self._stop(app, work, renewer)
+            finally:
+                await self._end_attempt(app, spec, attempt)
+
+    async def _stop(self, app: str, *tasks: asyncio.Task) -> None:
+        """Cancel a wake's helper tasks and wait for them, at most HELPER_STOP_TIMEOUT: one
+        whose cancellation was lost stops by its own state check, the wake goes on."""
+        for task in tasks:
+            task.cancel()
+        _, stuck = await asyncio.wait(tasks, timeout=decisions.HELPER_STOP_TIMEOUT)
+        for task in stuck:
+            log.error(
+                "wake %s: %s still running %.1fs after its cancellation; left to stop by itself",
+                app,
+                task.get_name(),
+                decisions.HELPER_STOP_TIMEOUT,
+            )
+            self._count("helper_stuck")
+            self._background.add(task)  # close() waits for it; its own check ends it
+            task.add_done_callback(self._background.discard)
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                # The work's error was raised where it was awaited; the others' only end them.
+                log.debug("wake %s: %s ended with %r", app, task.get_name(), task.exception())
 
     async def _drive(
         self, app: str, spec: WakeAppSpec, lease: Lease, state: AppWakeState, attempt: _Attempt
     ) -> HotTarget:
         """Budget, then allocation and readiness (retried under a new route epoch)."""
         attempt.began = self.clock()
-        await self._take_budget(app, spec, attempt.holder)
+        await self._take_budget(app, spec, attempt)
         attempt.budget_s = self.clock() - attempt.began
         self._phase("budget", attempt.budget_s)
         for _ in range(OLD_EPOCH_RETRIES):
@@ -440,8 +486,11 @@ class WakeController:
         """Give the budget slot back, at once if no allocation was asked for, else once the
         control plane has settled that start: the budget counts starts not yet settled."""
         if not attempt.key:
-            with contextlib.suppress(Exception):  # a slot the store cannot free expires
+            attempt.ended = True
+            try:
                 await self.store.release_budget(attempt.holder)
+            except Exception:  # any: asked again in the background, the flight goes on
+                self._spawn(self._give_back(attempt, self.clock()))
             return
         current = asyncio.current_task()
         if current is not None and current.cancelling():
@@ -457,7 +506,9 @@ class WakeController:
         """Hold the attempt's slot (renewing it) until the control plane has its allocation
         past starting, then give it back. The allocation of a wake that did not complete is
         left to the holder its key is recorded for, adopted by a new wake, or drained."""
-        keeper = asyncio.get_running_loop().create_task(self._keep_slot(attempt.holder))
+        keeper = asyncio.get_running_loop().create_task(
+            self._keep_slot(attempt), name="wake slot keeper"
+        )
         limit = decisions.slot_hold_limit(spec.readiness_timeout, self.budget.slot_ttl)
         try:
             async with asyncio.timeout(limit):
@@ -475,11 +526,34 @@ class WakeController:
         except TimeoutError:
             log.warning("wake %s: start of %s not settled in %.0fs", app, attempt.key, limit)
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
-            with contextlib.suppress(Exception):
+            attempt.ended = True  # the keeper stops on this even if its cancellation is lost
+            try:
+                await self._stop(app, keeper)
+            finally:
+                await self._give_back(attempt, self.clock())
+
+    async def _give_back(self, attempt: _Attempt, ended_at: float) -> None:
+        """Give the attempt's slot back, asked again while the store fails, until the slot
+        would have expired by itself: one lost answer must not hold it for its whole lease."""
+        attempt.ended = True
+        tries = 0
+        while True:
+            try:
                 await self.store.release_budget(attempt.holder)
+                return
+            except Exception as exc:  # any: the slot is region-wide capacity
+                pause = decisions.give_back_pause(
+                    tries, self.clock(), ended_at, self.budget.slot_ttl
+                )
+                if pause is None:
+                    log.warning("wake slot %s not given back (%r); expired", attempt.holder, exc)
+                    self._count("budget_release_expired")
+                    return
+                if not tries:
+                    log.warning("wake slot %s not given back (%r); retrying", attempt.holder, exc)
+                self._count("budget_release_retry")
+                tries += 1
+                await asyncio.sleep(pause)
 
     async def _find_allocation(self, app: str, attempt: _Attempt) -> Allocation | None:
         """The allocation asked for under the attempt's key; None if the control plane
@@ -523,19 +597,29 @@ class WakeController:
             except ControlPlaneError:
                 await asyncio.sleep(0.5)
 
-    async def _keep_slot(self, holder: str) -> None:
-        """Renew a budget slot on its own schedule, whatever the calls around it take."""
-        while True:
+    async def _keep_slot(self, attempt: _Attempt) -> None:
+        """Renew a budget slot on its own schedule, whatever the calls around it take, until
+        it is being given back."""
+        while attempt.keep().slot:
             await asyncio.sleep(self.budget.slot_ttl / 3)
-            with contextlib.suppress(Exception):
-                await self.store.renew_budget(holder, self.budget)
+            await self._renew_slot(attempt)
 
-    async def _renew(self, app: str, lease: Lease, holder: str) -> None:
+    async def _renew_slot(self, attempt: _Attempt) -> None:
+        """Extend the attempt's slot unless it is being given back; store errors are ridden
+        out (the next renewal tries again, and the slot's lease bounds it anyway)."""
+        if not attempt.keep().slot:
+            return
+        with contextlib.suppress(Exception):
+            await self.store.renew_budget(attempt.holder, self.budget)
+
+    async def _renew(self, app: str, lease: Lease, attempt: _Attempt) -> None:
         """Keep the lease (and the slot) while the wake runs; return once another holder
         has the lease. Store errors are ridden out: the fencing token still guards writes."""
         failing = False
         while True:
             await asyncio.sleep(decisions.renew_pause(self.lease_ttl, failing))
+            if not attempt.keep().lease:
+                return
             try:
                 renewed = await self.store.renew_lease(app, lease.owner, self.lease_ttl)
             except Exception as exc:  # any: a dead renewer would let the lease lapse
@@ -545,18 +629,18 @@ class WakeController:
                 self._count("lease_renew_error")
                 continue
             failing = False
-            if not renewed:
+            if not renewed or not attempt.keep().lease:
                 return
-            with contextlib.suppress(Exception):
-                await self.store.renew_budget(holder, self.budget)
+            await self._renew_slot(attempt)
 
-    async def _take_budget(self, app: str, spec: WakeAppSpec, holder: str) -> None:
+    async def _take_budget(self, app: str, spec: WakeAppSpec, attempt: _Attempt) -> None:
         deadline = self.clock() + spec.hold_timeout
         refused = False  # the gate's refusal is counted once per attempt, not per ask
         while True:
+            _going_on(attempt)
             remaining = deadline - self.clock()
             decision = await self.store.acquire_budget(
-                holder, spec.tenant, self.budget, decisions.budget_window(remaining)
+                attempt.holder, spec.tenant, self.budget, decisions.budget_window(remaining)
             )
             self._tally(gallery_tally.budget_keys(decision.granted, refused))
             refused = refused or not decision.granted
@@ -586,6 +670,7 @@ class WakeController:
             allocation_key=key,
         )
         attempt.key, attempt.allocation_id = key, ""
+        _going_on(attempt)
         alloc = await self.client.create_allocation(app, idempotency_key=key)
         attempt.allocation_id = alloc.id
         deadline = self.clock() + spec.readiness_timeout
@@ -661,11 +746,12 @@ class WakeController:
         (seen by a concurrent watch) counts at once. None: not ready in time."""
         host, _, port = alloc.address.rpartition(":")
         ready = asyncio.Event()
+        probed = asyncio.Event()  # the probe is over: the watch stops even if not cancelled
         latest = [alloc]
 
         async def watch() -> None:
             current = alloc
-            while current.state != "ready" and self.clock() < deadline:
+            while current.state != "ready" and self.clock() < deadline and not probed.is_set():
                 if current.state in ("failed", "stopped"):
                     return
                 current = await self.client.watch_allocation(
@@ -675,7 +761,7 @@ class WakeController:
             if current.state == "ready":
                 ready.set()
 
-        watcher = asyncio.get_running_loop().create_task(watch())
+        watcher = asyncio.get_running_loop().create_task(watch(), name="wake readiness watch")
         began = self.clock()
         try:
             while self.clock() < deadline and not ready.is_set():
@@ -706,9 +792,8 @@ class WakeController:
                         await ready.wait()
             return latest[0] if ready.is_set() else None
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ControlPlaneError):
-                await watcher
+            probed.set()
+            await self._stop(spec.name, watcher)
 
     async def _epoch_replaced(self, app: str, alloc: Allocation) -> bool:
         """True when a promotion replaced the app's route after this allocation was granted.

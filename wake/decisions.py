@@ -60,6 +60,13 @@ PROBE_LATENESS = 0.005
 PROBE_DENSE_UNTIL = 2.0
 # Refusals that carry no timeout of their own ask the client back after this long.
 RETRY_SOON = 5.0
+# A budget slot the store did not take back is asked for again from 50 ms doubling to 1 s.
+GIVE_BACK_FIRST = 0.05
+GIVE_BACK_MAX = 1.0
+# How long (s) a wake waits for a cancelled helper task (renewer, slot keeper, readiness
+# watch) to end: one that took its cancellation ends within a loop turn; one that lost it
+# ends by its own state check once its store call returns, and nobody waits for that.
+HELPER_STOP_TIMEOUT = 1.0
 
 
 class RefuseKind(enum.StrEnum):
@@ -304,6 +311,34 @@ def orphan_action(state: AppWakeState, key: str, lease_held: bool) -> Orphan:
 def slot_hold_limit(readiness_timeout: float, slot_ttl: float) -> float:
     """How long a wake's slot is kept, at most, waiting for its start to settle."""
     return max(readiness_timeout, slot_ttl)
+
+
+def give_back_pause(tries: int, now: float, ended_at: float, slot_ttl: float) -> float | None:
+    """The pause before asking the store again to take back a slot it did not take after
+    `tries` asks; None once past `ended_at + slot_ttl`, when it has expired by itself.
+
+    Nothing renews a slot once its attempt ended (`ended_at`), so by then its lease
+    runs out: retrying longer frees nothing, retrying less leaves it held to its lease."""
+    remaining = ended_at + slot_ttl - now
+    if remaining <= 0:
+        return None
+    return min(backoff.delay(tries, GIVE_BACK_FIRST, GIVE_BACK_MAX), remaining)
+
+
+class Keep(msgspec.Struct, frozen=True):
+    """What a wake's renewers may still renew."""
+
+    lease: bool
+    slot: bool
+
+
+def keep(wake_over: bool, slot_given_back: bool) -> Keep:
+    """The lease only while the wake holding it runs, the slot until it is being given back.
+
+    Renewers stop on this, checked before each renewal, not on a cancellation landing: one
+    can be lost (Python 3.11's asyncio.wait_for, in every command redis-py sends, returns a
+    finished send instead of raising it), and a renewal of what was let go holds it a term."""
+    return Keep(lease=not wake_over, slot=not slot_given_back)
 
 
 def renew_pause(lease_ttl: float, failing: bool) -> float:

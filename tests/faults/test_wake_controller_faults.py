@@ -23,8 +23,9 @@ from stack import ControlPlaneProcess, RedisProcess, sample_app_spec
 
 from scheduler_client.client import ControlPlaneClient
 from scheduler_client.models import Allocation
+from wake import decisions
 from wake.budget import BudgetLimits
-from wake.controller import HotTarget, WakeAppSpec, WakeController, WakeRefused
+from wake.controller import HotTarget, WakeAppSpec, WakeController, WakeRefused, _Attempt
 from wake.store.memory import MemoryStore
 from wake.store.protocol import AppWakeState, StoreUnavailable, WakeStore
 from wake.store.redis_backend import RedisStore
@@ -202,6 +203,138 @@ async def test_a_wake_ended_by_a_control_plane_error_keeps_its_slot_until_the_st
         assert [a.id for a in allocs if a.state == "ready"] == [target.allocation_id]
         assert in_use == 0
     finally:
+        await close_all(wake)
+
+
+async def test_slots_given_back_while_redis_is_down_go_back_once_it_is_up(
+    start_control_plane, own_redis: RedisProcess
+) -> None:
+    # Two wakes end while Redis is SIGKILLed: one that never asked for an allocation (its
+    # slot goes back at once) and one whose allocation the control plane has settled
+    # (its slot goes back after that check). Neither give-back may be lost with the
+    # outage: once Redis is back (AOF) both slots are free, not held to their 30 s lease.
+    cp = start_control_plane(apps=[sample_app_spec("shop")])
+    store = redis_store(own_redis.url)
+    wake = wake_controller(cp, store, "edge-a")
+    spec = wake.apps["shop"]
+    try:
+        alloc = await wake.client.create_allocation("shop", idempotency_key="wake-shop-2-1")
+
+        async def ready() -> bool:
+            return (await wake.client.get_allocation(alloc.id)).state == "ready"
+
+        await eventually(ready, timeout=20, interval=0.1, what="the allocation ready")
+        unasked, settled_start = _Attempt("shop#1"), _Attempt("shop#2")
+        settled_start.key, settled_start.allocation_id = "wake-shop-2-1", alloc.id
+        settled_start.completed = True
+        for attempt in (unasked, settled_start):
+            granted = await store.acquire_budget(attempt.holder, "default", LIMITS, 5.0)
+            assert granted.granted
+        assert (await store.budget_usage(LIMITS)).in_use == 2
+
+        own_redis.crash()
+        for attempt in (unasked, settled_start):
+            await wake._end_attempt("shop", spec, attempt)
+        await asyncio.sleep(2.0)  # the settled start is checked with the control plane
+        own_redis.start()
+
+        async def slots_free() -> bool:
+            try:
+                return (await store.budget_usage(LIMITS)).in_use == 0
+            except StoreUnavailable:
+                return False
+
+        await eventually(slots_free, timeout=10, interval=0.2, what="both slots given back")
+    finally:
+        await close_all(wake)
+
+
+class RenewalRacingStore(RedisStore):
+    """A real Redis store whose wake, once the app is hot, ends only after the lease renewer
+    has begun a renewal: the wake is over while the renewer is inside its Redis call."""
+
+    def __init__(self, url: str, yields: int) -> None:
+        super().__init__(url, poll_interval=0.1, socket_timeout=1.0, op_timeout=1.5)
+        self.yields = yields  # loop turns between the renewal's start and the wake's end
+        self.renewing = asyncio.Event()
+        self.hot_written = False
+        self.raced = False
+
+    async def write_state(self, state: AppWakeState, token: int) -> bool:
+        written = await super().write_state(state, token)
+        if written and state.state == "hot":
+            self.hot_written = True
+            self.renewing.clear()
+        return written
+
+    async def renew_lease(self, app: str, owner: str, ttl: float) -> bool:
+        self.renewing.set()
+        return await super().renew_lease(app, owner, ttl)
+
+    async def read_state(self, app: str) -> AppWakeState:
+        state = await super().read_state(app)
+        if self.hot_written and not self.raced:  # the hot move's read: the wake's last call
+            self.raced = True
+            await self.renewing.wait()
+            for _ in range(self.yields):
+                await asyncio.sleep(0)
+        return state
+
+
+@pytest.mark.parametrize("yields", [0, 1, 2])
+async def test_a_wake_that_ends_mid_renewal_lets_its_lease_and_slot_go(
+    start_control_plane, own_redis: RedisProcess, yields: int
+) -> None:
+    # The wake that made the app hot ends while its renewer is in the middle of a Redis
+    # call; a cancellation landing there can be lost (Python 3.11's asyncio.wait_for,
+    # used by redis-py for every command it sends, returns the finished send instead).
+    # The renewer must stop anyway and the flight must end: the lease is released and
+    # the slot goes back once the start settled, not renewed until the process exits.
+    cp = start_control_plane(apps=[sample_app_spec("shop")])
+    store = RenewalRacingStore(own_redis.url, yields)
+    wake = wake_controller(cp, store, "edge-a")
+    try:
+        await asyncio.wait_for(wake.ensure_hot("shop", 30), 30)
+
+        async def let_go() -> bool:
+            lease_held = await store.lease_owner("shop") is not None
+            in_use = (await store.budget_usage(LIMITS)).in_use
+            return store.raced and not wake._flights and not lease_held and in_use == 0
+
+        await eventually(let_go, timeout=10, interval=0.1, what="the lease and the slot let go")
+    finally:
+        # Bounded: a flight that never ends would hold close() up as well.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(close_all(wake), 15)
+
+
+async def test_a_helper_that_outlives_its_cancellation_does_not_hold_the_wake_up(
+    start_control_plane, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A helper task that goes on after cancel() (its cancellation lost) is waited for a
+    # bounded time only: reported loudly and counted, then left to stop by itself.
+    cp = start_control_plane(apps=[sample_app_spec("shop")])
+    wake = wake_controller(cp, MemoryStore(), "edge-a")
+    over = asyncio.Event()
+
+    async def deaf() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(60)
+        await over.wait()  # as a renewer would, until it checks its state
+
+    task = asyncio.get_running_loop().create_task(deaf(), name="deaf helper")
+    await asyncio.sleep(0)
+    try:
+        started = time.monotonic()
+        await wake._stop("shop", task)
+        assert time.monotonic() - started < 3 * decisions.HELPER_STOP_TIMEOUT
+        assert not task.done()
+        assert wake.counters.get("helper_stuck") == 1
+        assert "deaf helper still running" in caplog.text
+        over.set()
+        await asyncio.wait_for(task, 1.0)
+    finally:
+        over.set()
         await close_all(wake)
 
 
