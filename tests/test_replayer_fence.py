@@ -18,10 +18,11 @@ from helpers import eventually
 from test_replay_delivery import read_request, serve
 
 from edge.queue import replayer as replayer_module
-from edge.queue.durable_queue import DurableQueue
+from edge.queue.durable_queue import DurableQueue, QueuedRequest
 from edge.queue.replayer import Replayer
 from edge.server.config import AppConfig, load_config_text
 from wake.controller import HotTarget
+from wake.store.protocol import Lease
 
 CONFIG = """
 [edge]
@@ -297,3 +298,97 @@ async def test_a_delivery_still_connecting_when_its_term_ends_sends_nothing(
     finally:
         await raw.aclose()
         app.close()
+
+
+# ------------------------------------------- the replay ends while its renewer is in Redis
+
+
+class RenewalRacingQueue(DurableQueue):
+    """A real Redis queue whose replay, once the queue is empty, ends only after the lease
+    renewer has begun a renewal: the replay is over while the renewer is in its Redis call."""
+
+    def __init__(self, url: str, yields: int) -> None:
+        super().__init__(url)
+        self.yields = yields  # loop turns between the renewal's start and the replay's end
+        self.renewing = asyncio.Event()
+        self.raced = False
+
+    async def renew_replayer(self, app: str, lease: Lease, ttl: float) -> bool:
+        self.renewing.set()
+        return await super().renew_replayer(app, lease, ttl)
+
+    async def next_batch(
+        self, app: str, consumer: str, claim_idle: float, count: int, lease: Lease
+    ) -> list[QueuedRequest] | None:
+        batch = await super().next_batch(app, consumer, claim_idle, count, lease)
+        if batch == [] and not self.raced:  # nothing left: the replay's last call
+            self.raced = True
+            self.renewing.clear()  # the next renewal's start, not one already over
+            await self.renewing.wait()
+            for _ in range(self.yields):
+                await asyncio.sleep(0)
+        return batch
+
+
+@pytest.mark.parametrize("yields", [0, 1, 2])
+async def test_a_replay_that_ends_mid_renewal_lets_its_lease_go_and_goes_on(
+    fresh_redis: str, monkeypatch: pytest.MonkeyPatch, yields: int
+) -> None:
+    """The replay ends while its lease renewer is inside a Redis call, where a cancellation
+    can be lost (Python 3.11's asyncio.wait_for, in every command redis-py sends, returns
+    the finished send instead). The renewer must stop anyway: the replay lease is released,
+    not renewed until the process exits, and the replayer replays what is queued next."""
+    monkeypatch.setattr(replayer_module, "LEASE_TTL", 0.6)  # renewals every 0.2 s
+    received: list[bytes] = []
+
+    async def app(reader, writer) -> None:
+        while True:
+            try:
+                received.append(await read_request(reader))
+            except asyncio.IncompleteReadError:
+                break
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    server, address = await serve(app)
+    queue = RenewalRacingQueue(fresh_redis, yields)
+    raw = aioredis.from_url(fresh_redis)
+    events: list[str] = []
+    replayer = edge_a_replayer(queue, address, events)
+    task = asyncio.get_running_loop().create_task(replayer.run())
+
+    async def queue_one(n: int) -> None:
+        await queue.enqueue(
+            "shop",
+            method=b"POST",
+            path=b"/hooks/a",
+            head=HEAD,
+            body=json.dumps({"n": n}).encode(),
+            key=f"k{n}",
+            arrived=0,
+            retention=3600,
+            max_queued=10,
+        )
+        replayer.poke()
+
+    try:
+        await queue_one(0)
+        await eventually(lambda: queue.raced, timeout=5, what="the replay's end raced")
+
+        async def let_go() -> bool:
+            return not await raw.exists(queue.key("shop", "replayer"))
+
+        await eventually(let_go, timeout=3, interval=0.05, what="the replay lease let go")
+        await queue_one(1)  # the replayer goes on: the next entry is replayed
+        await eventually(lambda: events.count("delivered") == 2, timeout=5, what="entry 1")
+        assert [json.loads(r.partition(b"\r\n\r\n")[2])["n"] for r in received] == [0, 1]
+    finally:
+        # Bounded: a replay that never ends would hold close() up as well.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(replayer.close(grace=1), 10)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await raw.aclose()
+        await queue.close()
+        server.close()

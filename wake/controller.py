@@ -55,6 +55,7 @@ from scheduler_client.client import ControlPlaneClient
 from scheduler_client.http_probe import http_get
 from scheduler_client.machine_move import plan_move
 from scheduler_client.models import Allocation, ControlPlaneError
+from scheduler_client.task_stop import stop_tasks
 from wake import decisions, gallery_tally
 from wake.budget import BudgetLimits
 from wake.decisions import Adopt, Refuse, Wait
@@ -79,6 +80,9 @@ OLD_EPOCH_RETRIES = 3
 SLEEP_DRAIN_DEADLINE = 5.0
 # At close, pending gallery counts get this long (s) to reach the store.
 CLOSE_FLUSH_TIMEOUT = 2.0
+# At close, cancelled flights and helpers get this long (s) to run their cleanup (a flight
+# lets its helpers go, at most HELPER_STOP_TIMEOUT, then its lease and slot).
+CLOSE_STOP_TIMEOUT = 5.0
 # Upper bounds (s) of the wake phase histograms: budget wait, allocation, readiness.
 PHASE_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
@@ -450,23 +454,14 @@ class WakeController:
     async def _stop(self, app: str, *tasks: asyncio.Task) -> None:
         """Cancel a wake's helper tasks and wait for them, at most HELPER_STOP_TIMEOUT: one
         whose cancellation was lost stops by its own state check, the wake goes on."""
-        for task in tasks:
-            task.cancel()
-        _, stuck = await asyncio.wait(tasks, timeout=decisions.HELPER_STOP_TIMEOUT)
+        # The work's error was raised where it was awaited; the others' only end them.
+        stuck = await stop_tasks(
+            tasks, decisions.HELPER_STOP_TIMEOUT, what=f"wake {app}", errors=logging.DEBUG
+        )
         for task in stuck:
-            log.error(
-                "wake %s: %s still running %.1fs after its cancellation; left to stop by itself",
-                app,
-                task.get_name(),
-                decisions.HELPER_STOP_TIMEOUT,
-            )
             self._count("helper_stuck")
             self._background.add(task)  # close() waits for it; its own check ends it
             task.add_done_callback(self._background.discard)
-        for task in tasks:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                # The work's error was raised where it was awaited; the others' only end them.
-                log.debug("wake %s: %s ended with %r", app, task.get_name(), task.exception())
 
     async def _drive(
         self, app: str, spec: WakeAppSpec, lease: Lease, state: AppWakeState, attempt: _Attempt
@@ -904,11 +899,8 @@ class WakeController:
         tasks = [*self._flights.values(), *self._background]
         if self._flusher is not None:
             tasks.append(self._flusher)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        # Bounded: a flight or helper whose cancellation was lost ends by its own check.
+        await stop_tasks(tasks, CLOSE_STOP_TIMEOUT, what="wake close", errors=logging.DEBUG)
         # What was counted up to now still reaches the store, if it answers in time.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLOSE_FLUSH_TIMEOUT):

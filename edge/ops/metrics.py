@@ -145,7 +145,8 @@ def _queue_families(
         "delivered, "
         "retried, dead_lettered, already_done, dead_letter_trimmed (dropped over "
         "max_dead_letters), lease_lost (a replayer fenced off by a newer lease holder, "
-        "or by its own lease term running out).",
+        "or by its own lease term running out), renewer_stuck (a replay's lease renewer "
+        "still running a second after its cancellation).",
         labels=["app", "event"],
     )
     for key, n in sorted(_sum_by(snapshots, "queue").items()):

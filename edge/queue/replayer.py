@@ -18,7 +18,9 @@ the app cannot be fenced by the store, so it is fenced by the replayer's own ter
 (LeaseTerm: its clock, a margin inside the TTL, ended by a refused renewal): the
 request's last byte is written only when the term, asked right then with no await
 before the write, is still valid; a replayer frozen or starved past it sends nothing
-the app could act on.
+the app could act on. The lease renewer stops on the replay's end, checked each turn,
+not only on cancel() (which a redis-py call can lose), and is waited for a bounded
+time (`stop_tasks`), so a replay that ended always lets its lease go.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from edge.queue.replay_delivery import DeliveryFailed, NotSent, ReplayConnection
 from edge.queue.replay_policy import LeaseTerm, Outcome, dead_reason, outcome_of, retry_delay
 from edge.server.config import AppConfig
 from scheduler_client import backoff
+from scheduler_client.task_stop import stop_tasks
 from wake.controller import HotTarget, WakeController
 from wake.store.protocol import Lease, StoreUnavailable
 
@@ -124,6 +127,8 @@ class Replayer:
                 self.count(app.name, "dead_lettered")
             self._dropped(app, dropped)
             target = await self.wake.ensure_hot(app.name, float(app.hold_timeout))
+            if self._stopping:
+                return  # closed meanwhile (its cancellation may have been lost): no new lease
             asked = self.clock()
             lease = await self.queue.acquire_replayer(app.name, self.owner, LEASE_TTL)
             if lease is None:
@@ -155,8 +160,11 @@ class Replayer:
         self, app: AppConfig, target: HotTarget, lease: Lease, term: LeaseTerm
     ) -> None:
         lost = asyncio.Event()  # set when the lease is lost, or on shutdown
+        over = asyncio.Event()  # set when this replay ends: the renewer stops on it
         self._lost_events.add(lost)
-        renewer = asyncio.get_running_loop().create_task(self._renew(app.name, lease, lost, term))
+        renewer = asyncio.get_running_loop().create_task(
+            self._renew(app.name, lease, lost, term, over), name="replay lease renewer"
+        )
         connection = ReplayConnection()
 
         def within_term() -> bool:
@@ -171,11 +179,12 @@ class Replayer:
             self.count(app.name, "lease_lost")
             logger.info("app %s: replayer lease lost; another edge takes over", app.name)
         finally:
+            over.set()  # before the cancel, which a renewal in its Redis call can lose
             self._lost_events.discard(lost)
             connection.close()
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            # Bounded: the lease is released after this, whether the renewer ended or not.
+            if await stop_tasks([renewer], what=f"replay of app {app.name}"):
+                self.count(app.name, "renewer_stuck")
 
     async def _replay_batches(
         self,
@@ -347,9 +356,17 @@ class Replayer:
             ),
         )
 
-    async def _renew(self, app: str, lease: Lease, lost: asyncio.Event, term: LeaseTerm) -> None:
-        while True:
-            await asyncio.sleep(LEASE_TTL / 3)
+    async def _renew(
+        self, app: str, lease: Lease, lost: asyncio.Event, term: LeaseTerm, over: asyncio.Event
+    ) -> None:
+        """Renew the replay lease every LEASE_TTL/3 until the replay holding it is `over`
+        (checked after each pause and each renewal, not left to a cancellation) or refused."""
+        while not over.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LEASE_TTL / 3):
+                    await over.wait()
+            if over.is_set():
+                return
             asked = self.clock()  # before the ask: the store's TTL starts no earlier
             try:
                 renewed = await self.queue.renew_replayer(app, lease, LEASE_TTL)
@@ -357,6 +374,8 @@ class Replayer:
                 # Keep trying within the TTL; the lease may still be ours.
                 logger.debug("app %s: replayer lease not renewed: %s", app, exc)
                 continue
+            if over.is_set():
+                return  # ended during the call: the lease is being let go, not renewed again
             if not renewed:
                 logger.info("app %s: replayer lease lost; another edge takes over", app)
                 term.end()  # a delivery under way must not send its last byte now
@@ -373,6 +392,5 @@ class Replayer:
         tasks = list(self._running.values())
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Each stops on _stopping too (a lost cancellation); the store call it is in is bounded.
+        await stop_tasks(tasks, what="replayer close")

@@ -19,6 +19,7 @@ from edge.routing.route_table import Outcome, RouteTable, apply_changes, from_sn
 from scheduler_client import backoff
 from scheduler_client.client import ControlPlaneClient
 from scheduler_client.models import ControlPlaneError, Gone, Region
+from scheduler_client.task_stop import stop_tasks
 
 RETRY_MIN = 0.2
 RETRY_MAX = 5.0
@@ -55,6 +56,7 @@ class RouteFollower:
         self._poll_started: float | None = None
         # The region's state as last read; only an `eligible` region starts wakes.
         self.region: Region | None = None
+        self._stopping = False
 
     def age(self) -> float | None:
         """Seconds the table has gone unconfirmed (None before the first answer).
@@ -69,29 +71,37 @@ class RouteFollower:
             return max(0.0, now - self._poll_started - self.poll_timeout)
         return now - self.last_contact
 
+    def stop(self) -> None:
+        """Follow no more: checked by the loops each turn, as a cancellation can be lost."""
+        self._stopping = True
+
     async def run(self) -> None:
-        """Follow until cancelled; every failure is retried with back-off, never raised."""
-        region = asyncio.get_running_loop().create_task(self._watch_region())
+        """Follow until stopped or cancelled; every failure is retried with back-off."""
+        followed = asyncio.Event()  # the region watch stops on it, cancelled or not
+        region = asyncio.get_running_loop().create_task(
+            self._watch_region(followed), name="region watch"
+        )
         try:
             await self._follow_forever()
         finally:
-            region.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await region
+            followed.set()
+            await stop_tasks([region], what="route follower")
 
-    async def _watch_region(self) -> None:
+    async def _watch_region(self, followed: asyncio.Event) -> None:
         """Region changes carry no route epoch: re-read the region every REGION_REFRESH."""
-        while True:
+        while not followed.is_set():
             try:
                 self.region = await self.client.get_region()
             except (ControlPlaneError, OSError, TimeoutError) as exc:  # the feed reports it
                 logger.debug("region not refreshed: %s", exc)
-            await asyncio.sleep(REGION_REFRESH)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(REGION_REFRESH):
+                    await followed.wait()
 
     async def _follow_forever(self) -> None:
         failed_in_a_row = 0
         registered = False
-        while True:
+        while not self._stopping:
             try:
                 if not registered:
                     await self.client.register_edge(self.edge_id)

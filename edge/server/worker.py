@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import resource
 import signal
@@ -44,6 +43,7 @@ from edge.server.worker_context import (
 )
 from scheduler_client.client import ControlPlaneClient
 from scheduler_client.config_file import parse_address, read_secret
+from scheduler_client.task_stop import stop_tasks
 from wake.controller import WakeController
 from wake.store.url import open_store
 
@@ -341,11 +341,12 @@ async def serve(
 
     wake_upkeep: asyncio.Task | None = None
     marking: asyncio.Task | None = None
+    upkeep_over = asyncio.Event()  # set at shutdown: the upkeep loop stops on it
 
     async def upkeep() -> None:
         nonlocal wake_upkeep, marking
         tick = 0
-        while True:
+        while not upkeep_over.is_set():
             await asyncio.sleep(SWEEP_INTERVAL)
             ctx.sweep()
             tick += 1
@@ -387,20 +388,18 @@ async def serve(
         )
     for conn in list(ctx.connections):
         conn._close(abort=True)
-    upkeep_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await upkeep_task
+    # Each is cancelled and waited for a bounded time (stop_tasks): a cancellation lost in
+    # a Redis call must not hold the worker's exit up; each loop also stops on state.
+    upkeep_over.set()
+    await stop_tasks([upkeep_task], what="worker upkeep")
     ctx.pool.close()
     if replayer is not None and replay_task is not None:
-        replay_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await replay_task
+        await stop_tasks([replay_task], what="replayer")  # run() stops on close() as well
         await replayer.close(grace=max(0.0, deadline - loop.time()) + 1.0)
         await ctx.queue.close()  # type: ignore[union-attr]
     if follower is not None:
-        follow_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follow_task
+        follower.stop()
+        await stop_tasks([follow_task], what="route follower")
     if wake is not None:
         await wake.close()
     elif client is not None:

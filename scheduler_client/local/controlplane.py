@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -50,6 +51,7 @@ from scheduler_client.models import (
     RouteTarget,
     Unavailable,
 )
+from scheduler_client.task_stop import stop_tasks
 
 MONITOR_INTERVAL = 0.2
 APPROVAL_TIMEOUT = 3600.0
@@ -121,6 +123,7 @@ class ControlPlane:
         self.processes: dict[str, AppProcess] = {}
         self.changed = Broadcast()
         self._tasks: set[asyncio.Task] = set()
+        self._closing = False
 
     # ---------------------------------------------------------------- running
 
@@ -133,11 +136,8 @@ class ControlPlane:
 
     async def close(self) -> None:
         """Stop driving; app processes keep running and are adopted on the next start."""
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        self._closing = True  # the monitor stops on it, whatever becomes of its cancellation
+        await stop_tasks(list(self._tasks), what="control plane close", errors=logging.DEBUG)
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
@@ -398,7 +398,7 @@ class ControlPlane:
 
     async def _monitor(self) -> None:
         """Exits and memory of running processes, checked every MONITOR_INTERVAL."""
-        while True:
+        while not self._closing:
             await asyncio.sleep(MONITOR_INTERVAL)
             for allocation_id, proc in list(self.processes.items()):
                 alloc = self.store.allocation(allocation_id)

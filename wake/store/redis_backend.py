@@ -32,6 +32,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, ClusterPubSub
 
 from scheduler_client import backoff
+from scheduler_client.task_stop import stop_tasks
 from wake.budget import BudgetDecision, BudgetLimits, BudgetUsage
 from wake.store import redis_scripts
 from wake.store.protocol import AppWakeState, Lease, StoreUnavailable, Transition
@@ -89,6 +90,16 @@ class _Watch:
     def notify(self) -> None:
         changed, self.changed = self.changed, asyncio.Event()
         changed.set()
+
+
+class _Session:
+    """One cluster pub/sub session; its node readers stop once it is over (not only on a
+    cancellation, which a redis-py call can lose)."""
+
+    __slots__ = ("over",)
+
+    def __init__(self) -> None:
+        self.over = False
 
 
 class RedisStore:
@@ -410,6 +421,7 @@ class RedisStore:
         the moment it arrives whichever node it comes from."""
         subscribed: set[str] = set()
         readers: dict[str, asyncio.Task[None]] = {}
+        session = _Session()  # over when this subscription ends: its readers stop on it
         try:
             while not self._closed:
                 self._watches_changed.clear()  # before reading the watches: a change sets it
@@ -431,7 +443,8 @@ class RedisStore:
                 for name, node_pubsub in list(pubsub.node_pubsub_mapping.items()):
                     if name not in readers and node_pubsub.connection is not None:
                         readers[name] = asyncio.create_task(
-                            self._read_node(pubsub, name), name=f"wake-store-pubsub:{name}"
+                            self._read_node(pubsub, name, session),
+                            name=f"wake-store-pubsub:{name}",
                         )
                 changed = asyncio.create_task(self._watches_changed.wait())
                 try:
@@ -447,17 +460,18 @@ class RedisStore:
                         del readers[name]
                         task.result()  # a reader's error reconnects everything (_listen)
         finally:
-            for task in readers.values():
-                task.cancel()
-            await asyncio.gather(*readers.values(), return_exceptions=True)
+            session.over = True
+            # A reader's error ends the session (raised above); here they only end.
+            await stop_tasks(readers.values(), what="wake store pub/sub", errors=logging.DEBUG)
 
-    async def _read_node(self, pubsub: ClusterPubSub, name: str) -> None:
-        """Kick the apps whose messages arrive on node `name`, until it has no channel left."""
+    async def _read_node(self, pubsub: ClusterPubSub, name: str, session: _Session) -> None:
+        """Kick the apps whose messages arrive on node `name`, until it has no channel left
+        or its session is over."""
         node = self._redis.get_node(node_name=name)
         if node is None:  # gone from the slot map; only its name is read, nothing opened
             host, _, port = name.rpartition(":")
             node = ClusterNode(host, int(port))
-        while not self._closed and name in pubsub.node_pubsub_mapping:
+        while not self._closed and not session.over and name in pubsub.node_pubsub_mapping:
             message = await pubsub.get_sharded_message(
                 ignore_subscribe_messages=True, timeout=SHARDED_READ_WAIT, target_node=node
             )
@@ -553,7 +567,6 @@ class RedisStore:
             watch.stopped = True
             watch.notify()  # waiters see _closed and raise instead of sitting out their timeout
         self._watches.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Each stops on _closed / its watch's stopped too: a lost cancellation ends by itself.
+        await stop_tasks(tasks, what="wake store close", errors=logging.DEBUG)
         await close_client(self._redis)
