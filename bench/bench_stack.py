@@ -6,6 +6,8 @@ Every benchmark in bench/ imports its plumbing from here (none imports another):
   app processes the control plane started, which outlive it by design);
 - the local stack: ``start_redis``, ``start_control_plane``, ``start_edge``, with
   ``wait_until``, ``http_get``, ``children`` and the ``edge`` executable;
+- replicated stores: ``start_redis_with_replicas`` (a redis-server and its replicas)
+  and ``bench_cluster`` (a local Redis Cluster, stopped on the way out);
 - load: ``Load`` runs wrk when installed, else this file's own asyncio generator
   (``python bench/bench_stack.py load ...``, a process of its own like wrk), and
   judges the run (``MAX_BAD_SHARE``);
@@ -35,13 +37,16 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from scheduler_client.config_file import render_toml
 from scheduler_client.local.loopback import accepts, free_port, redis_pong
+from scheduler_client.local.redis_cluster import LocalRedisCluster
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -466,6 +471,114 @@ def start_cold_app_stack(
         ],
     }
     return cp, start_edge(procs, tmp, env, config)
+
+
+def start_cold_app_stack_with(
+    procs: Processes,
+    tmp: Path,
+    token: str,
+    store: str,
+    workers: int,
+    start_delay: float,
+    app_args: tuple[str, ...] = (),
+    app_settings: dict[str, Any] | None = None,
+    sections: dict[str, dict[str, Any]] | None = None,
+) -> tuple[ControlPlane, Edge]:
+    """start_cold_app_stack, the edge's config with more `sections` (e.g.
+    ``{"store": {"min_replicas_acked": 1}}``)."""
+    env = token_env(token)
+    args = ("--name", "{allocation}", "--start-delay", repr(start_delay), *app_args)
+    cp = start_control_plane(procs, tmp, env, [cp_app(COLD_APP, SAMPLE_APP, *args)])
+    config = {
+        "edge": {"workers": workers, "store": store},
+        **(sections or {}),
+        "control_plane": {"url": f"http://127.0.0.1:{cp.port}"},
+        "apps": [
+            {
+                "name": COLD_APP,
+                "hosts": [COLD_HOST],
+                "scale_to_zero": True,
+                "hold_timeout": "60s",
+                "readiness_timeout": "30s",
+                "idle_timeout": "10m",
+                **(app_settings or {}),
+            }
+        ],
+    }
+    return cp, start_edge(procs, tmp, env, config)
+
+
+# --------------------------------------------------------------------------
+# Replicated stores: a redis with replicas, a local Redis Cluster
+# --------------------------------------------------------------------------
+
+
+def online_replicas(port: int) -> int:
+    """Replicas the redis-server on 127.0.0.1:`port` lists online (INFO replication);
+    0 when it does not answer."""
+    try:
+        with redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0) as client:
+            info = client.info("replication")
+    except redis.RedisError:
+        return 0
+    return sum(
+        1
+        for key, value in info.items()
+        if key.startswith("slave") and isinstance(value, dict) and value.get("state") == "online"
+    )
+
+
+def start_redis_with_replicas(
+    procs: Processes, tmp: Path, replicas: int = 1, appendfsync: str = "always"
+) -> str:
+    """start_redis, plus `replicas` redis-servers replicating it (--replicaof, AOF as the
+    primary has, each in a directory of its own); the primary's URL once every replica is
+    online (INFO replication), within READY_TIMEOUT. Processes stops them all."""
+    url = start_redis(procs, tmp, appendfsync)
+    if replicas < 1:
+        return url
+    port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
+    with redis.Redis(host="127.0.0.1", port=port, socket_timeout=2.0) as primary:
+        # A replica's first sync starts at once, not after the default 5 s wait for more.
+        primary.config_set("repl-diskless-sync-delay", 0)
+    binary = find_tool("redis-server") or "redis-server"
+    proc, log_path = None, None
+    for i in range(replicas):
+        workdir = tmp / f"redis-replica-{i}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        replica_port = free_port()
+        argv = [
+            binary,
+            "--port", str(replica_port),
+            "--bind", "127.0.0.1",
+            "--replicaof", "127.0.0.1", str(port),
+            "--save", "",
+            "--appendonly", "yes" if appendfsync else "no",
+            "--appendfsync", appendfsync or "everysec",
+            "--daemonize", "no",
+            "--dir", str(workdir),
+        ]  # fmt: skip
+        proc, log_path = procs.start(f"redis-replica-{i}", argv)
+        wait_until(f"redis replica {i}", lambda p=replica_port: redis_pong(p), proc, log_path)
+    attached = lambda: online_replicas(port) >= replicas  # noqa: E731
+    wait_until(f"{replicas} replica(s) online", attached, proc, log_path)
+    return url
+
+
+@contextlib.contextmanager
+def bench_cluster(
+    tmp: Path, replicas: int = 1, appendfsync: str = "always"
+) -> Iterator[LocalRedisCluster]:
+    """A local Redis Cluster (scheduler_client.local.redis_cluster: 3 masters, `replicas`
+    replicas each, AOF with `appendfsync`, 127.0.0.1) under tmp/redis-cluster; `.url` is
+    the store URL. Stopped on the way out, also on errors and Ctrl-C (a failed start stops
+    what it started)."""
+    cluster = LocalRedisCluster(tmp / "redis-cluster", replicas=replicas, appendfsync=appendfsync)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 # --------------------------------------------------------------------------
