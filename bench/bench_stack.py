@@ -443,12 +443,15 @@ def start_cold_app_stack(
     app_args: tuple[str, ...] = (),
     app_settings: dict[str, Any] | None = None,
     more_apps: dict[str, dict[str, Any]] | None = None,
+    sections: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[ControlPlane, Edge]:
     """The control plane with one app (bench/apps/sample_app.py, `start_delay` s to start,
-    plus `app_args`) and the edge in front, the app scale_to_zero with `app_settings`.
+    plus `app_args`) and the edge in front on `store` (its URL), the app scale_to_zero with
+    `app_settings`.
 
     `more_apps`: more apps of the same program and start delay, each `name` -> its edge
-    settings (host `<name>.localhost`, scale_to_zero like the first)."""
+    settings (host `<name>.localhost`, scale_to_zero like the first). `sections`: more
+    sections of the edge's config (e.g. ``{"store": {"min_replicas_acked": 1}}``)."""
     env = token_env(token)
     args = ("--name", "{allocation}", "--start-delay", repr(start_delay), *app_args)
     settings = {COLD_APP: app_settings or {}, **(more_apps or {})}
@@ -456,6 +459,7 @@ def start_cold_app_stack(
     cp = start_control_plane(procs, tmp, env, cp_apps)
     config = {
         "edge": {"workers": workers, "store": store},
+        **(sections or {}),
         "control_plane": {"url": f"http://127.0.0.1:{cp.port}"},
         "apps": [
             {
@@ -468,41 +472,6 @@ def start_cold_app_stack(
                 **extra,
             }
             for name, extra in settings.items()
-        ],
-    }
-    return cp, start_edge(procs, tmp, env, config)
-
-
-def start_cold_app_stack_with(
-    procs: Processes,
-    tmp: Path,
-    token: str,
-    store: str,
-    workers: int,
-    start_delay: float,
-    app_args: tuple[str, ...] = (),
-    app_settings: dict[str, Any] | None = None,
-    sections: dict[str, dict[str, Any]] | None = None,
-) -> tuple[ControlPlane, Edge]:
-    """start_cold_app_stack, the edge's config with more `sections` (e.g.
-    ``{"store": {"min_replicas_acked": 1}}``)."""
-    env = token_env(token)
-    args = ("--name", "{allocation}", "--start-delay", repr(start_delay), *app_args)
-    cp = start_control_plane(procs, tmp, env, [cp_app(COLD_APP, SAMPLE_APP, *args)])
-    config = {
-        "edge": {"workers": workers, "store": store},
-        **(sections or {}),
-        "control_plane": {"url": f"http://127.0.0.1:{cp.port}"},
-        "apps": [
-            {
-                "name": COLD_APP,
-                "hosts": [COLD_HOST],
-                "scale_to_zero": True,
-                "hold_timeout": "60s",
-                "readiness_timeout": "30s",
-                "idle_timeout": "10m",
-                **(app_settings or {}),
-            }
         ],
     }
     return cp, start_edge(procs, tmp, env, config)

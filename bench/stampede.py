@@ -4,7 +4,9 @@ the same N GETs at it hot, in one run, with the same client, app and edge.
 
 Starts, all on 127.0.0.1 and free ports, in its own temp dir:
 
-    redis-server        (only with --store redis)
+    the store           --store redis: a redis-server (AOF off); --store cluster: a local
+                        Redis Cluster (3 masters, a replica each, AOF appendfsync
+                        everysec), redis+cluster:// URL; --store memory: none (memory://)
     edge controlplane   apps "stampede" and "limited": bench/apps/sample_app.py --start-delay S
     edge run            both scale_to_zero, --workers N, [budget] defaults; "stampede" with
                         idle_timeout --idle-timeout (so it goes back to sleep), "limited"
@@ -76,10 +78,11 @@ Ctrl-C.
 
     .venv/bin/python bench/stampede.py --json /tmp/stampede.json
     .venv/bin/python bench/stampede.py --json /tmp/stampede.json --store memory --workers 1
+    .venv/bin/python bench/stampede.py --json /tmp/stampede.json --store cluster
 
 JSON keys (--json FILE; times in ms unless named _s; null where nothing was measured):
     requests                 GETs fired in the cold, hot and limited rows
-    store                    redis or memory
+    store                    redis, memory or cluster
     workers                  edge worker processes
     start_delay_s            the apps' start time
     max_held                 the apps' max_held
@@ -170,6 +173,7 @@ from bench_stack import (
     Processes,
     add_quick,
     apply_quick,
+    bench_cluster,
     http_get,
     install_signal_handlers,
     logger,
@@ -879,13 +883,29 @@ def edge_log_excerpt(log_path: Path, limit: int = 40) -> list[str]:
 # --------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]:
+def start_store(
+    args: argparse.Namespace, procs: Processes, tmp: Path, stack: contextlib.ExitStack
+) -> str:
+    """The store's URL: a redis-server (`procs` stops it), a local Redis Cluster (`stack`
+    stops it), or memory://."""
+    if args.store == "redis":
+        return start_redis(procs, tmp)
+    if args.store == "cluster":
+        cluster = stack.enter_context(bench_cluster(tmp, replicas=1, appendfsync="everysec"))
+        log(f"redis cluster up in {cluster.start_seconds:.1f}s: {len(cluster.nodes)} nodes")
+        return cluster.url
+    return "memory://"
+
+
+def run(
+    args: argparse.Namespace, procs: Processes, tmp: Path, stack: contextlib.ExitStack
+) -> dict[str, Any]:
     started = time.monotonic()
     nofile = raise_open_file_limit()
     if nofile < args.requests + 100:
         log(f"RLIMIT_NOFILE is {nofile}: fewer than --requests + 100 sockets; expect errors")
     token = secrets.token_hex(16)
-    store = start_redis(procs, tmp) if args.store == "redis" else "memory://"
+    store = start_store(args, procs, tmp, stack)
     max_held = args.max_held if args.max_held is not None else max(1000, args.requests)
     idle = f"{args.idle_timeout:g}s"
     cp, edge = start_cold_app_stack(
@@ -1011,7 +1031,13 @@ def main(argv: list[str] | None = None) -> int:
         help="max_concurrency of the limited row's app (32)",
     )
     parser.add_argument("--workers", type=int, default=2, help="edge worker processes (2)")
-    parser.add_argument("--store", choices=("redis", "memory"), default="redis")
+    parser.add_argument(
+        "--store",
+        choices=("redis", "memory", "cluster"),
+        default="redis",
+        help="redis: one redis-server (redis://); cluster: a local Redis Cluster "
+        "(redis+cluster://); memory: memory://, --workers 1 only",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="bound on each stampede s")
     parser.add_argument(
         "--max-held",
@@ -1035,11 +1061,13 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="edge-stampede-"))
     procs = Processes(tmp)
+    stack = contextlib.ExitStack()  # the cluster (--store cluster): stopped after the edge
+    atexit.register(stack.close)  # atexit runs last in, first out: the processes first
     atexit.register(procs.stop_all)
 
     install_signal_handlers()
     try:
-        report = run(args, procs, tmp)
+        report = run(args, procs, tmp, stack)
     except KeyboardInterrupt:
         log("interrupted")
         return 130
@@ -1048,6 +1076,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         procs.stop_all()
+        stack.close()
         if args.keep:
             log(f"kept {tmp}")
         else:

@@ -107,7 +107,7 @@ from bench_stack import (
     percentile,
     r3,
     raise_open_file_limit,
-    start_cold_app_stack_with,
+    start_cold_app_stack,
     start_redis_with_replicas,
     write_json,
 )
@@ -249,7 +249,7 @@ def run(
         "min_replicas_acked": args.min_replicas_acked,
         "replica_ack_timeout": f"{args.replica_ack_timeout:g}s",
     }
-    _, edge = start_cold_app_stack_with(
+    _, edge = start_cold_app_stack(
         procs,
         tmp,
         token,
@@ -258,7 +258,7 @@ def run(
         args.start_delay,
         ("--record", str(record)),
         settings(args.clients),
-        {"store": store_section},
+        sections={"store": store_section},
     )
     log(f"edge ready: workers {edge.workers}, {store_processes}, {store_section}")
     log(f"sending {args.webhooks} webhooks")
