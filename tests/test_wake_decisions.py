@@ -152,6 +152,14 @@ def test_the_holder_does_not_check_the_back_off_again() -> None:
     assert plan.moves == (Move("wake_requested", decisions.NOT_HOT),)
 
 
+def test_a_waiter_decides_on_the_state_its_wait_read_once_it_moved() -> None:
+    waited = state("readiness_wait", version=4)
+    hot = state("hot", address="127.0.0.1:9001", allocation_id="a-1", version=5)
+    assert decisions.after_change(waited, hot) is hot  # adopted without a second read
+    assert decisions.after_change(waited, state("readiness_wait", version=4)) is None
+    assert decisions.after_change(waited, state("hot", version=3)) is None  # older: read again
+
+
 def test_an_attempt_gives_up_after_hold_plus_readiness_plus_slack() -> None:
     assert decisions.give_up_at(100.0, 15.0, 10.0) == 100.0 + 25.0 + decisions.GIVE_UP_SLACK
     refused = decisions.wake_timeout("shop", 15.0)
@@ -480,6 +488,46 @@ def test_wake_refused_carries_the_plain_kind() -> None:
     refused = WakeRefused.of(decisions.wake_timeout("shop", 0.2))
     assert type(refused.kind) is str and refused.kind == "wake_timeout"
     assert refused.retry_after == 1.0  # never below a second
+
+
+class ClosingClient:
+    async def close(self) -> None:
+        pass
+
+
+class CountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def read_state(self, app: str) -> AppWakeState:
+        self.reads += 1
+        return await super().read_state(app)
+
+
+async def test_a_waiter_is_released_by_the_hot_state_its_wait_read_without_a_second_read() -> None:
+    """Another process holds the wake: this one's flight waits on the store's change and
+    adopts the hot state that wait read, with no read between `hot` and the release."""
+    store = CountingStore()
+    lease = await store.acquire_lease("shop", "other-edge", 30.0)
+    assert lease is not None
+    assert await store.write_state(state("readiness_wait", address="127.0.0.1:9"), lease.token)
+    cp: Any = ClosingClient()  # a waiter never calls the control plane
+    spec = WakeAppSpec(name="shop", hold_timeout=15.0, readiness_timeout=10.0)
+    wake = WakeController(store, cp, edge_id="e", budget=BudgetLimits(), apps={"shop": spec})
+    try:
+        waiter = asyncio.create_task(wake.ensure_hot("shop", 10.0))
+        await eventually(lambda: store.reads >= 2, timeout=5, interval=0.005, what="the wait")
+        hot = state("hot", address="127.0.0.1:9001", allocation_id="a-1")
+        assert await store.write_state(hot, lease.token)
+        reads = store.reads  # the wait's own poll reads the hot state; nothing after it
+        await store.publish("shop")
+        target = await asyncio.wait_for(waiter, 5)
+        assert (target.address, target.allocation_id) == ("127.0.0.1:9001", "a-1")
+        assert store.reads == reads + 1
+        assert wake.hot_target("shop") == target
+    finally:
+        await wake.close()
 
 
 # -------------------------------------------- the controller, injected clocks

@@ -317,8 +317,10 @@ class WakeController:
     async def _wake(self, app: str, flight: _Flight) -> HotTarget:
         spec = self.apps[app]
         give_up = decisions.give_up_at(self.clock(), spec.hold_timeout, spec.readiness_timeout)
+        seen: AppWakeState | None = None  # the state another's wake moved to, as read
         while self.clock() < give_up:
-            state = await self.store.read_state(app)
+            state = seen if seen is not None else await self.store.read_state(app)
+            seen = None
             self._expected[app] = state.expected_wake_s
             plan = decisions.begin_attempt(state, self.wall_clock())
             if isinstance(plan.outcome, Adopt):
@@ -329,11 +331,13 @@ class WakeController:
             owner = f"{self.edge_id}:{os.getpid()}"
             lease = await self.store.acquire_lease(app, owner, self.lease_ttl)
             if lease is None:
-                # Another process is waking (or sleeping) the app: wait for its outcome.
+                # Another process is waking (or sleeping) the app: wait for its outcome,
+                # and decide on the state the wait read (hot: released without a re-read).
                 self._joined(flight)
-                await self.store.wait_change(
+                changed = await self.store.wait_change(
                     app, state.version, min(self.poll_interval * 4, give_up - self.clock())
                 )
+                seen = decisions.after_change(state, changed)
                 continue
             try:
                 return await self._wake_holding(app, spec, lease, flight)
@@ -387,13 +391,15 @@ class WakeController:
         # Counted once written (the journal append below may still fail): it happened.
         self._tally(gallery_tally.transition_keys(state.state, target, reason_code))
         if target == "hot":
-            # Every process releases what it holds at once: the others hear it first (their
-            # flights wait on this notification), then this process releases its own (done
-            # first, that release keeps this loop busy before a notification goes out, tens
-            # of ms at a stampede), and the bookkeeping (journal) comes last.
-            with contextlib.suppress(Exception):  # a lost notification: the others poll
-                await self.store.publish(state.app)
+            # Every process releases what it holds at once: the notification goes out
+            # first (the others' flights wait on it; its task runs before the release
+            # this process's requests then get, which keeps the loop busy for tens of ms
+            # at a stampede), this process releases its own without waiting for the
+            # notification's answer, and the bookkeeping (journal) comes last.
+            announce = asyncio.get_running_loop().create_task(self.store.publish(state.app))
             self._adopt(state.app, move.record)
+            with contextlib.suppress(Exception):  # a lost notification: the others poll
+                await announce
         entry = move.entry
         await self.store.append_transition(
             Transition(

@@ -187,6 +187,14 @@ def begin_attempt(state: AppWakeState, now: float, *, holding: bool = False) -> 
     return Plan(refused) if refused is not None else Plan(PROCEED)
 
 
+def after_change(waited: AppWakeState, seen: AppWakeState) -> AppWakeState | None:
+    """What a wake waiting on another's decides on next. `seen`: the state the wait on
+    `waited` returned, a store read made after the change was announced (or polled).
+    When it moved past `waited`, the next attempt decides on it at once (a hot app is
+    adopted without a second read); None: nothing moved, read the store again."""
+    return seen if seen.version > waited.version else None
+
+
 def wake_timeout(app: str, hold_timeout: float) -> Refuse:
     """No wake (this one or another edge's) made the app hot before the attempt gave up."""
     return Refuse(RefuseKind.WAKE_TIMEOUT, f"app {app} did not wake in time", hold_timeout)
