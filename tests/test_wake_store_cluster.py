@@ -14,10 +14,16 @@ from helpers import run_edge_cli
 from stack import redis_client
 
 from edge.server.config import ConfigError, load_config_text
-from scheduler_client.local.redis_cluster import LocalRedisCluster
-from wake.store.protocol import AppWakeState
+from scheduler_client.local.loopback import free_port
+from scheduler_client.local.redis_cluster import ClusterNode, LocalRedisCluster
+from wake.store.protocol import AppWakeState, StoreUnavailable
 from wake.store.redis_backend import RedisStore
-from wake.store.redis_connection import ClusterState, cluster_seeds, summarize_cluster_nodes
+from wake.store.redis_connection import (
+    ClusterState,
+    cluster_seeds,
+    cluster_state,
+    summarize_cluster_nodes,
+)
 from wake.store.url import open_store
 
 WAIT = 5.0
@@ -211,19 +217,71 @@ def test_edge_check_reports_the_cluster(fresh_cluster: LocalRedisCluster, tmp_pa
     assert "warning" not in done.stderr
 
 
+def dead_first_url(cluster: LocalRedisCluster, dead: ClusterNode) -> str:
+    """The cluster's seed URL with `dead` asked first."""
+    rest = [n.address for n in cluster.nodes if n is not dead]
+    return "redis+cluster://" + ",".join([dead.address, *rest])
+
+
+def kill_a_replica(cluster: LocalRedisCluster) -> ClusterNode:
+    """SIGKILL one replica; returns once the first live node no longer counts it."""
+    replica = cluster.node_for(next(iter(cluster.info().masters.values()))[0])
+    cluster.kill(replica)
+    deadline = time.monotonic() + 15
+    while replica.address in {r for rs in cluster.info().masters.values() for r in rs}:
+        assert time.monotonic() < deadline, "the killed replica was never flagged failed"
+        time.sleep(0.05)
+    return replica
+
+
+async def test_cluster_state_asks_past_a_dead_seed(fresh_cluster: LocalRedisCluster) -> None:
+    """The dead replica is the first seed and, until the others flag it failed (node
+    timeout 2 s), still in their slot map: every report comes from a node that answers."""
+    replica = kill_a_replica(fresh_cluster)
+    try:
+        url = dead_first_url(fresh_cluster, replica)
+        for _ in range(20):  # the old report asked a random node of the map: 1 in 6 dead
+            state = await cluster_state(url)
+            assert (state.masters, state.replicas, state.masters_without_replica) == (3, 2, 1)
+    finally:
+        fresh_cluster.start_node(replica)  # it rejoins with its nodes.conf and data
+        fresh_cluster.wait_healthy()
+
+
+async def test_cluster_state_asks_past_a_hung_seed(fresh_cluster: LocalRedisCluster) -> None:
+    """A replica frozen (SIGSTOP) is in every node's slot map until flagged failed (node
+    timeout 2 s): asked first, it costs its socket timeout, then the next seed answers."""
+    replica = fresh_cluster.node_for(next(iter(fresh_cluster.info().masters.values()))[0])
+    url = dead_first_url(fresh_cluster, replica) + "?socket_timeout=0.2&socket_connect_timeout=0.2"
+    fresh_cluster.pause(replica)
+    try:
+        for _ in range(15):  # the old report asked random nodes of the map: 1 in 6 hung
+            began = time.monotonic()
+            state = await cluster_state(url, timeout=1.5)
+            assert state.masters == 3 and time.monotonic() - began < 1.0
+    finally:
+        fresh_cluster.resume(replica)
+        fresh_cluster.wait_healthy()
+
+
+async def test_cluster_state_unreachable_only_when_no_seed_answers(
+    fresh_cluster: LocalRedisCluster,
+) -> None:
+    dead = "redis+cluster://" + ",".join(f"127.0.0.1:{free_port()}" for _ in range(3))
+    began = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="no seed answered"):
+        await cluster_state(dead, timeout=3.0)
+    assert time.monotonic() - began < 3.5
+
+
 def test_edge_check_warns_of_a_master_without_replica(
     fresh_cluster: LocalRedisCluster, tmp_path: Path
 ) -> None:
     """A replica down (flagged failed by the others): its master's slots have no copy."""
-    replica = fresh_cluster.node_for(next(iter(fresh_cluster.info().masters.values()))[0])
-    fresh_cluster.kill(replica)
+    replica = kill_a_replica(fresh_cluster)
     try:
-        deadline = time.monotonic() + 15  # node timeout 2 s, then gossip agrees on it
-        while replica.address in {r for rs in fresh_cluster.info().masters.values() for r in rs}:
-            assert time.monotonic() < deadline, "the killed replica was never flagged failed"
-            time.sleep(0.1)
         path = tmp_path / "edge.toml"
-        path.write_text(f'[edge]\nstore = "{fresh_cluster.url}"\n' + APP)
+        path.write_text(f'[edge]\nstore = "{dead_first_url(fresh_cluster, replica)}"\n' + APP)
         done = run_edge_cli("check", str(path))
         assert done.returncode == 0, done.stderr
         assert "3 masters, 2 replicas" in done.stdout, done.stdout

@@ -258,27 +258,29 @@ def summarize_cluster_nodes(state: str, nodes: dict[str, dict[str, Any]]) -> Clu
 
 
 async def cluster_state(url: str, timeout: float = 5.0) -> ClusterState:
-    """Ask the cluster behind a redis+cluster:// URL for its state (one node's view);
-    raises StoreUnavailable when no seed answers in time."""
+    """Ask the seeds of a redis+cluster:// URL in order for the cluster's state (the first
+    that answers, its view); raises StoreUnavailable when none answers in time."""
     seeds, options = cluster_seeds(url)
     options.setdefault("socket_timeout", 2.0)
     options.setdefault("socket_connect_timeout", 2.0)
-    # Partial coverage is what we want to report, not a reason to refuse to connect.
-    client = RedisCluster(
-        startup_nodes=[ClusterNode(host, port) for host, port in seeds],
-        require_full_coverage=False,
-        decode_responses=True,
-        **options,
-    )
-    try:
-        async with guarded("cluster state", timeout):
-            await client.initialize()
-            node = client.get_random_node()
-            info = await client.cluster_info(target_nodes=node)
-            nodes = await client.cluster_nodes()
+    # One try per seed: a dead one costs its refused connect, a hung one its socket
+    # timeout, and the next seed is asked (a random node of the slot map could be the
+    # dead one, until the others flag it failed).
+    options["retry"] = Retry(NoBackoff(), 0)
+    failures: list[str] = []
+    async with guarded("cluster state", timeout):
+        for host, port in seeds:
+            node = aioredis.Redis(host=host, port=port, decode_responses=True, **options)
+            try:
+                info = await node.cluster("INFO")
+                nodes = await node.cluster("NODES")  # the same node's view as its INFO
+            except (RedisError, OSError) as exc:
+                failures.append(f"{host}:{port}: {exc or type(exc).__name__}")
+                continue
+            finally:
+                await close_client(node)
             return summarize_cluster_nodes(str(info.get("cluster_state", "unknown")), nodes)
-    finally:
-        await close_client(client)
+    raise StoreUnavailable("redis cluster state: no seed answered: " + "; ".join(failures))
 
 
 @contextlib.asynccontextmanager
