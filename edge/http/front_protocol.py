@@ -744,7 +744,9 @@ class FrontConnection(asyncio.Protocol):
             logger.debug("%s (queued id %s)", exc, exc.entry_id or "none")
             self._refuse_held(ex, str(exc), "queue_unavailable", REPLICA_ACK_RETRY_AFTER)
             return
-        except StoreUnavailable:
+        except Exception as exc:  # StoreUnavailable, or a store client's bug: answer, never hang
+            if not isinstance(exc, StoreUnavailable):
+                logger.exception("app %s: enqueue failed unexpectedly", ex.app)
             self._unhold(ex)
             self._queue_answered(Admitted.REJECTED)
             ctx.stats.queue_event(ex.app, "refused_unavailable")

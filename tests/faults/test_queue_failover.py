@@ -33,6 +33,7 @@ RESEND_FOR = 30.0
 # master had not yet replicated, would be sent again (README: what a failover loses).
 APP_START_DELAY = 12.0
 REPLICALESS_FOR = 1.5  # the promoted master alone, before the dead node rejoins
+OP_TIMEOUT = 5.0  # the durable queue's bound on one store operation
 
 
 @dataclass
@@ -175,3 +176,38 @@ def promoted(cluster: LocalRedisCluster, node) -> bool:
             return c.info("replication")["role"] == "master"
     except Exception:  # a node busy with its election answers late: not yet
         return False
+
+
+async def test_every_queued_webhook_is_answered_with_the_whole_cluster_down(
+    start_control_plane, start_edge, client, fresh_cluster: LocalRedisCluster, tmp_path
+) -> None:
+    """Every node SIGKILLed under queued webhooks: the slot map cannot be re-read (redis-py
+    raises RedisClusterException, no RedisError), yet each gets 503 + Retry-After in time."""
+    hooks = WebhookApp(tmp_path, start_delay=APP_START_DELAY)
+    cp = start_control_plane(apps=[hooks.spec])
+    store = {"min_replicas_acked": 1, "replica_ack_timeout": "500ms"}
+    edge = start_queue_edge(start_edge, cp, fresh_cluster.url, shop(), store_section=store)
+    first = Sent()
+    await send_until_accepted(client, edge, "evt_up", first)  # the edge's sockets are open
+    for node in fresh_cluster.nodes:
+        fresh_cluster.kill(node)
+    try:
+        headers = {"Host": HOST, "Content-Type": "application/json"}
+
+        async def one(event: str) -> tuple[int, str | None, float]:
+            began = time.monotonic()
+            async with asyncio.timeout(OP_TIMEOUT + 3):
+                async with client.post(
+                    edge.url + "/hooks/pay",
+                    data=json.dumps({"event": event}).encode(),
+                    headers={**headers, "X-Event-Id": event},
+                ) as resp:
+                    await resp.read()
+                    return resp.status, resp.headers.get("Retry-After"), time.monotonic() - began
+
+        answers = await asyncio.gather(*(one(f"evt_{i}") for i in range(8)))
+        assert all(status == 503 and retry for status, retry, _ in answers), answers
+    finally:
+        for node in fresh_cluster.nodes:
+            fresh_cluster.start_node(node)
+        fresh_cluster.wait_healthy()

@@ -20,7 +20,13 @@ from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import AskError, ClusterDownError, RedisError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -295,6 +301,8 @@ async def guarded(what: str, op_timeout: float, closed: bool = False) -> AsyncIt
         raise
     except TimeoutError as exc:  # our overall deadline, or redis-py's socket timeout
         raise StoreUnavailable(f"redis {what}: timed out ({exc})") from exc
-    except (RedisError, OSError) as exc:
-        # Some errors (MaxConnectionsError) say nothing: name them at least.
+    except (RedisError, RedisClusterException, OSError) as exc:
+        # RedisClusterException is no RedisError: the cluster client raises it when no
+        # node gives a slot map (every seed down) or a slot has no owner. Some errors
+        # (MaxConnectionsError) say nothing: name them at least.
         raise StoreUnavailable(f"redis {what}: {exc or type(exc).__name__}") from exc
