@@ -207,9 +207,10 @@ def refused_for_replicas(status: int, headers: dict[str, str]) -> bool:
 async def test_edge_answers_202_only_once_a_replica_has_the_request(
     start_control_plane, start_edge, client, own_redis: RedisProcess, tmp_path: Path
 ) -> None:
-    hooks = WebhookApp(tmp_path, start_delay=1.0)
+    # The app stays asleep while the webhooks are sent (awake, they would be proxied: 200).
+    hooks = WebhookApp(tmp_path, start_delay=6.0)
     cp = start_control_plane(apps=[hooks.spec])
-    store = {"min_replicas_acked": 1, "replica_ack_timeout": "200ms"}
+    store = {"min_replicas_acked": 1, "replica_ack_timeout": "1s"}
     edge = start_queue_edge(start_edge, cp, own_redis.url, shop(), store_section=store)
 
     # No replica: every webhook 503, none 202 (each is queued on the master all the same).
