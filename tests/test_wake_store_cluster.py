@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from helpers import run_edge_cli
+from redis.exceptions import ConnectionError as RedisConnectionError
 from stack import redis_client
 
 from edge.server.config import ConfigError, load_config_text
@@ -20,8 +21,11 @@ from wake.store.protocol import AppWakeState, StoreUnavailable
 from wake.store.redis_backend import RedisStore
 from wake.store.redis_connection import (
     ClusterState,
+    bounded_client,
+    close_client,
     cluster_seeds,
     cluster_state,
+    on_one_connection,
     summarize_cluster_nodes,
 )
 from wake.store.url import open_store
@@ -311,3 +315,22 @@ def test_cluster_state_counts_only_live_nodes() -> None:
     assert summarize_cluster_nodes("fail", nodes) == ClusterState(
         state="fail", slots_covered=10923, masters=2, replicas=1, masters_without_replica=1
     )
+
+
+async def test_a_batch_on_the_master_starts_no_attempt_past_its_deadline(
+    fresh_cluster: LocalRedisCluster,
+) -> None:
+    """The retries of a one-connection batch stop at the caller's deadline even when the
+    guard's cancel never lands (Python 3.11's wait_for inside redis-py can lose it)."""
+    client = bounded_client(fresh_cluster.url, decode_responses=True)
+    try:
+        key = "{deadline}:probe"
+        past = asyncio.get_running_loop().time() - 1.0
+        with pytest.raises(RedisConnectionError):
+            await on_one_connection(client, key, [("SET", key, "1")], past)
+        assert await client.get(key) is None  # nothing was sent
+        answer = await on_one_connection(client, key, [("SET", key, "2")], None)
+        assert answer == ["OK"] or answer == [True], answer
+        assert await client.get(key) == "2"
+    finally:
+        await close_client(client)

@@ -492,7 +492,7 @@ class DurableQueue:
         # NOSCRIPT would cost the WAIT behind it a whole timeout before a second batch.
         call = ("EVAL", self._enqueue.script, len(keys), *keys, *args)
         answer = await on_one_connection(
-            self._redis, keys[0], [call, ("WAIT", ack.replicas, millis)]
+            self._redis, keys[0], [call, ("WAIT", ack.replicas, millis)], deadline
         )
         for result in answer:
             if isinstance(result, Exception):

@@ -112,13 +112,20 @@ class BoundedCluster(RedisCluster):
         async with self._turn():
             return await super().execute_command(*args, **kwargs)
 
-    async def on_master(self, key: str, commands: list[tuple[Any, ...]]) -> list[Any]:
+    async def on_master(
+        self, key: str, commands: list[tuple[Any, ...]], deadline: float | None = None
+    ) -> list[Any]:
         """Send `commands` back to back on one connection to the master of `key`'s slot;
-        each one's result or error, in order. Raises when no attempt reached the master."""
+        each one's result or error, in order. Raises when no attempt reached the master
+        (no new attempt starts past `deadline`, loop time: the caller's guard can lose its
+        cancel inside redis-py on Python 3.11, so the retries check the time themselves)."""
         failure: Exception = RedisConnectionError(f"no master for {key!r}")
+        loop = asyncio.get_running_loop()
         for attempt in range(ONE_CONNECTION_ATTEMPTS):
             if attempt:
                 await asyncio.sleep(0.05 * 2**attempt)
+            if deadline is not None and loop.time() >= deadline:
+                break
             await self.initialize()  # re-reads the slot map when a failure asked for it
             node = self.get_node_from_key(key)
             batch = [PipelineCommand(i, *args) for i, args in enumerate(commands)]
@@ -199,13 +206,13 @@ def bounded_client(
 
 
 async def on_one_connection(
-    client: RedisClient, key: str, commands: list[tuple[Any, ...]]
+    client: RedisClient, key: str, commands: list[tuple[Any, ...]], deadline: float | None = None
 ) -> list[Any]:
     """Send `commands` back to back on one connection (on a cluster: to the master of
     `key`'s slot), as WAIT needs: it counts the replicas that have the writes of its own
     connection. Each command's result or error, in order."""
     if isinstance(client, BoundedCluster):
-        return await client.on_master(key, commands)
+        return await client.on_master(key, commands, deadline)
     if isinstance(client, RedisCluster):
         raise TypeError("on_one_connection needs the bounded cluster client")
     pipe = client.pipeline(transaction=False)  # one pooled connection for the batch
