@@ -15,12 +15,18 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import eventually, metric_sum
+from helpers import eventually, metric_sum, run_edge_cli
 from stack import RedisProcess, shard_of
 from webhooks import HOST, WebhookApp, shop, start_queue_edge
 
 from edge.queue.durable_queue import DurableQueue, Enqueued, NotReplicated
-from edge.queue.replica_ack import REPLY_MARGIN, ReplicaAck, replicated, wait_timeout_ms
+from edge.queue.replica_ack import (
+    REPLY_MARGIN,
+    ReplicaAck,
+    acks_unmet,
+    replicated,
+    wait_timeout_ms,
+)
 from edge.server.config import ConfigError, load_config_text
 from scheduler_client.local.redis_cluster import LocalRedisCluster
 
@@ -44,6 +50,14 @@ def test_wait_timeout_is_the_configured_one_within_the_call_deadline() -> None:
 def test_enough_replicas() -> None:
     assert replicated(1, 1) and replicated(2, 1) and replicated(0, 0)
     assert not replicated(0, 1) and not replicated(1, 2)
+
+
+def test_acks_unmet_when_a_master_has_fewer_replicas() -> None:
+    assert acks_unmet(0, 0) is None
+    assert acks_unmet(1, 1) is None
+    assert acks_unmet(1, 2) is None
+    assert "min_replicas_acked = 2" in (acks_unmet(2, 1) or "")
+    assert "0 connected" in (acks_unmet(1, 0) or "")
 
 
 def test_store_section_is_validated() -> None:
@@ -256,5 +270,24 @@ async def test_edge_answers_202_only_once_a_replica_has_the_request(
             assert d["queued_id"] == ids.get(event, d["queued_id"]), (event, d, ids)
         metrics = edge.metrics()
         assert metric_sum(metrics, "edge_queue_events_total", event="replica_ack_timeout") == 7
+    finally:
+        replica.stop()
+
+
+def test_edge_check_warns_when_acks_cannot_be_met(own_redis: RedisProcess, tmp_path: Path) -> None:
+    """No replica connected and min_replicas_acked = 1: said before the edge refuses them all."""
+    app = '[[apps]]\nname = "a"\nhosts = ["a.localhost"]\nupstreams = ["127.0.0.1:9"]\n'
+    for wanted, warned in ((1, True), (0, False)):
+        path = tmp_path / f"edge-{wanted}.toml"
+        path.write_text(
+            f'[edge]\nstore = "{own_redis.url}"\n[store]\nmin_replicas_acked = {wanted}\n' + app
+        )
+        done = run_edge_cli("check", str(path))
+        assert done.returncode == 0, done.stderr
+        assert ("min_replicas_acked = 1 but a master has 0" in done.stderr) == warned, done.stderr
+    replica = start_replica(own_redis, tmp_path / "replica")
+    try:
+        done = run_edge_cli("check", str(tmp_path / "edge-1.toml"))
+        assert done.returncode == 0 and "min_replicas_acked" not in done.stderr, done.stderr
     finally:
         replica.stop()

@@ -689,6 +689,13 @@ class DurableQueue:
             infos = await info_everywhere(self._redis, "persistence")
         return all(int(info.get("aof_enabled", 0)) for info in infos)
 
+    async def fewest_replicas(self) -> int:
+        """The fewest replicas connected to a master (the server, or every cluster master)."""
+        async with self._guard("info"):
+            infos = await info_everywhere(self._redis, "replication")
+        masters = [info for info in infos if info.get("role") == "master"]
+        return min((int(info.get("connected_slaves", 0)) for info in masters), default=0)
+
     async def close(self) -> None:
         self._closed = True
         await close_client(self._redis)

@@ -50,3 +50,14 @@ def not_replicated_reason(app: str, acked: int, wanted: int, timeout_ms: int | N
 
 
 __all__ = ["RETRY_AFTER", "ReplicaAck", "not_replicated_reason", "replicated", "wait_timeout_ms"]
+
+
+def acks_unmet(wanted: int, fewest_replicas: int) -> str | None:
+    """What `edge check` warns when a master has fewer live replicas than a 202 waits for
+    (every queued request for its slots would be answered 503); None when enough."""
+    if wanted <= 0 or fewest_replicas >= wanted:
+        return None
+    return (
+        f"min_replicas_acked = {wanted} but a master has {fewest_replicas} connected "
+        "replicas: every queued request for its keys will be answered 503 queue_unavailable"
+    )

@@ -53,6 +53,30 @@ def _durability_warning(config: Config) -> str | None:
     )
 
 
+def _replica_warning(config: Config) -> str | None:
+    """With `[store] min_replicas_acked`, warn when a master has fewer replicas connected."""
+    wanted = config.store.min_replicas_acked
+    if not wanted or config.edge.store.startswith("memory://"):
+        return None
+    import asyncio
+
+    from edge.queue.durable_queue import DurableQueue
+    from edge.queue.replica_ack import acks_unmet
+    from wake.store.protocol import StoreUnavailable
+
+    async def fewest() -> int:
+        queue = DurableQueue(config.edge.store, op_timeout=3.0)
+        try:
+            return await queue.fewest_replicas()
+        finally:
+            await queue.close()
+
+    try:
+        return acks_unmet(wanted, asyncio.run(fewest()))
+    except StoreUnavailable as exc:
+        return f"could not count Redis replicas for min_replicas_acked = {wanted}: {exc}"
+
+
 def _cluster_report(store: str) -> tuple[str | None, str | None]:
     """(what to report, what to warn about) for a redis+cluster:// store, else (None, None)."""
     import asyncio
@@ -99,6 +123,9 @@ def _check(path: str) -> int:
     warning = _durability_warning(config)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+    replica_warning = _replica_warning(config)
+    if replica_warning:
+        print(f"warning: {replica_warning}", file=sys.stderr)
     report, cluster_warning = _cluster_report(config.edge.store)
     if cluster_warning:
         print(f"warning: {cluster_warning}", file=sys.stderr)
