@@ -266,3 +266,16 @@ def header_values(headers: list[list[str]], name: str) -> list[str]:
     """Values of `name` in an upstream-recorded [[name, value], ...] list."""
     name = name.lower()
     return [v for k, v in headers if k.lower() == name]
+
+
+def cluster_node_entry(
+    node_id: str, flags: str, master_id: str = "-", slots=(), connected=True
+) -> dict:
+    """One node of CLUSTER NODES as redis-py parses it."""
+    return {
+        "node_id": node_id,
+        "flags": flags,
+        "master_id": master_id,
+        "slots": [list(r) for r in slots],
+        "connected": connected,
+    }

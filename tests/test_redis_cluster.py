@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import cluster_node_entry
 
 from scheduler_client.local.redis_cluster import (
     SLOTS,
@@ -57,25 +58,16 @@ def test_a_cluster_that_cannot_form_is_stopped_in_bounded_time(tmp_path: Path) -
     assert all(node.proc is None for node in cluster.nodes)
 
 
-def node(node_id: str, flags: str, master_id: str = "-", slots=(), connected=True) -> dict:
-    """One node of CLUSTER NODES as redis-py parses it."""
-    return {
-        "node_id": node_id,
-        "flags": flags,
-        "master_id": master_id,
-        "slots": [list(r) for r in slots],
-        "connected": connected,
-    }
-
-
 def test_parse_cluster_nodes_leaves_out_failed_nodes() -> None:
     nodes = {
-        "127.0.0.1:1": node("a", "myself,master", slots=[("0", "5460")]),
-        "127.0.0.1:2": node("b", "master", slots=[("5461", "10922")]),
-        "127.0.0.1:3": node("c", "master,fail", slots=[("10923", "16383")], connected=False),
-        "127.0.0.1:4": node("d", "slave", "a"),
-        "127.0.0.1:5": node("e", "slave", "c"),
-        "127.0.0.1:6": node("f", "slave,fail", "b"),
+        "127.0.0.1:1": cluster_node_entry("a", "myself,master", slots=[("0", "5460")]),
+        "127.0.0.1:2": cluster_node_entry("b", "master", slots=[("5461", "10922")]),
+        "127.0.0.1:3": cluster_node_entry(
+            "c", "master,fail", slots=[("10923", "16383")], connected=False
+        ),
+        "127.0.0.1:4": cluster_node_entry("d", "slave", "a"),
+        "127.0.0.1:5": cluster_node_entry("e", "slave", "c"),
+        "127.0.0.1:6": cluster_node_entry("f", "slave,fail", "b"),
     }
     info = parse_cluster_nodes(nodes)
     assert info.masters == {"127.0.0.1:1": ["127.0.0.1:4"], "127.0.0.1:2": []}

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import run_edge_cli
+from helpers import cluster_node_entry, run_edge_cli
 from redis.exceptions import ConnectionError as RedisConnectionError
 from stack import redis_client
 
@@ -296,21 +296,14 @@ def test_edge_check_warns_of_a_master_without_replica(
 
 
 def test_cluster_state_counts_only_live_nodes() -> None:
-    def node(node_id: str, flags: str, master_id: str = "-", slots=(), connected=True) -> dict:
-        return {
-            "node_id": node_id,
-            "flags": flags,
-            "master_id": master_id,
-            "slots": [list(r) for r in slots],
-            "connected": connected,
-        }
-
     nodes = {
-        "127.0.0.1:1": node("a", "myself,master", slots=[("0", "5460")]),
-        "127.0.0.1:2": node("b", "master", slots=[("5461", "10922")]),
-        "127.0.0.1:3": node("c", "master,fail", slots=[("10923", "16383")], connected=False),
-        "127.0.0.1:4": node("d", "slave", "a"),
-        "127.0.0.1:6": node("f", "slave,fail", "b"),
+        "127.0.0.1:1": cluster_node_entry("a", "myself,master", slots=[("0", "5460")]),
+        "127.0.0.1:2": cluster_node_entry("b", "master", slots=[("5461", "10922")]),
+        "127.0.0.1:3": cluster_node_entry(
+            "c", "master,fail", slots=[("10923", "16383")], connected=False
+        ),
+        "127.0.0.1:4": cluster_node_entry("d", "slave", "a"),
+        "127.0.0.1:6": cluster_node_entry("f", "slave,fail", "b"),
     }
     assert summarize_cluster_nodes("fail", nodes) == ClusterState(
         state="fail", slots_covered=10923, masters=2, replicas=1, masters_without_replica=1

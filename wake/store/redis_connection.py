@@ -112,6 +112,14 @@ class BoundedCluster(RedisCluster):
         async with self._turn():
             return await super().execute_command(*args, **kwargs)
 
+    async def _forget(self, node: ClusterNode) -> None:
+        """As redis-py does after a failed command: drop the node's sockets and re-read the
+        slot map before the next try (the master may have failed over)."""
+        node.update_active_connections_for_reconnect()
+        await node.disconnect_free_connections()
+        self.nodes_manager.move_node_to_end_of_cached_nodes(node.name)
+        self._initialize = True
+
     async def on_master(
         self, key: str, commands: list[tuple[Any, ...]], deadline: float | None = None
     ) -> list[Any]:
@@ -133,22 +141,14 @@ class BoundedCluster(RedisCluster):
                 async with self._turn():
                     await node.execute_pipeline(batch)
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                # As redis-py does for one command: drop the node's sockets and re-read
-                # the slot map before the next try (the master may have failed over).
-                node.update_active_connections_for_reconnect()
-                await node.disconnect_free_connections()
-                self.nodes_manager.move_node_to_end_of_cached_nodes(node.name)
-                self._initialize = True
+                await self._forget(node)
                 failure = exc
                 continue
             first = batch[0].result
             if isinstance(first, RedisConnectionError | RedisTimeoutError):
-                # The connection broke under the batch (the master died): as above. The
-                # script may have run; a resend finds its dedupe record.
-                node.update_active_connections_for_reconnect()
-                await node.disconnect_free_connections()
-                self.nodes_manager.move_node_to_end_of_cached_nodes(node.name)
-                self._initialize = True
+                # The connection broke under the batch (the master died). The script may
+                # have run; a resend finds its dedupe record.
+                await self._forget(node)
                 failure = first
                 continue
             # Redirected (MOVED is an AskError) or the cluster between masters: the
