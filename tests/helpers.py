@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler_client.config_file import render_toml as to_toml  # noqa: F401 (the tests' name)
 from scheduler_client.local.loopback import free_port  # noqa: F401 (re-exported)
+from wake.store.protocol import AppWakeState
 
 IO_TIMEOUT = 10.0
 TESTS = Path(__file__).resolve().parent
@@ -279,3 +280,17 @@ def cluster_node_entry(
         "slots": [list(r) for r in slots],
         "connected": connected,
     }
+
+
+async def made_hot_for_every_waiter(
+    writer: Any, apps: list[str], waiters: list[asyncio.Task], timeout: float
+) -> None:
+    """Write each app hot (fenced, announced) through `writer`; every waiter then sees hot."""
+    for app in apps:
+        lease = await writer.acquire_lease(app, "w", 5)
+        assert lease is not None
+        await writer.write_state(AppWakeState(app=app, state="hot"), lease.token)
+        await writer.publish(app)
+    done, _ = await asyncio.wait(waiters, timeout=timeout)
+    assert len(done) == len(waiters)
+    assert all(w.result().state == "hot" for w in waiters)

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from helpers import made_hot_for_every_waiter
 from redis.crc import key_slot
 from stack import RedisProcess
 
@@ -690,14 +691,7 @@ async def test_redis_many_waiters_share_connections(redis_url: str) -> None:
         clients = len(await admin.client_list())
         # One pool (max 64) + one pub/sub connection per store, plus writer and admin.
         assert clients <= 64 + 1 + 2 + 2
-        for app in apps:
-            lease = await writer.acquire_lease(app, "w", 5)
-            assert lease is not None
-            await writer.write_state(AppWakeState(app=app, state="hot"), lease.token)
-            await writer.publish(app)
-        done, _ = await asyncio.wait(waiters, timeout=WAIT * 2)
-        assert len(done) == len(waiters)
-        assert all(w.result().state == "hot" for w in waiters)
+        await made_hot_for_every_waiter(writer, apps, waiters, WAIT * 2)
     finally:
         await cancel(*waiters)
         await admin.aclose()

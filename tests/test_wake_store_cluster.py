@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import cluster_node_entry, run_edge_cli
+from helpers import cluster_node_entry, made_hot_for_every_waiter, run_edge_cli
 from redis.exceptions import ConnectionError as RedisConnectionError
 from stack import redis_client
 
@@ -176,14 +176,7 @@ async def test_many_waiters_queue_for_few_connections(fresh_cluster: LocalRedisC
             with node.client() as c:
                 # The store's 4 + its pub/sub, the writer's, the cluster's own bus, ours.
                 assert len(c.client_list()) <= 4 + 1 + 4 + 2
-        for app in apps:
-            lease = await writer.acquire_lease(app, "w", 5)
-            assert lease is not None
-            await writer.write_state(AppWakeState(app=app, state="hot"), lease.token)
-            await writer.publish(app)
-        done, _ = await asyncio.wait(waiters, timeout=WAIT * 2)
-        assert len(done) == len(waiters)
-        assert all(w.result().state == "hot" for w in waiters)
+        await made_hot_for_every_waiter(writer, apps, waiters, WAIT * 2)
     finally:
         for w in waiters:
             w.cancel()
