@@ -1,6 +1,6 @@
 # Set-up is two commands: `make run` (demo: scale-to-zero apps woken, webhooks queued), `make test`.
-# Everything installs into ./.venv; nothing global except Debian's redis-server and
-# chromium (scripts/ensure-redis, scripts/ensure-chromium; only when running as root).
+# Everything installs into ./.venv; nothing global except Debian's redis-server, chromium
+# and valgrind (scripts/ensure-redis, -chromium, -valgrind; only when running as root).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -14,15 +14,16 @@ ARGS   ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv install install-test install-bench redis chromium lint fmt test fuzz soak run bench stampede clean
+.PHONY: help venv install install-test install-bench redis chromium valgrind lint fmt test fuzz soak run bench cost stampede clean
 
 help:
 	@echo "make run     the demo: edge :8080 (admin :9090), local control plane :9400, private"
 	@echo "             redis-server under .run/ (memory:// and no queueing without it); apps asleep"
 	@echo "             until woken (hello; shop queues Stripe webhooks), static on :9001; prints"
 	@echo "             what to try. Ports: EDGE_PORT ADMIN_PORT CONTROL_PORT STATIC_PORT REDIS_PORT"
-	@echo "make test    ruff check, ruff format --check, pytest (needs redis-server, chromium)"
+	@echo "make test    ruff check, ruff format --check, pytest (needs redis-server, chromium, valgrind)"
 	@echo "make bench   throughput comparison -> bench/results/throughput.json"
+	@echo "make cost    instructions per request under callgrind -> bench/results/hot_path_cost.json"
 	@echo "make stampede  locust wake stampede + fleet wake reports -> bench/results/stampede-*/"
 	@echo "make fuzz    hostile byte streams at the front, a long soak (FUZZ_EXAMPLES=5000)"
 	@echo "make soak    the fault suite (tests/faults) 5 times over, then make fuzz"
@@ -74,6 +75,10 @@ redis:
 chromium:
 	@bash scripts/ensure-chromium
 
+# bench/hot_path_cost.py counts instructions under callgrind (its smoke test too).
+valgrind:
+	@bash scripts/ensure-valgrind
+
 # --- everyday targets ----------------------------------------------------------
 
 lint: install-test
@@ -84,7 +89,7 @@ fmt: install-test
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: install-test redis chromium
+test: install-test redis chromium valgrind
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q -n 3 --dist loadfile
@@ -110,6 +115,11 @@ run:
 bench: install-bench
 	@mkdir -p bench/results
 	$(BIN)/python bench/throughput.py --json bench/results/throughput.json
+
+# Deterministic where wall-clock figures are not: callgrind's instructions per request.
+cost: install-bench valgrind
+	@mkdir -p bench/results
+	$(BIN)/python bench/hot_path_cost.py --json bench/results/hot_path_cost.json
 
 # Two locust runs against a whole local stack; each writes a report folder
 # (summary.json, chart.png, locust.html). Bounded: 30 s and 45 s of load.

@@ -6,6 +6,8 @@ Every benchmark in bench/ imports its plumbing from here (none imports another):
   app processes the control plane started, which outlive it by design);
 - the local stack: ``start_redis``, ``start_control_plane``, ``start_edge``, with
   ``wait_until``, ``http_get``, ``children`` and the ``edge`` executable;
+- nginx: ``start_nginx`` with ``NGINX_UPSTREAM_BODY`` (a fast upstream) or
+  ``NGINX_PROXY_BODY`` (a reverse proxy, the peer the edge is compared with);
 - replicated stores: ``start_redis_with_replicas`` (a redis-server and its replicas)
   and ``bench_cluster`` (a local Redis Cluster, stopped on the way out);
 - load: ``Load`` runs wrk when installed, else this file's own asyncio generator
@@ -37,7 +39,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -475,6 +477,79 @@ def start_cold_app_stack(
         ],
     }
     return cp, start_edge(procs, tmp, env, config)
+
+
+# --------------------------------------------------------------------------
+# nginx: a fast upstream (return 200) or a reverse proxy, as the benchmarks' peer
+# --------------------------------------------------------------------------
+
+NGINX_COMMON = """\
+daemon off;
+master_process {master};
+worker_processes {workers};
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    keepalive_requests 100000;
+    keepalive_timeout 75s;
+{body}
+}}
+"""
+
+NGINX_UPSTREAM_BODY = """\
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            default_type text/plain;
+            return 200 "{payload}";
+        }}
+    }}
+"""
+
+NGINX_PROXY_BODY = """\
+    upstream bench_up {{
+        server 127.0.0.1:{upstream};
+        keepalive 64;
+        keepalive_requests 100000;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://bench_up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+        }}
+    }}
+"""
+
+
+def start_nginx(
+    procs: Processes,
+    tmp: Path,
+    name: str,
+    workers: int,
+    body: str,
+    wrapper: Sequence[str] = (),
+) -> tuple[subprocess.Popen, Path]:
+    """nginx in the foreground with `body` (an http block's servers) under tmp/`name`.
+
+    With a `wrapper` (e.g. valgrind and its options) nginx runs under it as one process,
+    without a master: the wrapper's pid is the process that serves."""
+    prefix = tmp / name
+    prefix.mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    master = "off" if wrapper else "on"
+    conf.write_text(NGINX_COMMON.format(workers=workers, prefix=prefix, body=body, master=master))
+    argv = [find_tool("nginx") or "nginx", "-p", str(prefix), "-c", str(conf), "-e", "stderr"]
+    return procs.start(name, [*wrapper, *argv])
 
 
 # --------------------------------------------------------------------------

@@ -71,6 +71,8 @@ from typing import Any
 from bench_stack import (
     BENCH,
     FAST_UPSTREAM,
+    NGINX_PROXY_BODY,
+    NGINX_UPSTREAM_BODY,
     Processes,
     add_load_options,
     add_quick,
@@ -85,6 +87,7 @@ from bench_stack import (
     machine_info,
     run_load,
     start_edge,
+    start_nginx,
     start_redis,
     tool_version,
     use_wrk,
@@ -130,69 +133,6 @@ def ensure_tools() -> list[str]:
     if still:
         notes.append(f"still missing after apt-get: {', '.join(still)}")
     return notes
-
-
-# --------------------------------------------------------------------------
-# nginx config
-# --------------------------------------------------------------------------
-
-NGINX_COMMON = """\
-daemon off;
-master_process on;
-worker_processes {workers};
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    keepalive_requests 100000;
-    keepalive_timeout 75s;
-{body}
-}}
-"""
-
-NGINX_UPSTREAM_BODY = """\
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            default_type text/plain;
-            return 200 "{payload}";
-        }}
-    }}
-"""
-
-NGINX_PROXY_BODY = """\
-    upstream bench_up {{
-        server 127.0.0.1:{upstream};
-        keepalive 64;
-        keepalive_requests 100000;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://bench_up;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-        }}
-    }}
-"""
-
-
-def start_nginx(
-    procs: Processes, tmp: Path, name: str, workers: int, body: str
-) -> tuple[subprocess.Popen, Path]:
-    prefix = tmp / name
-    prefix.mkdir(parents=True, exist_ok=True)
-    conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_COMMON.format(workers=workers, prefix=prefix, body=body))
-    argv = [find_tool("nginx") or "nginx", "-p", str(prefix), "-c", str(conf), "-e", "stderr"]
-    return procs.start(name, argv)
 
 
 def answers_200(port: int) -> bool:

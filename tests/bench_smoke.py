@@ -28,19 +28,25 @@ Check = Callable[[Any], bool]
 RUN_TIMEOUT = 150.0
 
 
-def run_bench(script: str, json_path: Path, *args: str, exit_code: int = 0) -> dict[str, Any]:
+def run_bench(
+    script: str,
+    json_path: Path,
+    *args: str,
+    exit_code: int = 0,
+    timeout: float = RUN_TIMEOUT,
+) -> dict[str, Any]:
     """`python bench/SCRIPT --quick --json JSON_PATH ARGS...`; its JSON report."""
     argv = [sys.executable, str(BENCH / script), "--quick", "--json", str(json_path), *args]
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
     )
     try:
-        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.terminate()  # each benchmark stops everything it started on SIGTERM
         _, stderr = proc.communicate(timeout=30)
         raise AssertionError(
-            f"{script} still running after {RUN_TIMEOUT:g}s:\n{stderr[-3000:]}"
+            f"{script} still running after {timeout:g}s:\n{stderr[-3000:]}"
         ) from None
     assert proc.returncode == exit_code, (
         f"{script} exited {proc.returncode}:\n{stdout[-2000:]}\n{stderr[-4000:]}"
