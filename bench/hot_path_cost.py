@@ -513,6 +513,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compare", type=Path, metavar="FILE", help="an earlier report: ratios to its edge_unset"
     )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the logs and callgrind dumps (ROW.callgrind.N, for callgrind_annotate)",
+    )
     add_quick(parser, QUICK)
     args = parser.parse_args(argv)
     apply_quick(parser, args)
@@ -607,8 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, report)
     write_json(args.json, report, __doc__)
     log(f"wrote {args.json} ({report['elapsed_s']}s)")
-    if any(r and r.get("error") and name not in refused for name, r in rows.items()):
-        log(f"process logs kept in {tmp}")
+    if args.keep or any(r and r.get("error") and name not in refused for name, r in rows.items()):
+        log(f"process logs and callgrind dumps kept in {tmp}")
     else:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
