@@ -3,6 +3,8 @@ back exactly once, the worker's share, the release ramp and reloads; no event lo
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from edge.routing.concurrency_limit import (
@@ -14,10 +16,12 @@ from edge.routing.concurrency_limit import (
     enter,
     give_back,
     pump,
+    put_back,
     ramp_begin,
     ramp_step,
     restart_ramp,
     set_limit,
+    take,
     wait_bound,
     worker_share,
 )
@@ -213,3 +217,84 @@ def test_wait_bound_is_the_rest_of_the_hold_or_the_upstream_timeout() -> None:
     assert wait_bound(15.0, 10.0, True, 30.0, 60.0) == 25.0
     assert wait_bound(45.0, 10.0, True, 30.0, 60.0) == 0.0
     assert wait_bound(15.0, 10.0, False, 30.0, 60.0) == 60.0
+
+
+def gates_in_every_state() -> list[tuple[str, Gate]]:
+    """Gates as the hot path meets them: free or full, a line (even one only of tickets
+    that left), a ramp climbing or done, a limit a reload removed."""
+    found = []
+    for share in (1, 3):
+        for busy in range(share + 1):
+            g = gate(share)
+            line_up(g, busy)
+            found.append((f"{busy} of {share} in flight", g))
+    g = gate(1)
+    line_up(g, 3)
+    found.append(("two waiting", g))
+    g = gate(1)
+    _, gone = line_up(g, 2)
+    give_back(g, gone, 0.0, failed=False)
+    found.append(("only a ticket that left in line", g))
+    g = gate(8, RAMP, after_wake=True)
+    line_up(g, 1)
+    found.append(("ramp climbing, a slot free", g))
+    g = gate(8, RAMP, after_wake=True)
+    line_up(g, 1)
+    pump(g, 10.0)
+    found.append(("ramp done", g))
+    g = gate(2)
+    line_up(g, 1)
+    set_limit(g, None, 0.0)
+    found.append(("limit removed", g))
+    return found
+
+
+def state(g: Gate) -> tuple:
+    return (
+        g.in_flight,
+        g.queued,
+        g.allowed,
+        g.since,
+        g.share,
+        [(t.granted, t.left) for t in g.line],
+    )
+
+
+@pytest.mark.parametrize(("name", "g"), gates_in_every_state())
+def test_take_does_what_enter_would_or_nothing(name: str, g: Gate) -> None:
+    for now in (0.0, 0.4, 5.0):
+        fast, full = copy.deepcopy(g), copy.deepcopy(g)
+        if take(fast):
+            assert enter(full, now) is None
+            assert state(fast) == state(full)
+        else:
+            assert state(fast) == state(g)  # untouched: `enter` decides
+    if name in ("0 of 1 in flight", "2 of 3 in flight", "ramp done", "limit removed"):
+        assert take(copy.deepcopy(g))  # the common case needs no clock
+
+
+@pytest.mark.parametrize(("name", "g"), gates_in_every_state())
+def test_put_back_does_what_give_back_would_or_nothing(name: str, g: Gate) -> None:
+    if g.in_flight == 0:
+        return  # no slot to give back
+    for now in (0.0, 0.4, 5.0):
+        for failed in (False, True):
+            fast, full = copy.deepcopy(g), copy.deepcopy(g)
+            if put_back(fast):
+                assert give_back(full, None, now, failed) == []
+                assert state(fast) == state(full)
+            else:
+                assert state(fast) == state(g)  # untouched: `give_back` decides
+    if name in ("1 of 1 in flight", "3 of 3 in flight", "ramp done", "limit removed"):
+        assert put_back(copy.deepcopy(g))
+
+
+def test_the_fast_pair_leaves_a_gate_as_enter_and_give_back_do() -> None:
+    fast, full = gate(2), gate(2)
+    for now in (0.0, 1.0, 2.0):
+        assert take(fast) and enter(full, now) is None
+        assert take(fast) and enter(full, now) is None
+        assert not take(fast)  # full: the line is `enter`'s
+        assert put_back(fast) and give_back(full, None, now, failed=True) == []
+        assert put_back(fast) and give_back(full, None, now, failed=False) == []
+        assert state(fast) == state(full)

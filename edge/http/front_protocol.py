@@ -105,7 +105,16 @@ from edge.routing.admission import (
 )
 from edge.routing.classification import facts_from
 from edge.routing.client_wake_rate import client_key
-from edge.routing.concurrency_limit import Gate, Ticket, enter, give_back, pump, wait_bound
+from edge.routing.concurrency_limit import (
+    Gate,
+    Ticket,
+    enter,
+    give_back,
+    pump,
+    put_back,
+    take,
+    wait_bound,
+)
 from edge.upstream.pool import HEAD_TOO_LARGE, UpstreamConnection, UpstreamPeer
 from edge.upstream.retry_policy import retry_elsewhere, retry_on_stale_connection
 from wake.controller import WakeRefused
@@ -486,8 +495,12 @@ class FrontConnection(asyncio.Protocol):
     def _forward(self, ex: Exchange) -> None:
         peer = ex.peer
         peer.in_flight += 1  # type: ignore[union-attr]
-        if peer.gate is not None and not self._pass_gate(ex, peer.gate):  # type: ignore[union-attr]
-            return
+        gate = peer.gate  # type: ignore[union-attr]
+        if gate is not None:
+            ex.gate = gate
+            # The hot path's common case asks no clock: `take`, then `enter` if need be.
+            if not take(gate) and not self._pass_gate(ex, gate):
+                return
         self._acquire_connection(ex)
         if self.out:
             self.upstream_flush()
@@ -497,7 +510,6 @@ class FrontConnection(asyncio.Protocol):
         line, for what is left of its hold timeout (a wake released it) or the upstream
         response-header timeout, then 503 (see `on_deadline`)."""
         now = self.loop.time()
-        ex.gate = gate
         ticket = enter(gate, now)
         if ticket is None:
             return True
@@ -1039,8 +1051,12 @@ class FrontConnection(asyncio.Protocol):
             if ex.waiter is not None:  # gave up waiting for a connection: leave the line
                 peer.unwait(ex.waiter)
                 ex.waiter = None
-            if ex.gate is not None:
-                self._leave_gate(ex, failed or ex.status >= 500)
+            gate = ex.gate
+            if gate is not None:
+                if ex.ticket is None and put_back(gate):  # the common ending: no clock
+                    ex.gate = None
+                else:
+                    self._leave_gate(ex, failed or ex.status >= 500)
 
     def _record(self, ex: Exchange) -> None:
         ctx = self.ctx

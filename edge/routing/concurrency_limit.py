@@ -10,6 +10,10 @@ once (its slot, or its place in line) and returns the tickets that go now; `pump
 the same when only time passed (the ramp grew). The front carries the tickets out (each
 `item` is what it does when that request's turn comes) and answers a ticket that waited
 too long (`wait_bound`) with 503. A 5xx while the ramp climbs restarts its interval.
+
+The hot path asks `take` and `put_back` first: in the common case (a free slot, nobody in
+line, no ramp climbing) they do what `enter` and `give_back` would, without the clock;
+otherwise they change nothing and the front asks those two.
 """
 
 from __future__ import annotations
@@ -81,7 +85,17 @@ class Ticket:
 class Gate:
     """One allocation's slots in one worker: in flight, the line, and the ramp's state."""
 
-    __slots__ = ("allocation", "allowed", "app", "in_flight", "limit", "line", "queued", "since")
+    __slots__ = (
+        "allocation",
+        "allowed",
+        "app",
+        "in_flight",
+        "limit",
+        "line",
+        "queued",
+        "share",
+        "since",
+    )
 
     def __init__(
         self,
@@ -98,8 +112,10 @@ class Gate:
         self.queued = 0  # tickets waiting (the line also keeps ones that left, until reached)
         self.line: deque[Ticket] = deque()
         self.allowed = UNLIMITED
+        self.share = UNLIMITED  # what `allowed` climbs to: the limit's share
         self.since = now
         if limit is not None:
+            self.share = limit.share
             self.allowed = ramp_begin(limit.share, limit.ramp) if after_wake else limit.share
 
 
@@ -121,6 +137,26 @@ def enter(gate: Gate, now: float) -> Ticket | None:
     gate.line.append(ticket)
     gate.queued += 1
     return ticket
+
+
+def take(gate: Gate) -> bool:
+    """`enter` without the clock, for the common case: nobody waits, a slot is free and no
+    ramp climbs (its step needs `now`). True: the slot is taken; False: ask `enter`."""
+    # `allowed` never exceeds `share`: equal means no ramp is climbing.
+    if gate.queued == 0 and gate.in_flight < gate.allowed == gate.share:
+        gate.in_flight += 1
+        return True
+    return False
+
+
+def put_back(gate: Gate) -> bool:
+    """`give_back` of a slot without the clock, for the common case: the line is empty (not
+    even a ticket that left) and no ramp climbs. True: the slot is back; False: ask
+    `give_back` (with the ticket, if any)."""
+    if gate.line or gate.allowed != gate.share:
+        return False
+    gate.in_flight -= 1
+    return True
 
 
 def give_back(gate: Gate, ticket: Ticket | None, now: float, failed: bool) -> list[Ticket]:
@@ -167,6 +203,7 @@ def set_limit(gate: Gate, limit: ConcurrencyLimit | None, now: float) -> list[Ti
     old = gate.limit
     ramping = old is not None and gate.allowed < old.share
     gate.limit = limit
+    gate.share = UNLIMITED if limit is None else limit.share
     if limit is None:
         gate.allowed = UNLIMITED
     elif ramping and limit.ramp is not None:
