@@ -665,8 +665,8 @@ class FrontConnection(asyncio.Protocol):
             timer.cancel()
 
     def _hold(self, ex: Exchange) -> None:
-        """Hold `ex` until its app is hot, bounded by its hold timeout: a callback on the
-        wake's outcome and a timer, no task, so a wake releases thousands in one pass."""
+        """Hold `ex` until its app is hot, bounded by its hold timeout: a place in the
+        worker's release line and a timer, no task (edge/http/release_line.py)."""
         app = self.ctx.apps.get(ex.app)
         if app is None or app.wake is None:  # a reload removed it (or made it static) meanwhile
             self._unhold(ex)
@@ -679,7 +679,7 @@ class FrontConnection(asyncio.Protocol):
             return
         wait_for = hold_wait(app.admission, self.loop.time() - ex.started_at, ex.html)
         ex.hold_timer = self.loop.call_later(wait_for, self._hold_timed_out, ex)
-        outcome.add_done_callback(partial(self._hold_ended, ex))
+        self.ctx.releases.hold(outcome, partial(self._hold_ended, ex))
 
     def _hold_ended(self, ex: Exchange, outcome: asyncio.Future[HotTarget]) -> None:
         """The wake `ex` was held for ended: forward it, or answer why not."""
