@@ -835,7 +835,8 @@ class FrontConnection(asyncio.Protocol):
         """Open a connection in the room reserved at `peer` (the exchange's peer when the
         room was reserved: the exchange may have ended and let go of it since)."""
         if self.current is not ex or self.closed:
-            peer.release()  # refused or gone before the connect began: give the room back
+            peer.connected()  # refused or gone before the connect began: give the room back
+            peer.release()
             return
         try:
             conn = await self.ctx.pool.connect(peer)

@@ -107,6 +107,7 @@ class WorkerContext:
             keepalive_idle=config.upstream.keepalive_idle,
             max_idle=config.upstream.max_idle_per_upstream,
             max_conns=config.upstream.max_connections_per_upstream,
+            max_connecting=config.upstream.max_connecting_per_upstream,
             max_head=int(config.limits.max_response_head),
         )
         self.holds = HoldAccounting(hold_caps(config))
