@@ -679,12 +679,11 @@ class FrontConnection(asyncio.Protocol):
             return
         wait_for = hold_wait(app.admission, self.loop.time() - ex.started_at, ex.html)
         ex.hold_timer = self.loop.call_later(wait_for, self._hold_timed_out, ex)
-        self.ctx.releases.hold(outcome, partial(self._hold_ended, ex))
+        self.ctx.releases.hold(outcome, self, ex)
 
-    def _hold_ended(self, ex: Exchange, outcome: asyncio.Future[HotTarget]) -> None:
-        """The wake `ex` was held for ended: forward it, or answer why not."""
-        if ex.hold_timer is None:
-            return  # timed out, answered or gone meanwhile
+    def hold_ended(self, ex: Exchange, outcome: asyncio.Future[HotTarget]) -> None:
+        """The wake `ex` is held for ended (the release line calls this while `ex` is still
+        held): forward it, or answer why not."""
         self._unhold(ex)
         if outcome.cancelled():  # the worker is shutting down
             failed = wake_failed(asyncio.CancelledError())
