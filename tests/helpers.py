@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -164,6 +166,14 @@ async def close(writer: asyncio.StreamWriter) -> None:
     writer.close()
     with contextlib.suppress(Exception):
         await asyncio.wait_for(writer.wait_closed(), 2)
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Go away abruptly: a TCP reset (SO_LINGER 0), not a FIN a server may take as a
+    half-close that still wants its answers."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 async def send(writer: asyncio.StreamWriter, data: bytes) -> bool:

@@ -6,9 +6,7 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import stat
-import struct
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +24,7 @@ from helpers import (
     metric_sum,
     read_response,
     request_bytes,
+    reset,
     run_edge_cli,
     send,
     to_toml,
@@ -113,10 +112,7 @@ async def test_client_leaving_mid_request_does_not_count_as_held(start_edge, ups
         _reader, writer = await connect(edge.port)
         await send(writer, request_bytes("GET", "/slow-headers?delay=5"))
         await asyncio.sleep(0.2)  # the request is with the upstream
-        # A reset (SO_LINGER 0), not a half-close the edge would still answer.
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.transport.abort()
+        reset(writer)  # not a half-close the edge would still answer
     await eventually(
         lambda: metric_sum(edge.metrics(), "edge_requests_total", status="499") == 3,
         what="three requests counted as abandoned by the client",

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import time
@@ -29,6 +27,7 @@ from helpers import (
     metric_sum,
     read_for,
     request_bytes,
+    reset,
     send,
     to_toml,
 )
@@ -285,10 +284,7 @@ async def _abort_after(port: int, path: str, host: str, seconds: float) -> None:
     reader, writer = await connect(port)
     await send(writer, request_bytes("GET", path, host=host))
     await read_for(reader, seconds)
-    writer.get_extra_info("socket").setsockopt(
-        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-    )
-    writer.transport.abort()
+    reset(writer)
 
 
 async def test_slots_never_leak_through_aborts_errors_and_timeouts(

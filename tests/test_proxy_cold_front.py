@@ -21,6 +21,7 @@ from helpers import (
     exchange,
     read_response,
     request_bytes,
+    reset,
     send,
     to_toml,
 )
@@ -168,3 +169,28 @@ async def test_pipelined_request_for_an_app_a_reload_removed_is_answered(
     finally:
         await close(writer)
     assert second.status in (404, 503), (second.status, second.body)
+
+
+async def test_held_clients_that_go_away_give_their_hold_slots_back_at_once(
+    start_control_plane, start_edge
+) -> None:
+    """Held GETs whose clients reset give back their hold slots then, not when the wake
+    ends, and the wake's release skips them: with max_held 3, three held clients leave and
+    three new GETs are held and served."""
+    cp = start_control_plane(apps=[slow_sample_app()])
+    edge = edge_for(start_edge, cp, [cold_app(max_held=3)])
+    leavers = [await connect(edge.port) for _ in range(3)]
+    for i, (_, writer) in enumerate(leavers):
+        await send(writer, request_bytes("GET", f"/?leaver={i}", host=HOST))
+    await asyncio.sleep(0.3)  # all three held (the app takes 2 s to start)
+    for _, writer in leavers:
+        reset(writer)  # gone (a FIN alone is a half-close that still wants its answer)
+    await asyncio.sleep(0.2)  # the edge has seen them go
+    answers = await asyncio.gather(
+        *(
+            exchange(edge.port, request_bytes("GET", f"/?stayer={i}", host=HOST), timeout=30)
+            for i in range(3)
+        )
+    )
+    assert all(r is not None for r in answers), "a held request got no answer"
+    assert [(r.status, r.header("X-Edge-Error")) for r in answers] == [(200, None)] * 3

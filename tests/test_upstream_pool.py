@@ -29,6 +29,40 @@ def test_a_waiter_that_gave_up_leaves_the_line() -> None:
     assert served == ["patient"] and not peer.waiters
 
 
+def test_a_burst_opens_connections_a_few_at_a_time() -> None:
+    """With max_connecting 2, a burst of 6 at a peer with no idle connection opens 2; each
+    connect that ends (made or failed) lets the next in line open one, up to max_conns;
+    a request given an idle connection meanwhile opens none."""
+    peer = UpstreamPeer("127.0.0.1", 1, max_idle=4, max_conns=4, max_connecting=2)
+    rooms: list[str] = []
+
+    def waiter(name: str):
+        def ready(conn: UpstreamConnection | None) -> bool:
+            rooms.append(name if conn is None else f"{name}:idle")
+            return True
+
+        return ready
+
+    assert peer.reserve() and peer.reserve()
+    assert not peer.reserve(), "a third connect while two are being opened"
+    for name in "abcd":
+        peer.wait(waiter(name))
+    assert (peer.open, peer.connecting) == (2, 2)
+    peer.connected()  # the first connect is made: room for one more connect
+    assert rooms == ["a"] and (peer.open, peer.connecting) == (3, 2)
+    peer.connected()  # the second fails: its connect slot goes to the next...
+    peer.release()  # ...and its connection's room stays free: two are being opened
+    assert rooms == ["a", "b"] and (peer.open, peer.connecting) == (3, 2)
+    peer.connected()
+    assert rooms == ["a", "b", "c"] and (peer.open, peer.connecting) == (4, 2)
+    peer.connected()
+    peer.connected()
+    assert rooms == ["a", "b", "c"], "past max_conns"
+    assert (peer.open, peer.connecting, len(peer.waiters)) == (4, 0, 1)
+    peer.release()  # a connection closes: room for the last one
+    assert rooms == ["a", "b", "c", "d"] and (peer.open, peer.connecting) == (4, 1)
+
+
 class Owner:
     """Records what a connection reports (the UpstreamOwner callbacks used here)."""
 

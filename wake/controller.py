@@ -1,7 +1,8 @@
 """The wake controller of one edge process: coalesced wakes, budget, readiness, idle-to-sleep.
 
 Theory of operation. The hot path asks `hot_target(app)`, a dict lookup. A
-request for an app that is not hot awaits `ensure_hot(app, wait_for)`: every
+request for an app that is not hot waits on `hot_or_outcome(app)` (a callback
+on the outcome; `ensure_hot(app, wait_for)` for a task): every
 caller in this process shares one flight per app (single-flight), and every
 process shares one wake per app through the store's lease (SET NX PX + a
 fencing token). The lease holder drives the Wake machine — wake_requested,
@@ -299,12 +300,19 @@ class WakeController:
         if self._flights.get(app) is task:
             del self._flights[app]
 
-    async def ensure_hot(self, app: str, wait_for: float) -> HotTarget:
-        """Wait (at most `wait_for`) until the app is hot; raises WakeRefused or TimeoutError."""
+    def hot_or_outcome(self, app: str) -> HotTarget | asyncio.Future[HotTarget]:
+        """The app's target when hot, else the outcome of its wake (started if none runs):
+        a held request waits on it with a callback, thousands at once without a task each."""
         target = self._hot.get(app)
         if target is not None:
             return target
-        outcome = self.start_wake(app)
+        return self.start_wake(app)
+
+    async def ensure_hot(self, app: str, wait_for: float) -> HotTarget:
+        """Wait (at most `wait_for`) until the app is hot; raises WakeRefused or TimeoutError."""
+        outcome = self.hot_or_outcome(app)
+        if isinstance(outcome, HotTarget):
+            return outcome
         async with asyncio.timeout(wait_for):
             return await asyncio.shield(outcome)
 

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import asyncio
+
     from edge.http.forward_headers import RequestFields
     from edge.routing.admission import ColdRequest
     from edge.routing.concurrency_limit import Gate, Ticket
@@ -38,6 +40,7 @@ class Exchange:
         "gate",
         "head",
         "held",
+        "hold_timer",
         "html",
         "http10",
         "keep_alive",
@@ -97,6 +100,9 @@ class Exchange:
         self.send_continue = False
         self.retried = False
         self.held = -1  # body bytes reserved while held or queued; -1 when neither
+        # While held for a wake: the timer of its hold timeout (its wake's outcome has a
+        # callback for it); None once released, refused, timed out or gone.
+        self.hold_timer: asyncio.TimerHandle | None = None
         self.queue_limit = 0  # body limit of a request to be queued; 0: not queued
         self.queue_key = ""
         self.queue_waiting = False

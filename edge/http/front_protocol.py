@@ -117,7 +117,7 @@ from edge.routing.concurrency_limit import (
 )
 from edge.upstream.pool import HEAD_TOO_LARGE, UpstreamConnection, UpstreamPeer
 from edge.upstream.retry_policy import retry_elsewhere, retry_on_stale_connection
-from wake.controller import WakeRefused
+from wake.controller import HotTarget, WakeRefused
 from wake.gallery_tally import Admitted
 from wake.store.protocol import StoreUnavailable
 
@@ -486,7 +486,7 @@ class FrontConnection(asyncio.Protocol):
                 self.upstream_flush()
             return
         if ex.peer is None:
-            self.loop.create_task(self._hold_then_send(ex))
+            self._hold(ex)
             if self.out:
                 self.upstream_flush()
             return
@@ -667,47 +667,76 @@ class FrontConnection(asyncio.Protocol):
         ex.held += more
 
     def _unhold(self, ex: Exchange) -> None:
+        """What `ex` reserved while held or queued goes back; a hold in progress ends."""
         if ex.held >= 0:
             self.ctx.holds.release(ex.app, ex.held)
             ex.held = -1
+        timer = ex.hold_timer
+        if timer is not None:
+            ex.hold_timer = None
+            timer.cancel()
 
-    async def _hold_then_send(self, ex: Exchange) -> None:
-        """Wait for the app to be hot (bounded by its hold timeout), then forward."""
-        ctx = self.ctx
-        app = ctx.apps.get(ex.app)
+    def _hold(self, ex: Exchange) -> None:
+        """Hold `ex` until its app is hot, bounded by its hold timeout: a place in the
+        worker's release line and a timer, no task (edge/http/release_line.py)."""
+        app = self.ctx.apps.get(ex.app)
         if app is None or app.wake is None:  # a reload removed it (or made it static) meanwhile
             self._unhold(ex)
             self._refuse_gone(ex)
             return
+        outcome = app.wake.hot_or_outcome(ex.app)
+        if isinstance(outcome, HotTarget):  # hot since it was admitted
+            self._unhold(ex)
+            self._release(ex, outcome)
+            return
         wait_for = hold_wait(app.admission, self.loop.time() - ex.started_at, ex.html)
-        try:
-            target = await app.wake.ensure_hot(ex.app, wait_for)  # type: ignore[union-attr]
-        except WakeRefused as refused:
-            self._unhold(ex)
-            self._refuse_held(ex, refused.reason, refused.kind, refused.retry_after)
-            return
-        except TimeoutError:
-            self._unhold(ex)
-            expected = app.wake.expected_wake(ex.app)  # type: ignore[union-attr]
-            outcome = after_hold_timeout(app.admission, ex.html, expected)
-            if isinstance(outcome, Reject):
-                self._refuse_held(ex, outcome.reason, outcome.kind, outcome.retry_after)
-            elif self.current is ex and not self.closed:
-                ex.status = 503
-                ex.keep_alive = ex.keep_alive and ex.body_done
-                self.ctx.stats.rejection(ex.app, "starting_page")
-                self.out.append(starting_page(ex.app, outcome.refresh))
-                self._complete(ex)
-            return
-        except Exception as exc:  # the store or control plane failed: answer, never hang
-            self._unhold(ex)
-            failed = wake_failed(exc)
+        ex.hold_timer = self.loop.call_later(wait_for, self._hold_timed_out, ex)
+        self.ctx.releases.hold(outcome, self, ex)
+
+    def hold_ended(self, ex: Exchange, outcome: asyncio.Future[HotTarget]) -> None:
+        """The wake `ex` is held for ended (the release line calls this while `ex` is still
+        held): forward it, or answer why not."""
+        self._unhold(ex)
+        if outcome.cancelled():  # the worker is shutting down
+            failed = wake_failed(asyncio.CancelledError())
             self._refuse_held(ex, failed.reason, failed.kind, failed.retry_after)
             return
+        error = outcome.exception()
+        if isinstance(error, WakeRefused):
+            self._refuse_held(ex, error.reason, error.kind, error.retry_after)
+        elif error is not None:  # the store or control plane failed: answer, never hang
+            failed = wake_failed(error)
+            self._refuse_held(ex, failed.reason, failed.kind, failed.retry_after)
+        else:
+            self._release(ex, outcome.result())
+        if self.out:
+            self.upstream_flush()
+
+    def _hold_timed_out(self, ex: Exchange) -> None:
+        """`ex` waited out its hold timeout: 503 + Retry-After, or a browser's starting page."""
+        ex.hold_timer = None
         self._unhold(ex)
+        app = self.ctx.apps.get(ex.app)
+        expected = app.wake.expected_wake(ex.app) if app is not None and app.wake else 0.0
+        admission = app.admission if app is not None else None
+        if admission is None:
+            self._refuse_gone(ex)
+            return
+        outcome = after_hold_timeout(admission, ex.html, expected)
+        if isinstance(outcome, Reject):
+            self._refuse_held(ex, outcome.reason, outcome.kind, outcome.retry_after)
+        elif self.current is ex and not self.closed:
+            ex.status = 503
+            ex.keep_alive = ex.keep_alive and ex.body_done
+            self.ctx.stats.rejection(ex.app, "starting_page")
+            self.out.append(starting_page(ex.app, outcome.refresh))
+            self._complete(ex)
+
+    def _release(self, ex: Exchange, target: HotTarget) -> None:
+        """`ex` was held and its app is hot: forward it to the allocation the wake made hot."""
         if self.current is not ex or self.closed:
             return
-        route = ctx.apps.get(ex.app)
+        route = self.ctx.apps.get(ex.app)
         if route is None:  # a reload removed the app while the request was held
             self._refuse_gone(ex)
             return
@@ -817,7 +846,8 @@ class FrontConnection(asyncio.Protocol):
         """Open a connection in the room reserved at `peer` (the exchange's peer when the
         room was reserved: the exchange may have ended and let go of it since)."""
         if self.current is not ex or self.closed:
-            peer.release()  # refused or gone before the connect began: give the room back
+            peer.connected()  # refused or gone before the connect began: give the room back
+            peer.release()
             return
         try:
             conn = await self.ctx.pool.connect(peer)

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from edge.http.access_log import AccessLog
 from edge.http.forward_headers import HeaderClasses, TrustedProxies
+from edge.http.release_line import ReleaseLine
 from edge.ops.worker_stats import WorkerStats
 from edge.queue.durable_queue import DurableQueue
 from edge.routing.app_upstreams import AppUpstreams
@@ -69,6 +70,7 @@ class FrontServices(Protocol):
     stats: WorkerStats
     pool: UpstreamPool
     holds: HoldAccounting
+    releases: ReleaseLine
     wake_allowance: ClientWakeAllowance
     apps: dict[str, AppUpstreams]
     connections: MutableSet[asyncio.Protocol]

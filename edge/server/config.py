@@ -151,6 +151,9 @@ class UpstreamSection(_Section):
     # Connections per upstream address per worker (0: no cap); beyond it requests
     # wait for a connection to come back instead of flooding the app's accept queue.
     max_connections_per_upstream: Annotated[int, Meta(ge=0)] = 256
+    # Of those, being opened at once (0: no cap): a burst at an allocation with no idle
+    # connections (a wake's release) opens them a few at a time; the rest reuse them.
+    max_connecting_per_upstream: Annotated[int, Meta(ge=0)] = 32
 
 
 class ControlPlaneClientSection(_Section):
@@ -316,6 +319,7 @@ RESTART_KEYS: tuple[str, ...] = (
     "budget.wake_lease_ttl",
     "upstream.max_idle_per_upstream",
     "upstream.max_connections_per_upstream",
+    "upstream.max_connecting_per_upstream",
 )
 
 

@@ -12,6 +12,7 @@ from edge.http.exchange import DRAINING
 from edge.http.forward_headers import HeaderClasses, TrustedProxies
 from edge.http.front_services import FrontLimits
 from edge.http.host_pattern import HostTable, host_bytes, parse_host_header
+from edge.http.release_line import ReleaseLine
 from edge.ops.worker_stats import WorkerStats
 from edge.routing.app_upstreams import AppUpstreams
 from edge.routing.client_wake_rate import ClientWakeAllowance, ClientWakeRate
@@ -142,9 +143,11 @@ class WorkerContext:
             keepalive_idle=config.upstream.keepalive_idle,
             max_idle=config.upstream.max_idle_per_upstream,
             max_conns=config.upstream.max_connections_per_upstream,
+            max_connecting=config.upstream.max_connecting_per_upstream,
             max_head=int(config.limits.max_response_head),
         )
         self.holds = HoldAccounting(hold_caps(config))
+        self.releases = ReleaseLine(loop)
         self.wake_allowance = ClientWakeAllowance(client_wake_rate(config))
         self.wake = wake
         self.route_table: RouteTable | None = None

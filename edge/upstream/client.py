@@ -124,6 +124,8 @@ class UpstreamClient:
         except BaseException:
             peer.release()
             raise
+        finally:
+            peer.connected()
         return conn
 
     async def _exchange(

@@ -239,16 +239,21 @@ class UpstreamPeer:
 
     At most `max_conns` connections exist at once (connecting, busy or idle), so a
     burst of released requests cannot overflow an app's accept queue; the rest
-    wait in arrival order for a connection to come back.
+    wait in arrival order for a connection to come back. At most `max_connecting` of
+    them are being opened at once: a burst at an allocation with no idle connections
+    (a wake's release) opens them a few at a time, and the first answers come back
+    while the rest wait to reuse them instead of all waiting behind every connect.
     """
 
     __slots__ = (
         "address",
+        "connecting",
         "gate",
         "handoff_scheduled",
         "host",
         "idle",
         "in_flight",
+        "max_connecting",
         "max_conns",
         "max_idle",
         "open",
@@ -256,12 +261,16 @@ class UpstreamPeer:
         "waiters",
     )
 
-    def __init__(self, host: str, port: int, max_idle: int, max_conns: int = 0) -> None:
+    def __init__(
+        self, host: str, port: int, max_idle: int, max_conns: int = 0, max_connecting: int = 0
+    ) -> None:
         self.host = host
         self.port = port
         self.address = f"{host}:{port}"
         self.max_idle = max_idle
         self.max_conns = max_conns  # 0: no cap
+        self.max_connecting = max_connecting  # 0: no cap
+        self.connecting = 0  # of `open`: reserved and not connected (or failed) yet
         self.idle: list[UpstreamConnection] = []
         self.in_flight = 0  # requests sent, or waiting for a connection or in the gate's line
         self.open = 0
@@ -271,21 +280,39 @@ class UpstreamPeer:
         # None (no limit) costs the front one attribute check per request.
         self.gate: Gate | None = None
 
+    def _room(self) -> bool:
+        return (not self.max_conns or self.open < self.max_conns) and (
+            not self.max_connecting or self.connecting < self.max_connecting
+        )
+
     def reserve(self) -> bool:
-        """Room for one more connection? Counts it as open when so."""
-        if self.max_conns and self.open >= self.max_conns:
+        """Room for one more connection? Counts it as open and connecting when so; its
+        connect ends with `connected()`, made or not."""
+        if not self._room():
             return False
         self.open += 1
+        self.connecting += 1
         return True
+
+    def connected(self) -> None:
+        """A connect reserved here ended (made or failed): the next in line may connect."""
+        self.connecting -= 1
+        self._offer_room()
 
     def release(self) -> None:
         """A connection closed (or never opened): hand its room to a waiter."""
         self.open -= 1
-        while self.waiters and (not self.max_conns or self.open < self.max_conns):
+        self._offer_room()
+
+    def _offer_room(self) -> None:
+        """Room for one connection more, to the first waiter still waiting."""
+        while self.waiters and self._room():
             self.open += 1
+            self.connecting += 1
             if self.waiters.popleft()(None):
                 return
             self.open -= 1
+            self.connecting -= 1
 
     def wait(self, waiter: Callable[[UpstreamConnection | None], bool]) -> None:
         self.waiters.append(waiter)
@@ -353,6 +380,7 @@ class UpstreamPool:
         "_peers",
         "connect_timeout",
         "keepalive_idle",
+        "max_connecting",
         "max_conns",
         "max_head",
         "max_idle",
@@ -365,6 +393,7 @@ class UpstreamPool:
         keepalive_idle: float,
         max_idle: int,
         max_conns: int = 0,
+        max_connecting: int = 0,
         max_head: int = DEFAULT_MAX_RESPONSE_HEAD,
     ) -> None:
         self._peers: dict[str, UpstreamPeer] = {}
@@ -373,23 +402,28 @@ class UpstreamPool:
         self.keepalive_idle = keepalive_idle
         self.max_idle = max_idle
         self.max_conns = max_conns
+        self.max_connecting = max_connecting
 
     def peer(self, address: str) -> UpstreamPeer:
         peer = self._peers.get(address)
         if peer is None:
             host, _, port = address.rpartition(":")
             peer = self._peers[address] = UpstreamPeer(
-                host.strip("[]"), int(port), self.max_idle, self.max_conns
+                host.strip("[]"), int(port), self.max_idle, self.max_conns, self.max_connecting
             )
         return peer
 
     async def connect(self, peer: UpstreamPeer) -> UpstreamConnection:
-        """Open a new connection; raises TimeoutError or OSError."""
+        """Open a new connection in the room `peer.reserve()` gave; raises TimeoutError or
+        OSError. Either way the connect has ended for the peer's count."""
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(self.connect_timeout):
-            _, conn = await loop.create_connection(
-                lambda: UpstreamConnection(peer, self.max_head), peer.host, peer.port
-            )
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(peer, self.max_head), peer.host, peer.port
+                )
+        finally:
+            peer.connected()
         return conn
 
     def peers(self) -> Iterable[UpstreamPeer]:
