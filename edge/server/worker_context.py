@@ -106,6 +106,7 @@ class WorkerContext:
         "loop",
         "pool",
         "queue",
+        "releases",
         "replayer",
         "route_table",
         "routes",
