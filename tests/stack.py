@@ -34,6 +34,8 @@ SAMPLE_APP = ROOT / "bench" / "apps" / "sample_app.py"
 CONTROL_PLANE_TOKEN = "test-control-plane-token"
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
+# What a process left running at a test's teardown gets between SIGTERM and SIGKILL.
+TEARDOWN_GRACE = 0.5
 
 
 def tail(path: Path, limit: int = 4000) -> str:
@@ -459,8 +461,23 @@ class EdgeLauncher:
             time.sleep(0.05)
 
     def close(self) -> None:
-        for edge_proc in self.started:
-            edge_proc.stop()
+        """Teardown: how an edge stops is no test's concern here (a test that checks it
+        stops the edge itself), so every edge left running gets SIGTERM at once, a moment
+        to exit, then SIGKILL to its process group. A graceful stop can wait out its
+        shutdown_timeout (a replayer waiting for a wake that never ends): seconds a test."""
+        running = [edge_proc for edge_proc in self.started if not edge_proc.stopped]
+        for edge_proc in running:
+            edge_proc.stopped = True
+            if edge_proc.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    edge_proc.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + TEARDOWN_GRACE
+        for edge_proc in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                edge_proc.proc.wait(max(0.0, deadline - time.monotonic()))
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(edge_proc.proc.pid, signal.SIGKILL)  # its workers too
+            edge_proc.proc.wait(5)
 
 
 def default_apps(up: Upstream) -> list[dict[str, Any]]:
