@@ -30,8 +30,8 @@ from scheduler_client.local.redis_cluster import ClusterStartError, LocalRedisCl
 
 # ---------------------------------------------------------------------- ordering
 
-# The slowest files, slowest first (seconds each, measured on a 2-core machine). `make
-# test` runs `-n 3 --dist loadfile`: a worker takes a whole file, the next one once it is
+# The slowest files, slowest first (as measured on a 2-core machine). `make
+# test` runs `-n 4 --dist loadfile`: a worker takes a whole file, the next one once it is
 # nearly done. Started last, a minute-long file keeps one worker busy after the others
 # have finished; started first, the many short files fill in around it.
 SLOWEST_FILES = [
