@@ -89,10 +89,12 @@ fmt: install-test
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# -n 4 on a 2-core machine: most tests wait on processes they started (edges, apps,
+# redis), so a fourth worker fills idle time: measured ~18% faster than -n 3.
 test: install-test redis chromium valgrind
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q -n 3 --dist loadfile
+	$(BIN)/pytest -q -n 4 --dist loadfile
 
 # The property test of `make test` (120 fixed examples), as a soak with fresh examples.
 fuzz: install-test

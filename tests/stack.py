@@ -34,6 +34,8 @@ SAMPLE_APP = ROOT / "bench" / "apps" / "sample_app.py"
 CONTROL_PLANE_TOKEN = "test-control-plane-token"
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
+# What a process left running at a test's teardown gets between SIGTERM and SIGKILL.
+TEARDOWN_GRACE = 0.5
 
 
 def tail(path: Path, limit: int = 4000) -> str:
@@ -267,6 +269,15 @@ def start_upstream(name: str, log_dir: Path) -> Upstream:
 # --------------------------------------------------------------------------- edge
 
 
+def listeners(port: int) -> int:
+    """How many sockets listen on 127.0.0.1:`port` (/proc/net/tcp)."""
+    address = f"0100007F:{port:04X}"
+    with contextlib.suppress(OSError), open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+        return sum(1 for row in rows if row[1] == address and row[3] == "0A")  # 0A: LISTEN
+    return 0
+
+
 def _loopback(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
@@ -387,7 +398,8 @@ class EdgeLauncher:
                 apps=apps, edge=edge, limits=limits, upstream=upstream, sections=sections
             )
             edge_proc = self._start(config, workers, env, args)
-            if self._wait_ready(edge_proc, may_clash=picked_ports and attempt < 2):
+            count = workers if workers is not None else config["edge"].get("workers", 1)
+            if self._wait_ready(edge_proc, count, may_clash=picked_ports and attempt < 2):
                 break
         if not edge_proc.admin_token:
             # Mutating admin calls always need a token: the one the edge generated.
@@ -432,8 +444,9 @@ class EdgeLauncher:
         self.started.append(edge_proc)
         return edge_proc
 
-    def _wait_ready(self, edge_proc: EdgeProcess, may_clash: bool = False) -> bool:
-        """True once ready; False when it could not bind a port and `may_clash`."""
+    def _wait_ready(self, edge_proc: EdgeProcess, workers: Any, may_clash: bool = False) -> bool:
+        """True once ready; False when it could not bind a port, or shares its port with
+        another edge (below), and `may_clash`."""
         deadline = time.monotonic() + START_TIMEOUT
         last: tuple[int | None, bytes] = (None, b"")
         while True:
@@ -448,7 +461,14 @@ class EdgeLauncher:
             if last[0] != 200:
                 last = edge_proc.admin_get("/readyz", timeout=1.0)
             if last[0] == 200 and accepts(edge_proc.port):
-                return True
+                # Each worker listens with SO_REUSEPORT: an edge of another test given the
+                # same port (free a moment ago) binds it too and takes some connections.
+                host, _ = _loopback(edge_proc.config["edge"]["listen"])
+                shared = host == "127.0.0.1" and listeners(edge_proc.port) > workers
+                if not (may_clash and isinstance(workers, int) and shared):
+                    return True
+                edge_proc.stop()
+                return False
             if time.monotonic() > deadline:
                 edge_proc.stop()
                 pytest.fail(
@@ -459,8 +479,23 @@ class EdgeLauncher:
             time.sleep(0.05)
 
     def close(self) -> None:
-        for edge_proc in self.started:
-            edge_proc.stop()
+        """Teardown: how an edge stops is no test's concern here (a test that checks it
+        stops the edge itself), so every edge left running gets SIGTERM at once, a moment
+        to exit, then SIGKILL to its process group. A graceful stop can wait out its
+        shutdown_timeout (a replayer waiting for a wake that never ends): seconds a test."""
+        running = [edge_proc for edge_proc in self.started if not edge_proc.stopped]
+        for edge_proc in running:
+            edge_proc.stopped = True
+            if edge_proc.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    edge_proc.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + TEARDOWN_GRACE
+        for edge_proc in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                edge_proc.proc.wait(max(0.0, deadline - time.monotonic()))
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(edge_proc.proc.pid, signal.SIGKILL)  # its workers too
+            edge_proc.proc.wait(5)
 
 
 def default_apps(up: Upstream) -> list[dict[str, Any]]:
@@ -571,13 +606,21 @@ def cold_app(name: str, **overrides: Any) -> dict[str, Any]:
 
 
 def kill_leftover_apps(state_file: Path) -> None:
-    """App processes outlive the control plane by design; reap the ones a test left."""
-    if not state_file.exists():
-        return
-    with contextlib.suppress(sqlite3.Error), sqlite3.connect(state_file) as db:
-        for (pid,) in db.execute("SELECT pid FROM allocations WHERE pid IS NOT NULL"):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
+    """App processes outlive the control plane by design; reap the ones a test left: those
+    its state file names, and any other process working in its folder (apps run there),
+    such as one spawned just before the control plane was killed, its pid not recorded."""
+    if state_file.exists():
+        with contextlib.suppress(sqlite3.Error), sqlite3.connect(state_file) as db:
+            for (pid,) in db.execute("SELECT pid FROM allocations WHERE pid IS NOT NULL"):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)  # an app leads a process group of its own
+    folder = state_file.parent.resolve()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in (os.getpid(), os.getppid()):
+            continue
+        with contextlib.suppress(OSError):
+            if Path(os.readlink(entry / "cwd")).is_relative_to(folder):
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 def shard_of(cluster: LocalRedisCluster, key: str) -> tuple[ClusterNode, ClusterNode]:

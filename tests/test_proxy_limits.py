@@ -24,9 +24,10 @@ from helpers import (
 KiB = 1024
 
 
-@pytest.fixture
-def small_edge(start_edge):
-    return start_edge(
+@pytest.fixture(scope="module")
+def small_edge(module_edge_launcher):
+    """One edge for the module's limit tests: each only opens its own connections."""
+    return module_edge_launcher(
         limits={
             "max_request_line": "1KiB",
             "max_header_bytes": "2KiB",
