@@ -132,7 +132,8 @@ async def test_a_stampede_across_two_edges_is_199_requests_coalesced_into_one_wa
         allocation,
         readiness,
     )
-    assert last.total_ms >= budget + allocation + readiness
+    # Each figure is rounded to 0.1 ms: the total at least the sum, rounded the same way.
+    assert last.total_ms >= round(budget + allocation + readiness, 1)
     # Hot now: no wait, no Server-Timing, nothing counted.
     status, headers = await fetch(client, edges[1], "shop.localhost")
     assert status == 200 and "Server-Timing" not in headers
