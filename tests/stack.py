@@ -445,8 +445,8 @@ class EdgeLauncher:
         return edge_proc
 
     def _wait_ready(self, edge_proc: EdgeProcess, workers: Any, may_clash: bool = False) -> bool:
-        """True once ready; False when it could not bind a port, or shares its port with
-        another edge (below), and `may_clash`."""
+        """True once ready; False when it could not bind a port, or shares its listen port
+        with another edge (below), and `may_clash`."""
         deadline = time.monotonic() + START_TIMEOUT
         last: tuple[int | None, bytes] = (None, b"")
         while True:
@@ -460,6 +460,11 @@ class EdgeLauncher:
                 )
             if last[0] != 200:
                 last = edge_proc.admin_get("/readyz", timeout=1.0)
+                if may_clash and last[0] is None and "address already in use" in edge_proc.output():
+                    # A port taken meanwhile: the supervisor would restart its worker on
+                    # it again and again.
+                    edge_proc.stop()
+                    return False
             if last[0] == 200 and accepts(edge_proc.port):
                 # Each worker listens with SO_REUSEPORT: an edge of another test given the
                 # same port (free a moment ago) binds it too and takes some connections.
