@@ -292,6 +292,21 @@ def cluster_node_entry(
     }
 
 
+def nodes_with_a_failed_master() -> dict[str, dict]:
+    """CLUSTER NODES of 3 masters (one failed, its slots lost) and 3 replicas (one failed,
+    one of the failed master): 10,923 slots covered, 2 live masters, 1 live replica."""
+    return {
+        "127.0.0.1:1": cluster_node_entry("a", "myself,master", slots=[("0", "5460")]),
+        "127.0.0.1:2": cluster_node_entry("b", "master", slots=[("5461", "10922")]),
+        "127.0.0.1:3": cluster_node_entry(
+            "c", "master,fail", slots=[("10923", "16383")], connected=False
+        ),
+        "127.0.0.1:4": cluster_node_entry("d", "slave", "a"),
+        "127.0.0.1:5": cluster_node_entry("e", "slave", "c"),
+        "127.0.0.1:6": cluster_node_entry("f", "slave,fail", "b"),
+    }
+
+
 async def made_hot_for_every_waiter(
     writer: Any, apps: list[str], waiters: list[asyncio.Task], timeout: float
 ) -> None:

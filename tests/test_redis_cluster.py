@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import cluster_node_entry
+from helpers import nodes_with_a_failed_master
 
 from scheduler_client.local.redis_cluster import (
     SLOTS,
@@ -59,16 +59,7 @@ def test_a_cluster_that_cannot_form_is_stopped_in_bounded_time(tmp_path: Path) -
 
 
 def test_parse_cluster_nodes_leaves_out_failed_nodes() -> None:
-    nodes = {
-        "127.0.0.1:1": cluster_node_entry("a", "myself,master", slots=[("0", "5460")]),
-        "127.0.0.1:2": cluster_node_entry("b", "master", slots=[("5461", "10922")]),
-        "127.0.0.1:3": cluster_node_entry(
-            "c", "master,fail", slots=[("10923", "16383")], connected=False
-        ),
-        "127.0.0.1:4": cluster_node_entry("d", "slave", "a"),
-        "127.0.0.1:5": cluster_node_entry("e", "slave", "c"),
-        "127.0.0.1:6": cluster_node_entry("f", "slave,fail", "b"),
-    }
+    nodes = nodes_with_a_failed_master()
     info = parse_cluster_nodes(nodes)
     assert info.masters == {"127.0.0.1:1": ["127.0.0.1:4"], "127.0.0.1:2": []}
     assert info.slots_covered == 10923

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import cluster_node_entry, made_hot_for_every_waiter, run_edge_cli
+from helpers import made_hot_for_every_waiter, nodes_with_a_failed_master, run_edge_cli
 from redis.exceptions import ConnectionError as RedisConnectionError
 from stack import redis_client
 
@@ -289,15 +289,8 @@ def test_edge_check_warns_of_a_master_without_replica(
 
 
 def test_cluster_state_counts_only_live_nodes() -> None:
-    nodes = {
-        "127.0.0.1:1": cluster_node_entry("a", "myself,master", slots=[("0", "5460")]),
-        "127.0.0.1:2": cluster_node_entry("b", "master", slots=[("5461", "10922")]),
-        "127.0.0.1:3": cluster_node_entry(
-            "c", "master,fail", slots=[("10923", "16383")], connected=False
-        ),
-        "127.0.0.1:4": cluster_node_entry("d", "slave", "a"),
-        "127.0.0.1:6": cluster_node_entry("f", "slave,fail", "b"),
-    }
+    nodes = nodes_with_a_failed_master()
+    del nodes["127.0.0.1:5"]  # the failed master's replica is not listed here
     assert summarize_cluster_nodes("fail", nodes) == ClusterState(
         state="fail", slots_covered=10923, masters=2, replicas=1, masters_without_replica=1
     )

@@ -697,11 +697,8 @@ class FrontConnection(asyncio.Protocol):
         """The wake `ex` is held for ended (the release line calls this while `ex` is still
         held): forward it, or answer why not."""
         self._unhold(ex)
-        if outcome.cancelled():  # the worker is shutting down
-            failed = wake_failed(asyncio.CancelledError())
-            self._refuse_held(ex, failed.reason, failed.kind, failed.retry_after)
-            return
-        error = outcome.exception()
+        # Cancelled: the worker is shutting down; answered like a failed wake.
+        error = asyncio.CancelledError() if outcome.cancelled() else outcome.exception()
         if isinstance(error, WakeRefused):
             self._refuse_held(ex, error.reason, error.kind, error.retry_after)
         elif error is not None:  # the store or control plane failed: answer, never hang
@@ -709,20 +706,17 @@ class FrontConnection(asyncio.Protocol):
             self._refuse_held(ex, failed.reason, failed.kind, failed.retry_after)
         else:
             self._release(ex, outcome.result())
-        if self.out:
-            self.upstream_flush()
 
     def _hold_timed_out(self, ex: Exchange) -> None:
         """`ex` waited out its hold timeout: 503 + Retry-After, or a browser's starting page."""
         ex.hold_timer = None
         self._unhold(ex)
         app = self.ctx.apps.get(ex.app)
-        expected = app.wake.expected_wake(ex.app) if app is not None and app.wake else 0.0
-        admission = app.admission if app is not None else None
-        if admission is None:
+        if app is None:  # a reload removed it while the request was held
             self._refuse_gone(ex)
             return
-        outcome = after_hold_timeout(admission, ex.html, expected)
+        expected = app.wake.expected_wake(ex.app) if app.wake is not None else 0.0
+        outcome = after_hold_timeout(app.admission, ex.html, expected)
         if isinstance(outcome, Reject):
             self._refuse_held(ex, outcome.reason, outcome.kind, outcome.retry_after)
         elif self.current is ex and not self.closed:
