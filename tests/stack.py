@@ -561,6 +561,15 @@ class ControlPlaneProcess:
             self.proc.kill()
             self.proc.wait(5)
 
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open, nothing is answered (its apps run on)."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
     def output(self) -> str:
         return tail(self.log_path)
 

@@ -348,6 +348,41 @@ async def test_reload_that_adds_a_queue_rule_starts_queueing(
     assert [d["queued_id"] for d in hooks.deliveries()] == [json.loads(body)["queued_id"]]
 
 
+async def test_a_webhook_after_the_edge_sleeps_the_app_is_queued_not_sent_to_the_drained(
+    start_control_plane, start_edge, fresh_redis, client, tmp_path
+) -> None:
+    """The edge stores "sleeping" before the control plane has the allocation draining
+    (here the control plane is frozen mid-drain, so the route table still lists the
+    allocation ready): a webhook sent then is queued (202) and replayed once to a new
+    allocation, never forwarded to the one being put to drain."""
+    hooks = WebhookApp(tmp_path, start_delay=0.2)
+    cp = start_control_plane(apps=[hooks.spec])
+    edge = start_queue_edge(start_edge, cp, fresh_redis, shop(idle_timeout="2s"))
+    status, _, first = await send(client, edge, "evt_0")
+    assert status == 202, first
+    await delivered(hooks, 1)
+    cp.pause()  # before the 2 s idle timeout ends: the sleep's drain waits on it
+    try:
+
+        async def sleeping() -> bool:
+            _, listing = await admin(client, edge, "GET", "/admin/apps")
+            return listing["apps"][0]["state"] == "sleeping"
+
+        await eventually(sleeping, timeout=20, interval=0.1, what="the app sleeping")
+        status, _, body = await send(client, edge, "evt_1")
+        assert status == 202, body  # before: 200, forwarded to the allocation put to drain
+    finally:
+        cp.resume()
+    await delivered(hooks, 2, timeout=60)
+    await asyncio.sleep(1)
+    deliveries = hooks.deliveries()
+    assert [d["queued_id"] for d in deliveries] == [
+        json.loads(first)["queued_id"],
+        json.loads(body)["queued_id"],
+    ]
+    assert len({d["instance"] for d in deliveries}) == 2  # the second woke a new one
+
+
 async def test_a_stalled_upload_is_408_and_gives_back_what_it_reserved(
     start_control_plane, start_edge, fresh_redis, client, tmp_path
 ) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge.routing.route_table import Outcome, apply_changes, from_snapshot
+from edge.routing.route_table import Outcome, apply_changes, drain_fence, from_snapshot
 from scheduler_client.models import AppRoute, RouteChange, RouteSnapshot, RouteTarget
 
 
@@ -85,3 +85,20 @@ def test_only_ready_targets_on_uncordoned_hosts_are_routable() -> None:
     assert table.blocked("shop", "draining") and table.blocked("shop", "cordoned")
     assert not table.blocked("shop", "ready") and not table.blocked("shop", "unknown")
     assert table.targets("nope") is None
+
+
+def test_an_allocation_put_to_drain_here_is_fenced_until_the_table_says_so() -> None:
+    """The edge drains a1 (a sleep) before the control plane's table shows it draining:
+    a1 is left out while the table lists it ready; once the table stops listing it, the
+    fence has nothing to do and can go."""
+    table = from_snapshot(
+        RouteSnapshot(epoch=5, apps=[AppRoute(app="shop", epoch=5, targets=[target("a1")])])
+    )
+    kept, listed = drain_fence(table.targets("shop") or (), "a1")
+    assert kept == () and listed
+    both = apply_changes(table, [change(6, "shop", target("a1"), target("b22"))]).table
+    kept, listed = drain_fence(both.targets("shop") or (), "a1")
+    assert [t.allocation_id for t in kept] == ["b22"] and listed
+    caught_up = apply_changes(both, [change(7, "shop", target("a1", "draining"), target("b22"))])
+    kept, listed = drain_fence(caught_up.table.targets("shop") or (), "a1")
+    assert [t.allocation_id for t in kept] == ["b22"] and not listed

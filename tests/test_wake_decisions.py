@@ -672,10 +672,38 @@ async def test_controller_sleeps_an_app_the_store_clock_calls_idle(
         await wake.upkeep()
         assert (await store.read_state("shop")).state == "hot"
         store_clock.now += 1.0  # idle for exactly idle_timeout
+        slept = (await store.read_state("shop")).allocation_id
         await wake.upkeep()
         assert (await store.read_state("shop")).state == "cold"
         assert wake.hot_target("shop") is None
+        # Fenced here from before "sleeping" was stored until the route table says so.
+        assert wake.draining == {"shop": slept}
         journal = [(t.from_state, t.to_state) for t in await store.transitions("shop")]
         assert journal[-2:] == [("hot", "sleeping"), ("sleeping", "cold")]
+        woken = await wake.ensure_hot("shop", 20.0)
+        assert woken.allocation_id != slept and wake.hot_target("shop") == woken
+    finally:
+        await wake.close()
+
+
+async def test_a_sleep_whose_drain_the_control_plane_never_got_leaves_it_routable(
+    start_control_plane,
+) -> None:
+    """The drain call fails (control plane gone): the allocation was not put to drain and
+    still serves what the route table sends it, so this process does not fence it."""
+    cp = start_control_plane(apps=[sample_app_spec("shop")])
+    store_clock = FakeClock(1000.0)
+    store = MemoryStore(clock=store_clock)
+    wake = controller(cp, store, FakeClock(NOW), "shop")
+    wake.client = ControlPlaneClient(cp.url, cp.token, timeout=0.5, retries=0)
+    try:
+        await wake.ensure_hot("shop", 20.0)
+        wake.seen("shop")
+        await wake.upkeep()
+        cp.kill()
+        store_clock.now += 61.0
+        await wake.upkeep()
+        assert (await store.read_state("shop")).state == "cold"
+        assert wake.draining == {}
     finally:
         await wake.close()

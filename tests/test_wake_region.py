@@ -234,13 +234,13 @@ async def test_budget_slot_is_kept_while_the_control_plane_cannot_confirm_the_st
     )  # fmt: skip
     status, _ = await fetch(client, edge, "shop.localhost")
     assert status == 200  # hot through the edge's own probe
-    os.kill(cp.proc.pid, signal.SIGSTOP)
+    cp.pause()
     try:
         await asyncio.sleep(3)  # several failed control-plane calls later
         _, body = edge.admin_get("/admin/budget")
         assert json.loads(body)["usage"]["in_use"] == 1
     finally:
-        os.kill(cp.proc.pid, signal.SIGCONT)
+        cp.resume()
 
     def released() -> bool:
         _, body = edge.admin_get("/admin/budget")

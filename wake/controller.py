@@ -198,6 +198,11 @@ class WakeController:
         self.clock = clock  # deadlines and durations in this process
         self.wall_clock = wall_clock  # times stored for other processes to compare
         self._hot: dict[str, HotTarget] = {}
+        # app -> the allocation this process last put to drain (a sleep, a refusal, an
+        # orphan): no new requests to it from here, even while the control plane's route
+        # table, followed a moment behind, still lists it ready. Other processes stop
+        # when their table shows it draining.
+        self.draining: dict[str, str] = {}
         self._flights: dict[str, asyncio.Task[None]] = {}
         self._outcomes: dict[str, asyncio.Future[HotTarget]] = {}
         self._seen: set[str] = set()  # apps with requests since the last flush
@@ -230,6 +235,18 @@ class WakeController:
         target = self._hot.get(app)
         if target is not None and target.address == address:
             del self._hot[app]
+
+    def stop_routing(self, app: str, allocation_id: str) -> None:
+        """The allocation is put to drain: this process sends it no new requests."""
+        if allocation_id:
+            self.draining[app] = allocation_id
+        target = self._hot.get(app)
+        if target is not None and target.allocation_id == allocation_id:
+            del self._hot[app]
+
+    def resume_routing(self, app: str, allocation_id: str) -> None:
+        if self.draining.get(app) == allocation_id:
+            del self.draining[app]
 
     def apply(self, budget: BudgetLimits, apps: dict[str, WakeAppSpec]) -> None:
         """Adopt reloaded budgets and app settings; flights in progress keep their own."""
@@ -369,6 +386,7 @@ class WakeController:
     def _adopt(self, app: str, state: AppWakeState) -> HotTarget:
         target = HotTarget(state.address, state.allocation_id, state.last_wake)
         self._hot[app] = target
+        self.resume_routing(app, target.allocation_id)  # a failed drain left it ready
         outcome = self._outcomes.get(app)
         if outcome is not None and not outcome.done():
             outcome.set_result(target)
@@ -526,7 +544,7 @@ class WakeController:
                     action = await self._orphan_action(app, attempt.key)
                     self._count(f"orphan:{action}")
                     if action is decisions.Orphan.DRAIN:
-                        alloc = await self._drain_retrying(alloc.id)
+                        alloc = await self._drain_retrying(app, alloc.id)
                     elif action is decisions.Orphan.WAKE:
                         self.start_wake(app)
                 if alloc is not None:
@@ -591,7 +609,8 @@ class WakeController:
             except StoreUnavailable:
                 await asyncio.sleep(0.5)
 
-    async def _drain_retrying(self, allocation_id: str) -> Allocation:
+    async def _drain_retrying(self, app: str, allocation_id: str) -> Allocation:
+        self.stop_routing(app, allocation_id)
         while True:
             try:
                 return await self.client.drain_allocation(allocation_id, 0.0)
@@ -699,11 +718,11 @@ class WakeController:
         expected = decisions.expected_readiness(state)
         seen_ready = await self._probe(alloc, spec, deadline, expected)
         if seen_ready is None:
-            await self._refuse(decisions.readiness_timeout(alloc, spec.readiness_timeout))
+            await self._refuse(app, decisions.readiness_timeout(alloc, spec.readiness_timeout))
         readiness_s = self.clock() - probing
         self._phase("readiness", readiness_s)
         if await self._epoch_replaced(app, seen_ready):
-            await self._drain_quietly(alloc.id)
+            await self._drain_quietly(app, alloc.id)
             move = decisions.old_epoch_move(alloc)
             state = await self._move(state, move.target, lease, move.reason, move.reason_code)
             return state, None
@@ -734,17 +753,17 @@ class WakeController:
         while True:
             step = decisions.until_started(alloc, deadline - self.clock())
             if isinstance(step, Refuse):
-                await self._refuse(step)
+                await self._refuse(alloc.app, step)
             if not isinstance(step, Wait):
                 return alloc
             alloc = await self.client.watch_allocation(
                 alloc.id, alloc.version, timeout=step.seconds
             )
 
-    async def _refuse(self, refusal: Refuse) -> NoReturn:
+    async def _refuse(self, app: str, refusal: Refuse) -> NoReturn:
         """Carry out a refusal: drain the allocation it names, then raise it."""
         if refusal.drain_allocation:
-            await self._drain_quietly(refusal.drain_allocation)
+            await self._drain_quietly(app, refusal.drain_allocation)
         raise WakeRefused.of(refusal)
 
     async def _probe(
@@ -836,7 +855,8 @@ class WakeController:
                 next_wake_at=backoff.next_wake_at,
             )
 
-    async def _drain_quietly(self, allocation_id: str, deadline: float = 0.0) -> None:
+    async def _drain_quietly(self, app: str, allocation_id: str, deadline: float = 0.0) -> None:
+        self.stop_routing(app, allocation_id)
         with contextlib.suppress(ControlPlaneError):
             await self.client.drain_allocation(allocation_id, deadline)
 
@@ -884,15 +904,22 @@ class WakeController:
                 state, idle=idle, idle_timeout=spec.idle_timeout
             ):
                 return
-            self._hot.pop(app, None)
+            # Before the store says sleeping: no request from here may go to it after that.
+            self.stop_routing(app, state.allocation_id)
             state = await self._move(state, "sleeping", lease, f"idle for {idle:.0f}s")
             allocation_id = state.allocation_id
-            with contextlib.suppress(ControlPlaneError):
+            try:
                 alloc = await self.client.drain_allocation(allocation_id, SLEEP_DRAIN_DEADLINE)
-                deadline = self.clock() + SLEEP_DRAIN_DEADLINE + 30.0
-                while alloc.state not in ("stopped", "failed") and self.clock() < deadline:
-                    await self.store.renew_lease(app, owner, self.lease_ttl)
-                    alloc = await self.client.watch_allocation(alloc.id, alloc.version, 5.0)
+            except ControlPlaneError:
+                # Not put to drain: it serves whatever the route table still sends it, as
+                # the other processes do.
+                self.resume_routing(app, allocation_id)
+            else:
+                with contextlib.suppress(ControlPlaneError):
+                    deadline = self.clock() + SLEEP_DRAIN_DEADLINE + 30.0
+                    while alloc.state not in ("stopped", "failed") and self.clock() < deadline:
+                        await self.store.renew_lease(app, owner, self.lease_ttl)
+                        alloc = await self.client.watch_allocation(alloc.id, alloc.version, 5.0)
             await self._move(
                 state,
                 "cold",

@@ -17,9 +17,10 @@ from edge.routing.concurrency_limit import (
     worker_share,
 )
 from edge.routing.hold_accounting import HoldCaps
-from edge.routing.route_table import RouteTable
+from edge.routing.route_table import RouteTable, drain_fence
 from edge.server.config import AppConfig, RuleConfig
 from edge.upstream.pool import UpstreamPeer, UpstreamPool
+from scheduler_client.models import RouteTarget
 from wake.controller import WakeController
 
 
@@ -123,12 +124,25 @@ class AppUpstreams:
             return peers[0]
         return min(peers, key=_in_flight)
 
+    def _targets(self, table: RouteTable) -> tuple[RouteTarget, ...] | None:
+        """The table's targets for the app, but an allocation this process put to drain."""
+        targets = table.targets(self.name)
+        draining = self.wake.draining  # type: ignore[union-attr]
+        if targets and draining:
+            fenced = draining.get(self.name)
+            if fenced is not None:
+                kept, listed = drain_fence(targets, fenced)
+                if not listed:
+                    del draining[self.name]
+                return kept
+        return targets
+
     def _pick_gated(self) -> UpstreamPeer | None:
         """Like `_pick_dynamic`; the allocation's gate is made the first time this worker
         routes to it (its release ramp begins then)."""
         table = self.source.route_table
         if table is not None:
-            targets = table.targets(self.name)
+            targets = self._targets(table)
             if targets:
                 target = min(targets, key=lambda t: self.pool.peer(t.address).in_flight)
                 return self.peer_for(target.address, target.allocation_id)
@@ -158,7 +172,7 @@ class AppUpstreams:
             others = [p for p in self.peers if p is not failed]
         else:
             table = self.source.route_table
-            targets = table.targets(self.name) if table is not None else None
+            targets = self._targets(table) if table is not None else None
             others = [
                 self.peer_for(t.address, t.allocation_id)
                 for t in targets or ()
@@ -170,7 +184,7 @@ class AppUpstreams:
         """Ready allocations from the route table, else what this process's wake made hot."""
         table = self.source.route_table
         if table is not None:
-            targets = table.targets(self.name)
+            targets = self._targets(table)
             if targets:
                 if len(targets) == 1:
                     return self.pool.peer(targets[0].address)

@@ -52,6 +52,15 @@ class ApplyResult(msgspec.Struct, frozen=True):
     refused: int  # changes not newer than the applied epoch
 
 
+def drain_fence(
+    targets: tuple[RouteTarget, ...], allocation_id: str
+) -> tuple[tuple[RouteTarget, ...], bool]:
+    """The targets but an allocation put to drain here (the table not yet saying so), and
+    whether the table still lists it ready (False: the table caught up, the fence can go)."""
+    kept = tuple(t for t in targets if t.allocation_id != allocation_id)
+    return kept, len(kept) != len(targets)
+
+
 def routable(target: RouteTarget) -> bool:
     return target.state == "ready" and target.host_state == "uncordoned"
 
