@@ -109,7 +109,9 @@ class RouteFollower:
                 if self.table is None or self.resync_needed:
                     await self._resync()
                 else:
-                    await self._follow()
+                    # After a failure, ask without waiting: the first answer ends `stale`
+                    # at once, not when a whole long-poll has been held.
+                    await self._follow(0.0 if failed_in_a_row else self.poll_timeout)
                 self._contact()
                 failed_in_a_row = 0
             except Gone:
@@ -147,12 +149,12 @@ class RouteFollower:
         self._publish(from_snapshot(snapshot))
         await self._ack()
 
-    async def _follow(self) -> None:
+    async def _follow(self, poll_timeout: float) -> None:
         assert self.table is not None
         self._poll_started = self.clock()
         try:
             feed = await self.client.route_changes(
-                self.table.epoch, timeout=self.poll_timeout, edge_id=self.edge_id
+                self.table.epoch, timeout=poll_timeout, edge_id=self.edge_id
             )
         finally:
             self._poll_started = None
