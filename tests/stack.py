@@ -103,7 +103,22 @@ def redis_client(url: str, **options: Any) -> Any:
     return aioredis.from_url(url, **options)
 
 
-class RedisProcess:
+class Pausable:
+    """A test's own server process that can be frozen: connections stay open, nothing is
+    answered (SIGSTOP) until it is resumed (a control plane's apps run on meanwhile)."""
+
+    proc: subprocess.Popen | None
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+
+class RedisProcess(Pausable):
     """A redis-server of our own on 127.0.0.1: startable, stoppable, restartable on its port.
 
     AOF is on (fsync every write), as a production queue needs: a restart keeps the data.
@@ -173,14 +188,6 @@ class RedisProcess:
         """Forget the data (while stopped): the next start is an empty server."""
         assert self.proc is None, "stop the server before wiping its data"
         shutil.rmtree(self.workdir / "appendonlydir", ignore_errors=True)
-
-    def pause(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGCONT)
 
     def pause_writes(self, ms: int) -> None:
         """`CLIENT PAUSE ms WRITE`: reads are served, writes wait (a failover's stall)."""
@@ -512,7 +519,7 @@ def default_apps(up: Upstream) -> list[dict[str, Any]]:
 
 
 @dataclass
-class ControlPlaneProcess:
+class ControlPlaneProcess(Pausable):
     """`python -m edge controlplane` as a subprocess; restartable on the same state file."""
 
     config_path: Path
@@ -560,15 +567,6 @@ class ControlPlaneProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
-
-    def pause(self) -> None:
-        """SIGSTOP: connections stay open, nothing is answered (its apps run on)."""
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGCONT)
 
     def output(self) -> str:
         return tail(self.log_path)
