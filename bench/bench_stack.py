@@ -276,6 +276,16 @@ def http_get(
         conn.close()
 
 
+def answers_200(port: int, host: str, timeout: float) -> bool:
+    """A GET / naming `host` on 127.0.0.1:port answered 200."""
+    return http_get(port, "/", {"Host": host}, timeout=timeout)[0] == 200
+
+
+def fmt(value: Any, spec: str = "") -> str:
+    """A table cell: '-' for a missing value."""
+    return "-" if value is None else format(value, spec)
+
+
 def wait_until(
     what: str,
     check: Callable[[], bool],

@@ -97,10 +97,11 @@ from bench_stack import (
     Processes,
     accepts,
     add_quick,
+    answers_200,
     apply_quick,
     find_tool,
+    fmt,
     free_port,
-    http_get,
     install_signal_handlers,
     logger,
     machine_info,
@@ -405,7 +406,7 @@ class Bench:
     def row(self, server: Callgrinded, s: Settings) -> dict[str, Any]:
         """Measure one started server, then stop it, whatever happened."""
         try:
-            ready = lambda: accepts(server.port) and answers_200(server.port)  # noqa: E731
+            ready = lambda: accepts(server.port) and answers_200(server.port, HOST_HEADER, 5.0)  # noqa: E731
             wait_until(server.name, ready, server.proc, server.log_path, READY_TIMEOUT)
             log(f"{server.name}: ready; {s.repeats} x {s.requests} requests")
             result = run_async(measure(server, s))
@@ -416,10 +417,6 @@ class Bench:
             return {"error": f"{exc}"[-500:] + f"\n{tail(server.log_path, 500)}"}
         finally:
             self.procs.stop(server.proc)
-
-
-def answers_200(port: int) -> bool:
-    return http_get(port, "/", {"Host": HOST_HEADER}, timeout=5.0)[0] == 200
 
 
 def tree_commit(tree: Path) -> str | None:
@@ -464,10 +461,6 @@ def compared(path: Path, unset: float | None, limit: float | None) -> dict[str, 
         "unset_vs_before": ratio(unset, base),
         "limit_vs_before": ratio(limit, base),
     }
-
-
-def fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def print_table(rows: dict[str, dict[str, Any] | None], report: dict[str, Any]) -> None:
@@ -557,7 +550,9 @@ def main(argv: list[str] | None = None) -> int:
         up_proc, up_log = procs.start("upstream", argv)
         upstream = "bench/fast_upstream.py (not under valgrind)"
         notes.append("nginx unavailable: upstream is bench/fast_upstream.py; nginx row skipped")
-    wait_until("upstream", lambda: answers_200(bench.upstream_port), up_proc, up_log)
+    wait_until(
+        "upstream", lambda: answers_200(bench.upstream_port, HOST_HEADER, 5.0), up_proc, up_log
+    )
 
     # All start at once (startup under valgrind is the slow part); measured one by one.
     servers: dict[str, Callgrinded | str] = {

@@ -141,6 +141,7 @@ from bench_stack import (
     add_quick,
     apply_quick,
     cp_app,
+    fmt,
     http_get,
     install_signal_handlers,
     load_generator_name,
@@ -803,10 +804,6 @@ def _measure(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------
-
-
-def fmt(value: Any, spec: str = "") -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def print_table(report: dict[str, Any]) -> None:

@@ -76,11 +76,12 @@ from bench_stack import (
     Processes,
     add_load_options,
     add_quick,
+    answers_200,
     apply_quick,
     find_edge,
     find_tool,
+    fmt,
     free_port,
-    http_get,
     install_signal_handlers,
     load_generator_name,
     logger,
@@ -135,10 +136,6 @@ def ensure_tools() -> list[str]:
     return notes
 
 
-def answers_200(port: int) -> bool:
-    return http_get(port, "/", {"Host": HOST_HEADER}, timeout=1.0)[0] == 200
-
-
 # --------------------------------------------------------------------------
 # Rows
 # --------------------------------------------------------------------------
@@ -168,7 +165,7 @@ class Bench:
         """Start `argv` (a server on `port`), measure it once it answers 200."""
         port = free_port()
         proc, log_path = self.procs.start(name, [a.format(port=port) for a in argv])
-        wait_until(name, lambda: answers_200(port), proc, log_path, READY_TIMEOUT)
+        wait_until(name, lambda: answers_200(port, HOST_HEADER, 1.0), proc, log_path, READY_TIMEOUT)
         return self.measure(name, port)
 
     def own_processes(self, run) -> dict[str, Any]:
@@ -189,7 +186,7 @@ class Bench:
         port = free_port()
         body = NGINX_PROXY_BODY.format(port=port, upstream=self.upstream_port)
         proc, log_path = start_nginx(self.procs, self.tmp, name, workers, body)
-        wait_until(name, lambda: answers_200(port), proc, log_path, READY_TIMEOUT)
+        wait_until(name, lambda: answers_200(port, HOST_HEADER, 1.0), proc, log_path, READY_TIMEOUT)
         return self.measure(name, port)
 
     def row_naive(self) -> dict[str, Any]:
@@ -210,7 +207,7 @@ class Bench:
             "max_concurrency": self.max_concurrency,  # None: left out (unlimited)
         }
         config = {"edge": {"workers": workers, "store": store}, "apps": [app]}
-        ready = lambda port, _admin: answers_200(port)  # noqa: E731
+        ready = lambda port, _admin: answers_200(port, HOST_HEADER, 1.0)  # noqa: E731
         edge = start_edge(self.procs, self.tmp, None, config, ready, name, self.edge)
         return self.measure(name, edge.port)
 
@@ -225,10 +222,6 @@ def ratio(rows: dict[str, dict[str, Any] | None], a: str, b: str) -> float | Non
     if ra.get("error") or rb.get("error") or not ra.get("rps") or not rb.get("rps"):
         return None
     return round(ra["rps"] / rb["rps"], 3)
-
-
-def fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def print_table(rows: dict[str, dict[str, Any] | None], ratios: dict[str, float | None]) -> None:
@@ -322,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             upstream_kind = "bench/fast_upstream.py"
         up_err = None
         try:
-            ready = lambda: answers_200(bench.upstream_port)  # noqa: E731
+            ready = lambda: answers_200(bench.upstream_port, HOST_HEADER, 1.0)  # noqa: E731
             wait_until("upstream", ready, up_proc, up_log, READY_TIMEOUT)
             log(f"upstream ({upstream_kind}) on 127.0.0.1:{bench.upstream_port}; logs in {tmp}")
         except RuntimeError as exc:
