@@ -38,11 +38,14 @@ STOP_GRACE = 15.0
 MIB = 1024 * 1024
 
 # Ignores SIGTERM in itself and (inherited) in a forked child, then reports both pids.
+# The marker is written whole and then renamed into place: the test reads it once it
+# exists, and a file still being written would read empty.
 IGNORE_SIGTERM = """
-import pathlib, signal, subprocess, sys, time
+import os, pathlib, signal, subprocess, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-pathlib.Path(sys.argv[1]).write_text(f"{child.pid}")
+pathlib.Path(sys.argv[1] + ".tmp").write_text(f"{child.pid}")
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
 time.sleep(120)
 """
 
