@@ -18,7 +18,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler_client.config_file import render_toml as to_toml  # noqa: F401 (the tests' name)
-from scheduler_client.local.loopback import free_port  # noqa: F401 (re-exported)
+from scheduler_client.local.loopback import free_port
 from wake.store.protocol import AppWakeState
 
 IO_TIMEOUT = 10.0
@@ -32,6 +32,64 @@ def app_entry(name: str, hosts: list[str], *upstreams: Any) -> dict[str, Any]:
         "hosts": hosts,
         "upstreams": [u if isinstance(u, str) else u.address for u in upstreams],  # Upstream
     }
+
+
+class CountingForwarder:
+    """A TCP forwarder to a loopback port counting the requests that start with `marker`."""
+
+    def __init__(self, target_port: int, marker: bytes) -> None:
+        self.target_port = target_port
+        self.marker = marker
+        self.port = free_port()
+        self.count = 0
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task] = set()
+
+    async def __aenter__(self) -> CountingForwarder:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        try:
+            await asyncio.gather(
+                self._pipe(reader, up_writer, count=True), self._pipe(up_reader, writer)
+            )
+        finally:
+            for w in (writer, up_writer):
+                w.close()
+            self.tasks.discard(task)
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: bool = False
+    ) -> None:
+        tail = b""
+        keep = len(self.marker)
+        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+            while chunk := await reader.read(65536):
+                if count:
+                    seen = tail + chunk
+                    self.count += seen.count(self.marker)
+                    # A request line split over two reads is counted once.
+                    tail = seen[-keep:] if self.marker not in seen[-keep:] else b""
+                writer.write(chunk)
+                await writer.drain()
+        with contextlib.suppress(OSError):
+            writer.write_eof()
 
 
 def run_edge_cli(

@@ -282,6 +282,17 @@ async def test_start_delay_is_respected(spawn: Spawn, tmp_path: Path) -> None:
     await _ready(proc, tmp_path)
 
 
+async def test_a_ready_file_keeps_the_app_starting_until_it_exists(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    gate = tmp_path / "open"
+    proc = spawn(sample_spec(command=[*sample_spec().command, "--ready-file", str(gate)]))
+    assert await proc.wait_ready("/healthz", 1.5) == "readiness timeout"
+    assert proc.poll() is None
+    gate.touch()
+    await _ready(proc, tmp_path)
+
+
 async def test_readiness_timeout_when_delay_exceeds_it(
     spawn: Spawn, tmp_path: Path, client: aiohttp.ClientSession
 ) -> None:

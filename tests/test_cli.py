@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from helpers import (
+    CountingForwarder,
     app_entry,
     close,
     connect,
@@ -215,18 +216,31 @@ async def test_status_prints_every_app(start_control_plane, start_edge, upstream
     assert "not_safe_to_hold 1" in result.stdout
     assert "503s in the last 2s, by reason: none" in result.stdout
 
-    async def refuse_soon() -> None:
-        await asyncio.sleep(1.0)  # inside the status command's window
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(edge.url + "/", headers={"Host": "slow.localhost"}) as resp,
-        ):
-            assert resp.status == 503
+    # The command reaches the admin API through a forwarder, so the refusal is sent once
+    # its first /metrics has gone out (inside its window), however slowly it started.
+    async with CountingForwarder(edge.admin_port, b"GET /metrics ") as forwarder:
+        watched = edge.config_path.with_name("watched.toml")
+        watched.write_text(
+            edge.config_path.read_text().replace(
+                f"127.0.0.1:{edge.admin_port}", f"127.0.0.1:{forwarder.port}"
+            )
+        )
 
-    command = asyncio.to_thread(
-        run_edge_cli, "status", "--config", str(edge.config_path), "--json", "--window", "3"
-    )
-    finished, _ = await asyncio.gather(command, refuse_soon())
+        async def refuse_inside_the_window() -> None:
+            await eventually(
+                lambda: forwarder.count >= 1, timeout=20, what="the command's first /metrics"
+            )
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(edge.url + "/", headers={"Host": "slow.localhost"}) as resp,
+            ):
+                assert resp.status == 503
+
+        command = asyncio.to_thread(
+            run_edge_cli, "status", "--config", str(watched), "--json", "--window", "5"
+        )
+        finished, _ = await asyncio.gather(command, refuse_inside_the_window())
+    assert forwarder.count == 2, finished.stderr  # before and after the window
     as_json = json.loads(finished.stdout)
     assert {app["name"] for app in as_json["apps"]} == {"echo", "shop", "cart", "slow"}
     assert as_json["rejections_by_reason"] == {"not_safe_to_hold": 2}

@@ -5,14 +5,13 @@ the page still answers 200 with the stale source marked since when."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from typing import Any
 
 import aiohttp
 import pytest
-from helpers import eventually, free_port
+from helpers import CountingForwarder, eventually, free_port
 from stack import CONTROL_PLANE_TOKEN, sample_app_spec
 
 pytestmark = pytest.mark.timeout(150)
@@ -242,67 +241,11 @@ async def test_held_requests_are_counted_across_workers(
     await until(client, edge, lambda d: app_row(d, "shop")["held"] == 0, "holds released")
 
 
-class CountingForwarder:
-    """A TCP forwarder to the control plane counting the gallery's report requests."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self.reports = 0
-        self.server: asyncio.Server | None = None
-        self.tasks: set[asyncio.Task] = set()
-
-    async def __aenter__(self) -> CountingForwarder:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.tasks.add(task)
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-        try:
-            await asyncio.gather(
-                self._pipe(reader, up_writer, count=True), self._pipe(up_reader, writer)
-            )
-        finally:
-            for w in (writer, up_writer):
-                w.close()
-            self.tasks.discard(task)
-
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: bool = False
-    ) -> None:
-        tail = b""
-        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-            while chunk := await reader.read(65536):
-                if count:
-                    seen = tail + chunk
-                    self.reports += seen.count(b"GET /v1/machines ")
-                    # A request line split over two reads is counted once.
-                    tail = seen[-20:] if b"GET /v1/machines " not in seen[-20:] else b""
-                writer.write(chunk)
-                await writer.drain()
-        with contextlib.suppress(OSError):
-            writer.write_eof()
-
-
 async def test_many_viewers_ask_the_control_plane_at_most_once_a_second(
     start_control_plane, start_edge, own_redis, client
 ) -> None:
     cp = start_control_plane(apps=[sample_app_spec(name) for name in APPS])
-    async with CountingForwarder(cp.port) as forwarder:
+    async with CountingForwarder(cp.port, b"GET /v1/machines ") as forwarder:
         # In a thread: the launcher waits for /readyz synchronously, and the forwarder
         # runs on this loop.
         edge = await asyncio.to_thread(
@@ -314,8 +257,8 @@ async def test_many_viewers_ask_the_control_plane_at_most_once_a_second(
             assert all(d["sources"]["control_plane"]["ok"] for d in docs)
             await asyncio.sleep(0.1)
         elapsed = time.monotonic() - began
-        assert forwarder.reports >= 1
-        assert forwarder.reports <= elapsed / 1.0 + 2, (forwarder.reports, elapsed)
+        assert forwarder.count >= 1
+        assert forwarder.count <= elapsed / 1.0 + 2, (forwarder.count, elapsed)
 
 
 def test_gallery_reads_need_the_token_when_reads_are_closed(start_edge) -> None:

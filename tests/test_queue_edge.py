@@ -63,7 +63,7 @@ async def test_webhook_with_reject_policy_gets_503_and_starts_the_wake(
 async def test_queued_webhook_is_accepted_then_delivered_once(
     start_control_plane, start_edge, fresh_redis, client, tmp_path
 ) -> None:
-    hooks = WebhookApp(tmp_path, start_delay=1.5)
+    hooks = WebhookApp(tmp_path, start_delay=0.5, gated=True)
     cp = start_control_plane(apps=[hooks.spec])
     edge = start_queue_edge(start_edge, cp, fresh_redis, shop())
     status, headers, body = await send(client, edge, "evt_1", b'{"n": 1}')
@@ -71,6 +71,7 @@ async def test_queued_webhook_is_accepted_then_delivered_once(
     answer = json.loads(body)
     assert answer["queued_id"] == headers["X-Edge-Queued-Id"] and not answer["duplicate"]
     assert hooks.deliveries() == []  # the app is still starting
+    hooks.open()
     [delivery] = await delivered(hooks, 1)
     assert delivery["queued_id"] == answer["queued_id"]
     assert (delivery["method"], delivery["path"], delivery["body"]) == (
@@ -93,7 +94,7 @@ async def test_queued_webhook_is_accepted_then_delivered_once(
 async def test_duplicate_sends_are_one_delivery(
     start_control_plane, start_edge, fresh_redis, client, tmp_path
 ) -> None:
-    hooks = WebhookApp(tmp_path, start_delay=2)
+    hooks = WebhookApp(tmp_path, start_delay=0.5, gated=True)
     cp = start_control_plane(apps=[hooks.spec])
     edge = start_queue_edge(start_edge, cp, fresh_redis, shop())
     answers = [await send(client, edge, "evt_same", b'{"try": %d}' % i) for i in range(3)]
@@ -104,6 +105,7 @@ async def test_duplicate_sends_are_one_delivery(
     # Without a key header the hash of method, path and body is the key.
     keyless = [await send(client, edge, "", b'{"same": "body"}') for _ in range(2)]
     assert keyless[0][2] != b"" and json.loads(keyless[1][2])["duplicate"]
+    hooks.open()
     await delivered(hooks, 2)
     await asyncio.sleep(1)
     bodies = [d["body"] for d in hooks.deliveries()]
@@ -128,6 +130,11 @@ async def test_500_twice_then_200_is_three_attempts_one_success(
         (500, "2", queued_id),
         (200, "3", queued_id),
     ]
+    # The app records a delivery before it answers; the edge counts it once answered.
+    await eventually(
+        lambda: metric_sum(edge.metrics(), "edge_queue_events_total", event="delivered") == 1,
+        what="the delivery counted",
+    )
     metrics = edge.metrics()
     assert metric_sum(metrics, "edge_queue_events_total", app="shop", event="retried") == 2
     assert metric_sum(metrics, "edge_queue_events_total", app="shop", event="delivered") == 1
@@ -221,7 +228,10 @@ async def test_oversized_body_is_413_and_nothing_is_queued(
     assert (await send(client, edge, "evt_fits", b"z" * (64 * 1024)))[0] == 202
     _, overview = await admin(client, edge, "GET", "/admin/queues")
     assert overview["queues"][0]["queued"] == 1
-    assert metric_sum(edge.metrics(), "edge_held_requests") == 0
+    # The gauge is the worker's snapshot (every 0.5 s): one taken mid-upload still says 1.
+    await eventually(
+        lambda: metric_sum(edge.metrics(), "edge_held_requests") == 0, what="nothing held"
+    )
 
 
 async def test_redis_down_answers_503_never_202(
@@ -245,7 +255,7 @@ async def test_redis_down_answers_503_never_202(
 async def test_edge_killed_after_202s_then_restarted_delivers_all_exactly_once(
     start_control_plane, start_edge, fresh_redis, client, tmp_path
 ) -> None:
-    hooks = WebhookApp(tmp_path, start_delay=3)
+    hooks = WebhookApp(tmp_path, start_delay=0.5, gated=True)
     cp = start_control_plane(apps=[hooks.spec])
     listen = {"listen": f"127.0.0.1:{free_port()}", "admin_listen": f"127.0.0.1:{free_port()}"}
     edge = start_queue_edge(start_edge, cp, fresh_redis, shop(), **listen)
@@ -259,6 +269,7 @@ async def test_edge_killed_after_202s_then_restarted_delivers_all_exactly_once(
     assert hooks.deliveries() == []  # killed before the app was up: nothing was replayed
 
     restarted = start_queue_edge(start_edge, cp, fresh_redis, shop(), **listen)
+    hooks.open()
     deliveries = await delivered(hooks, 100, timeout=60)
     await asyncio.sleep(1)
     deliveries = hooks.deliveries()
@@ -273,12 +284,13 @@ async def test_edge_killed_after_202s_then_restarted_delivers_all_exactly_once(
 async def test_two_edges_replaying_one_app_deliver_each_once_in_order(
     start_control_plane, start_edge, fresh_redis, client, tmp_path
 ) -> None:
-    hooks = WebhookApp(tmp_path, start_delay=2)
+    hooks = WebhookApp(tmp_path, start_delay=0.5, gated=True)
     cp = start_control_plane(apps=[hooks.spec])
     edges = [start_queue_edge(start_edge, cp, fresh_redis, shop()) for _ in range(2)]
     for i in range(60):  # one after another, alternating edges: this is the order
         status, _, _ = await send(client, edges[i % 2], f"evt_{i}", b'{"n": %d}' % i)
         assert status == 202
+    hooks.open()
     deliveries = await delivered(hooks, 60, timeout=60)
     await asyncio.sleep(1)
     deliveries = hooks.deliveries()

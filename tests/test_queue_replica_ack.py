@@ -222,10 +222,11 @@ async def test_edge_answers_202_only_once_a_replica_has_the_request(
     start_control_plane, start_edge, client, own_redis: RedisProcess, tmp_path: Path
 ) -> None:
     # The app stays asleep while the webhooks are sent (awake, they would be proxied: 200).
-    hooks = WebhookApp(tmp_path, start_delay=6.0)
+    hooks = WebhookApp(tmp_path, start_delay=0.5, gated=True)
     cp = start_control_plane(apps=[hooks.spec])
     store = {"min_replicas_acked": 1, "replica_ack_timeout": "1s"}
-    edge = start_queue_edge(start_edge, cp, own_redis.url, shop(), store_section=store)
+    app = shop(readiness_timeout="60s")
+    edge = start_queue_edge(start_edge, cp, own_redis.url, app, store_section=store)
 
     # No replica: every webhook 503, none 202 (each is queued on the master all the same).
     lonely = [f"evt_a{i}" for i in range(5)]
@@ -253,6 +254,7 @@ async def test_edge_answers_202_only_once_a_replica_has_the_request(
         status, _, answer = await post(client, edge, "evt_c0")
         assert status == 202 and answer["duplicate"], answer
         ids["evt_c0"] = answer["queued_id"]
+        hooks.open()
 
         events = {*lonely, "evt_b0", "evt_c0", "evt_c1"}
 

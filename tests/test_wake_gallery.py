@@ -144,7 +144,7 @@ async def test_a_stampede_across_two_edges_is_199_requests_coalesced_into_one_wa
 async def test_webhooks_while_cold_are_counted_queued_or_rejected(
     start_control_plane, start_edge, fresh_redis, client, tmp_path
 ) -> None:
-    hooks = WebhookApp(tmp_path, start_delay=1.5)
+    hooks = WebhookApp(tmp_path, start_delay=0.5, gated=True)
     cp = start_control_plane(apps=[hooks.spec, slow_app("cart", 1.5)])
     edge = region_edge(
         start_edge, cp, fresh_redis, [shop(), cold_app("cart")], budget={"wake_lease_ttl": "2s"}
@@ -161,6 +161,7 @@ async def test_webhooks_while_cold_are_counted_queued_or_rejected(
         *(post("cart.localhost", f"evt_{i}") for i in range(3)),
     )
     assert statuses == [202] * 4 + [503] * 3
+    hooks.open()
     await counted(
         fresh_redis,
         {

@@ -46,10 +46,14 @@ def shop(rules=QUEUE_RULES, **overrides: Any) -> dict[str, Any]:
 class WebhookApp:
     """The sample app as the control plane runs it, recording every /hooks/ request."""
 
-    def __init__(self, tmp: Path, start_delay: float = 1.0, statuses: str = "200") -> None:
+    def __init__(
+        self, tmp: Path, start_delay: float = 1.0, statuses: str = "200", gated: bool = False
+    ) -> None:
+        """`gated`: every allocation stays starting (503) until `open()`, whatever the time."""
         self.record = tmp / "deliveries.jsonl"
         self.status_file = tmp / "statuses.txt"
         self.status_file.write_text(statuses)
+        self.gate = tmp / "ready"
         spec = sample_app_spec("shop")
         spec["command"] = spec["command"] + [
             "--start-delay",
@@ -59,7 +63,13 @@ class WebhookApp:
             "--status-file",
             str(self.status_file),
         ]
+        if gated:
+            spec["command"] += ["--ready-file", str(self.gate)]
         self.spec = spec
+
+    def open(self) -> None:
+        """Let a gated app's allocations become ready (after their start delay)."""
+        self.gate.touch()
 
     def deliveries(self) -> list[dict[str, Any]]:
         if not self.record.exists():

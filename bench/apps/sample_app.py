@@ -35,6 +35,9 @@ Start delay (`--start-delay`, or START_DELAY): the port is bound at once (so a
 port handed out by the control plane is claimed early), but every route answers
 503 "starting" until the delay has passed: the readiness probe sees "not ready".
 
+Ready file (`--ready-file PATH`): after the start delay, keep answering 503 "starting"
+until PATH exists, so a test decides when the app becomes ready instead of racing a delay.
+
 Webhook status script (`--status-file`): whitespace-separated statuses, consumed
 one per request, the last one repeating ("500 500 200": two failures, then
 success). The file is re-read on every request, so a test can "fix" the app by
@@ -383,14 +386,16 @@ async def serve(
     record: str = "",
     status_file: str = "",
     max_in_flight: int = 0,
+    ready_file: str = "",
 ) -> int:
-    """Bind, wait out the start delay, serve until SIGTERM/SIGINT; the exit status."""
+    """Bind, wait out the start delay (and the ready file), serve until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
-    app = make_app(name, readiness_path, start_delay <= 0, record, status_file, max_in_flight)
+    started = start_delay <= 0 and not ready_file
+    app = make_app(name, readiness_path, started, record, status_file, max_in_flight)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:
@@ -409,6 +414,9 @@ async def serve(
         # A SIGTERM during the delay ends the wait early and shuts down as usual.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), start_delay)
+    while ready_file and not stop.is_set() and not os.path.exists(ready_file):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.05)
     # Answering 2xx from here on (with no delay: from the moment the port is bound).
     app[STATE_KEY].mark_started()
     await stop.wait()
@@ -466,6 +474,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="answer 503 'overloaded' to a request over N in flight at once (default 0: off)",
     )
+    parser.add_argument(
+        "--ready-file",
+        default="",
+        metavar="PATH",
+        help="after the start delay, answer 503 'starting' until PATH exists (default: off)",
+    )
     args = parser.parse_args(argv)
     if args.max_in_flight < 0:
         parser.error("--max-in-flight must be 0 or more")
@@ -483,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             args.record,
             args.status_file,
             args.max_in_flight,
+            args.ready_file,
         )
     )
 

@@ -28,10 +28,11 @@ EVENTS = 1000
 CONCURRENCY = 32
 RESEND_PAUSE = 0.2  # below Retry-After, to keep the test short; bounded by RESEND_FOR
 RESEND_FOR = 30.0
-# The app starts answering once the failover is over (its start delay runs from the
-# first webhook): a delivery under way at the kill, whose "delivered" record the dead
-# master had not yet replicated, would be sent again (README: what a failover loses).
-APP_START_DELAY = 12.0
+# The app starts answering once the failover is over and every sender has its 202 (the
+# test opens its gate then): a delivery under way at the kill, whose "delivered" record
+# the dead master had not yet replicated, would be sent again (README: what a failover
+# loses).
+APP_START_DELAY = 0.5
 REPLICALESS_FOR = 1.5  # the promoted master alone, before the dead node rejoins
 OP_TIMEOUT = 5.0  # the durable queue's bound on one store operation
 
@@ -72,9 +73,9 @@ async def test_master_killed_mid_queueing_loses_no_202(
     start_control_plane, start_edge, client, fresh_cluster: LocalRedisCluster, tmp_path
 ) -> None:
     began = time.monotonic()
-    hooks = WebhookApp(tmp_path, start_delay=APP_START_DELAY)
+    hooks = WebhookApp(tmp_path, start_delay=APP_START_DELAY, gated=True)
     cp = start_control_plane(apps=[hooks.spec])
-    app = shop(readiness_timeout="30s", hold_timeout="30s", replay=replay_policy(max_attempts=5))
+    app = shop(readiness_timeout="90s", hold_timeout="30s", replay=replay_policy(max_attempts=5))
     store = {"min_replicas_acked": 1, "replica_ack_timeout": "500ms"}
     edge = start_queue_edge(start_edge, cp, fresh_cluster.url, app, store_section=store)
     master, replica = shard_of(fresh_cluster, "edge:{shop}:queue")
@@ -118,6 +119,7 @@ async def test_master_killed_mid_queueing_loses_no_202(
 
     sending = [asyncio.create_task(one(event)) for event in events]
     await asyncio.gather(failover(), *sending)
+    hooks.open()  # every sender has its 202 (awake, the app would be sent its resends: 200)
     timings["queued"] = time.monotonic() - began
 
     accepted = {e: s.queued_id for e, s in sent.items() if s.queued_id}
@@ -183,7 +185,7 @@ async def test_every_queued_webhook_is_answered_with_the_whole_cluster_down(
 ) -> None:
     """Every node SIGKILLed under queued webhooks: the slot map cannot be re-read (redis-py
     raises RedisClusterException, no RedisError), yet each gets 503 + Retry-After in time."""
-    hooks = WebhookApp(tmp_path, start_delay=APP_START_DELAY)
+    hooks = WebhookApp(tmp_path, start_delay=APP_START_DELAY, gated=True)  # never opened
     cp = start_control_plane(apps=[hooks.spec])
     store = {"min_replicas_acked": 1, "replica_ack_timeout": "500ms"}
     edge = start_queue_edge(start_edge, cp, fresh_cluster.url, shop(), store_section=store)

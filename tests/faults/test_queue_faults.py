@@ -93,7 +93,7 @@ async def each_delivered_once(hooks: WebhookApp, events: set[str], uncertain: in
 async def test_redis_writes_paused_while_webhooks_arrive(
     start_control_plane, start_edge, client, own_redis, tmp_path
 ) -> None:
-    hooks = WebhookApp(tmp_path, start_delay=2.0)
+    hooks = WebhookApp(tmp_path, start_delay=0.5, gated=True)  # cold until every one is in
     cp = start_control_plane(apps=[hooks.spec])
     edge = start_queue_edge(start_edge, cp, own_redis.url, QUEUEING_SHOP)
     events = {f"evt_{i}" for i in range(20)}
@@ -102,6 +102,7 @@ async def test_redis_writes_paused_while_webhooks_arrive(
     answers = dict(zip(sorted(events), results, strict=True))
     accepted = check_answers(answers)
     await resend_until_accepted(client, edge, events - accepted)
+    hooks.open()
     await each_delivered_once(hooks, events)
 
 
@@ -109,13 +110,14 @@ async def test_redis_writes_paused_while_webhooks_arrive(
 async def test_redis_fault_mid_replay(
     start_control_plane, start_edge, client, own_redis, tmp_path, fault: str
 ) -> None:
-    hooks = WebhookApp(tmp_path, start_delay=2.0)
+    hooks = WebhookApp(tmp_path, start_delay=0.5, gated=True)
     cp = start_control_plane(apps=[hooks.spec])
     edge = start_queue_edge(start_edge, cp, own_redis.url, QUEUEING_SHOP)
     events = {f"evt_{i}" for i in range(40)}
     results = await asyncio.gather(*(post(client, edge, e) for e in sorted(events)))
     accepted = check_answers(dict(zip(sorted(events), results, strict=True)))
     assert accepted == events  # Redis was up: all queued
+    hooks.open()
 
     await eventually(lambda: len(hooks.deliveries()) >= 3, timeout=30, interval=0.05)
     if fault == "writes paused":
@@ -130,7 +132,7 @@ async def test_redis_fault_mid_replay(
 async def test_queueing_while_the_app_is_cold_and_redis_restarts(
     start_control_plane, start_edge, client, own_redis, tmp_path
 ) -> None:
-    hooks = WebhookApp(tmp_path, start_delay=4.0)
+    hooks = WebhookApp(tmp_path, start_delay=0.5, gated=True)
     cp = start_control_plane(apps=[hooks.spec])
     edge = start_queue_edge(start_edge, cp, own_redis.url, QUEUEING_SHOP)
     first = {f"evt_a{i}" for i in range(10)}
@@ -143,6 +145,7 @@ async def test_queueing_while_the_app_is_cold_and_redis_restarts(
     assert check_answers(refused) == set()  # never a 202 while Redis is gone
     own_redis.start()
     await resend_until_accepted(client, edge, (first - accepted) | during)
+    hooks.open()
     await each_delivered_once(hooks, first | during)
 
 
@@ -151,14 +154,23 @@ async def test_replaying_edge_sigstopped_past_its_lease(
 ) -> None:
     """The edge replaying the app is frozen past its replayer lease; the other edge takes
     the queue over; the frozen one, thawed, is fenced off: each entry delivered once."""
-    hooks = WebhookApp(tmp_path, start_delay=1.0)
+    # Two deliveries succeed, then the app answers 500 until fixed: the replaying edge
+    # holds its lease retrying the third, however fast or slow the machine is.
+    hooks = WebhookApp(tmp_path, start_delay=0.5, statuses="200 200 500", gated=True)
     cp = start_control_plane(apps=[hooks.spec])
-    edges = [start_queue_edge(start_edge, cp, fresh_redis, QUEUEING_SHOP) for _ in range(2)]
+    app = shop(replay=replay_policy(max_attempts=100))
+    edges = [start_queue_edge(start_edge, cp, fresh_redis, app) for _ in range(2)]
     events = {f"evt_{i}" for i in range(30)}
     results = await asyncio.gather(*(post(client, edges[0], e) for e in sorted(events)))
     assert check_answers(dict(zip(sorted(events), results, strict=True))) == events
+    hooks.open()
 
-    await eventually(lambda: len(hooks.deliveries()) >= 2, timeout=30, interval=0.02)
+    def ok() -> list[dict]:
+        return [d for d in hooks.deliveries() if d["status"] == 200]
+
+    await eventually(
+        lambda: len(ok()) == 2 and len(hooks.deliveries()) >= 3, timeout=30, interval=0.02
+    )
     store = aioredis.from_url(fresh_redis)
     try:
         lease = (await store.get("edge:{shop}:replayer")).decode()
@@ -167,7 +179,15 @@ async def test_replaying_edge_sigstopped_past_its_lease(
     pid = int(lease.rsplit("#", 1)[0].rsplit("/", 1)[1])  # owner is "<edge id>/<pid>"
     os.kill(pid, signal.SIGSTOP)
     try:
-        await asyncio.sleep(12.0)  # past the replayer lease (10 s): the other edge goes on
+        hooks.status_file.write_text("200")  # fixed while its replayer is frozen
+        # Past the replayer lease (10 s) the other edge takes the queue over and delivers
+        # the rest while the holder is still frozen.
+        await eventually(
+            lambda: {json.loads(d["body"])["event"] for d in ok()} == events,
+            timeout=45,
+            interval=0.25,
+            what="the other edge delivering the rest",
+        )
     finally:
         os.kill(pid, signal.SIGCONT)
     # The delivery the frozen edge had under way may be sent again by the other one.
