@@ -78,6 +78,13 @@ def test_backoff_doubles_from_one_second_and_caps_at_a_minute() -> None:
     assert decisions.backoff_after(100_000) == 60.0  # no float overflow after many failures
 
 
+def test_an_apps_wake_backoff_is_the_first_step_and_a_longer_one_is_its_own_cap() -> None:
+    assert [decisions.backoff_after(n, 10.0) for n in range(1, 5)] == [10, 20, 40, 60]
+    assert decisions.backoff_after(3, 90.0) == 90.0
+    assert decisions.record_failure(0, NOW, 30.0) == decisions.FailureBackoff(1, NOW + 30)
+    assert decisions.record_failure(1, NOW, 30.0) == decisions.FailureBackoff(2, NOW + 60)
+
+
 def test_each_failure_pushes_the_next_wake_further_by_the_injected_clock() -> None:
     now, app = NOW, state("failed")
     waits = []

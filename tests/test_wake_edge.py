@@ -127,7 +127,9 @@ async def test_readiness_timeout_fails_and_backs_off(
         start_timeout="60s",
     )
     cp = start_control_plane(apps=[slow])
-    edge = edge_for(start_edge, cp, [scale_to_zero_app(readiness_timeout="1s")])
+    # A back-off no loaded machine outlasts between two requests (the default is 1 s).
+    app = scale_to_zero_app(readiness_timeout="1s", wake_backoff="30s")
+    edge = edge_for(start_edge, cp, [app])
     status, headers, body = await get(client, edge)
     assert status == 503, body
     assert headers["X-Edge-Error"] == "readiness_timeout"
@@ -135,6 +137,7 @@ async def test_readiness_timeout_fails_and_backs_off(
     # Inside the back-off the next request is refused at once, and no new wake starts.
     status, headers, _ = await get(client, edge)
     assert status == 503 and headers["X-Edge-Error"] == "wake_backoff"
+    assert int(headers["Retry-After"]) > 20  # the app's wake_backoff, not the default 1 s
     allocated = await allocations(cp)
     assert len(allocated) == 1
 

@@ -98,6 +98,7 @@ class WakeAppSpec(msgspec.Struct, frozen=True, kw_only=True):
     readiness_timeout: float = 20.0
     readiness_probe_interval: float = decisions.PROBE_INTERVAL
     idle_timeout: float = 300.0
+    wake_backoff: float = decisions.BACKOFF_BASE
 
 
 class HotTarget(msgspec.Struct, frozen=True):
@@ -844,7 +845,9 @@ class WakeController:
     async def _fail(self, app: str, lease: Lease, reason: str, reason_code: str = "") -> None:
         with contextlib.suppress(_LeaseLost, Exception):
             state = await self.store.read_state(app)
-            backoff = decisions.record_failure(state.failures, self.wall_clock())
+            spec = self.apps.get(app)
+            base = spec.wake_backoff if spec is not None else decisions.BACKOFF_BASE
+            backoff = decisions.record_failure(state.failures, self.wall_clock(), base)
             await self._move(
                 state,
                 "failed",

@@ -33,7 +33,8 @@ from scheduler_client.models import Allocation
 from wake.budget import BudgetDecision
 from wake.store.protocol import AppWakeState, WakePhases
 
-# A failed app is not woken again before 1 s, doubling per consecutive failure to 60 s.
+# A failed app is not woken again before 1 s (the app's `wake_backoff`), doubling per
+# consecutive failure to 60 s.
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
 # Weight of the newest wake in the moving average of wake time.
@@ -203,9 +204,9 @@ def wake_timeout(app: str, hold_timeout: float) -> Refuse:
 # ------------------------------------------------------------------ back-off
 
 
-def backoff_after(failures: int) -> float:
+def backoff_after(failures: int, base: float = BACKOFF_BASE) -> float:
     """Seconds before the next wake after `failures` consecutive failed ones."""
-    return backoff.delay(max(0, failures - 1), BACKOFF_BASE, BACKOFF_CAP)
+    return backoff.delay(max(0, failures - 1), base, max(BACKOFF_CAP, base))
 
 
 def backoff_gate(state: AppWakeState, now: float) -> Refuse | None:
@@ -219,10 +220,10 @@ def backoff_gate(state: AppWakeState, now: float) -> Refuse | None:
     return None
 
 
-def record_failure(failures_before: int, now: float) -> FailureBackoff:
+def record_failure(failures_before: int, now: float, base: float = BACKOFF_BASE) -> FailureBackoff:
     """The failure count and earliest next wake to store when a wake fails at `now`."""
     failures = failures_before + 1
-    return FailureBackoff(failures, now + backoff_after(failures))
+    return FailureBackoff(failures, now + backoff_after(failures, base))
 
 
 # ------------------------------------------------------------------- budget

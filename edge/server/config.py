@@ -257,6 +257,8 @@ class AppConfig(_Section):
     # The readiness probe's dense interval (wake/decisions.py probe_pause): what the edge
     # may be late noticing the app ready, and what it costs the starting app.
     readiness_probe_interval: PositiveDuration = PositiveDuration(0.005)
+    # After a failed wake, no new one before this, doubling per consecutive failure to 60 s.
+    wake_backoff: PositiveDuration = PositiveDuration(1.0)
     # A browser (Accept: text/html) held longer than this gets an auto-refreshing page; 0: off.
     starting_page_after: Duration = Duration(0.0)
     # Tried in order before [[classification]] and the defaults, while the app is not hot.

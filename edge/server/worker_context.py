@@ -43,6 +43,7 @@ def wake_specs(config: Config) -> dict[str, WakeAppSpec]:
             readiness_timeout=float(app.readiness_timeout),
             readiness_probe_interval=float(app.readiness_probe_interval),
             idle_timeout=float(app.idle_timeout),
+            wake_backoff=float(app.wake_backoff),
         )
         for app in config.apps
         if app.scale_to_zero
