@@ -154,8 +154,10 @@ async def test_long_requests_on_one_edge_keep_the_app_awake_for_another(
     """Edge A woke the app and then sees nothing; edge B (2 workers) serves 8 ten-second
     requests. A must not call the app idle while they are in flight."""
     cp = start_control_plane(apps=[sample_app_spec("shop", drain_grace="1s")])
-    waker = region_edge(start_edge, cp, fresh_redis, "3s", workers=1)
-    server = region_edge(start_edge, cp, fresh_redis, "3s", workers=2)
+    # Workers mark what they have in flight as seen once a second: an idle timeout of a few
+    # of those leaves room for a stalled second on a loaded machine.
+    waker = region_edge(start_edge, cp, fresh_redis, "4s", workers=1)
+    server = region_edge(start_edge, cp, fresh_redis, "4s", workers=2)
     assert await status_of(client, waker, "/") == 200
     statuses = await asyncio.gather(
         *(status_of(client, server, "/slow?seconds=10") for _ in range(8))
@@ -176,13 +178,14 @@ async def test_websocket_keeps_the_app_awake(
 ) -> None:
     """A WebSocket quiet for three idle timeouts is in flight: the app stays hot."""
     cp = start_control_plane(apps=[sample_app_spec("shop", drain_grace="1s")])
-    edge = region_edge(start_edge, cp, fresh_redis, "2s", workers=2)
+    # Seen once a second while in flight: 4 s leaves room for a stalled second.
+    edge = region_edge(start_edge, cp, fresh_redis, "4s", workers=2)
     # Wake it over several connections, so both workers are likely to know it hot.
     assert await asyncio.gather(*(status_of(client, edge, "/") for _ in range(8))) == [200] * 8
     async with client.ws_connect(edge.url + "/ws", headers={"Host": HOST}) as ws:
         await ws.send_str("hello")
         assert (await ws.receive(timeout=5)).data == "hello"
-        await asyncio.sleep(6.5)
+        await asyncio.sleep(12.5)
         await ws.send_str("still there")
         message = await ws.receive(timeout=5)
         allocated = await allocations(cp)
