@@ -287,9 +287,9 @@ async def test_expired_entries_are_dead_lettered_and_dead_letters_are_capped(
 ) -> None:
     for i in range(5):
         await put(queue, f"old{i}")
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(1.5)
     fresh = await put(queue, "fresh")
-    assert await queue.expire("shop", retention=0.2, max_dead=1000, lease=LEASE) == (5, [])
+    assert await queue.expire("shop", retention=1.0, max_dead=1000, lease=LEASE) == (5, [])
     assert [e.id for e in await queue.list("shop", "queued", 10)] == [fresh.id]
     dead = await queue.list("shop", "dead", 10)
     assert [d.reason for d in dead] == ["expired"] * 5

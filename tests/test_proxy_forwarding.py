@@ -42,7 +42,9 @@ def proxy(module_edge_launcher, upstream_server, upstream2_server):
             app_entry("exact", ["exact.example.localhost"], upstream2_server),
             app_entry("down", ["down.localhost"], f"127.0.0.1:{free_port()}"),
         ],
-        upstream={"connect_timeout": "2s", "response_header_timeout": "2s", "idle_timeout": "3s"},
+        # Short enough for the timeout tests, long enough that a loaded 2-core box stalling
+        # a 50 MB body or a header for a few seconds does not fire them.
+        upstream={"connect_timeout": "2s", "response_header_timeout": "5s", "idle_timeout": "8s"},
     )
 
 
@@ -444,7 +446,7 @@ async def test_pipelined_requests_answered_in_order(proxy, upstream) -> None:
 
 
 async def test_1000_concurrent_requests_none_dropped(start_edge, upstream) -> None:
-    # Its own edge with the default upstream timeouts: the module's 2 s header timeout
+    # Its own edge with the default upstream timeouts: the module's short header timeout
     # (for the timeout tests) can fire on a loaded 2-core box and is not what this tests.
     edge = start_edge(apps=[app_entry("echo", ["app.localhost"], upstream)])
     connector = aiohttp.TCPConnector(limit=200)
@@ -506,7 +508,7 @@ async def test_upstream_down_502(proxy, upstream, client) -> None:
 
 
 async def test_slow_upstream_headers_504(proxy, upstream, client) -> None:
-    # response_header_timeout is 2s for this edge; the upstream waits 10s.
+    # response_header_timeout is 5s for this edge; the upstream waits 10s.
     async with client.get(
         proxy.url + "/slow-headers?delay=10",
         headers=HOST,
@@ -517,7 +519,7 @@ async def test_slow_upstream_headers_504(proxy, upstream, client) -> None:
 
 
 async def test_upstream_idle_mid_body_aborts_the_response(proxy, upstream, client) -> None:
-    # idle_timeout is 3s; the upstream stalls 20s after half its declared body.
+    # idle_timeout is 8s; the upstream stalls 20s after half its declared body.
     async with client.get(proxy.url + "/slow-body?delay=20", headers=HOST) as resp:
         assert resp.status == 200
         with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)):
