@@ -76,6 +76,10 @@ class WebhookApp:
             return []
         return [json.loads(line) for line in self.record.read_text().splitlines() if line]
 
+    def successes(self) -> list[dict[str, Any]]:
+        """The deliveries the app answered 200."""
+        return [d for d in self.deliveries() if d["status"] == 200]
+
 
 def start_queue_edge(
     start_edge, cp, store: str, app: dict[str, Any], store_section: dict | None = None, **edge: Any

@@ -246,6 +246,7 @@ class WakeController:
             del self._hot[app]
 
     def resume_routing(self, app: str, allocation_id: str) -> None:
+        """Lift the fence `stop_routing` put on the allocation (if it is still the one)."""
         if self.draining.get(app) == allocation_id:
             del self.draining[app]
 

@@ -127,13 +127,13 @@ class AppUpstreams:
     def _targets(self, table: RouteTable) -> tuple[RouteTarget, ...] | None:
         """The table's targets for the app, but an allocation this process put to drain."""
         targets = table.targets(self.name)
-        draining = self.wake.draining  # type: ignore[union-attr]
-        if targets and draining:
-            fenced = draining.get(self.name)
+        wake = self.wake
+        if targets and wake is not None and wake.draining:
+            fenced = wake.draining.get(self.name)
             if fenced is not None:
                 kept, listed = drain_fence(targets, fenced)
-                if not listed:
-                    del draining[self.name]
+                if not listed:  # the table caught up: the fence has done its work
+                    wake.resume_routing(self.name, fenced)
                 return kept
         return targets
 
